@@ -1,1 +1,92 @@
-//! placeholder
+//! The Sluice server: configuration, storage, authentication, Cedar authorization, the audit
+//! log and the REST API. `Application::build` wires them and binds the listener; the `sluice`
+//! binary only parses the command line and calls into this crate.
+
+pub mod admin;
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod error;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+
+use std::net::TcpListener;
+
+use actix_web::{App, HttpServer, dev::Server, web};
+use anyhow::Context;
+
+pub use config::{Config, ConfigArgs};
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// Resolved configuration.
+    pub config: Config,
+    /// The database.
+    pub store: store::Store,
+    /// Cedar policies and decisions.
+    pub authz: authz::Authorizer,
+    /// JWT signing and verification keys.
+    pub jwt: auth::jwt::JwtKeys,
+}
+
+impl AppState {
+    /// Connects to the database, applies migrations and loads keys and policies' schema.
+    pub async fn init(config: Config) -> anyhow::Result<Self> {
+        if config.is_embedded() {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+        }
+        let store = store::Store::connect(&config.database_url, config.db_max_connections)
+            .await
+            .context("connecting to the database")?;
+        store.migrate().await.context("applying database migrations")?;
+        let generate = config.is_embedded() || !config.jwt_keys_file.exists();
+        let key_file = auth::jwt::load_or_generate(&config.jwt_keys_file, generate)?;
+        let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
+        let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
+        Ok(Self { config, store, authz, jwt })
+    }
+}
+
+/// A built, bound, not yet running server.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Builds the server on the configured address (port 0 picks a free port).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
+        let state = web::Data::new(AppState::init(config).await?);
+        Self::with_listener(state, listener)
+    }
+
+    /// Builds the server on an already bound listener.
+    pub fn with_listener(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Self> {
+        let port = listener.local_addr()?.port();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(actix_web::middleware::from_fn(telemetry::request_id))
+                .app_data(state.clone())
+                .configure(api::configure)
+        })
+        .listen(listener)?
+        .shutdown_timeout(30)
+        .run();
+        Ok(Self { port, server })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs until stopped.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

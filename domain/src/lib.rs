@@ -1,1 +1,21 @@
-//! placeholder
+//! Sluice's pure core: ids, pipeline specifications and their validation, the DAG, and the
+//! Cedar vocabulary. No I/O, no async runtime, no framework types; builds for wasm32 too.
+//!
+//! Entry points: [`spec::parse_definition`] (YAML or JSON text → validated
+//! [`spec::PipelineSpec`] or located [`spec::SpecErrors`]), [`spec::PipelineSpec::canonical_yaml`]
+//! and [`spec::PipelineSpec::content_hash`] for versioning, [`diff::diff`] between versions,
+//! and [`dag`] for graph algorithms.
+
+pub mod cedar;
+pub mod dag;
+pub mod diff;
+mod doc;
+pub mod duration;
+pub mod ids;
+pub mod memory;
+pub mod spec;
+
+pub use duration::Duration;
+pub use ids::{IdError, NodeId, Slug};
+pub use memory::MemorySize;
+pub use spec::{PipelineSpec, SpecError, SpecErrors, parse_definition};

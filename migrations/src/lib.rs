@@ -1,1 +1,17 @@
-//! placeholder
+//! Sluice's database migrations. Every migration runs unchanged on PostgreSQL and SQLite: only
+//! portable column types (uuid, text, big integer, boolean, timestamp with time zone) and plain
+//! indexes are used; JSON documents are stored as text.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_foundation;
+
+/// The ordered list of Sluice's migrations.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_create_foundation::Migration)]
+    }
+}

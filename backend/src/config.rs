@@ -1,0 +1,153 @@
+//! Configuration: defaults, then an optional `sluice.toml`, then `SLUICE_*` environment variables
+//! and command-line flags (flags win over the environment). One typed struct.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Command-line flags and environment variables; every key is documented in `sluice serve --help`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML, keys as below without the SLUICE_ prefix, lower case).
+    /// Default: ./sluice.toml when it exists.
+    #[arg(long, env = "SLUICE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "SLUICE_BIND", global = true)]
+    pub bind: Option<String>,
+    /// Folder for the embedded database, signing keys and other runtime data [default: ./sluice-data].
+    #[arg(long, env = "SLUICE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL: postgres://user@host/db for PostgreSQL; unset means SQLite in the data folder.
+    #[arg(long, env = "SLUICE_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Redis URL for the task queue; unset means in-process dispatch.
+    #[arg(long, env = "SLUICE_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// Public base URL, used in invitation links and as the JWT issuer [default: http://<bind>].
+    #[arg(long, env = "SLUICE_PUBLIC_URL", global = true)]
+    pub public_url: Option<String>,
+    /// Whether anyone may create a tenant with POST /api/v1/signup [default: true].
+    #[arg(long, env = "SLUICE_SIGNUP_ENABLED", global = true)]
+    pub signup_enabled: Option<bool>,
+    /// Longest allowed API token lifetime, in days [default: 365].
+    #[arg(long, env = "SLUICE_TOKEN_MAX_DAYS", global = true)]
+    pub token_max_days: Option<u32>,
+    /// JSON file with the JWT signing keys [default: <data dir>/jwt-keys.json, generated on first start].
+    #[arg(long, env = "SLUICE_JWT_KEYS_FILE", global = true)]
+    pub jwt_keys_file: Option<PathBuf>,
+    /// Database connection pool size [default: 16].
+    #[arg(long, env = "SLUICE_DB_MAX_CONNECTIONS", global = true)]
+    pub db_max_connections: Option<u32>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "SLUICE_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+    /// Trust X-Forwarded-For from a reverse proxy for the client address [default: false].
+    #[arg(long, env = "SLUICE_TRUST_PROXY", global = true)]
+    pub trust_proxy: Option<bool>,
+}
+
+/// The same keys, as read from `sluice.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    bind: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    redis_url: Option<String>,
+    public_url: Option<String>,
+    signup_enabled: Option<bool>,
+    token_max_days: Option<u32>,
+    jwt_keys_file: Option<PathBuf>,
+    db_max_connections: Option<u32>,
+    log_format: Option<String>,
+    trust_proxy: Option<bool>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub bind: String,
+    /// Runtime data folder.
+    pub data_dir: PathBuf,
+    /// Database URL (SQLite in the data folder when not configured).
+    pub database_url: String,
+    /// Redis URL, if any.
+    pub redis_url: Option<String>,
+    /// Public base URL.
+    pub public_url: String,
+    /// Self-service signup on or off.
+    pub signup_enabled: bool,
+    /// Longest API token lifetime in days.
+    pub token_max_days: u32,
+    /// Signing keys file.
+    pub jwt_keys_file: PathBuf,
+    /// Pool size.
+    pub db_max_connections: u32,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Whether to trust X-Forwarded-For.
+    pub trust_proxy: bool,
+}
+
+impl Config {
+    /// Whether the database is the embedded SQLite file.
+    pub fn is_embedded(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
+    }
+
+    /// Resolves the configuration from flags/environment and the optional file.
+    pub fn load(args: &ConfigArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None if Path::new("sluice.toml").exists() => read_file(Path::new("sluice.toml"))?,
+            None => FileConfig::default(),
+        };
+        let bind = args.bind.clone().or(file.bind).unwrap_or_else(|| "127.0.0.1:8080".into());
+        let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| "sluice-data".into());
+        let database_url = args
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| crate::store::sqlite_url(&data_dir));
+        let public_url = args
+            .public_url
+            .clone()
+            .or(file.public_url)
+            .unwrap_or_else(|| format!("http://{bind}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let log_format = args.log_format.clone().or(file.log_format).unwrap_or_else(|| "text".into());
+        anyhow::ensure!(
+            log_format == "text" || log_format == "json",
+            "SLUICE_LOG_FORMAT must be text or json, not {log_format:?}"
+        );
+        let token_max_days = args.token_max_days.or(file.token_max_days).unwrap_or(365);
+        anyhow::ensure!(token_max_days >= 1, "SLUICE_TOKEN_MAX_DAYS must be at least 1");
+        Ok(Self {
+            jwt_keys_file: args
+                .jwt_keys_file
+                .clone()
+                .or(file.jwt_keys_file)
+                .unwrap_or_else(|| data_dir.join("jwt-keys.json")),
+            bind,
+            data_dir,
+            database_url,
+            redis_url: args.redis_url.clone().or(file.redis_url).filter(|s| !s.is_empty()),
+            public_url,
+            signup_enabled: args.signup_enabled.or(file.signup_enabled).unwrap_or(true),
+            token_max_days,
+            db_max_connections: args.db_max_connections.or(file.db_max_connections).unwrap_or(16).max(1),
+            log_format,
+            trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
