@@ -385,8 +385,14 @@ async fn me(state: State, authn: Authn) -> ApiResult<web::Json<MeResponse>> {
         .into_iter()
         .filter(|r| authn.token_tenant.is_none_or(|t| t == r.tenant_id))
         .map(|r| MembershipView { tenant: r.slug, tenant_name: r.name, groups: serde_json::from_str(&r.groups).unwrap_or_default() })
-        .collect();
+        .collect::<Vec<_>>();
     let is_token = p.kind == PrincipalKind::ApiToken;
+    // A token acts with its own groups, not its owner's.
+    let memberships = if is_token {
+        memberships.into_iter().map(|m| MembershipView { groups: p.groups.clone(), ..m }).collect()
+    } else {
+        memberships
+    };
     Ok(web::Json(MeResponse {
         user_id: p.user_id,
         email: p.email.clone(),

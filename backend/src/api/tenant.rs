@@ -121,7 +121,7 @@ pub struct AddedMember {
     pub invitation_url: Option<String>,
 }
 
-async fn check_groups(store: &Store, tenant: Uuid, groups: &[String]) -> ApiResult<Vec<String>> {
+pub(super) async fn check_groups(store: &Store, tenant: Uuid, groups: &[String]) -> ApiResult<Vec<String>> {
     #[derive(sea_orm::FromQueryResult)]
     struct G {
         name: String,

@@ -96,7 +96,7 @@ pub struct CreateToken {
     pub name: String,
     /// Expiry (RFC 3339), mandatory, in the future and within the configured maximum lifetime.
     pub expires_at: DateTime<Utc>,
-    /// Groups it acts with: a subset of the creator's own groups.
+    /// Groups it acts with: groups of the tenant; a non-admin creator may only give their own groups.
     pub groups: Vec<String>,
 }
 
@@ -127,19 +127,16 @@ async fn create_token(state: State, ctx: TenantCtx, body: web::Json<CreateToken>
     if body.expires_at > max {
         return Err(ApiError::invalid("expires_at", format!("must be at most {} days ahead", state.config.token_max_days)));
     }
-    let mut groups: Vec<String> = vec![];
-    for (i, g) in body.groups.iter().enumerate() {
-        if !ctx.principal.groups.contains(g) {
+    let groups = super::tenant::check_groups(&state.store, ctx.tenant.id, &body.groups).await?;
+    let is_admin = ctx.principal.groups.iter().any(|g| g == "admins");
+    for (i, g) in groups.iter().enumerate() {
+        if !is_admin && !ctx.principal.groups.contains(g) {
             return Err(ApiError::Validation {
                 detail: format!("you are not in group {g:?}; a token cannot have more rights than its creator"),
                 errors: vec![FieldError::new(format!("groups[{i}]"), "not one of your groups")],
             });
         }
-        if !groups.contains(g) {
-            groups.push(g.clone());
-        }
     }
-    groups.sort();
     let token = api_token::generate();
     let prefix: String = token.chars().take(api_token::DISPLAY_PREFIX_LEN).collect();
     let id = Uuid::now_v7();

@@ -210,9 +210,12 @@ async fn resolve(
                 }
             });
         }
-        // A token never has more rights than its owner has now.
+        // A token never has more rights than its owner has now: an admin owner may hand out any
+        // group (they could join it), anyone else only groups they are in themselves.
         let owner = parse_groups(row.owner_groups.as_deref().unwrap_or("[]"));
-        let groups = parse_groups(&row.token_groups).into_iter().filter(|g| owner.contains(g)).collect();
+        let owner_is_admin = owner.iter().any(|g| g == "admins");
+        let groups =
+            parse_groups(&row.token_groups).into_iter().filter(|g| owner_is_admin || owner.contains(g)).collect();
         let principal = Principal {
             kind: PrincipalKind::ApiToken,
             id: row.id,

@@ -26,6 +26,9 @@ pub(crate) struct Vocabulary {
     secret: EntityTypeName,
     /// `Action::"<id>"` for each [`Action`], indexed by [`Action::index`].
     actions: Vec<EntityUid>,
+    /// The action entity of each [`Action`] with its action groups as parents (Cedar looks the
+    /// action up in the entity store for `action in Action::"<group>"`).
+    action_entities: Vec<Entity>,
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, AuthzError> {
@@ -49,7 +52,19 @@ impl Vocabulary {
                 .iter()
                 .map(|a| EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str())))
                 .collect(),
+            action_entities: Vec::new(),
         })
+    }
+
+    /// Record the action hierarchy: `ancestors[a]` are the action groups of action `a`
+    /// (by [`Action::index`]), from the schema.
+    pub(crate) fn set_action_groups(&mut self, ancestors: &[Vec<EntityUid>]) {
+        self.action_entities = self
+            .actions
+            .iter()
+            .zip(ancestors)
+            .map(|(uid, groups)| Entity::new_no_attrs(uid.clone(), groups.iter().cloned().collect()))
+            .collect();
     }
 
     /// `Action::"<id>"`.
@@ -221,6 +236,9 @@ impl Vocabulary {
             }
         };
         entities.push(Entity::new_no_attrs(tenant, Default::default()));
+        if let Some(action) = self.action_entities.get(req.action.index()) {
+            entities.push(action.clone());
+        }
 
         Ok(CedarRequest {
             principal,

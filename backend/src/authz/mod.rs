@@ -210,7 +210,7 @@ impl Authorizer {
         for w in warnings {
             tracing::debug!(warning = %w, "cedar schema warning");
         }
-        let vocab = Vocabulary::new()?;
+        let mut vocab = Vocabulary::new()?;
         let action_entities = schema
             .action_entities()
             .map_err(|e| AuthzError::Schema(e.to_string()))?;
@@ -236,6 +236,7 @@ impl Authorizer {
                 )));
             }
         }
+        vocab.set_action_groups(&action_ancestors);
         let validator = Validator::new(schema);
         let defaults = validate::parse(DEFAULT_POLICIES).map_err(AuthzError::DefaultPolicies)?;
         defaults

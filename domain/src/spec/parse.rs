@@ -31,9 +31,8 @@ pub fn parse_definition(text: &str) -> Result<PipelineSpec, SpecErrors> {
             ),
         )));
     }
-    let is_json = text
-        .trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}')
-        .starts_with('{');
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let is_json = text.trim_start().starts_with('{');
     let tree = if is_json {
         doc::json::load(text)
     } else {

@@ -138,6 +138,9 @@ fn parses_full_example() {
 fn canonical_yaml_round_trips_and_is_stable() {
     let spec = parse_definition(FULL).unwrap();
     let yaml = spec.canonical_yaml();
+    if std::env::var_os("SHOW_CANONICAL").is_some() {
+        println!("{yaml}");
+    }
     let again = parse_definition(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(again, spec);
     assert_eq!(again.canonical_yaml(), yaml);
@@ -212,6 +215,14 @@ fn json_syntax_error_has_position() {
     assert!(e.message.contains("JSON syntax error"), "{e}");
     assert_eq!(e.path, "stages[0]");
     assert_eq!(e.line, Some(3));
+}
+
+#[test]
+fn byte_order_mark_is_ignored() {
+    let spec = "stages: [{id: s, tasks: [{id: t, noop: true}]}]";
+    assert!(parse_definition(&format!("\u{feff}{spec}")).is_ok());
+    let json = r#"{"stages": [{"id": "s", "tasks": [{"id": "t", "noop": true}]}]}"#;
+    assert!(parse_definition(&format!("\u{feff}{json}")).is_ok());
 }
 
 #[test]

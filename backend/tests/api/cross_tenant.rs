@@ -1,0 +1,1 @@
+//! Tests: cross_tenant.

@@ -1,0 +1,16 @@
+//! Integration tests: the real server over real HTTP, on SQLite by default or on PostgreSQL when
+//! `SLUICE_TEST_DATABASE=postgres` (a fresh database per test on `SLUICE_TEST_POSTGRES_URL`,
+//! default `postgres://postgres@127.0.0.1:5432`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod helpers;
+mod walkthrough;
+mod auth;
+mod jwt_attacks;
+mod tokens;
+mod cross_tenant;
+mod openapi;
+mod authz;
+mod conventions;
+mod pipelines;
+mod audit;
