@@ -84,9 +84,27 @@ fn test() -> anyhow::Result<()> {
     pg.args(["test", "-p", "sluice-backend", "--test", "api"])
         .env("SLUICE_TEST_DATABASE", "postgres")
         .env("SLUICE_TEST_POSTGRES_URL", postgres_url());
-    status(pg, "API tests on PostgreSQL")?;
+    let result = status(pg, "API tests on PostgreSQL");
+    drop_test_databases();
+    result?;
     eprintln!("==> all test suites passed (SQLite and PostgreSQL)");
     Ok(())
+}
+
+/// Drops the per-test PostgreSQL databases (`sluice_test_*`) when `psql` is at hand.
+fn drop_test_databases() {
+    let url = format!("{}/postgres", postgres_url());
+    let Ok(out) = Command::new("psql")
+        .args([url.as_str(), "-Atc", "SELECT datname FROM pg_database WHERE datname LIKE 'sluice_test_%'"])
+        .output()
+    else {
+        return;
+    };
+    for name in String::from_utf8_lossy(&out.stdout).lines().filter(|n| !n.is_empty()) {
+        let _ = Command::new("psql")
+            .args([url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")])
+            .status();
+    }
 }
 
 fn bench() -> anyhow::Result<()> {

@@ -67,10 +67,10 @@ async fn list_events(state: State, ctx: TenantCtx, q: web::Query<AuditQuery>) ->
         Some(c) => c.parse::<i64>().map_err(|_| ApiError::invalid("cursor", "not a cursor from this API"))?,
         None => i64::MAX,
     };
-    if let Some(o) = &q.outcome {
-        if !["allow", "deny", "error"].contains(&o.as_str()) {
-            return Err(ApiError::invalid("outcome", "must be allow, deny or error"));
-        }
+    if let Some(o) = &q.outcome
+        && !["allow", "deny", "error"].contains(&o.as_str())
+    {
+        return Err(ApiError::invalid("outcome", "must be allow, deny or error"));
     }
     let mut sql = String::from("SELECT * FROM audit_events WHERE tenant_id = $1 AND seq < $2");
     let mut values: Vec<Value> = vec![ctx.tenant.id.into(), before.into()];

@@ -12,7 +12,7 @@ use sluice_domain::ids::Slug;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Routes, State};
+use super::{Body, Routes, State};
 use crate::{
     audit::{self, Actor, NewEvent, Outcome, Source},
     auth::{Authn, PrincipalKind, api_token::sha256_hex, password, throttle},
@@ -82,7 +82,8 @@ fn validate_signup(b: &SignupRequest) -> ApiResult<(String, String, String)> {
     responses((status = 201, body = SignupResponse), (status = 403, description = "signup disabled"),
               (status = 409, description = "slug taken or email registered with another password"),
               (status = 422, body = crate::error::Problem)))]
-async fn signup(state: State, req: HttpRequest, body: web::Json<SignupRequest>) -> ApiResult<HttpResponse> {
+async fn signup(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpResponse> {
+    let body: SignupRequest = body.json()?;
     if !state.config.signup_enabled {
         return Err(ApiError::Forbidden);
     }
@@ -232,12 +233,18 @@ async fn audit_login(state: &State, user: Option<(Uuid, &str)>, email: &str, out
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 401, description = "invalid email or password"),
               (status = 429, description = "too many failed attempts")))]
-async fn login(state: State, req: HttpRequest, body: web::Json<LoginRequest>) -> ApiResult<HttpResponse> {
+async fn login(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpResponse> {
+    let body: LoginRequest = body.json()?;
     let src = super::source(&state, &req);
     let email = body.email.trim().to_lowercase();
-    let keys = vec![throttle::account_key(&email), throttle::ip_key(src.ip.as_deref().unwrap_or("unknown"))];
+    let keys = [
+        (throttle::account_key(&email), throttle::ACCOUNT_THRESHOLD),
+        (throttle::ip_key(src.ip.as_deref().unwrap_or("unknown")), throttle::IP_THRESHOLD),
+    ];
     let store = &state.store;
-    if let Some(secs) = throttle::blocked_for(store, &keys).await? {
+    // Checks the blocks and counts this attempt in one step, so a burst of concurrent attempts
+    // cannot all get past the check before the first failure is recorded.
+    if let throttle::Attempt::Blocked(secs) = throttle::begin(store, &keys).await? {
         audit_login(&state, None, &email, Outcome::Deny, &src, "throttled").await?;
         return Err(ApiError::TooManyRequests(secs));
     }
@@ -247,14 +254,13 @@ async fn login(state: State, req: HttpRequest, body: web::Json<LoginRequest>) ->
     let user = match user {
         Some(u) if ok && !u.disabled => u,
         other => {
-            throttle::record_failure(store, &keys[0], throttle::ACCOUNT_THRESHOLD).await?;
-            throttle::record_failure(store, &keys[1], throttle::IP_THRESHOLD).await?;
+            throttle::failed(store, &keys).await?;
             let known = other.as_ref().map(|u| (u.id, u.email.as_str()));
             audit_login(&state, known, &email, Outcome::Deny, &src, "invalid credentials").await?;
             return Err(ApiError::InvalidLogin);
         }
     };
-    throttle::clear(store, &keys[0]).await?;
+    throttle::succeeded(store, &keys[0].0, &keys[1..]).await?;
     let txn = store.write().await?;
     let (session, refresh) = accounts::create_session(store, &*txn, user.id).await?;
     txn.commit().await?;
@@ -278,8 +284,8 @@ pub struct RefreshRequest {
 
 #[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses((status = 200, body = TokenResponse), (status = 401, description = "unknown, used or revoked refresh token")))]
-async fn refresh(state: State, req: HttpRequest, body: web::Bytes) -> ApiResult<HttpResponse> {
-    let parsed: RefreshRequest = if body.is_empty() { RefreshRequest::default() } else { super::parse_json(&body)? };
+async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpResponse> {
+    let parsed: RefreshRequest = body.json_or_default()?;
     let token = parsed
         .refresh_token
         .or_else(|| req.cookie(REFRESH_COOKIE).map(|c| c.value().to_owned()))
@@ -421,7 +427,8 @@ pub struct AcceptedInvitation {
 #[utoipa::path(post, path = "/api/v1/invitations/accept", tag = "auth", request_body = AcceptInvitation,
     responses((status = 200, body = AcceptedInvitation), (status = 404, description = "unknown, used or expired invitation"),
               (status = 422, body = crate::error::Problem)))]
-async fn accept_invitation(state: State, req: HttpRequest, body: web::Json<AcceptInvitation>) -> ApiResult<web::Json<AcceptedInvitation>> {
+async fn accept_invitation(state: State, req: HttpRequest, body: Body) -> ApiResult<web::Json<AcceptedInvitation>> {
+    let body: AcceptInvitation = body.json()?;
     #[derive(sea_orm::FromQueryResult)]
     struct Inv {
         id: Uuid,

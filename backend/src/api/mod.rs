@@ -3,6 +3,7 @@
 
 mod audit_log;
 mod auth;
+mod body;
 mod health;
 pub mod openapi;
 mod pipelines;
@@ -16,7 +17,7 @@ use actix_web::{
     web::{self, ServiceConfig},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::Deserialize;
 use sluice_domain::cedar::Action;
 use utoipa::{IntoParams, ToSchema};
 
@@ -25,11 +26,13 @@ use crate::{
     audit::{self, NewEvent, Outcome},
     auth::TenantCtx,
     authz::{self, AuthzRequest, Decision, Resource},
-    error::{ApiError, ApiResult, FieldError},
+    error::{ApiError, ApiResult},
 };
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1024 * 1024;
+
+pub use body::Body;
 
 /// Application state as handlers see it.
 pub type State = web::Data<AppState>;
@@ -83,13 +86,7 @@ pub fn route_table() -> Vec<RouteDef> {
 
 /// Configures the actix application: body limits, extractor errors, routes.
 pub fn configure(cfg: &mut ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(MAX_BODY)
-            .error_handler(|err, _req| json_error(err).into()),
-    )
-    .app_data(web::PayloadConfig::default().limit(MAX_BODY))
-    .app_data(web::QueryConfig::default().error_handler(|err, _req| {
+    cfg.app_data(web::QueryConfig::default().error_handler(|err, _req| {
         ApiError::bad_request("query", err.to_string()).into()
     }))
     .app_data(web::PathConfig::default().error_handler(|_err, _req| ApiError::NotFound("resource").into()));
@@ -102,30 +99,6 @@ fn cfg_default(cfg: Option<&mut ServiceConfig>) {
     if let Some(cfg) = cfg {
         cfg.default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(ApiError::NotFound("route")) }));
     }
-}
-
-fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {
-    use actix_web::error::JsonPayloadError as E;
-    match err {
-        E::OverflowKnownLength { .. } | E::Overflow { .. } => ApiError::PayloadTooLarge(MAX_BODY),
-        E::ContentType => ApiError::bad_request("body", "Content-Type must be application/json"),
-        E::Deserialize(e) => {
-            let field = match e.classify() {
-                serde_json::error::Category::Data => "body".to_owned(),
-                _ => "body".to_owned(),
-            };
-            ApiError::BadRequest {
-                detail: format!("invalid JSON body: {e}"),
-                errors: vec![FieldError::new(field, e.to_string())],
-            }
-        }
-        other => ApiError::bad_request("body", other.to_string()),
-    }
-}
-
-/// Parses a JSON body from bytes (for handlers that take `web::Bytes`).
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("body", format!("invalid JSON body: {e}")))
 }
 
 /// The one authorization path: makes sure the tenant's current policy version is compiled, asks
@@ -202,6 +175,7 @@ struct PolicyText {
 }
 
 /// Records an allowed change in the audit log, inside the change's transaction.
+#[allow(clippy::too_many_arguments)]
 pub async fn audit_change(
     state: &AppState,
     conn: &impl sea_orm::ConnectionTrait,

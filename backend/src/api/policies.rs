@@ -1,12 +1,12 @@
 //! The tenant's Cedar policies: immutable, validated versions.
 
 use actix_web::{http::Method, web};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_domain::cedar::Action;
 use utoipa::ToSchema;
 
-use super::{Routes, State, audit_change, authorize};
+use super::{Body, Routes, State, audit_change, authorize};
 use crate::{
     audit::{self, NewEvent, Outcome},
     auth::{TenantCtx, api_token::sha256_hex},
@@ -60,6 +60,10 @@ pub struct PutPolicies {
     pub text: String,
     /// Why, 1-1000 characters.
     pub message: String,
+    /// The version this edit started from; when given, a save on another base answers 409
+    /// (default: the current version, i.e. last write wins).
+    #[serde(default)]
+    pub base_version: Option<i64>,
 }
 
 #[utoipa::path(put, path = "/api/v1/t/{tenant}/policies", tag = "policies", security(("bearer" = [])),
@@ -67,8 +71,9 @@ pub struct PutPolicies {
     responses((status = 200, body = PolicyVersionView), (status = 403, description = "not permitted"),
               (status = 409, description = "changed concurrently; retry"),
               (status = 422, description = "invalid policy: Cedar's message with line and column", body = crate::error::Problem)))]
-async fn put_policies(state: State, ctx: TenantCtx, body: web::Json<PutPolicies>) -> ApiResult<web::Json<PolicyVersionView>> {
+async fn put_policies(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web::Json<PolicyVersionView>> {
     let decision = authorize(&state, &ctx, Action::PolicyUpdate, Resource::Tenant).await?;
+    let body: PutPolicies = body.json()?;
     let message = body.message.trim();
     if message.is_empty() || message.chars().count() > 1000 {
         return Err(ApiError::invalid("message", "must be 1 to 1000 characters"));
@@ -95,15 +100,16 @@ async fn put_policies(state: State, ctx: TenantCtx, body: web::Json<PutPolicies>
         return Err(ApiError::Validation { detail: format!("invalid policy: {}", e.message), errors: vec![fe] });
     }
     let txn = store.write().await?;
-    let next = ctx.tenant.policy_version + 1;
+    let base = body.base_version.unwrap_or(ctx.tenant.policy_version);
+    let next = base + 1;
     let moved = store
         .execute(&*txn, "UPDATE tenants SET policy_version = $3 WHERE id = $1 AND policy_version = $2",
-            vec![ctx.tenant.id.into(), ctx.tenant.policy_version.into(), next.into()])
+            vec![ctx.tenant.id.into(), base.into(), next.into()])
         .await?;
     if moved != 1 {
         return Err(ApiError::conflict("the policies were changed concurrently; reload and retry"));
     }
-    let now = Utc::now();
+    let now = Utc::now().trunc_subsecs(6); // as stored (PostgreSQL keeps microseconds)
     let view = PolicyVersionView {
         version: next,
         text: body.text.clone(),
@@ -117,7 +123,7 @@ async fn put_policies(state: State, ctx: TenantCtx, body: web::Json<PutPolicies>
             vec![ctx.tenant.id.into(), next.into(), view.text.clone().into(), view.message.clone().into(), view.author.clone().into(), view.sha256.clone().into(), now.into()])
         .await?;
     audit_change(&state, &*txn, &ctx, &decision, Action::PolicyUpdate, Some("policies"), Some(next),
-        serde_json::json!({ "message": message, "sha256": view.sha256, "previous_version": ctx.tenant.policy_version })).await?;
+        serde_json::json!({ "message": message, "sha256": view.sha256, "previous_version": base })).await?;
     txn.commit().await?;
     Ok(web::Json(view))
 }

@@ -7,7 +7,7 @@ use sluice_domain::{cedar::Action, ids::NodeId};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Routes, State, audit_change, authorize};
+use super::{Body, Routes, State, audit_change, authorize};
 use crate::{
     auth::{TenantCtx, api_token::sha256_hex, password},
     authz::Resource,
@@ -146,8 +146,9 @@ pub(super) async fn check_groups(store: &Store, tenant: Uuid, groups: &[String])
     params(("tenant" = String, Path, description = "tenant slug")), request_body = AddMember,
     responses((status = 201, body = AddedMember), (status = 403, description = "not permitted"),
               (status = 409, description = "already a member"), (status = 422, body = crate::error::Problem)))]
-async fn add_member(state: State, ctx: TenantCtx, body: web::Json<AddMember>) -> ApiResult<HttpResponse> {
+async fn add_member(state: State, ctx: TenantCtx, body: Body) -> ApiResult<HttpResponse> {
     let decision = authorize(&state, &ctx, Action::MemberAdd, Resource::Tenant).await?;
+    let body: AddMember = body.json()?;
     let email = accounts::normalize_email(&body.email).map_err(|m| ApiError::invalid("email", m))?;
     let groups = check_groups(&state.store, ctx.tenant.id, &body.groups).await?;
     let store = &state.store;
@@ -235,11 +236,12 @@ async fn load_member(store: &Store, conn: &impl sea_orm::ConnectionTrait, tenant
     request_body = UpdateMember,
     responses((status = 200, body = MemberView), (status = 404, description = "no such member"),
               (status = 409, description = "would leave the tenant without an admin"), (status = 422, body = crate::error::Problem)))]
-async fn update_member(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>, body: web::Json<UpdateMember>) -> ApiResult<web::Json<MemberView>> {
+async fn update_member(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>, body: Body) -> ApiResult<web::Json<MemberView>> {
     let user = path.1;
     let store = &state.store;
     load_member(store, store.db(), ctx.tenant.id, user).await?;
     let decision = authorize(&state, &ctx, Action::MemberUpdate, Resource::Tenant).await?;
+    let body: UpdateMember = body.json()?;
     let groups = check_groups(store, ctx.tenant.id, &body.groups).await?;
     let txn = store.write().await?;
     if !groups.iter().any(|g| g == "admins") && !admins_left(store, &*txn, ctx.tenant.id, user).await? {
@@ -315,9 +317,11 @@ pub struct CreateGroup {
 
 #[utoipa::path(post, path = "/api/v1/t/{tenant}/groups", tag = "tenant", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug")), request_body = CreateGroup,
-    responses((status = 201, body = GroupView), (status = 409, description = "exists"), (status = 422, body = crate::error::Problem)))]
-async fn create_group(state: State, ctx: TenantCtx, body: web::Json<CreateGroup>) -> ApiResult<HttpResponse> {
+    responses((status = 201, body = GroupView), (status = 403, description = "not permitted"), (status = 409, description = "exists"),
+              (status = 422, body = crate::error::Problem)))]
+async fn create_group(state: State, ctx: TenantCtx, body: Body) -> ApiResult<HttpResponse> {
     let decision = authorize(&state, &ctx, Action::GroupCreate, Resource::Tenant).await?;
+    let body: CreateGroup = body.json()?;
     NodeId::parse(&body.name).map_err(|e| ApiError::invalid("name", e.to_string()))?;
     if body.description.chars().count() > 500 {
         return Err(ApiError::invalid("description", "must be at most 500 characters"));

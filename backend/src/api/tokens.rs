@@ -7,7 +7,7 @@ use sluice_domain::cedar::Action;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Routes, State, audit_change, authorize};
+use super::{Body, Routes, State, audit_change, authorize};
 use crate::{
     auth::{TenantCtx, api_token},
     authz::Resource,
@@ -113,8 +113,10 @@ pub struct CreatedToken {
 #[utoipa::path(post, path = "/api/v1/t/{tenant}/tokens", tag = "tokens", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug")), request_body = CreateToken,
     responses((status = 201, body = CreatedToken), (status = 403, description = "not permitted"), (status = 422, body = crate::error::Problem)))]
-async fn create_token(state: State, ctx: TenantCtx, body: web::Json<CreateToken>) -> ApiResult<HttpResponse> {
+async fn create_token(state: State, ctx: TenantCtx, body: Body) -> ApiResult<HttpResponse> {
     let decision = authorize(&state, &ctx, Action::TokenCreate, Resource::Tenant).await?;
+    // Parsed after authorization: a caller who may not create tokens learns nothing from the body.
+    let body: CreateToken = body.json()?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::invalid("name", "must be 1 to 100 characters"));
@@ -129,7 +131,8 @@ async fn create_token(state: State, ctx: TenantCtx, body: web::Json<CreateToken>
     }
     let groups = super::tenant::check_groups(&state.store, ctx.tenant.id, &body.groups).await?;
     let is_admin = ctx.principal.groups.iter().any(|g| g == "admins");
-    for (i, g) in groups.iter().enumerate() {
+    // The index names the group as sent (`groups` is sorted and deduplicated).
+    for (i, g) in body.groups.iter().enumerate() {
         if !is_admin && !ctx.principal.groups.contains(g) {
             return Err(ApiError::Validation {
                 detail: format!("you are not in group {g:?}; a token cannot have more rights than its creator"),

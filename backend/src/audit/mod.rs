@@ -341,10 +341,13 @@ pub async fn verify(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) ->
         }
     }
     let events = expected_seq - 1;
-    if let Some(h) = head {
-        if h.seq != events || h.hash != prev {
-            return Ok(broken(events + 1, events, format!("chain head is at {} but events end at {events}", h.seq)));
-        }
+    if let Some(h) = head
+        && (h.seq != events || h.hash != prev)
+    {
+        // Truncated (head ahead): the first missing event. Forged tail (head behind): the first
+        // event past the head. Same length but another hash: the last event.
+        let at = if h.seq == events { events.max(1) } else { h.seq.min(events) + 1 };
+        return Ok(broken(at, at - 1, format!("chain head is at {} but events end at {events}", h.seq)));
     }
     Ok(Verification { ok: true, events, first_broken_seq: None, reason: None })
 }

@@ -215,29 +215,30 @@ impl JwtKeys {
         Ok((token, claims.exp))
     }
 
-    /// Verifies an access token. Every failure is the same `Err` (the reason is logged at debug).
-    pub fn verify(&self, token: &str) -> Result<Claims, ()> {
-        let fail = |why: &str| {
-            tracing::debug!(reason = why, "access token rejected");
-        };
-        let header = jsonwebtoken::decode_header(token).map_err(|e| fail(&e.to_string()))?;
+    /// Verifies an access token. Every failure is the same `None` (the reason is logged at debug).
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        let fail = |why: &str| tracing::debug!(reason = why, "access token rejected");
+        let header = jsonwebtoken::decode_header(token).map_err(|e| fail(&e.to_string())).ok()?;
         if header.alg != Algorithm::EdDSA {
             fail("algorithm not allowed");
-            return Err(());
+            return None;
         }
         if header.typ.as_deref() != Some(TYP) {
             fail("wrong typ");
-            return Err(());
+            return None;
         }
-        let kid = header.kid.ok_or_else(|| fail("no kid"))?;
-        let key = self.verifying.get(&kid).ok_or_else(|| fail("unknown kid"))?;
+        let Some(key) = header.kid.as_deref().and_then(|kid| self.verifying.get(kid)) else {
+            fail("missing or unknown kid");
+            return None;
+        };
         if key.retire_after.is_some_and(|r| r <= Utc::now()) {
             fail("retired key");
-            return Err(());
+            return None;
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation)
-            .map_err(|e| fail(&e.to_string()))?;
-        Ok(data.claims)
+        jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| fail(&e.to_string()))
+            .ok()
     }
 }
 
@@ -263,7 +264,7 @@ mod tests {
     #[test]
     fn another_keys_tokens_fail() {
         let (t, _) = keys().issue(Uuid::new_v4(), Uuid::new_v4()).expect("issue");
-        assert!(keys().verify(&t).is_err());
+        assert!(keys().verify(&t).is_none());
     }
 
     #[test]
@@ -274,13 +275,13 @@ mod tests {
         let (t, _) = old.issue(Uuid::new_v4(), Uuid::new_v4()).expect("issue");
         rotate(&path, Duration::hours(1)).expect("rotate");
         let new = JwtKeys::new(&load_or_generate(&path, false).expect("load"), "i").expect("k");
-        assert!(new.verify(&t).is_ok(), "old token valid during grace");
+        assert!(new.verify(&t).is_some(), "old token valid during grace");
         let (t2, _) = new.issue(Uuid::new_v4(), Uuid::new_v4()).expect("issue");
-        assert!(old.verify(&t2).is_err(), "new key unknown to old set");
+        assert!(old.verify(&t2).is_none(), "new key unknown to old set");
         let mut file = load_or_generate(&path, false).expect("load");
         file.keys[0].retire_after = Some(Utc::now() - Duration::seconds(1));
         let retired = JwtKeys::new(&file, "i").expect("k");
-        assert!(retired.verify(&t).is_err(), "retired key rejected");
+        assert!(retired.verify(&t).is_none(), "retired key rejected");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -234,7 +234,7 @@ async fn resolve(
         let in_tenant = tenant.is_some_and(|slug| slug == tenant_ref.slug);
         return Ok((principal, in_tenant.then_some(tenant_ref), Some(row.tenant_id)));
     }
-    let claims = state.jwt.verify(&credential).map_err(|()| ApiError::Unauthorized)?;
+    let claims = state.jwt.verify(&credential).ok_or(ApiError::Unauthorized)?;
     let row: UserRow = store
         .query_one(
             store.db(),

@@ -2,8 +2,13 @@
 //!
 //! Entities are built per request and not validated against the schema at request time (this
 //! module is the only producer and builds them to the schema; the fixture and differential
-//! tests check that). Ancestors are given explicitly as direct parents (a user is in its groups
-//! and in the tenant), so the transitive closure Cedar computes is trivial.
+//! tests check that; validating costs about 10 µs more per decision). Building the entity store
+//! is the largest part of a decision, so it holds only what policies can dereference: the
+//! principal, the resource, the run of a gate, and the action (for `action in <group>`).
+//! Ancestors are given in full as direct parents (a user is in its groups and in the tenant;
+//! a gate is in its run, pipeline and tenant), so group, pipeline and tenant entities are not
+//! needed for `in` tests. Consequence: an expression testing the hierarchy *between two
+//! literals* (`Group::"a" in Tenant::"acme"`) is false; no policy needs that.
 
 use std::str::FromStr;
 
@@ -50,7 +55,9 @@ impl Vocabulary {
             secret: type_name(entity::SECRET)?,
             actions: Action::ALL
                 .iter()
-                .map(|a| EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str())))
+                .map(|a| {
+                    EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str()))
+                })
                 .collect(),
             action_entities: Vec::new(),
         })
@@ -63,7 +70,9 @@ impl Vocabulary {
             .actions
             .iter()
             .zip(ancestors)
-            .map(|(uid, groups)| Entity::new_no_attrs(uid.clone(), groups.iter().cloned().collect()))
+            .map(|(uid, groups)| {
+                Entity::new_no_attrs(uid.clone(), groups.iter().cloned().collect())
+            })
             .collect();
     }
 
@@ -95,9 +104,12 @@ pub(crate) struct CedarRequest {
 }
 
 impl CedarRequest {
-    /// Assemble the entity store (computes Cedar's transitive closure; no schema validation).
+    /// Assemble the entity store (no schema validation). `add_entities` on an empty store
+    /// repairs the transitive closure incrementally, measured about twice as fast as
+    /// `Entities::from_entities`, which recomputes it with a general cycle-aware algorithm.
     pub(crate) fn into_entities(self) -> Result<Entities, AuthzError> {
-        Entities::from_entities(self.entities, None)
+        Entities::empty()
+            .add_entities(self.entities, None)
             .map_err(|e| AuthzError::Request(format!("entities: {e}")))
     }
 }
@@ -168,15 +180,15 @@ impl Vocabulary {
         for g in groups {
             let uid = Vocabulary::uid(&self.group, g);
             if !principal_ancestors.contains(&uid) {
-                entities.push(Entity::new_no_attrs(
-                    uid.clone(),
-                    std::iter::once(tenant.clone()).collect(),
-                ));
                 principal_ancestors.push(uid);
             }
         }
         principal_ancestors.push(tenant.clone());
-        entities.push(entity(principal.clone(), attrs, principal_ancestors.clone())?);
+        entities.push(entity(
+            principal.clone(),
+            attrs,
+            principal_ancestors.clone(),
+        )?);
 
         // Resource and the entities its attributes point to.
         let (resource, resource_ancestors) = match &req.resource {
@@ -188,7 +200,10 @@ impl Vocabulary {
                     uid.clone(),
                     vec![
                         ("name".to_owned(), s(name)),
-                        ("archived".to_owned(), RestrictedExpression::new_bool(*archived)),
+                        (
+                            "archived".to_owned(),
+                            RestrictedExpression::new_bool(*archived),
+                        ),
                     ],
                     parents.clone(),
                 )?);
@@ -199,7 +214,8 @@ impl Vocabulary {
                 id,
                 initiator,
             } => {
-                let (uid, parents) = self.run_entity(&mut entities, &tenant, pipeline, *id, *initiator)?;
+                let (uid, parents) =
+                    self.run_entity(&mut entities, &tenant, pipeline, *id, *initiator)?;
                 (uid, parents)
             }
             Resource::Gate {
@@ -217,7 +233,10 @@ impl Vocabulary {
                 entities.push(entity(
                     uid.clone(),
                     vec![
-                        ("run".to_owned(), RestrictedExpression::new_entity_uid(run_uid)),
+                        (
+                            "run".to_owned(),
+                            RestrictedExpression::new_entity_uid(run_uid),
+                        ),
                         ("name".to_owned(), s(id)),
                     ],
                     parents.clone(),
@@ -235,7 +254,6 @@ impl Vocabulary {
                 (uid, parents)
             }
         };
-        entities.push(Entity::new_no_attrs(tenant, Default::default()));
         if let Some(action) = self.action_entities.get(req.action.index()) {
             entities.push(action.clone());
         }

@@ -205,8 +205,8 @@ impl Authorizer {
     /// Parses and validates the schema and the default policies; fails closed (Err) if either is
     /// invalid or if the schema does not declare every [`Action`] for its resource type.
     pub fn new() -> Result<Self, AuthzError> {
-        let (schema, warnings) = Schema::from_cedarschema_str(SCHEMA)
-            .map_err(|e| AuthzError::Schema(e.to_string()))?;
+        let (schema, warnings) =
+            Schema::from_cedarschema_str(SCHEMA).map_err(|e| AuthzError::Schema(e.to_string()))?;
         for w in warnings {
             tracing::debug!(warning = %w, "cedar schema warning");
         }
@@ -279,7 +279,9 @@ impl Authorizer {
             source,
         };
         let parsed = validate::parse(text).map_err(compile_err)?;
-        parsed.validate(text, &self.validator).map_err(compile_err)?;
+        parsed
+            .validate(text, &self.validator)
+            .map_err(compile_err)?;
         let full = parsed.policy_set().map_err(|message| {
             compile_err(PolicyValidationError {
                 message,

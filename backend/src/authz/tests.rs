@@ -42,15 +42,8 @@ fn default_policies_validate_strictly() {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 enum FixturePrincipal {
-    User {
-        id: Uuid,
-        email: String,
-    },
-    ApiToken {
-        id: Uuid,
-        name: String,
-        owner: Uuid,
-    },
+    User { id: Uuid, email: String },
+    ApiToken { id: Uuid, name: String, owner: Uuid },
 }
 
 #[derive(Deserialize)]
@@ -142,7 +135,9 @@ fn run_fixture(authz: &Authorizer, tenant: Uuid, path: &Path) -> Result<(), Stri
         resource,
         context: None,
     };
-    let decision = authz.authorize(tenant, 1, &req).map_err(|e| e.to_string())?;
+    let decision = authz
+        .authorize(tenant, 1, &req)
+        .map_err(|e| e.to_string())?;
     let expected_allow = match f.expected.as_str() {
         "ALLOW" => true,
         "DENY" => false,
@@ -194,8 +189,15 @@ fn allow_and_deny_fixtures() {
             }
         }
     }
-    assert!(count[0] >= 10 && count[1] >= 10, "fixtures found: {count:?}");
-    assert!(failures.is_empty(), "failing fixtures:\n{}", failures.join("\n"));
+    assert!(
+        count[0] >= 10 && count[1] >= 10,
+        "fixtures found: {count:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "failing fixtures:\n{}",
+        failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,7 +297,11 @@ fn templates_and_duplicate_ids_are_rejected() {
 // ---------------------------------------------------------------------------------------------
 // Runtime behaviour
 
-fn user_request<'a>(groups: &'a [String], action: Action, resource: Resource<'a>) -> AuthzRequest<'a> {
+fn user_request<'a>(
+    groups: &'a [String],
+    action: Action,
+    resource: Resource<'a>,
+) -> AuthzRequest<'a> {
     AuthzRequest {
         tenant_slug: SLUG,
         principal: Principal::User {
@@ -313,7 +319,9 @@ fn user_request<'a>(groups: &'a [String], action: Action, resource: Resource<'a>
 fn runtime_error_denies_and_is_reported() {
     let authz = authorizer();
     let text = "@id(\"overflow\")\npermit (principal, action == Action::\"pipeline.read\", resource)\nwhen { 9223372036854775807 + 1 > 0 };";
-    authz.validate(SLUG, text).expect("validates; fails only at runtime");
+    authz
+        .validate(SLUG, text)
+        .expect("validates; fails only at runtime");
     let tenant = Uuid::new_v4();
     authz.install(tenant, 7, text).unwrap();
     let groups = [];
@@ -347,12 +355,20 @@ fn cache_is_per_tenant_and_version() {
     assert!(authz.authorize(a, 1, &req).unwrap().allowed);
     // Version 2 drops the viewers' policy; version 1 is no longer served.
     authz
-        .install(a, 2, "permit (principal in Group::\"admins\", action, resource);")
+        .install(
+            a,
+            2,
+            "permit (principal in Group::\"admins\", action, resource);",
+        )
         .unwrap();
     assert!(authz.has_version(a, 2) && !authz.has_version(a, 1));
     assert!(!authz.authorize(a, 2, &req).unwrap().allowed);
     assert!(authz.authorize(a, 1, &req).is_err());
-    assert!(authz.install(b, 1, "permit (principal, action, resource").is_err());
+    assert!(
+        authz
+            .install(b, 1, "permit (principal, action, resource")
+            .is_err()
+    );
     assert!(!authz.has_version(b, 1));
 }
 
