@@ -96,7 +96,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config.public_url
                 );
             } else {
-                println!("Signup is off; create a tenant with: sluice admin create-tenant --slug acme --admin-email you@example.com");
+                println!(
+                    "Signup is off; create a tenant with: sluice admin create-tenant --slug acme --admin-email you@example.com"
+                );
             }
             app.run_until_stopped().await?;
             Ok(ExitCode::SUCCESS)

@@ -61,7 +61,11 @@ async fn floor(pg: &str) {
     drop(f);
     let _ = std::fs::remove_file(&path);
     times.sort_by(f64::total_cmp);
-    println!("commit floor: fsync of 4 KiB p50={:.3} ms p99={:.3} ms (200 samples)", percentile(&times, 0.5), percentile(&times, 0.99));
+    println!(
+        "commit floor: fsync of 4 KiB p50={:.3} ms p99={:.3} ms (200 samples)",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
     match Database::connect(format!("{pg}/postgres")).await {
         Ok(db) => {
             let b = db.get_database_backend();
@@ -69,11 +73,17 @@ async fn floor(pg: &str) {
             let mut times = vec![];
             for i in 0..200 {
                 let t = Instant::now();
-                db.execute_raw(Statement::from_string(b, format!("INSERT INTO floor_probe VALUES ({i})"))).await.unwrap();
+                db.execute_raw(Statement::from_string(b, format!("INSERT INTO floor_probe VALUES ({i})")))
+                    .await
+                    .unwrap();
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             times.sort_by(f64::total_cmp);
-            println!("commit floor: PostgreSQL one-row commit p50={:.3} ms p99={:.3} ms (200 samples)", percentile(&times, 0.5), percentile(&times, 0.99));
+            println!(
+                "commit floor: PostgreSQL one-row commit p50={:.3} ms p99={:.3} ms (200 samples)",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
+            );
         }
         Err(e) => println!("commit floor: PostgreSQL unreachable ({e})"),
     }
@@ -115,7 +125,10 @@ async fn http(db: &str, sluice: &str, pg: &str) {
     if db == "postgres" {
         let name = format!("sluice_bench_{}", uuid::Uuid::new_v4().simple());
         let admin = Database::connect(format!("{pg}/postgres")).await.unwrap();
-        admin.execute_raw(Statement::from_string(admin.get_database_backend(), format!("CREATE DATABASE {name}"))).await.unwrap();
+        admin
+            .execute_raw(Statement::from_string(admin.get_database_backend(), format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
         cmd.env("SLUICE_DATABASE_URL", format!("{pg}/{name}")).env("SLUICE_DB_MAX_CONNECTIONS", "32");
         pg_db = Some((admin, name));
     }
@@ -201,7 +214,10 @@ async fn http(db: &str, sluice: &str, pg: &str) {
     drop(server);
     if let Some((admin, name)) = pg_db {
         let _ = admin
-            .execute_raw(Statement::from_string(admin.get_database_backend(), format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute_raw(Statement::from_string(
+                admin.get_database_backend(),
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            ))
             .await;
     }
     let _ = std::fs::remove_dir_all(&data);

@@ -34,7 +34,13 @@ fn system() -> Actor {
 }
 
 /// Creates a tenant with a first admin. Returns the admin's password if one was generated.
-pub async fn create_tenant(config: &Config, slug: &str, name: &str, email: &str, pw: Option<String>) -> anyhow::Result<Option<String>> {
+pub async fn create_tenant(
+    config: &Config,
+    slug: &str,
+    name: &str,
+    email: &str,
+    pw: Option<String>,
+) -> anyhow::Result<Option<String>> {
     Slug::parse(slug).map_err(|e| anyhow::anyhow!("--slug: {e}"))?;
     let email = accounts::normalize_email(email).map_err(|e| anyhow::anyhow!("--admin-email: {e}"))?;
     let store = store(config).await?;
@@ -59,19 +65,30 @@ pub async fn create_tenant(config: &Config, slug: &str, name: &str, email: &str,
     };
     let tenant = accounts::create_tenant(&store, &*txn, slug, name, authz.default_policy_text(), "sluice admin")
         .await
-        .map_err(|e| if crate::store::is_unique_violation(&e) { anyhow::anyhow!("tenant {slug} already exists") } else { e.into() })?;
+        .map_err(|e| {
+            if crate::store::is_unique_violation(&e) {
+                anyhow::anyhow!("tenant {slug} already exists")
+            } else {
+                e.into()
+            }
+        })?;
     accounts::add_membership(&store, &*txn, tenant, user, &["admins".to_owned()]).await?;
-    audit::append(&store, &*txn, tenant, &NewEvent {
-        actor: &system(),
-        action: "tenant.create",
-        resource_type: "Tenant",
-        resource_id: Some(slug),
-        resource_version: None,
-        outcome: Outcome::Allow,
-        policy_ids: &[],
-        source: &Source::default(),
-        details: serde_json::json!({ "name": name, "admin": email, "policy_version": 1 }),
-    })
+    audit::append(
+        &store,
+        &*txn,
+        tenant,
+        &NewEvent {
+            actor: &system(),
+            action: "tenant.create",
+            resource_type: "Tenant",
+            resource_id: Some(slug),
+            resource_version: None,
+            outcome: Outcome::Allow,
+            policy_ids: &[],
+            source: &Source::default(),
+            details: serde_json::json!({ "name": name, "admin": email, "policy_version": 1 }),
+        },
+    )
     .await?;
     txn.commit().await?;
     Ok(generated)
@@ -88,20 +105,32 @@ pub async fn disable_user(config: &Config, email: &str) -> anyhow::Result<()> {
     }
     let txn = store.write().await?;
     store.execute(&*txn, "UPDATE users SET disabled = $2 WHERE id = $1", vec![user.id.into(), true.into()]).await?;
-    store.execute(&*txn, "UPDATE sessions SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL", vec![user.id.into(), Utc::now().into()]).await?;
-    let tenants: Vec<T> = store.query_all(&*txn, "SELECT tenant_id FROM memberships WHERE user_id = $1", vec![user.id.into()]).await?;
+    store
+        .execute(
+            &*txn,
+            "UPDATE sessions SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL",
+            vec![user.id.into(), Utc::now().into()],
+        )
+        .await?;
+    let tenants: Vec<T> =
+        store.query_all(&*txn, "SELECT tenant_id FROM memberships WHERE user_id = $1", vec![user.id.into()]).await?;
     for t in tenants {
-        audit::append(&store, &*txn, t.tenant_id, &NewEvent {
-            actor: &system(),
-            action: "user.disable",
-            resource_type: "User",
-            resource_id: Some(&user.id.to_string()),
-            resource_version: None,
-            outcome: Outcome::Allow,
-            policy_ids: &[],
-            source: &Source::default(),
-            details: serde_json::json!({ "email": email }),
-        })
+        audit::append(
+            &store,
+            &*txn,
+            t.tenant_id,
+            &NewEvent {
+                actor: &system(),
+                action: "user.disable",
+                resource_type: "User",
+                resource_id: Some(&user.id.to_string()),
+                resource_version: None,
+                outcome: Outcome::Allow,
+                policy_ids: &[],
+                source: &Source::default(),
+                details: serde_json::json!({ "email": email }),
+            },
+        )
         .await?;
     }
     txn.commit().await?;
@@ -119,7 +148,8 @@ pub async fn audit_verify(config: &Config, tenant: Option<&str>) -> anyhow::Resu
     let store = store(config).await?;
     let mut chains: Vec<T> = match tenant {
         Some(slug) => {
-            let t: Option<T> = store.query_one(store.db(), "SELECT id, slug FROM tenants WHERE slug = $1", vec![slug.into()]).await?;
+            let t: Option<T> =
+                store.query_one(store.db(), "SELECT id, slug FROM tenants WHERE slug = $1", vec![slug.into()]).await?;
             match t {
                 Some(t) => vec![t],
                 None => bail!("no tenant {slug}"),

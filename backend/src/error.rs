@@ -158,9 +158,9 @@ impl ResponseError for ApiError {
         let status = self.status_code();
         let (slug, title) = self.kind();
         let errors = match self {
-            Self::BadRequest { errors, .. }
-            | Self::Validation { errors, .. }
-            | Self::Conflict { errors, .. } => errors.clone(),
+            Self::BadRequest { errors, .. } | Self::Validation { errors, .. } | Self::Conflict { errors, .. } => {
+                errors.clone()
+            }
             _ => vec![],
         };
         let problem = Problem {

@@ -161,11 +161,7 @@ impl FromStr for Action {
     type Err = UnknownAction;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Action::ALL
-            .iter()
-            .copied()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| UnknownAction(s.to_owned()))
+        Action::ALL.iter().copied().find(|a| a.as_str() == s).ok_or_else(|| UnknownAction(s.to_owned()))
     }
 }
 
@@ -178,10 +174,7 @@ mod tests {
         for (i, a) in Action::ALL.iter().enumerate() {
             assert_eq!(a.index(), i);
             assert_eq!(a.as_str().parse::<Action>(), Ok(*a));
-            assert!(
-                SCHEMA.contains(&format!("\"{}\"", a.as_str())),
-                "{a} missing from schema"
-            );
+            assert!(SCHEMA.contains(&format!("\"{}\"", a.as_str())), "{a} missing from schema");
         }
         let mut ids: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
         ids.sort_unstable();

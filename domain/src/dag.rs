@@ -80,12 +80,8 @@ pub fn topo_order(node_count: usize, edges: &[(usize, usize)]) -> Result<Vec<usi
             indegree[to] += 1;
         }
     }
-    let mut ready: std::collections::BinaryHeap<core::cmp::Reverse<usize>> = indegree
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| **d == 0)
-        .map(|(n, _)| core::cmp::Reverse(n))
-        .collect();
+    let mut ready: std::collections::BinaryHeap<core::cmp::Reverse<usize>> =
+        indegree.iter().enumerate().filter(|(_, d)| **d == 0).map(|(n, _)| core::cmp::Reverse(n)).collect();
     let mut order = Vec::with_capacity(node_count);
     while let Some(core::cmp::Reverse(node)) = ready.pop() {
         order.push(node);
@@ -96,11 +92,7 @@ pub fn topo_order(node_count: usize, edges: &[(usize, usize)]) -> Result<Vec<usi
             }
         }
     }
-    if order.len() == node_count {
-        Ok(order)
-    } else {
-        Err(find_cycle(node_count, edges).unwrap_or_default())
-    }
+    if order.len() == node_count { Ok(order) } else { Err(find_cycle(node_count, edges).unwrap_or_default()) }
 }
 
 #[cfg(test)]
@@ -110,8 +102,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn is_real_cycle(cycle: &[usize], edges: &[(usize, usize)]) -> bool {
-        !cycle.is_empty()
-            && (0..cycle.len()).all(|i| edges.contains(&(cycle[i], cycle[(i + 1) % cycle.len()])))
+        !cycle.is_empty() && (0..cycle.len()).all(|i| edges.contains(&(cycle[i], cycle[(i + 1) % cycle.len()])))
     }
 
     #[test]

@@ -75,19 +75,13 @@ pub fn diff(from: &PipelineSpec, to: &PipelineSpec, from_label: &str, to_label: 
             .header(from_label, to_label)
             .to_string()
     };
-    let stages = change_set(
-        from.stages.iter().map(|s| (s.id.as_str(), s)),
-        to.stages.iter().map(|s| (s.id.as_str(), s)),
-    );
+    let stages =
+        change_set(from.stages.iter().map(|s| (s.id.as_str(), s)), to.stages.iter().map(|s| (s.id.as_str(), s)));
     let tasks = change_set(
         from.tasks().map(|(s, t)| (t.id.as_str(), (&s.id, t))),
         to.tasks().map(|(s, t)| (t.id.as_str(), (&s.id, t))),
     );
-    SpecDiff {
-        unified,
-        stages,
-        tasks,
-    }
+    SpecDiff { unified, stages, tasks }
 }
 
 #[cfg(test)]
@@ -131,11 +125,7 @@ stages:
         let to = parse_definition(V2).unwrap();
         let d = diff(&from, &to, "v1", "v2");
         assert!(d.unified.starts_with("--- v1\n+++ v2\n"), "{}", d.unified);
-        assert!(
-            d.unified.contains("+          - \"--release\""),
-            "{}",
-            d.unified
-        );
+        assert!(d.unified.contains("+          - \"--release\""), "{}", d.unified);
         assert_eq!(d.stages.added, ["deploy"]);
         assert_eq!(d.stages.removed, ["old"]);
         assert_eq!(d.stages.changed, ["build"]);

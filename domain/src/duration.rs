@@ -40,13 +40,7 @@ pub enum DurationError {
     Overflow(String),
 }
 
-const UNITS: [(&str, u64); 5] = [
-    ("d", 86_400_000),
-    ("h", 3_600_000),
-    ("m", 60_000),
-    ("s", 1_000),
-    ("ms", 1),
-];
+const UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
 impl Duration {
     /// The zero duration.
@@ -118,12 +112,7 @@ impl Duration {
             let unit = text.get(unit_start..pos).unwrap_or_default();
             if unit.is_empty() {
                 if pos < bytes.len() {
-                    let rest: String = text
-                        .get(pos..)
-                        .unwrap_or_default()
-                        .chars()
-                        .take(1)
-                        .collect();
+                    let rest: String = text.get(pos..).unwrap_or_default().chars().take(1).collect();
                     return Err(DurationError::UnknownUnit(text.to_owned(), rest));
                 }
                 return Err(DurationError::MissingUnit(text.to_owned()));
@@ -230,45 +219,16 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         assert_eq!(Duration::parse(""), Err(DurationError::Empty));
-        assert!(matches!(
-            Duration::parse("10"),
-            Err(DurationError::MissingUnit(_))
-        ));
+        assert!(matches!(Duration::parse("10"), Err(DurationError::MissingUnit(_))));
         assert!(matches!(Duration::parse("5x"), Err(DurationError::UnknownUnit(_, u)) if u == "x"));
-        assert!(matches!(
-            Duration::parse("-5s"),
-            Err(DurationError::Negative(_))
-        ));
-        assert!(matches!(
-            Duration::parse("h"),
-            Err(DurationError::ExpectedNumber(_, 0))
-        ));
-        assert!(matches!(
-            Duration::parse("30m1h"),
-            Err(DurationError::UnitOrder(_))
-        ));
-        assert!(matches!(
-            Duration::parse("1h1h"),
-            Err(DurationError::UnitOrder(_))
-        ));
-        assert!(matches!(
-            Duration::parse("1 h"),
-            Err(DurationError::UnknownUnit(_, _))
-        ));
-        assert!(matches!(
-            Duration::parse("99999999999999999999d"),
-            Err(DurationError::Overflow(_))
-        ));
-        assert!(matches!(
-            Duration::parse("213503982336d"),
-            Err(DurationError::Overflow(_))
-        ));
-        assert!(
-            Duration::parse("5x")
-                .unwrap_err()
-                .to_string()
-                .contains("unknown unit `x`")
-        );
+        assert!(matches!(Duration::parse("-5s"), Err(DurationError::Negative(_))));
+        assert!(matches!(Duration::parse("h"), Err(DurationError::ExpectedNumber(_, 0))));
+        assert!(matches!(Duration::parse("30m1h"), Err(DurationError::UnitOrder(_))));
+        assert!(matches!(Duration::parse("1h1h"), Err(DurationError::UnitOrder(_))));
+        assert!(matches!(Duration::parse("1 h"), Err(DurationError::UnknownUnit(_, _))));
+        assert!(matches!(Duration::parse("99999999999999999999d"), Err(DurationError::Overflow(_))));
+        assert!(matches!(Duration::parse("213503982336d"), Err(DurationError::Overflow(_))));
+        assert!(Duration::parse("5x").unwrap_err().to_string().contains("unknown unit `x`"));
     }
 
     #[test]
@@ -277,10 +237,7 @@ mod tests {
         assert_eq!(Duration::parse("1500ms").unwrap().to_string(), "1s500ms");
         assert_eq!(Duration::parse("36h").unwrap().to_string(), "1d12h");
         assert_eq!(Duration::ZERO.to_string(), "0s");
-        assert_eq!(
-            Duration::from_secs(2).to_std(),
-            core::time::Duration::from_secs(2)
-        );
+        assert_eq!(Duration::from_secs(2).to_std(), core::time::Duration::from_secs(2));
     }
 
     #[test]

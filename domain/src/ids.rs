@@ -42,9 +42,7 @@ fn check(value: &str, min_len: usize, underscore: bool) -> bool {
     };
     (min_len..=63).contains(&bytes.len())
         && (first.is_ascii_lowercase() || first.is_ascii_digit())
-        && tail.iter().all(|&b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (underscore && b == b'_')
-        })
+        && tail.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (underscore && b == b'_'))
 }
 
 macro_rules! id_newtype {
@@ -160,11 +158,7 @@ impl Slug {
     /// # Errors
     /// Returns [`IdError`] naming the rule when `value` does not match it.
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        if check(value, 2, false) {
-            Ok(Self(value.to_owned()))
-        } else {
-            Err(IdError::new("slug", value, Self::RULE))
-        }
+        if check(value, 2, false) { Ok(Self(value.to_owned())) } else { Err(IdError::new("slug", value, Self::RULE)) }
     }
 }
 
@@ -178,11 +172,7 @@ impl NodeId {
     /// # Errors
     /// Returns [`IdError`] naming the rule when `value` does not match it.
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        if check(value, 1, true) {
-            Ok(Self(value.to_owned()))
-        } else {
-            Err(IdError::new("id", value, Self::RULE))
-        }
+        if check(value, 1, true) { Ok(Self(value.to_owned())) } else { Err(IdError::new("id", value, Self::RULE)) }
     }
 }
 
@@ -198,10 +188,7 @@ mod tests {
         }
         for bad in ["", "a", "-ab", "Ab", "a_b", "a b", "é1", &"a".repeat(64)] {
             let err = Slug::parse(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("^[a-z0-9][a-z0-9-]{1,62}$"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("^[a-z0-9][a-z0-9-]{1,62}$"), "{err}");
         }
     }
 

@@ -21,15 +21,8 @@ pub struct MemorySizeError {
     reason: &'static str,
 }
 
-const UNITS: [(&str, u64); 7] = [
-    ("GiB", 1 << 30),
-    ("MiB", 1 << 20),
-    ("KiB", 1 << 10),
-    ("B", 1),
-    ("G", 1 << 30),
-    ("M", 1 << 20),
-    ("K", 1 << 10),
-];
+const UNITS: [(&str, u64); 7] =
+    [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
 
 impl MemorySize {
     /// Creates a size from a byte count, `None` when zero.
@@ -50,18 +43,11 @@ impl MemorySize {
     /// Returns [`MemorySizeError`] when the number or unit is missing or unknown, the value is
     /// zero or it overflows 64 bits.
     pub fn parse(text: &str) -> Result<Self, MemorySizeError> {
-        let err = |reason| MemorySizeError {
-            value: text.to_owned(),
-            reason,
-        };
-        let digits_end = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
+        let err = |reason| MemorySizeError { value: text.to_owned(), reason };
+        let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (digits, unit) = text.split_at(digits_end);
         if digits.is_empty() {
-            return Err(err(
-                "expected a whole number followed by B, KiB, MiB or GiB",
-            ));
+            return Err(err("expected a whole number followed by B, KiB, MiB or GiB"));
         }
         if unit.is_empty() {
             return Err(err("missing unit (use B, KiB, MiB or GiB)"));
@@ -133,24 +119,9 @@ mod tests {
 
     #[test]
     fn rejects() {
-        for bad in [
-            "",
-            "1",
-            "GiB",
-            "0MiB",
-            "1TiB",
-            "1.5GiB",
-            "-1G",
-            "99999999999999GiB",
-            "1 GiB",
-        ] {
+        for bad in ["", "1", "GiB", "0MiB", "1TiB", "1.5GiB", "-1G", "99999999999999GiB", "1 GiB"] {
             assert!(MemorySize::parse(bad).is_err(), "{bad}");
         }
-        assert!(
-            MemorySize::parse("0B")
-                .unwrap_err()
-                .to_string()
-                .contains("greater than zero")
-        );
+        assert!(MemorySize::parse("0B").unwrap_err().to_string().contains("greater than zero"));
     }
 }

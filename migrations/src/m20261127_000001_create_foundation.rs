@@ -167,7 +167,8 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("pipeline_versions_tenant", "pipeline_versions", &["tenant_id", "pipeline_id"], false)).await?;
+        m.create_index(index("pipeline_versions_tenant", "pipeline_versions", &["tenant_id", "pipeline_id"], false))
+            .await?;
         m.create_table(
             table("audit_heads")
                 .col(pk_uuid(c("tenant_id")))
@@ -215,9 +216,20 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         for t in [
-            "login_throttle", "audit_events", "audit_heads", "pipeline_versions", "pipelines",
-            "policy_versions", "api_tokens", "refresh_tokens", "sessions", "invitations", "groups",
-            "memberships", "users", "tenants",
+            "login_throttle",
+            "audit_events",
+            "audit_heads",
+            "pipeline_versions",
+            "pipelines",
+            "policy_versions",
+            "api_tokens",
+            "refresh_tokens",
+            "sessions",
+            "invitations",
+            "groups",
+            "memberships",
+            "users",
+            "tenants",
         ] {
             m.drop_table(Table::drop().table(Alias::new(t)).to_owned()).await?;
         }

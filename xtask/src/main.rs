@@ -118,7 +118,15 @@ fn bench() -> anyhow::Result<()> {
     status(Command::new(bin.join("examples").join("cedar_bench")), "Cedar decision latency")?;
     for db in ["sqlite", "postgres"] {
         let mut http = Command::new(bin.join("examples").join("http_bench"));
-        http.args(["http", "--db", db, "--postgres", &postgres_url(), "--sluice", &bin.join("sluice").to_string_lossy()]);
+        http.args([
+            "http",
+            "--db",
+            db,
+            "--postgres",
+            &postgres_url(),
+            "--sluice",
+            &bin.join("sluice").to_string_lossy(),
+        ]);
         status(http, &format!("authorized GET pipelines on {db}"))?;
     }
     Ok(())

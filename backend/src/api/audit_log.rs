@@ -129,9 +129,11 @@ async fn export(state: State, ctx: TenantCtx) -> ApiResult<HttpResponse> {
         }
         let rows: Vec<audit_event::Model> = state
             .store
-            .query_all(state.store.db(),
+            .query_all(
+                state.store.db(),
                 "SELECT * FROM audit_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT 500",
-                vec![tenant.into(), after.into()])
+                vec![tenant.into(), after.into()],
+            )
             .await?;
         if rows.is_empty() {
             return Ok(None);

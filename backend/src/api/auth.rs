@@ -113,20 +113,23 @@ async fn signup(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRes
         (Some(u), _) => u.id,
         (None, h) => match accounts::create_user(store, &*txn, &email, h).await {
             Ok(id) => id,
-            Err(e) if is_unique_violation(&e) => return Err(ApiError::conflict("an account with this email was just created")),
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ApiError::conflict("an account with this email was just created"));
+            }
             Err(e) => return Err(e.into()),
         },
     };
-    let tenant_id = match accounts::create_tenant(store, &*txn, &slug, &name, state.authz.default_policy_text(), &email).await {
-        Ok(id) => id,
-        Err(e) if is_unique_violation(&e) => {
-            return Err(ApiError::Conflict {
-                detail: format!("tenant {slug} already exists"),
-                errors: vec![FieldError::new("tenant_slug", "already taken")],
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let tenant_id =
+        match accounts::create_tenant(store, &*txn, &slug, &name, state.authz.default_policy_text(), &email).await {
+            Ok(id) => id,
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ApiError::Conflict {
+                    detail: format!("tenant {slug} already exists"),
+                    errors: vec![FieldError::new("tenant_slug", "already taken")],
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
     accounts::add_membership(store, &*txn, tenant_id, user_id, &["admins".to_owned()]).await?;
     audit::append(
         store,
@@ -196,7 +199,14 @@ async fn user_tenants(state: &State, user: Uuid) -> ApiResult<Vec<Uuid>> {
 }
 
 /// Records a login event in every tenant of the user, or in the platform chain.
-async fn audit_login(state: &State, user: Option<(Uuid, &str)>, email: &str, outcome: Outcome, src: &Source, reason: &str) -> ApiResult<()> {
+async fn audit_login(
+    state: &State,
+    user: Option<(Uuid, &str)>,
+    email: &str,
+    outcome: Outcome,
+    src: &Source,
+    reason: &str,
+) -> ApiResult<()> {
     let tenants = match user {
         Some((id, _)) => user_tenants(state, id).await?,
         None => vec![],
@@ -297,7 +307,8 @@ async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRe
          JOIN sessions s ON s.id = r.session_id JOIN users u ON u.id = s.user_id WHERE r.token_hash = $1{}",
         store.for_update()
     );
-    let row: RefreshRow = store.query_one(&*txn, &sql, vec![sha256_hex(&token).into()]).await?.ok_or(ApiError::Unauthorized)?;
+    let row: RefreshRow =
+        store.query_one(&*txn, &sql, vec![sha256_hex(&token).into()]).await?.ok_or(ApiError::Unauthorized)?;
     if row.used_at.is_some() {
         // A rotated token came back: it was stolen or replayed. End the whole session.
         tracing::warn!(session = %row.session_id, "refresh token reuse; revoking the session");
@@ -334,7 +345,9 @@ async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRe
     responses((status = 204, description = "the session is ended: its access and refresh tokens stop working"),
               (status = 401, description = "not logged in")))]
 async fn logout(state: State, authn: Authn) -> ApiResult<HttpResponse> {
-    let session = authn.principal.session_id.ok_or_else(|| ApiError::bad_request("authorization", "API tokens have no session; revoke the token instead"))?;
+    let session = authn.principal.session_id.ok_or_else(|| {
+        ApiError::bad_request("authorization", "API tokens have no session; revoke the token instead")
+    })?;
     let txn = state.store.write().await?;
     accounts::revoke_session(&state.store, &*txn, session).await?;
     txn.commit().await?;
@@ -390,7 +403,11 @@ async fn me(state: State, authn: Authn) -> ApiResult<web::Json<MeResponse>> {
     let memberships = rows
         .into_iter()
         .filter(|r| authn.token_tenant.is_none_or(|t| t == r.tenant_id))
-        .map(|r| MembershipView { tenant: r.slug, tenant_name: r.name, groups: serde_json::from_str(&r.groups).unwrap_or_default() })
+        .map(|r| MembershipView {
+            tenant: r.slug,
+            tenant_name: r.name,
+            groups: serde_json::from_str(&r.groups).unwrap_or_default(),
+        })
         .collect::<Vec<_>>();
     let is_token = p.kind == PrincipalKind::ApiToken;
     // A token acts with its own groups, not its owner's.
@@ -450,9 +467,15 @@ async fn accept_invitation(state: State, req: HttpRequest, body: Body) -> ApiRes
         .query_one(&*txn, &sql, vec![sha256_hex(&body.token).into(), Utc::now().into()])
         .await?
         .ok_or(ApiError::NotFound("invitation"))?;
-    store.execute(&*txn, "UPDATE invitations SET used_at = $2 WHERE id = $1", vec![inv.id.into(), Utc::now().into()]).await?;
     store
-        .execute(&*txn, "UPDATE users SET password_hash = $2 WHERE id = $1 AND password_hash IS NULL", vec![inv.user_id.into(), hash.into()])
+        .execute(&*txn, "UPDATE invitations SET used_at = $2 WHERE id = $1", vec![inv.id.into(), Utc::now().into()])
+        .await?;
+    store
+        .execute(
+            &*txn,
+            "UPDATE users SET password_hash = $2 WHERE id = $1 AND password_hash IS NULL",
+            vec![inv.user_id.into(), hash.into()],
+        )
         .await?;
     audit::append(
         store,
@@ -480,4 +503,3 @@ async fn accept_invitation(state: State, req: HttpRequest, body: Body) -> ApiRes
 async fn jwks(state: State) -> HttpResponse {
     HttpResponse::Ok().insert_header(("Cache-Control", "public, max-age=300")).json(state.jwt.jwks())
 }
-

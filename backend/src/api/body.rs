@@ -31,7 +31,10 @@ impl Body {
                 serde_json::error::Category::Data => inner.to_string(),
                 _ => format!("invalid JSON: {inner}"),
             };
-            ApiError::BadRequest { detail: format!("{field}: {message}"), errors: vec![FieldError::new(field, message)] }
+            ApiError::BadRequest {
+                detail: format!("{field}: {message}"),
+                errors: vec![FieldError::new(field, message)],
+            }
         })
     }
 

@@ -86,9 +86,9 @@ pub fn route_table() -> Vec<RouteDef> {
 
 /// Configures the actix application: body limits, extractor errors, routes.
 pub fn configure(cfg: &mut ServiceConfig) {
-    cfg.app_data(web::QueryConfig::default().error_handler(|err, _req| {
-        ApiError::bad_request("query", err.to_string()).into()
-    }))
+    cfg.app_data(
+        web::QueryConfig::default().error_handler(|err, _req| ApiError::bad_request("query", err.to_string()).into()),
+    )
     .app_data(web::PathConfig::default().error_handler(|_err, _req| ApiError::NotFound("resource").into()));
     let mut r = Routes { cfg: Some(cfg), list: vec![] };
     register(&mut r);
@@ -103,7 +103,12 @@ fn cfg_default(cfg: Option<&mut ServiceConfig>) {
 
 /// The one authorization path: makes sure the tenant's current policy version is compiled, asks
 /// Cedar, and on a deny records the refusal in the audit log and answers 403.
-pub async fn authorize(state: &AppState, ctx: &TenantCtx, action: Action, resource: Resource<'_>) -> ApiResult<Decision> {
+pub async fn authorize(
+    state: &AppState,
+    ctx: &TenantCtx,
+    action: Action,
+    resource: Resource<'_>,
+) -> ApiResult<Decision> {
     let tenant = &ctx.tenant;
     if !state.authz.has_version(tenant.id, tenant.policy_version) {
         let text: Option<String> = state
@@ -115,7 +120,9 @@ pub async fn authorize(state: &AppState, ctx: &TenantCtx, action: Action, resour
             )
             .await?
             .map(|p| p.text);
-        let text = text.ok_or_else(|| anyhow::anyhow!("policy version {} of tenant {} missing", tenant.policy_version, tenant.id))?;
+        let text = text.ok_or_else(|| {
+            anyhow::anyhow!("policy version {} of tenant {} missing", tenant.policy_version, tenant.id)
+        })?;
         state.authz.install(tenant.id, tenant.policy_version, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let p = &ctx.principal;
@@ -130,10 +137,7 @@ pub async fn authorize(state: &AppState, ctx: &TenantCtx, action: Action, resour
     };
     let resource_id = resource_label(&resource);
     let req = AuthzRequest { tenant_slug: &tenant.slug, principal, action, resource, context: None };
-    let decision = state
-        .authz
-        .authorize(tenant.id, tenant.policy_version, &req)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let decision = state.authz.authorize(tenant.id, tenant.policy_version, &req).map_err(|e| anyhow::anyhow!("{e}"))?;
     if decision.allowed {
         return Ok(decision);
     }

@@ -181,7 +181,10 @@ fn parse(name: &str, text: &str) -> ApiResult<PipelineSpec> {
     if let Some(n) = &spec.name
         && n.as_str() != name
     {
-        return Err(ApiError::invalid("definition.name", format!("is {:?} but the pipeline is named {name:?}", n.as_str())));
+        return Err(ApiError::invalid(
+            "definition.name",
+            format!("is {:?} but the pipeline is named {name:?}", n.as_str()),
+        ));
     }
     Ok(spec)
 }
@@ -194,20 +197,30 @@ fn message(m: Option<&str>, default: &str) -> ApiResult<String> {
     Ok(m.to_owned())
 }
 
-async fn load_pipeline(store: &Store, conn: &impl sea_orm::ConnectionTrait, tenant: Uuid, name: &str) -> ApiResult<PipelineRow> {
+async fn load_pipeline(
+    store: &Store,
+    conn: &impl sea_orm::ConnectionTrait,
+    tenant: Uuid,
+    name: &str,
+) -> ApiResult<PipelineRow> {
     store
-        .query_one(conn, "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND name = $2",
-            vec![tenant.into(), name.into()])
+        .query_one(
+            conn,
+            "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND name = $2",
+            vec![tenant.into(), name.into()],
+        )
         .await?
         .or_not_found("pipeline")
 }
 
 async fn load_version(store: &Store, tenant: Uuid, pipeline: Uuid, version: i64) -> ApiResult<VersionRow> {
     store
-        .query_one(store.db(),
+        .query_one(
+            store.db(),
             "SELECT version, definition, source, sha256, message, author, created_at FROM pipeline_versions \
              WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3",
-            vec![tenant.into(), pipeline.into(), version.into()])
+            vec![tenant.into(), pipeline.into(), version.into()],
+        )
         .await?
         .or_not_found("pipeline version")
 }
@@ -286,8 +299,17 @@ async fn create_pipeline(state: State, ctx: TenantCtx, body: Body) -> ApiResult<
             ApiError::Conflict { detail: format!("a pipeline named {} exists", body.name), errors: vec![FieldError::new("name", "already exists")] }
         } else { e.into() })?;
     let v = insert_version(&state, &*txn, &ctx, id, 1, &spec, &body.definition, &msg).await?;
-    audit_change(&state, &*txn, &ctx, &decision, Action::PipelineCreate, Some(&body.name), Some(1),
-        serde_json::json!({ "message": msg, "sha256": v.sha256 })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::PipelineCreate,
+        Some(&body.name),
+        Some(1),
+        serde_json::json!({ "message": msg, "sha256": v.sha256 }),
+    )
+    .await?;
     txn.commit().await?;
     let p = PipelineRow { id, name: body.name.clone(), latest_version: 1, archived_at: None };
     Ok(HttpResponse::Created().json(view(&p, v)))
@@ -296,9 +318,19 @@ async fn create_pipeline(state: State, ctx: TenantCtx, body: Body) -> ApiResult<
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/pipelines/{pipeline}", tag = "pipelines", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name")),
     responses((status = 200, body = PipelineVersionView), (status = 404, description = "no such pipeline")))]
-async fn get_pipeline(state: State, ctx: TenantCtx, path: web::Path<(String, String)>) -> ApiResult<web::Json<PipelineVersionView>> {
+async fn get_pipeline(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String)>,
+) -> ApiResult<web::Json<PipelineVersionView>> {
     let p = load_pipeline(&state.store, state.store.db(), ctx.tenant.id, &path.1).await?;
-    authorize(&state, &ctx, Action::PipelineRead, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::PipelineRead,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let v = load_version(&state.store, ctx.tenant.id, p.id, p.latest_version).await?;
     Ok(web::Json(view(&p, v)))
 }
@@ -308,7 +340,12 @@ async fn get_pipeline(state: State, ctx: TenantCtx, path: web::Path<(String, Str
     request_body = UpdatePipeline,
     responses((status = 200, body = PipelineVersionView), (status = 404, description = "no such pipeline"),
               (status = 409, description = "stale base_version or archived"), (status = 422, body = crate::error::Problem)))]
-async fn update_pipeline(state: State, ctx: TenantCtx, path: web::Path<(String, String)>, body: Body) -> ApiResult<web::Json<PipelineVersionView>> {
+async fn update_pipeline(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String)>,
+    body: Body,
+) -> ApiResult<web::Json<PipelineVersionView>> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
     // An archived pipeline answers 409 as documented, rather than the 403 of the default
@@ -316,11 +353,30 @@ async fn update_pipeline(state: State, ctx: TenantCtx, path: web::Path<(String, 
     if p.archived_at.is_some() {
         return Err(ApiError::conflict("the pipeline is archived"));
     }
-    let decision = authorize(&state, &ctx, Action::PipelineUpdate, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    let decision = authorize(
+        &state,
+        &ctx,
+        Action::PipelineUpdate,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let body: UpdatePipeline = body.json()?;
     let msg = message(body.message.as_deref(), "Updated")?;
     let spec = parse(&p.name, &body.definition)?;
-    save_version(&state, &ctx, &decision, p, body.base_version, &spec, &body.definition, &msg, Action::PipelineUpdate, None).await.map(web::Json)
+    save_version(
+        &state,
+        &ctx,
+        &decision,
+        p,
+        body.base_version,
+        &spec,
+        &body.definition,
+        &msg,
+        Action::PipelineUpdate,
+        None,
+    )
+    .await
+    .map(web::Json)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -354,8 +410,17 @@ async fn save_version(
         });
     }
     let v = insert_version(state, &*txn, ctx, p.id, next, spec, source, msg).await?;
-    audit_change(state, &*txn, ctx, decision, action, Some(&p.name), Some(next),
-        serde_json::json!({ "message": msg, "sha256": v.sha256, "base_version": base, "restored_from": restored_from })).await?;
+    audit_change(
+        state,
+        &*txn,
+        ctx,
+        decision,
+        action,
+        Some(&p.name),
+        Some(next),
+        serde_json::json!({ "message": msg, "sha256": v.sha256, "base_version": base, "restored_from": restored_from }),
+    )
+    .await?;
     txn.commit().await?;
     let p = PipelineRow { latest_version: next, ..p };
     Ok(view(&p, v))
@@ -364,19 +429,47 @@ async fn save_version(
 #[utoipa::path(post, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/archive", tag = "pipelines", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name")),
     responses((status = 200, body = PipelineSummary), (status = 404, description = "no such pipeline")))]
-async fn archive_pipeline(state: State, ctx: TenantCtx, path: web::Path<(String, String)>) -> ApiResult<web::Json<PipelineSummary>> {
+async fn archive_pipeline(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String)>,
+) -> ApiResult<web::Json<PipelineSummary>> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    let decision = authorize(&state, &ctx, Action::PipelineArchive, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    let decision = authorize(
+        &state,
+        &ctx,
+        Action::PipelineArchive,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let txn = store.write().await?;
     let n = store
-        .execute(&*txn, "UPDATE pipelines SET archived_at = $2 WHERE id = $1 AND archived_at IS NULL", vec![p.id.into(), Utc::now().into()])
+        .execute(
+            &*txn,
+            "UPDATE pipelines SET archived_at = $2 WHERE id = $1 AND archived_at IS NULL",
+            vec![p.id.into(), Utc::now().into()],
+        )
         .await?;
     if n == 1 {
-        audit_change(&state, &*txn, &ctx, &decision, Action::PipelineArchive, Some(&p.name), Some(p.latest_version), serde_json::json!({})).await?;
+        audit_change(
+            &state,
+            &*txn,
+            &ctx,
+            &decision,
+            Action::PipelineArchive,
+            Some(&p.name),
+            Some(p.latest_version),
+            serde_json::json!({}),
+        )
+        .await?;
     }
     let s: PipelineSummary = store
-        .query_one(&*txn, "SELECT name, latest_version, created_at, updated_at, archived_at FROM pipelines WHERE id = $1", vec![p.id.into()])
+        .query_one(
+            &*txn,
+            "SELECT name, latest_version, created_at, updated_at, archived_at FROM pipelines WHERE id = $1",
+            vec![p.id.into()],
+        )
         .await?
         .or_not_found("pipeline")?;
     txn.commit().await?;
@@ -401,10 +494,20 @@ pub struct VersionSummary {
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/versions", tag = "pipelines", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name")),
     responses((status = 200, body = Vec<VersionSummary>), (status = 404, description = "no such pipeline")))]
-async fn list_versions(state: State, ctx: TenantCtx, path: web::Path<(String, String)>) -> ApiResult<web::Json<Vec<VersionSummary>>> {
+async fn list_versions(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String)>,
+) -> ApiResult<web::Json<Vec<VersionSummary>>> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    authorize(&state, &ctx, Action::PipelineRead, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::PipelineRead,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let rows = store
         .query_all(store.db(),
             "SELECT version, sha256, message, author, created_at FROM pipeline_versions WHERE tenant_id = $1 AND pipeline_id = $2 ORDER BY version DESC",
@@ -417,10 +520,20 @@ async fn list_versions(state: State, ctx: TenantCtx, path: web::Path<(String, St
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name"),
            ("version" = i64, Path, description = "version number")),
     responses((status = 200, body = PipelineVersionView), (status = 404, description = "no such pipeline or version")))]
-async fn get_version(state: State, ctx: TenantCtx, path: web::Path<(String, String, i64)>) -> ApiResult<web::Json<PipelineVersionView>> {
+async fn get_version(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String, i64)>,
+) -> ApiResult<web::Json<PipelineVersionView>> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    authorize(&state, &ctx, Action::PipelineRead, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::PipelineRead,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let v = load_version(store, ctx.tenant.id, p.id, path.2).await?;
     Ok(web::Json(view(&p, v)))
 }
@@ -455,14 +568,27 @@ pub struct DiffView {
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/diff", tag = "pipelines", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name"), DiffQuery),
     responses((status = 200, body = DiffView), (status = 404, description = "no such pipeline or version")))]
-async fn diff_versions(state: State, ctx: TenantCtx, path: web::Path<(String, String)>, q: web::Query<DiffQuery>) -> ApiResult<web::Json<DiffView>> {
+async fn diff_versions(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String)>,
+    q: web::Query<DiffQuery>,
+) -> ApiResult<web::Json<DiffView>> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    authorize(&state, &ctx, Action::PipelineRead, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::PipelineRead,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let a = load_version(store, ctx.tenant.id, p.id, q.from).await?;
     let b = load_version(store, ctx.tenant.id, p.id, q.to).await?;
-    let sa = parse_definition(&a.definition).map_err(|e| anyhow::anyhow!("stored version {} does not parse: {e}", q.from))?;
-    let sb = parse_definition(&b.definition).map_err(|e| anyhow::anyhow!("stored version {} does not parse: {e}", q.to))?;
+    let sa = parse_definition(&a.definition)
+        .map_err(|e| anyhow::anyhow!("stored version {} does not parse: {e}", q.from))?;
+    let sb =
+        parse_definition(&b.definition).map_err(|e| anyhow::anyhow!("stored version {} does not parse: {e}", q.to))?;
     let d = sluice_domain::diff::diff(&sa, &sb, &format!("v{}", q.from), &format!("v{}", q.to));
     Ok(web::Json(DiffView {
         from: q.from,
@@ -485,7 +611,12 @@ pub struct RestoreRequest {
            ("version" = i64, Path, description = "version to restore")),
     request_body = RestoreRequest,
     responses((status = 201, body = PipelineVersionView), (status = 404, description = "no such pipeline or version"), (status = 409, description = "archived or saved concurrently")))]
-async fn restore_version(state: State, ctx: TenantCtx, path: web::Path<(String, String, i64)>, body: Body) -> ApiResult<HttpResponse> {
+async fn restore_version(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, String, i64)>,
+    body: Body,
+) -> ApiResult<HttpResponse> {
     let store = &state.store;
     let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
     // An archived pipeline answers 409 as documented, rather than the 403 of the default
@@ -493,12 +624,20 @@ async fn restore_version(state: State, ctx: TenantCtx, path: web::Path<(String, 
     if p.archived_at.is_some() {
         return Err(ApiError::conflict("the pipeline is archived"));
     }
-    let decision = authorize(&state, &ctx, Action::PipelineUpdate, Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() }).await?;
+    let decision = authorize(
+        &state,
+        &ctx,
+        Action::PipelineUpdate,
+        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
+    )
+    .await?;
     let req: RestoreRequest = body.json_or_default()?;
     let old = load_version(store, ctx.tenant.id, p.id, path.2).await?;
     let msg = message(req.message.as_deref(), &format!("Restored version {}", path.2))?;
     let spec = parse_definition(&old.definition).map_err(|e| anyhow::anyhow!("stored version does not parse: {e}"))?;
     let base = p.latest_version;
-    let v = save_version(&state, &ctx, &decision, p, base, &spec, &old.source, &msg, Action::PipelineUpdate, Some(path.2)).await?;
+    let v =
+        save_version(&state, &ctx, &decision, p, base, &spec, &old.source, &msg, Action::PipelineUpdate, Some(path.2))
+            .await?;
     Ok(HttpResponse::Created().json(v))
 }

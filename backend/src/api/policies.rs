@@ -38,7 +38,8 @@ pub struct PolicyVersionView {
     pub created_at: DateTime<Utc>,
 }
 
-const SELECT: &str = "SELECT version, text, message, author, sha256, created_at FROM policy_versions WHERE tenant_id = $1";
+const SELECT: &str =
+    "SELECT version, text, message, author, sha256, created_at FROM policy_versions WHERE tenant_id = $1";
 
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/policies", tag = "policies", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug")),
@@ -47,7 +48,11 @@ async fn get_policies(state: State, ctx: TenantCtx) -> ApiResult<web::Json<Polic
     authorize(&state, &ctx, Action::PolicyRead, Resource::Tenant).await?;
     let v = state
         .store
-        .query_one(state.store.db(), &format!("{SELECT} AND version = $2"), vec![ctx.tenant.id.into(), ctx.tenant.policy_version.into()])
+        .query_one(
+            state.store.db(),
+            &format!("{SELECT} AND version = $2"),
+            vec![ctx.tenant.id.into(), ctx.tenant.policy_version.into()],
+        )
         .await?
         .or_not_found("policy version")?;
     Ok(web::Json(v))
@@ -82,17 +87,23 @@ async fn put_policies(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web
     if let Err(e) = state.authz.validate(&ctx.tenant.slug, &body.text) {
         // The refused attempt is recorded (it may be an escalation attempt), nothing else is.
         let txn = store.write().await?;
-        audit::append(store, &*txn, ctx.tenant.id, &NewEvent {
-            actor: &ctx.principal.actor(),
-            action: Action::PolicyUpdate.as_str(),
-            resource_type: "Policy",
-            resource_id: None,
-            resource_version: None,
-            outcome: Outcome::Error,
-            policy_ids: &decision.determining_policies,
-            source: &ctx.source,
-            details: serde_json::json!({ "rejected": e.message, "line": e.line, "column": e.column }),
-        }).await?;
+        audit::append(
+            store,
+            &*txn,
+            ctx.tenant.id,
+            &NewEvent {
+                actor: &ctx.principal.actor(),
+                action: Action::PolicyUpdate.as_str(),
+                resource_type: "Policy",
+                resource_id: None,
+                resource_version: None,
+                outcome: Outcome::Error,
+                policy_ids: &decision.determining_policies,
+                source: &ctx.source,
+                details: serde_json::json!({ "rejected": e.message, "line": e.line, "column": e.column }),
+            },
+        )
+        .await?;
         txn.commit().await?;
         let mut fe = FieldError::new("text", e.message.clone());
         fe.line = e.line;
@@ -103,8 +114,11 @@ async fn put_policies(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web
     let base = body.base_version.unwrap_or(ctx.tenant.policy_version);
     let next = base + 1;
     let moved = store
-        .execute(&*txn, "UPDATE tenants SET policy_version = $3 WHERE id = $1 AND policy_version = $2",
-            vec![ctx.tenant.id.into(), base.into(), next.into()])
+        .execute(
+            &*txn,
+            "UPDATE tenants SET policy_version = $3 WHERE id = $1 AND policy_version = $2",
+            vec![ctx.tenant.id.into(), base.into(), next.into()],
+        )
         .await?;
     if moved != 1 {
         return Err(ApiError::conflict("the policies were changed concurrently; reload and retry"));
@@ -122,8 +136,17 @@ async fn put_policies(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web
         .execute(&*txn, "INSERT INTO policy_versions (tenant_id, version, text, message, author, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             vec![ctx.tenant.id.into(), next.into(), view.text.clone().into(), view.message.clone().into(), view.author.clone().into(), view.sha256.clone().into(), now.into()])
         .await?;
-    audit_change(&state, &*txn, &ctx, &decision, Action::PolicyUpdate, Some("policies"), Some(next),
-        serde_json::json!({ "message": message, "sha256": view.sha256, "previous_version": base })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::PolicyUpdate,
+        Some("policies"),
+        Some(next),
+        serde_json::json!({ "message": message, "sha256": view.sha256, "previous_version": base }),
+    )
+    .await?;
     txn.commit().await?;
     Ok(web::Json(view))
 }
@@ -160,7 +183,11 @@ async fn list_versions(state: State, ctx: TenantCtx) -> ApiResult<web::Json<Vec<
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/policies/versions/{version}", tag = "policies", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("version" = i64, Path, description = "version number")),
     responses((status = 200, body = PolicyVersionView), (status = 404, description = "no such version")))]
-async fn get_version(state: State, ctx: TenantCtx, path: web::Path<(String, i64)>) -> ApiResult<web::Json<PolicyVersionView>> {
+async fn get_version(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, i64)>,
+) -> ApiResult<web::Json<PolicyVersionView>> {
     authorize(&state, &ctx, Action::PolicyRead, Resource::Tenant).await?;
     let v = state
         .store

@@ -126,9 +126,8 @@ pub(super) async fn check_groups(store: &Store, tenant: Uuid, groups: &[String])
     struct G {
         name: String,
     }
-    let known: Vec<G> = store
-        .query_all(store.db(), "SELECT name FROM groups WHERE tenant_id = $1", vec![tenant.into()])
-        .await?;
+    let known: Vec<G> =
+        store.query_all(store.db(), "SELECT name FROM groups WHERE tenant_id = $1", vec![tenant.into()]).await?;
     let mut out: Vec<String> = vec![];
     for (i, g) in groups.iter().enumerate() {
         if !known.iter().any(|k| &k.name == g) {
@@ -167,14 +166,21 @@ async fn add_member(state: State, ctx: TenantCtx, body: Body) -> ApiResult<HttpR
         None => {
             let invite = hash.is_none();
             let id = accounts::create_user(store, &*txn, &email, hash).await.map_err(|e| {
-                if is_unique_violation(&e) { ApiError::conflict("this email was just registered; try again") } else { e.into() }
+                if is_unique_violation(&e) {
+                    ApiError::conflict("this email was just registered; try again")
+                } else {
+                    e.into()
+                }
             })?;
             (id, invite.then(accounts::random_secret))
         }
     };
     if let Err(e) = accounts::add_membership(store, &*txn, ctx.tenant.id, user_id, &groups).await {
         return Err(if is_unique_violation(&e) {
-            ApiError::Conflict { detail: format!("{email} is already a member"), errors: vec![FieldError::new("email", "already a member")] }
+            ApiError::Conflict {
+                detail: format!("{email} is already a member"),
+                errors: vec![FieldError::new("email", "already a member")],
+            }
         } else {
             e.into()
         });
@@ -197,11 +203,24 @@ async fn add_member(state: State, ctx: TenantCtx, body: Body) -> ApiResult<HttpR
             .await?;
     }
     let uid = user_id.to_string();
-    audit_change(&state, &*txn, &ctx, &decision, Action::MemberAdd, Some(&uid), None,
-        serde_json::json!({ "email": email, "groups": groups, "invited": invite.is_some() })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::MemberAdd,
+        Some(&uid),
+        None,
+        serde_json::json!({ "email": email, "groups": groups, "invited": invite.is_some() }),
+    )
+    .await?;
     txn.commit().await?;
     let row: MemberRow = store
-        .query_one(store.db(), &format!("{MEMBER_SELECT} AND m.user_id = $2"), vec![ctx.tenant.id.into(), user_id.into()])
+        .query_one(
+            store.db(),
+            &format!("{MEMBER_SELECT} AND m.user_id = $2"),
+            vec![ctx.tenant.id.into(), user_id.into()],
+        )
         .await?
         .ok_or_else(|| anyhow::anyhow!("member vanished after insert"))?;
     let url = invite.as_ref().map(|t| format!("{}/invite#{t}", state.config.public_url));
@@ -215,18 +234,34 @@ pub struct UpdateMember {
     pub groups: Vec<String>,
 }
 
-async fn admins_left(store: &Store, conn: &impl sea_orm::ConnectionTrait, tenant: Uuid, without: Uuid) -> ApiResult<bool> {
+async fn admins_left(
+    store: &Store,
+    conn: &impl sea_orm::ConnectionTrait,
+    tenant: Uuid,
+    without: Uuid,
+) -> ApiResult<bool> {
     #[derive(sea_orm::FromQueryResult)]
     struct G {
         groups: String,
     }
     let rows: Vec<G> = store
-        .query_all(conn, "SELECT groups FROM memberships WHERE tenant_id = $1 AND user_id <> $2", vec![tenant.into(), without.into()])
+        .query_all(
+            conn,
+            "SELECT groups FROM memberships WHERE tenant_id = $1 AND user_id <> $2",
+            vec![tenant.into(), without.into()],
+        )
         .await?;
-    Ok(rows.iter().any(|r| serde_json::from_str::<Vec<String>>(&r.groups).unwrap_or_default().iter().any(|g| g == "admins")))
+    Ok(rows
+        .iter()
+        .any(|r| serde_json::from_str::<Vec<String>>(&r.groups).unwrap_or_default().iter().any(|g| g == "admins")))
 }
 
-async fn load_member(store: &Store, conn: &impl sea_orm::ConnectionTrait, tenant: Uuid, user: Uuid) -> ApiResult<MemberRow> {
+async fn load_member(
+    store: &Store,
+    conn: &impl sea_orm::ConnectionTrait,
+    tenant: Uuid,
+    user: Uuid,
+) -> ApiResult<MemberRow> {
     let sql = format!("{MEMBER_SELECT} AND m.user_id = $2");
     store.query_one(conn, &sql, vec![tenant.into(), user.into()]).await?.ok_or(ApiError::NotFound("member"))
 }
@@ -236,7 +271,12 @@ async fn load_member(store: &Store, conn: &impl sea_orm::ConnectionTrait, tenant
     request_body = UpdateMember,
     responses((status = 200, body = MemberView), (status = 404, description = "no such member"),
               (status = 409, description = "would leave the tenant without an admin"), (status = 422, body = crate::error::Problem)))]
-async fn update_member(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>, body: Body) -> ApiResult<web::Json<MemberView>> {
+async fn update_member(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, Uuid)>,
+    body: Body,
+) -> ApiResult<web::Json<MemberView>> {
     let user = path.1;
     let store = &state.store;
     load_member(store, store.db(), ctx.tenant.id, user).await?;
@@ -248,11 +288,24 @@ async fn update_member(state: State, ctx: TenantCtx, path: web::Path<(String, Uu
         return Err(ApiError::conflict("the tenant would have no admin left"));
     }
     store
-        .execute(&*txn, "UPDATE memberships SET groups = $3 WHERE tenant_id = $1 AND user_id = $2",
-            vec![ctx.tenant.id.into(), user.into(), serde_json::to_string(&groups).unwrap_or_default().into()])
+        .execute(
+            &*txn,
+            "UPDATE memberships SET groups = $3 WHERE tenant_id = $1 AND user_id = $2",
+            vec![ctx.tenant.id.into(), user.into(), serde_json::to_string(&groups).unwrap_or_default().into()],
+        )
         .await?;
     let uid = user.to_string();
-    audit_change(&state, &*txn, &ctx, &decision, Action::MemberUpdate, Some(&uid), None, serde_json::json!({ "groups": groups })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::MemberUpdate,
+        Some(&uid),
+        None,
+        serde_json::json!({ "groups": groups }),
+    )
+    .await?;
     let row = load_member(store, &*txn, ctx.tenant.id, user).await?;
     txn.commit().await?;
     Ok(web::Json(row.into()))
@@ -271,10 +324,19 @@ async fn remove_member(state: State, ctx: TenantCtx, path: web::Path<(String, Uu
     if !admins_left(store, &*txn, ctx.tenant.id, user).await? {
         return Err(ApiError::conflict("the tenant would have no admin left"));
     }
-    store.execute(&*txn, "DELETE FROM memberships WHERE tenant_id = $1 AND user_id = $2", vec![ctx.tenant.id.into(), user.into()]).await?;
     store
-        .execute(&*txn, "UPDATE api_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND created_by = $2 AND revoked_at IS NULL",
-            vec![ctx.tenant.id.into(), user.into(), Utc::now().into()])
+        .execute(
+            &*txn,
+            "DELETE FROM memberships WHERE tenant_id = $1 AND user_id = $2",
+            vec![ctx.tenant.id.into(), user.into()],
+        )
+        .await?;
+    store
+        .execute(
+            &*txn,
+            "UPDATE api_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND created_by = $2 AND revoked_at IS NULL",
+            vec![ctx.tenant.id.into(), user.into(), Utc::now().into()],
+        )
         .await?;
     let uid = user.to_string();
     audit_change(&state, &*txn, &ctx, &decision, Action::MemberRemove, Some(&uid), None, serde_json::json!({})).await?;
@@ -300,7 +362,11 @@ async fn list_groups(state: State, ctx: TenantCtx) -> ApiResult<web::Json<Vec<Gr
     authorize(&state, &ctx, Action::GroupList, Resource::Tenant).await?;
     let rows = state
         .store
-        .query_all(state.store.db(), "SELECT name, description, created_at FROM groups WHERE tenant_id = $1 ORDER BY name", vec![ctx.tenant.id.into()])
+        .query_all(
+            state.store.db(),
+            "SELECT name, description, created_at FROM groups WHERE tenant_id = $1 ORDER BY name",
+            vec![ctx.tenant.id.into()],
+        )
         .await?;
     Ok(web::Json(rows))
 }
@@ -330,17 +396,37 @@ async fn create_group(state: State, ctx: TenantCtx, body: Body) -> ApiResult<Htt
     let txn = store.write().await?;
     let now = Utc::now();
     if let Err(e) = store
-        .execute(&*txn, "INSERT INTO groups (tenant_id, name, description, created_at) VALUES ($1, $2, $3, $4)",
-            vec![ctx.tenant.id.into(), body.name.clone().into(), body.description.clone().into(), now.into()])
+        .execute(
+            &*txn,
+            "INSERT INTO groups (tenant_id, name, description, created_at) VALUES ($1, $2, $3, $4)",
+            vec![ctx.tenant.id.into(), body.name.clone().into(), body.description.clone().into(), now.into()],
+        )
         .await
     {
         return Err(if is_unique_violation(&e) {
-            ApiError::Conflict { detail: format!("group {} exists", body.name), errors: vec![FieldError::new("name", "already exists")] }
+            ApiError::Conflict {
+                detail: format!("group {} exists", body.name),
+                errors: vec![FieldError::new("name", "already exists")],
+            }
         } else {
             e.into()
         });
     }
-    audit_change(&state, &*txn, &ctx, &decision, Action::GroupCreate, Some(&body.name), None, serde_json::json!({ "description": body.description })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::GroupCreate,
+        Some(&body.name),
+        None,
+        serde_json::json!({ "description": body.description }),
+    )
+    .await?;
     txn.commit().await?;
-    Ok(HttpResponse::Created().json(GroupView { name: body.name.clone(), description: body.description.clone(), created_at: now }))
+    Ok(HttpResponse::Created().json(GroupView {
+        name: body.name.clone(),
+        description: body.description.clone(),
+        created_at: now,
+    }))
 }

@@ -127,7 +127,10 @@ async fn create_token(state: State, ctx: TenantCtx, body: Body) -> ApiResult<Htt
         return Err(ApiError::invalid("expires_at", "must be in the future"));
     }
     if body.expires_at > max {
-        return Err(ApiError::invalid("expires_at", format!("must be at most {} days ahead", state.config.token_max_days)));
+        return Err(ApiError::invalid(
+            "expires_at",
+            format!("must be at most {} days ahead", state.config.token_max_days),
+        ));
     }
     let groups = super::tenant::check_groups(&state.store, ctx.tenant.id, &body.groups).await?;
     let is_admin = ctx.principal.groups.iter().any(|g| g == "admins");
@@ -164,8 +167,17 @@ async fn create_token(state: State, ctx: TenantCtx, body: Body) -> ApiResult<Htt
         )
         .await?;
     let tid = id.to_string();
-    audit_change(&state, &*txn, &ctx, &decision, Action::TokenCreate, Some(&tid), None,
-        serde_json::json!({ "name": name, "prefix": prefix, "groups": groups, "expires_at": body.expires_at })).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::TokenCreate,
+        Some(&tid),
+        None,
+        serde_json::json!({ "name": name, "prefix": prefix, "groups": groups, "expires_at": body.expires_at }),
+    )
+    .await?;
     txn.commit().await?;
     let view = TokenView {
         id,
@@ -192,7 +204,11 @@ async fn revoke_token(state: State, ctx: TenantCtx, path: web::Path<(String, Uui
     let id = path.1;
     let store = &state.store;
     let row: Row = store
-        .query_one(store.db(), "SELECT revoked_at FROM api_tokens WHERE tenant_id = $1 AND id = $2", vec![ctx.tenant.id.into(), id.into()])
+        .query_one(
+            store.db(),
+            "SELECT revoked_at FROM api_tokens WHERE tenant_id = $1 AND id = $2",
+            vec![ctx.tenant.id.into(), id.into()],
+        )
         .await?
         .ok_or(ApiError::NotFound("token"))?;
     let decision = authorize(&state, &ctx, Action::TokenRevoke, Resource::Tenant).await?;
@@ -201,12 +217,16 @@ async fn revoke_token(state: State, ctx: TenantCtx, path: web::Path<(String, Uui
     }
     let txn = store.write().await?;
     let n = store
-        .execute(&*txn, "UPDATE api_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
-            vec![ctx.tenant.id.into(), id.into(), Utc::now().into()])
+        .execute(
+            &*txn,
+            "UPDATE api_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+            vec![ctx.tenant.id.into(), id.into(), Utc::now().into()],
+        )
         .await?;
     if n == 1 {
         let tid = id.to_string();
-        audit_change(&state, &*txn, &ctx, &decision, Action::TokenRevoke, Some(&tid), None, serde_json::json!({})).await?;
+        audit_change(&state, &*txn, &ctx, &decision, Action::TokenRevoke, Some(&tid), None, serde_json::json!({}))
+            .await?;
     }
     txn.commit().await?;
     Ok(HttpResponse::NoContent().finish())

@@ -200,12 +200,7 @@ pub async fn init_chain(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid
 }
 
 /// Appends an event to a tenant's chain, inside the caller's transaction. Returns its seq.
-pub async fn append(
-    store: &Store,
-    conn: &impl ConnectionTrait,
-    tenant: Uuid,
-    ev: &NewEvent<'_>,
-) -> Result<i64, DbErr> {
+pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev: &NewEvent<'_>) -> Result<i64, DbErr> {
     let sql = format!("SELECT seq, hash FROM audit_heads WHERE tenant_id = $1{}", store.for_update());
     let head: Head = match store.query_one(conn, &sql, vec![tenant.into()]).await? {
         Some(h) => h,
@@ -301,9 +296,8 @@ pub struct Verification {
 /// Verifies a tenant's chain: sequence without gaps, every `prev_hash` equal to the previous
 /// hash, every hash recomputed from the columns, and the head matching the last event.
 pub async fn verify(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<Verification, DbErr> {
-    let head: Option<Head> = store
-        .query_one(conn, "SELECT seq, hash FROM audit_heads WHERE tenant_id = $1", vec![tenant.into()])
-        .await?;
+    let head: Option<Head> =
+        store.query_one(conn, "SELECT seq, hash FROM audit_heads WHERE tenant_id = $1", vec![tenant.into()]).await?;
     let mut expected_seq = 1_i64;
     let mut prev = GENESIS.to_owned();
     let mut after = 0_i64;
@@ -328,7 +322,11 @@ pub async fn verify(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) ->
             after = m.seq;
             let checked = expected_seq - 1;
             if m.seq != expected_seq {
-                return Ok(broken(expected_seq, checked, format!("event {expected_seq} is missing (found {} next)", m.seq)));
+                return Ok(broken(
+                    expected_seq,
+                    checked,
+                    format!("event {expected_seq} is missing (found {} next)", m.seq),
+                ));
             }
             if m.prev_hash != prev {
                 return Ok(broken(m.seq, checked, "prev_hash does not match the previous event".into()));

@@ -31,8 +31,7 @@ fn checksum(random: &str) -> String {
 /// A new token (plaintext; shown to its creator once).
 pub fn generate() -> String {
     let mut rng = rand::rngs::OsRng;
-    let random: String =
-        (0..RANDOM_LEN).map(|_| ALPHABET[rng.gen_range(0..62)] as char).collect();
+    let random: String = (0..RANDOM_LEN).map(|_| ALPHABET[rng.gen_range(0..62)] as char).collect();
     let check = checksum(&random);
     format!("{PREFIX}{random}{check}")
 }

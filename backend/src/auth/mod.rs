@@ -204,7 +204,11 @@ async fn resolve(
             actix_web::rt::spawn(async move {
                 if let Ok(txn) = store.write().await {
                     let _ = store
-                        .execute(&*txn, "UPDATE api_tokens SET last_used_at = $2 WHERE id = $1", vec![id.into(), now.into()])
+                        .execute(
+                            &*txn,
+                            "UPDATE api_tokens SET last_used_at = $2 WHERE id = $1",
+                            vec![id.into(), now.into()],
+                        )
                         .await;
                     let _ = txn.commit().await;
                 }

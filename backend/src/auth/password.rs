@@ -1,8 +1,7 @@
 //! Password hashing: argon2id with m = 19 MiB, t = 2, p = 1 (OWASP's recommendation).
 
 use argon2::{
-    Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
-    password_hash::SaltString,
+    Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version, password_hash::SaltString,
 };
 use std::sync::OnceLock;
 
@@ -47,9 +46,7 @@ pub fn verify(password: &str, stored: Option<&str>) -> bool {
         Some(s) => (s, true),
         None => (dummy.as_str(), false),
     };
-    let ok = PasswordHash::new(phc)
-        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
-        .unwrap_or(false);
+    let ok = PasswordHash::new(phc).map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false);
     ok && real
 }
 

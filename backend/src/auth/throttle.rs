@@ -66,37 +66,21 @@ pub async fn begin(store: &Store, keys: &[(String, i64)]) -> Result<Attempt, DbE
                 vec![key.clone().into(), now.into()],
             )
             .await?;
-        let row = locked(store, &txn, key)
-            .await?
-            .ok_or_else(|| DbErr::RecordNotFound(format!("login_throttle {key}")))?;
+        let row =
+            locked(store, &txn, key).await?.ok_or_else(|| DbErr::RecordNotFound(format!("login_throttle {key}")))?;
         rows.push(row);
     }
-    let blocked = rows
-        .iter()
-        .filter_map(|r| r.blocked_until.filter(|u| *u > now))
-        .max();
+    let blocked = rows.iter().filter_map(|r| r.blocked_until.filter(|u| *u > now)).max();
     if let Some(until) = blocked {
         txn.commit().await?;
         return Ok(Attempt::Blocked((until - now).num_seconds().max(1) as u64));
     }
     for ((key, threshold), row) in keys.iter().zip(rows) {
         // Failures older than the window are forgotten.
-        let (failures, last) = if row.last_failure_at < cutoff {
-            (1, now)
-        } else {
-            (row.failures + 1, row.last_failure_at)
-        };
-        let until = (failures >= *threshold)
-            .then(|| now + Duration::seconds(block_secs(failures, *threshold)));
-        set(
-            store,
-            &txn,
-            key,
-            failures,
-            last,
-            until.or(row.blocked_until),
-        )
-        .await?;
+        let (failures, last) =
+            if row.last_failure_at < cutoff { (1, now) } else { (row.failures + 1, row.last_failure_at) };
+        let until = (failures >= *threshold).then(|| now + Duration::seconds(block_secs(failures, *threshold)));
+        set(store, &txn, key, failures, last, until.or(row.blocked_until)).await?;
     }
     txn.commit().await?;
     Ok(Attempt::Proceed)
@@ -150,19 +134,9 @@ pub async fn failed(store: &Store, keys: &[(String, i64)]) -> Result<(), DbErr> 
 
 /// After a successful attempt: clears the account's failures and gives back the attempt counted
 /// on the other keys, whose block is then the one their last real failure set.
-pub async fn succeeded(
-    store: &Store,
-    account: &str,
-    others: &[(String, i64)],
-) -> Result<(), DbErr> {
+pub async fn succeeded(store: &Store, account: &str, others: &[(String, i64)]) -> Result<(), DbErr> {
     let txn = store.write().await?;
-    store
-        .execute(
-            &*txn,
-            "DELETE FROM login_throttle WHERE key = $1",
-            vec![account.into()],
-        )
-        .await?;
+    store.execute(&*txn, "DELETE FROM login_throttle WHERE key = $1", vec![account.into()]).await?;
     for (key, threshold) in others {
         if let Some(row) = locked(store, &txn, key).await? {
             let failures = (row.failures - 1).max(0);

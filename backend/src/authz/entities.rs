@@ -37,8 +37,7 @@ pub(crate) struct Vocabulary {
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, AuthzError> {
-    EntityTypeName::from_str(name)
-        .map_err(|e| AuthzError::Schema(format!("entity type name `{name}`: {e}")))
+    EntityTypeName::from_str(name).map_err(|e| AuthzError::Schema(format!("entity type name `{name}`: {e}")))
 }
 
 impl Vocabulary {
@@ -55,9 +54,7 @@ impl Vocabulary {
             secret: type_name(entity::SECRET)?,
             actions: Action::ALL
                 .iter()
-                .map(|a| {
-                    EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str()))
-                })
+                .map(|a| EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str())))
                 .collect(),
             action_entities: Vec::new(),
         })
@@ -70,9 +67,7 @@ impl Vocabulary {
             .actions
             .iter()
             .zip(ancestors)
-            .map(|(uid, groups)| {
-                Entity::new_no_attrs(uid.clone(), groups.iter().cloned().collect())
-            })
+            .map(|(uid, groups)| Entity::new_no_attrs(uid.clone(), groups.iter().cloned().collect()))
             .collect();
     }
 
@@ -108,9 +103,7 @@ impl CedarRequest {
     /// repairs the transitive closure incrementally, measured about twice as fast as
     /// `Entities::from_entities`, which recomputes it with a general cycle-aware algorithm.
     pub(crate) fn into_entities(self) -> Result<Entities, AuthzError> {
-        Entities::empty()
-            .add_entities(self.entities, None)
-            .map_err(|e| AuthzError::Request(format!("entities: {e}")))
+        Entities::empty().add_entities(self.entities, None).map_err(|e| AuthzError::Request(format!("entities: {e}")))
     }
 }
 
@@ -119,8 +112,7 @@ fn entity(
     attrs: Vec<(String, RestrictedExpression)>,
     parents: Vec<EntityUid>,
 ) -> Result<Entity, AuthzError> {
-    Entity::new_with_tags(uid, attrs, parents, [])
-        .map_err(|e| AuthzError::Request(format!("entity attributes: {e}")))
+    Entity::new_with_tags(uid, attrs, parents, []).map_err(|e| AuthzError::Request(format!("entity attributes: {e}")))
 }
 
 fn s(v: &str) -> RestrictedExpression {
@@ -154,25 +146,15 @@ impl Vocabulary {
 
         // Principal: direct parents are its groups and the tenant.
         let (principal, groups, attrs) = match &req.principal {
-            Principal::User { id, email, groups } => (
-                Vocabulary::uuid(&self.user, *id),
-                *groups,
-                vec![("email".to_owned(), s(email))],
-            ),
-            Principal::ApiToken {
-                id,
-                name,
-                owner,
-                groups,
-            } => (
+            Principal::User { id, email, groups } => {
+                (Vocabulary::uuid(&self.user, *id), *groups, vec![("email".to_owned(), s(email))])
+            }
+            Principal::ApiToken { id, name, owner, groups } => (
                 Vocabulary::uuid(&self.api_token, *id),
                 *groups,
                 vec![
                     ("name".to_owned(), s(name)),
-                    (
-                        "owner".to_owned(),
-                        RestrictedExpression::new_entity_uid(Vocabulary::uuid(&self.user, *owner)),
-                    ),
+                    ("owner".to_owned(), RestrictedExpression::new_entity_uid(Vocabulary::uuid(&self.user, *owner))),
                 ],
             ),
         };
@@ -184,11 +166,7 @@ impl Vocabulary {
             }
         }
         principal_ancestors.push(tenant.clone());
-        entities.push(entity(
-            principal.clone(),
-            attrs,
-            principal_ancestors.clone(),
-        )?);
+        entities.push(entity(principal.clone(), attrs, principal_ancestors.clone())?);
 
         // Resource and the entities its attributes point to.
         let (resource, resource_ancestors) = match &req.resource {
@@ -200,45 +178,25 @@ impl Vocabulary {
                     uid.clone(),
                     vec![
                         ("name".to_owned(), s(name)),
-                        (
-                            "archived".to_owned(),
-                            RestrictedExpression::new_bool(*archived),
-                        ),
+                        ("archived".to_owned(), RestrictedExpression::new_bool(*archived)),
                     ],
                     parents.clone(),
                 )?);
                 (uid, parents)
             }
-            Resource::Run {
-                pipeline,
-                id,
-                initiator,
-            } => {
-                let (uid, parents) =
-                    self.run_entity(&mut entities, &tenant, pipeline, *id, *initiator)?;
+            Resource::Run { pipeline, id, initiator } => {
+                let (uid, parents) = self.run_entity(&mut entities, &tenant, pipeline, *id, *initiator)?;
                 (uid, parents)
             }
-            Resource::Gate {
-                pipeline,
-                run,
-                id,
-                run_initiator,
-            } => {
-                let (run_uid, mut parents) =
-                    self.run_entity(&mut entities, &tenant, pipeline, *run, *run_initiator)?;
+            Resource::Gate { pipeline, run, id, run_initiator } => {
+                let (run_uid, mut parents) = self.run_entity(&mut entities, &tenant, pipeline, *run, *run_initiator)?;
                 let mut buf = Uuid::encode_buffer();
                 let gate_id = format!("{}/{id}", run.hyphenated().encode_lower(&mut buf));
                 let uid = Vocabulary::uid(&self.gate, &gate_id);
                 parents.insert(0, run_uid.clone());
                 entities.push(entity(
                     uid.clone(),
-                    vec![
-                        (
-                            "run".to_owned(),
-                            RestrictedExpression::new_entity_uid(run_uid),
-                        ),
-                        ("name".to_owned(), s(id)),
-                    ],
+                    vec![("run".to_owned(), RestrictedExpression::new_entity_uid(run_uid)), ("name".to_owned(), s(id))],
                     parents.clone(),
                 )?);
                 (uid, parents)
@@ -246,11 +204,7 @@ impl Vocabulary {
             Resource::Secret { name } => {
                 let uid = Vocabulary::uid(&self.secret, name);
                 let parents = vec![tenant.clone()];
-                entities.push(entity(
-                    uid.clone(),
-                    vec![("name".to_owned(), s(name))],
-                    parents.clone(),
-                )?);
+                entities.push(entity(uid.clone(), vec![("name".to_owned(), s(name))], parents.clone())?);
                 (uid, parents)
             }
         };
@@ -258,13 +212,7 @@ impl Vocabulary {
             entities.push(action.clone());
         }
 
-        Ok(CedarRequest {
-            principal,
-            principal_ancestors,
-            resource,
-            resource_ancestors,
-            entities,
-        })
+        Ok(CedarRequest { principal, principal_ancestors, resource, resource_ancestors, entities })
     }
 
     /// Push the `Run` entity; returns its uid and its ancestors (pipeline, tenant).
@@ -279,10 +227,9 @@ impl Vocabulary {
         let uid = Vocabulary::uuid(&self.run, id);
         let parents = vec![Vocabulary::uid(&self.pipeline, pipeline), tenant.clone()];
         let attrs = match initiator {
-            Some(user) => vec![(
-                "initiator".to_owned(),
-                RestrictedExpression::new_entity_uid(Vocabulary::uuid(&self.user, user)),
-            )],
+            Some(user) => {
+                vec![("initiator".to_owned(), RestrictedExpression::new_entity_uid(Vocabulary::uuid(&self.user, user)))]
+            }
             None => Vec::new(),
         };
         entities.push(entity(uid.clone(), attrs, parents.clone())?);

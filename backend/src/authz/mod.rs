@@ -30,7 +30,7 @@ use sluice_domain::cedar::{Action, DEFAULT_POLICIES, SCHEMA};
 use uuid::Uuid;
 
 use entities::Vocabulary;
-use index::CompiledTenantPolicies;
+use index::{CompiledTenantPolicies, Selection};
 
 /// Errors of the authorization layer (other than policy validation, see
 /// [`PolicyValidationError`]). Every one of them means "not authorized" to a caller.
@@ -205,15 +205,12 @@ impl Authorizer {
     /// Parses and validates the schema and the default policies; fails closed (Err) if either is
     /// invalid or if the schema does not declare every [`Action`] for its resource type.
     pub fn new() -> Result<Self, AuthzError> {
-        let (schema, warnings) =
-            Schema::from_cedarschema_str(SCHEMA).map_err(|e| AuthzError::Schema(e.to_string()))?;
+        let (schema, warnings) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| AuthzError::Schema(e.to_string()))?;
         for w in warnings {
             tracing::debug!(warning = %w, "cedar schema warning");
         }
         let mut vocab = Vocabulary::new()?;
-        let action_entities = schema
-            .action_entities()
-            .map_err(|e| AuthzError::Schema(e.to_string()))?;
+        let action_entities = schema.action_entities().map_err(|e| AuthzError::Schema(e.to_string()))?;
         let mut action_ancestors = Vec::with_capacity(Action::ALL.len());
         for &action in Action::ALL {
             let uid = vocab.action(action);
@@ -223,12 +220,8 @@ impl Authorizer {
                 .cloned()
                 .collect();
             action_ancestors.push(ancestors);
-            let resources: Vec<String> = schema
-                .resources_for_action(uid)
-                .into_iter()
-                .flatten()
-                .map(ToString::to_string)
-                .collect();
+            let resources: Vec<String> =
+                schema.resources_for_action(uid).into_iter().flatten().map(ToString::to_string).collect();
             if resources != [action.resource_type()] {
                 return Err(AuthzError::Schema(format!(
                     "action {uid} applies to {resources:?}, expected [{}]",
@@ -239,9 +232,7 @@ impl Authorizer {
         vocab.set_action_groups(&action_ancestors);
         let validator = Validator::new(schema);
         let defaults = validate::parse(DEFAULT_POLICIES).map_err(AuthzError::DefaultPolicies)?;
-        defaults
-            .validate(DEFAULT_POLICIES, &validator)
-            .map_err(AuthzError::DefaultPolicies)?;
+        defaults.validate(DEFAULT_POLICIES, &validator).map_err(AuthzError::DefaultPolicies)?;
         Ok(Self {
             validator,
             vocab,
@@ -273,81 +264,43 @@ impl Authorizer {
         if self.has_version(tenant_id, version) {
             return Ok(());
         }
-        let compile_err = |source| AuthzError::Compile {
-            tenant_id,
-            version,
-            source,
-        };
+        let compile_err = |source| AuthzError::Compile { tenant_id, version, source };
         let parsed = validate::parse(text).map_err(compile_err)?;
-        parsed
-            .validate(text, &self.validator)
-            .map_err(compile_err)?;
+        parsed.validate(text, &self.validator).map_err(compile_err)?;
         let full = parsed.policy_set().map_err(|message| {
-            compile_err(PolicyValidationError {
-                message,
-                policy_id: None,
-                line: None,
-                column: None,
-            })
+            compile_err(PolicyValidationError { message, policy_id: None, line: None, column: None })
         })?;
-        let action_uids: Vec<_> = Action::ALL
-            .iter()
-            .map(|a| self.vocab.action(*a).clone())
-            .collect();
-        let compiled = CompiledTenantPolicies::compile(
-            version,
-            parsed.policies,
-            full,
-            &action_uids,
-            &self.action_ancestors,
-        );
-        self.tenants
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(tenant_id, Arc::new(compiled));
+        let action_uids: Vec<_> = Action::ALL.iter().map(|a| self.vocab.action(*a).clone()).collect();
+        let compiled =
+            CompiledTenantPolicies::compile(version, parsed.policies, full, &action_uids, &self.action_ancestors);
+        self.tenants.write().unwrap_or_else(PoisonError::into_inner).insert(tenant_id, Arc::new(compiled));
         tracing::debug!(%tenant_id, version, "installed tenant policies");
         Ok(())
     }
 
     /// Whether the cache holds exactly this version for the tenant.
     pub fn has_version(&self, tenant_id: Uuid, version: i64) -> bool {
-        self.compiled(tenant_id)
-            .is_some_and(|c| c.version == version)
+        self.compiled(tenant_id).is_some_and(|c| c.version == version)
     }
 
     fn compiled(&self, tenant_id: Uuid) -> Option<Arc<CompiledTenantPolicies>> {
-        self.tenants
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&tenant_id)
-            .cloned()
+        self.tenants.read().unwrap_or_else(PoisonError::into_inner).get(&tenant_id).cloned()
     }
 
-    fn installed(
-        &self,
-        tenant_id: Uuid,
-        version: i64,
-    ) -> Result<Arc<CompiledTenantPolicies>, AuthzError> {
-        self.compiled(tenant_id)
-            .filter(|c| c.version == version)
-            .ok_or(AuthzError::NotInstalled { tenant_id, version })
+    fn installed(&self, tenant_id: Uuid, version: i64) -> Result<Arc<CompiledTenantPolicies>, AuthzError> {
+        self.compiled(tenant_id).filter(|c| c.version == version).ok_or(AuthzError::NotInstalled { tenant_id, version })
     }
 
     /// The one authorization path. Uses the cached set for (`tenant_id`, `version`); if that
     /// version is not cached returns [`AuthzError::NotInstalled`] so the caller loads, installs
     /// and retries. Policies that fail to evaluate count as not satisfied; they are logged and
     /// listed in [`Decision::errors`].
-    pub fn authorize(
-        &self,
-        tenant_id: Uuid,
-        version: i64,
-        req: &AuthzRequest<'_>,
-    ) -> Result<Decision, AuthzError> {
+    pub fn authorize(&self, tenant_id: Uuid, version: i64, req: &AuthzRequest<'_>) -> Result<Decision, AuthzError> {
         let compiled = self.installed(tenant_id, version)?;
         self.decide(&compiled, req, false)
     }
 
-    /// Evaluate with the indexed candidates, or (`full`, for tests) with the whole set.
+    /// Evaluate with the scope index, or (`full`, for tests) the whole set with Cedar alone.
     fn decide(
         &self,
         compiled: &CompiledTenantPolicies,
@@ -355,54 +308,49 @@ impl Authorizer {
         full: bool,
     ) -> Result<Decision, AuthzError> {
         let mapped = self.vocab.build(req)?;
-        let selected = if full {
-            Some(Arc::new(compiled.full.clone()))
+        let selection = if full {
+            Selection { cedar: Some(Arc::new(compiled.full.clone())), ..Selection::default() }
         } else {
-            compiled
-                .select(req.action, &mapped)
-                .map_err(AuthzError::Request)?
+            compiled.select(req.action, &mapped).map_err(AuthzError::Request)?
         };
-        let Some(policies) = selected else {
-            // No policy's scope matches: no permit can be satisfied.
-            return Ok(Decision {
-                allowed: false,
-                determining_policies: Vec::new(),
-                errors: Vec::new(),
-            });
-        };
-        let context = match &req.context {
-            None => Context::empty(),
-            Some(v) => Context::from_json_value(v.clone(), None)
-                .map_err(|e| AuthzError::Request(format!("context: {e}")))?,
-        };
-        let request = Request::new(
-            mapped.principal.clone(),
-            self.vocab.action(req.action).clone(),
-            mapped.resource.clone(),
-            context,
-            None,
-        )
-        .map_err(|e| AuthzError::Request(e.to_string()))?;
-        let entities = mapped.into_entities()?;
-        let response = self.cedar.is_authorized(&request, &policies, &entities);
-
-        let diagnostics = response.diagnostics();
-        let mut determining_policies: Vec<String> =
-            diagnostics.reason().map(ToString::to_string).collect();
-        determining_policies.sort_unstable();
-        let errors = diagnostics
-            .errors()
-            .map(|e| {
+        let Selection { mut permits, mut forbids, cedar } = selection;
+        let mut errors = Vec::new();
+        if let Some(policies) = cedar {
+            let context = match &req.context {
+                None => Context::empty(),
+                Some(v) => Context::from_json_value(v.clone(), None)
+                    .map_err(|e| AuthzError::Request(format!("context: {e}")))?,
+            };
+            let request = Request::new(
+                mapped.principal.clone(),
+                self.vocab.action(req.action).clone(),
+                mapped.resource.clone(),
+                context,
+                None,
+            )
+            .map_err(|e| AuthzError::Request(e.to_string()))?;
+            let entities = mapped.into_entities()?;
+            let response = self.cedar.is_authorized(&request, &policies, &entities);
+            let diagnostics = response.diagnostics();
+            // Cedar reports the satisfied permits when it allows, the satisfied forbids when
+            // it denies because of one, and nothing when no policy is satisfied.
+            let reasons = diagnostics.reason().map(ToString::to_string);
+            match response.decision() {
+                CedarDecision::Allow => permits.extend(reasons),
+                CedarDecision::Deny => forbids.extend(reasons),
+            }
+            for e in diagnostics.errors() {
                 let cedar_policy::AuthorizationError::PolicyEvaluationError(pe) = e;
                 let policy_id = pe.policy_id();
                 tracing::warn!(%policy_id, error = %e, action = %req.action, "cedar policy evaluation error; policy skipped");
-                e.to_string()
-            })
-            .collect();
-        Ok(Decision {
-            allowed: response.decision() == CedarDecision::Allow,
-            determining_policies,
-            errors,
-        })
+                errors.push(e.to_string());
+            }
+        }
+        // Cedar's rule: any satisfied forbid denies; otherwise any satisfied permit allows.
+        let (allowed, mut determining_policies) =
+            if forbids.is_empty() { (!permits.is_empty(), permits) } else { (false, forbids) };
+        determining_policies.sort_unstable();
+        errors.sort_unstable();
+        Ok(Decision { allowed, determining_policies, errors })
     }
 }

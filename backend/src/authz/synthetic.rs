@@ -111,12 +111,7 @@ pub fn tenant(total: usize, defaults: &str, default_count: usize, seed: u64) -> 
                     groups.push((*g).to_owned());
                 }
             }
-            Member {
-                id: rng.uuid(),
-                label: format!("user{k}@example.com"),
-                owner: None,
-                groups,
-            }
+            Member { id: rng.uuid(), label: format!("user{k}@example.com"), owner: None, groups }
         })
         .collect();
     let tokens: Vec<Member> = (0..30)
@@ -128,21 +123,14 @@ pub fn tenant(total: usize, defaults: &str, default_count: usize, seed: u64) -> 
             }
             Member {
                 id: rng.uuid(),
-                label: if k % 3 == 0 {
-                    format!("ops-{k}")
-                } else {
-                    format!("ci-{k}")
-                },
+                label: if k % 3 == 0 { format!("ops-{k}") } else { format!("ci-{k}") },
                 owner: Some(owner),
                 groups,
             }
         })
         .collect();
     let pipelines: Vec<Pipe> = (0..400)
-        .map(|k| Pipe {
-            name: format!("svc-{}-{k}", k % PIPELINE_FAMILIES),
-            archived: rng.chance(10),
-        })
+        .map(|k| Pipe { name: format!("svc-{}-{k}", k % PIPELINE_FAMILIES), archived: rng.chance(10) })
         .collect();
 
     let mut text = String::with_capacity(total * 200 + defaults.len());
@@ -180,17 +168,16 @@ pub fn tenant(total: usize, defaults: &str, default_count: usize, seed: u64) -> 
                 text,
                 "permit (principal is User in Group::\"team-{team}\", action == Action::\"secret.read\", resource == Secret::\"s-{family}\") when {{ principal.email like \"*@example.com\" }};"
             ),
-            85..90 => writeln!(
-                text,
-                "forbid (principal == User::\"{user}\", action, resource == Pipeline::\"{pipe}\");"
-            ),
+            85..90 => {
+                writeln!(text, "forbid (principal == User::\"{user}\", action, resource == Pipeline::\"{pipe}\");")
+            }
             90..94 => writeln!(
                 text,
                 "forbid (principal in Group::\"team-{team}\", action == Action::\"run.create\", resource is Pipeline) when {{ resource.name like \"svc-{family}-*\" }};"
             ),
             94..96 => writeln!(
                 text,
-                "forbid (principal is ApiToken, action in Action::\"administer\", resource) unless {{ principal.name like \"ops-*\" }};"
+                "forbid (principal is ApiToken in Group::\"team-{team}\", action in Action::\"administer\", resource) unless {{ principal.name like \"ops-*\" }};"
             ),
             96..99 => writeln!(
                 text,
@@ -202,14 +189,7 @@ pub fn tenant(total: usize, defaults: &str, default_count: usize, seed: u64) -> 
             ),
         };
     }
-    Tenant {
-        slug,
-        text,
-        policy_count: total.max(default_count),
-        users,
-        tokens,
-        pipelines,
-    }
+    Tenant { slug, text, policy_count: total.max(default_count), users, tokens, pipelines }
 }
 
 /// The owned parts of one random request (resolve with [`SynthRequest::as_request`]).
@@ -228,17 +208,9 @@ impl Tenant {
     /// runs and gates; a run's initiator is often the principal itself.
     pub fn random_request(&self, rng: &mut Rng) -> SynthRequest {
         let token = rng.chance(10);
-        let member = if token {
-            rng.below(self.tokens.len())
-        } else {
-            rng.below(self.users.len())
-        };
+        let member = if token { rng.below(self.tokens.len()) } else { rng.below(self.users.len()) };
         let action = *rng.pick(Action::ALL);
-        let me = if token {
-            self.tokens[member].owner
-        } else {
-            Some(self.users[member].id)
-        };
+        let me = if token { self.tokens[member].owner } else { Some(self.users[member].id) };
         let initiator = match rng.below(3) {
             0 => me,
             1 => Some(rng.pick(&self.users).id),
@@ -259,46 +231,21 @@ impl Tenant {
     pub fn as_request<'a>(&'a self, r: &'a SynthRequest) -> AuthzRequest<'a> {
         let principal = if r.token {
             let t = &self.tokens[r.member];
-            Principal::ApiToken {
-                id: t.id,
-                name: &t.label,
-                owner: t.owner.unwrap_or(t.id),
-                groups: &t.groups,
-            }
+            Principal::ApiToken { id: t.id, name: &t.label, owner: t.owner.unwrap_or(t.id), groups: &t.groups }
         } else {
             let u = &self.users[r.member];
-            Principal::User {
-                id: u.id,
-                email: &u.label,
-                groups: &u.groups,
-            }
+            Principal::User { id: u.id, email: &u.label, groups: &u.groups }
         };
         let pipe = &self.pipelines[r.pipeline];
         let resource = match r.action.resource_type() {
-            "Pipeline" => Resource::Pipeline {
-                name: &pipe.name,
-                archived: pipe.archived,
-            },
-            "Run" => Resource::Run {
-                pipeline: &pipe.name,
-                id: r.run,
-                initiator: r.initiator,
-            },
-            "Gate" => Resource::Gate {
-                pipeline: &pipe.name,
-                run: r.run,
-                id: "prod-approval",
-                run_initiator: r.initiator,
-            },
+            "Pipeline" => Resource::Pipeline { name: &pipe.name, archived: pipe.archived },
+            "Run" => Resource::Run { pipeline: &pipe.name, id: r.run, initiator: r.initiator },
+            "Gate" => {
+                Resource::Gate { pipeline: &pipe.name, run: r.run, id: "prod-approval", run_initiator: r.initiator }
+            }
             "Secret" => Resource::Secret { name: &r.name },
             _ => Resource::Tenant,
         };
-        AuthzRequest {
-            tenant_slug: &self.slug,
-            principal,
-            action: r.action,
-            resource,
-            context: None,
-        }
+        AuthzRequest { tenant_slug: &self.slug, principal, action: r.action, resource, context: None }
     }
 }

@@ -25,15 +25,10 @@ fn default_policy_count() -> usize {
 #[test]
 fn default_policies_validate_strictly() {
     let authz = authorizer();
-    authz
-        .validate(SLUG, authz.default_policy_text())
-        .expect("default policies validate");
+    authz.validate(SLUG, authz.default_policy_text()).expect("default policies validate");
     let parsed = validate::parse(DEFAULT_POLICIES).unwrap();
     assert_eq!(parsed.policies.len(), default_policy_count());
-    assert!(
-        parsed.policies.iter().all(|p| p.annotation("id").is_some()),
-        "every default policy has an @id"
-    );
+    assert!(parsed.policies.iter().all(|p| p.annotation("id").is_some()), "every default policy has an @id");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -50,24 +45,10 @@ enum FixturePrincipal {
 #[serde(deny_unknown_fields)]
 enum FixtureResource {
     Tenant,
-    Pipeline {
-        name: String,
-        archived: bool,
-    },
-    Run {
-        pipeline: String,
-        id: Uuid,
-        initiator: Option<Uuid>,
-    },
-    Gate {
-        pipeline: String,
-        run: Uuid,
-        id: String,
-        run_initiator: Option<Uuid>,
-    },
-    Secret {
-        name: String,
-    },
+    Pipeline { name: String, archived: bool },
+    Run { pipeline: String, id: Uuid, initiator: Option<Uuid> },
+    Gate { pipeline: String, run: Uuid, id: String, run_initiator: Option<Uuid> },
+    Secret { name: String },
 }
 
 #[derive(Deserialize)]
@@ -87,66 +68,29 @@ fn run_fixture(authz: &Authorizer, tenant: Uuid, path: &Path) -> Result<(), Stri
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let f: Fixture = serde_json::from_str(&text).map_err(|e| format!("bad fixture: {e}"))?;
     let principal = match &f.principal {
-        FixturePrincipal::User { id, email } => Principal::User {
-            id: *id,
-            email,
-            groups: &f.groups,
-        },
-        FixturePrincipal::ApiToken { id, name, owner } => Principal::ApiToken {
-            id: *id,
-            name,
-            owner: *owner,
-            groups: &f.groups,
-        },
+        FixturePrincipal::User { id, email } => Principal::User { id: *id, email, groups: &f.groups },
+        FixturePrincipal::ApiToken { id, name, owner } => {
+            Principal::ApiToken { id: *id, name, owner: *owner, groups: &f.groups }
+        }
     };
     let resource = match &f.resource {
         FixtureResource::Tenant => Resource::Tenant,
-        FixtureResource::Pipeline { name, archived } => Resource::Pipeline {
-            name,
-            archived: *archived,
-        },
-        FixtureResource::Run {
-            pipeline,
-            id,
-            initiator,
-        } => Resource::Run {
-            pipeline,
-            id: *id,
-            initiator: *initiator,
-        },
-        FixtureResource::Gate {
-            pipeline,
-            run,
-            id,
-            run_initiator,
-        } => Resource::Gate {
-            pipeline,
-            run: *run,
-            id,
-            run_initiator: *run_initiator,
-        },
+        FixtureResource::Pipeline { name, archived } => Resource::Pipeline { name, archived: *archived },
+        FixtureResource::Run { pipeline, id, initiator } => Resource::Run { pipeline, id: *id, initiator: *initiator },
+        FixtureResource::Gate { pipeline, run, id, run_initiator } => {
+            Resource::Gate { pipeline, run: *run, id, run_initiator: *run_initiator }
+        }
         FixtureResource::Secret { name } => Resource::Secret { name },
     };
     let action: Action = f.action.parse().map_err(|e| format!("{e}"))?;
-    let req = AuthzRequest {
-        tenant_slug: SLUG,
-        principal,
-        action,
-        resource,
-        context: None,
-    };
-    let decision = authz
-        .authorize(tenant, 1, &req)
-        .map_err(|e| e.to_string())?;
+    let req = AuthzRequest { tenant_slug: SLUG, principal, action, resource, context: None };
+    let decision = authz.authorize(tenant, 1, &req).map_err(|e| e.to_string())?;
     let expected_allow = match f.expected.as_str() {
         "ALLOW" => true,
         "DENY" => false,
         other => return Err(format!("expected must be ALLOW or DENY, not {other}")),
     };
-    let folder_allow = path
-        .parent()
-        .and_then(Path::file_name)
-        .is_some_and(|d| d == "ALLOW");
+    let folder_allow = path.parent().and_then(Path::file_name).is_some_and(|d| d == "ALLOW");
     if folder_allow != expected_allow {
         return Err("fixture is in the wrong folder".to_owned());
     }
@@ -169,9 +113,7 @@ fn run_fixture(authz: &Authorizer, tenant: Uuid, path: &Path) -> Result<(), Stri
 fn allow_and_deny_fixtures() {
     let authz = authorizer();
     let tenant = Uuid::new_v4();
-    authz
-        .install(tenant, 1, authz.default_policy_text())
-        .unwrap();
+    authz.install(tenant, 1, authz.default_policy_text()).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../domain/cedar/fixtures");
     let mut failures = Vec::new();
     let mut count = [0usize; 2];
@@ -189,15 +131,8 @@ fn allow_and_deny_fixtures() {
             }
         }
     }
-    assert!(
-        count[0] >= 10 && count[1] >= 10,
-        "fixtures found: {count:?}"
-    );
-    assert!(
-        failures.is_empty(),
-        "failing fixtures:\n{}",
-        failures.join("\n")
-    );
+    assert!(count[0] >= 10 && count[1] >= 10, "fixtures found: {count:?}");
+    assert!(failures.is_empty(), "failing fixtures:\n{}", failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,18 +232,10 @@ fn templates_and_duplicate_ids_are_rejected() {
 // ---------------------------------------------------------------------------------------------
 // Runtime behaviour
 
-fn user_request<'a>(
-    groups: &'a [String],
-    action: Action,
-    resource: Resource<'a>,
-) -> AuthzRequest<'a> {
+fn user_request<'a>(groups: &'a [String], action: Action, resource: Resource<'a>) -> AuthzRequest<'a> {
     AuthzRequest {
         tenant_slug: SLUG,
-        principal: Principal::User {
-            id: Uuid::from_u128(1),
-            email: "ada@example.com",
-            groups,
-        },
+        principal: Principal::User { id: Uuid::from_u128(1), email: "ada@example.com", groups },
         action,
         resource,
         context: None,
@@ -319,20 +246,11 @@ fn user_request<'a>(
 fn runtime_error_denies_and_is_reported() {
     let authz = authorizer();
     let text = "@id(\"overflow\")\npermit (principal, action == Action::\"pipeline.read\", resource)\nwhen { 9223372036854775807 + 1 > 0 };";
-    authz
-        .validate(SLUG, text)
-        .expect("validates; fails only at runtime");
+    authz.validate(SLUG, text).expect("validates; fails only at runtime");
     let tenant = Uuid::new_v4();
     authz.install(tenant, 7, text).unwrap();
     let groups = [];
-    let req = user_request(
-        &groups,
-        Action::PipelineRead,
-        Resource::Pipeline {
-            name: "deploy-api",
-            archived: false,
-        },
-    );
+    let req = user_request(&groups, Action::PipelineRead, Resource::Pipeline { name: "deploy-api", archived: false });
     let d = authz.authorize(tenant, 7, &req).unwrap();
     assert!(!d.allowed);
     assert!(d.determining_policies.is_empty());
@@ -346,29 +264,16 @@ fn cache_is_per_tenant_and_version() {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let groups = ["viewers".to_owned()];
     let req = user_request(&groups, Action::TenantRead, Resource::Tenant);
-    assert!(matches!(
-        authz.authorize(a, 1, &req),
-        Err(AuthzError::NotInstalled { version: 1, .. })
-    ));
+    assert!(matches!(authz.authorize(a, 1, &req), Err(AuthzError::NotInstalled { version: 1, .. })));
     authz.install(a, 1, DEFAULT_POLICIES).unwrap();
     assert!(authz.has_version(a, 1) && !authz.has_version(a, 2) && !authz.has_version(b, 1));
     assert!(authz.authorize(a, 1, &req).unwrap().allowed);
     // Version 2 drops the viewers' policy; version 1 is no longer served.
-    authz
-        .install(
-            a,
-            2,
-            "permit (principal in Group::\"admins\", action, resource);",
-        )
-        .unwrap();
+    authz.install(a, 2, "permit (principal in Group::\"admins\", action, resource);").unwrap();
     assert!(authz.has_version(a, 2) && !authz.has_version(a, 1));
     assert!(!authz.authorize(a, 2, &req).unwrap().allowed);
     assert!(authz.authorize(a, 1, &req).is_err());
-    assert!(
-        authz
-            .install(b, 1, "permit (principal, action, resource")
-            .is_err()
-    );
+    assert!(authz.install(b, 1, "permit (principal, action, resource").is_err());
     assert!(!authz.has_version(b, 1));
 }
 
@@ -379,10 +284,7 @@ fn action_on_the_wrong_resource_type_fails_closed() {
     authz.install(tenant, 1, DEFAULT_POLICIES).unwrap();
     let groups = ["admins".to_owned()];
     let req = user_request(&groups, Action::PipelineRead, Resource::Tenant);
-    assert!(matches!(
-        authz.authorize(tenant, 1, &req),
-        Err(AuthzError::Request(_))
-    ));
+    assert!(matches!(authz.authorize(tenant, 1, &req), Err(AuthzError::Request(_))));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,17 +293,21 @@ fn action_on_the_wrong_resource_type_fails_closed() {
 #[test]
 fn indexed_evaluation_matches_full_evaluation() {
     let authz = authorizer();
-    let synth = synthetic::tenant(1000, DEFAULT_POLICIES, default_policy_count(), 42);
-    authz
-        .validate(&synth.slug, &synth.text)
-        .expect("synthetic policies validate");
+    let mut synth = synthetic::tenant(1000, DEFAULT_POLICIES, default_policy_count(), 42);
+    // A few policies that fail at runtime for some requests (errors must match too).
+    synth.text.push_str(
+        "@id(\"overflow-permit\")\npermit (principal, action == Action::\"pipeline.update\", resource)\nwhen { resource.name like \"svc-1-*\" && 9223372036854775807 + 1 > 0 };\n\
+         @id(\"overflow-forbid\")\nforbid (principal is User, action in Action::\"read\", resource is Pipeline)\nwhen { resource.name like \"svc-2-*\" && 9223372036854775807 + 1 > 0 };\n",
+    );
+    synth.policy_count += 2;
+    authz.validate(&synth.slug, &synth.text).expect("synthetic policies validate");
     let tenant = Uuid::new_v4();
     authz.install(tenant, 1, &synth.text).unwrap();
     let compiled = authz.installed(tenant, 1).unwrap();
     assert_eq!(compiled.len(), synth.policy_count);
 
     let mut rng = Rng::new(7);
-    let (mut allowed, mut forbidden) = (0, 0);
+    let (mut allowed, mut forbidden, mut errored) = (0, 0, 0);
     for _ in 0..3000 {
         let r = synth.random_request(&mut rng);
         let req = synth.as_request(&r);
@@ -410,8 +316,10 @@ fn indexed_evaluation_matches_full_evaluation() {
         assert_eq!(indexed, full, "request {req:?}");
         allowed += usize::from(indexed.allowed);
         forbidden += usize::from(!indexed.allowed && !indexed.determining_policies.is_empty());
+        errored += usize::from(!indexed.errors.is_empty());
     }
     // The comparison is only meaningful if both outcomes (and forbids) occur.
     assert!(allowed > 300 && allowed < 2700, "allowed {allowed}/3000");
     assert!(forbidden > 10, "denied by a forbid: {forbidden}/3000");
+    assert!(errored > 5, "with evaluation errors: {errored}/3000");
 }

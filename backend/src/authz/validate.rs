@@ -27,28 +27,15 @@ fn line_col(text: &str, offset: usize) -> (u32, u32) {
     let line = before.bytes().filter(|b| *b == b'\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
-    (
-        u32::try_from(line).unwrap_or(u32::MAX),
-        u32::try_from(column).unwrap_or(u32::MAX),
-    )
+    (u32::try_from(line).unwrap_or(u32::MAX), u32::try_from(column).unwrap_or(u32::MAX))
 }
 
-fn error_at(
-    text: &str,
-    message: String,
-    policy_id: Option<String>,
-    offset: Option<usize>,
-) -> PolicyValidationError {
+fn error_at(text: &str, message: String, policy_id: Option<String>, offset: Option<usize>) -> PolicyValidationError {
     let (line, column) = match offset.map(|o| line_col(text, o)) {
         Some((l, c)) => (Some(l), Some(c)),
         None => (None, None),
     };
-    PolicyValidationError {
-        message,
-        policy_id,
-        line,
-        column,
-    }
+    PolicyValidationError { message, policy_id, line, column }
 }
 
 /// Cedar's message (with its causes and help) and the start of its first source label.
@@ -63,10 +50,7 @@ fn detailed(err: DetailedError) -> (String, Option<usize>) {
 
 /// Generated ids are `policy<N>` in source order.
 fn generated_index(id: &PolicyId) -> usize {
-    id.to_string()
-        .strip_prefix("policy")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX)
+    id.to_string().strip_prefix("policy").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
 }
 
 /// Parse `text` into policies with final ids. Rejects templates, empty and duplicate ids.
@@ -82,10 +66,7 @@ pub(crate) fn parse(text: &str) -> Result<ParsedPolicies, PolicyValidationError>
     if let Some(t) = pset.templates().next() {
         return Err(error_at(
             text,
-            format!(
-                "policy templates (`?principal`, `?resource`) are not supported (template `{}`)",
-                t.id()
-            ),
+            format!("policy templates (`?principal`, `?resource`) are not supported (template `{}`)", t.id()),
             Some(t.id().to_string()),
             None,
         ));
@@ -107,23 +88,13 @@ pub(crate) fn parse(text: &str) -> Result<ParsedPolicies, PolicyValidationError>
         });
         let id = match p.annotation("id") {
             Some("") => {
-                return Err(error_at(
-                    text,
-                    "empty @id annotation".to_owned(),
-                    None,
-                    offset,
-                ));
+                return Err(error_at(text, "empty @id annotation".to_owned(), None, offset));
             }
             Some(id) => id.to_owned(),
             None => p.id().to_string(),
         };
         if !seen.insert(id.clone()) {
-            return Err(error_at(
-                text,
-                format!("duplicate policy id `{id}`"),
-                Some(id),
-                offset,
-            ));
+            return Err(error_at(text, format!("duplicate policy id `{id}`"), Some(id), offset));
         }
         policies.push(p.new_id(PolicyId::new(&id)));
         offsets.push(offset);
@@ -138,21 +109,12 @@ impl ParsedPolicies {
     }
 
     fn offset_of(&self, id: &PolicyId) -> Option<usize> {
-        self.policies
-            .iter()
-            .position(|p| p.id() == id)
-            .and_then(|i| self.offsets[i])
+        self.policies.iter().position(|p| p.id() == id).and_then(|i| self.offsets[i])
     }
 
     /// Strict validation against the schema. Reports the first error (and how many more).
-    pub(crate) fn validate(
-        &self,
-        text: &str,
-        validator: &Validator,
-    ) -> Result<(), PolicyValidationError> {
-        let pset = self
-            .policy_set()
-            .map_err(|m| error_at(text, m, None, None))?;
+    pub(crate) fn validate(&self, text: &str, validator: &Validator) -> Result<(), PolicyValidationError> {
+        let pset = self.policy_set().map_err(|m| error_at(text, m, None, None))?;
         let result = validator.validate(&pset, ValidationMode::Strict);
         let mut errors = result.validation_errors();
         let Some(first) = errors.next() else {
@@ -164,12 +126,7 @@ impl ParsedPolicies {
             message.push_str(&format!(" (and {more} more error(s))"));
         }
         let offset = offset.or_else(|| self.offset_of(first.policy_id()));
-        Err(error_at(
-            text,
-            message,
-            Some(first.policy_id().to_string()),
-            offset,
-        ))
+        Err(error_at(text, message, Some(first.policy_id().to_string()), offset))
     }
 
     /// Reject any entity literal of type `Tenant` other than `Tenant::"<tenant_slug>"`, in the

@@ -35,7 +35,8 @@ pub fn normalize_email(email: &str) -> Result<String, &'static str> {
     let e = email.trim().to_lowercase();
     let valid = e.len() <= 320
         && !e.chars().any(char::is_whitespace)
-        && e.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+        && e.split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
     if valid { Ok(e) } else { Err("must be an email address like name@example.com") }
 }
 

@@ -9,8 +9,8 @@ pub mod entities;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, FromQueryResult, QueryResult, Statement, TransactionTrait, Value,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    FromQueryResult, QueryResult, Statement, TransactionTrait, Value,
 };
 use sluice_migrations::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -122,12 +122,7 @@ impl Store {
     }
 
     /// Executes a statement and returns the number of rows affected.
-    pub async fn execute(
-        &self,
-        conn: &impl ConnectionTrait,
-        sql: &str,
-        values: Vec<Value>,
-    ) -> Result<u64, DbErr> {
+    pub async fn execute(&self, conn: &impl ConnectionTrait, sql: &str, values: Vec<Value>) -> Result<u64, DbErr> {
         Ok(conn.execute_raw(self.stmt(sql, values)).await?.rows_affected())
     }
 

@@ -21,14 +21,7 @@ async fn json_ok(r: reqwest::Response) -> Value {
 }
 
 async fn verify(app: &TestApp, admin: &Member) -> Value {
-    json_ok(
-        app.get(
-            &format!("/api/v1/t/{}/audit/verify", admin.tenant),
-            &admin.token,
-        )
-        .await,
-    )
-    .await
+    json_ok(app.get(&format!("/api/v1/t/{}/audit/verify", admin.tenant), &admin.token).await).await
 }
 
 /// Every event of the tenant, newest first, walking the cursor with `limit`.
@@ -37,14 +30,7 @@ async fn all_events(app: &TestApp, admin: &Member, query: &str, limit: u32) -> V
     let mut cursor = String::new();
     for _ in 0..500 {
         let page = json_ok(
-            app.get(
-                &format!(
-                    "/api/v1/t/{}/audit?limit={limit}{query}{cursor}",
-                    admin.tenant
-                ),
-                &admin.token,
-            )
-            .await,
+            app.get(&format!("/api/v1/t/{}/audit?limit={limit}{query}{cursor}", admin.tenant), &admin.token).await,
         )
         .await;
         let items = page["items"].as_array().unwrap();
@@ -65,11 +51,7 @@ async fn tenant_id(app: &TestApp, slug: &str) -> Uuid {
     }
     let t: T = app
         .store()
-        .query_one(
-            app.store().db(),
-            "SELECT id FROM tenants WHERE slug = $1",
-            vec![slug.into()],
-        )
+        .query_one(app.store().db(), "SELECT id FROM tenants WHERE slug = $1", vec![slug.into()])
         .await
         .unwrap()
         .unwrap();
@@ -80,48 +62,28 @@ async fn tenant_id(app: &TestApp, slug: &str) -> Uuid {
 async fn busy_tenant(app: &TestApp) -> (Member, Member) {
     let admin = app.signup(&slug("audit")).await;
     let t = admin.tenant.clone();
-    assert_eq!(
-        app.create_pipeline(&admin, "deploy", PIPELINE)
-            .await
-            .status(),
-        StatusCode::CREATED
-    );
-    let r = app.put(&format!("/api/v1/t/{t}/pipelines/deploy"), &admin.token,
-        json!({ "definition": PIPELINE.replace("cargo test", "cargo test --all"), "base_version": 1 })).await;
+    assert_eq!(app.create_pipeline(&admin, "deploy", PIPELINE).await.status(), StatusCode::CREATED);
+    let r = app
+        .put(
+            &format!("/api/v1/t/{t}/pipelines/deploy"),
+            &admin.token,
+            json!({ "definition": PIPELINE.replace("cargo test", "cargo test --all"), "base_version": 1 }),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let viewer = app.add_member(&admin, &["viewers"]).await;
     let r = app
-        .post(
-            &format!("/api/v1/t/{t}/pipelines"),
-            &viewer.token,
-            json!({ "name": "nope", "definition": PIPELINE }),
-        )
+        .post(&format!("/api/v1/t/{t}/pipelines"), &viewer.token, json!({ "name": "nope", "definition": PIPELINE }))
         .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = app
-        .put(
-            &format!("/api/v1/t/{t}/policies"),
-            &admin.token,
-            json!({ "text": "permit (", "message": "broken" }),
-        )
+        .put(&format!("/api/v1/t/{t}/policies"), &admin.token, json!({ "text": "permit (", "message": "broken" }))
         .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    let r = app
-        .post(
-            &format!("/api/v1/t/{t}/groups"),
-            &admin.token,
-            json!({ "name": "ops" }),
-        )
-        .await;
+    let r = app.post(&format!("/api/v1/t/{t}/groups"), &admin.token, json!({ "name": "ops" })).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     app.create_token(&admin, &["viewers"]).await;
-    let r = app
-        .post(
-            &format!("/api/v1/t/{t}/pipelines/deploy/archive"),
-            &admin.token,
-            json!({}),
-        )
-        .await;
+    let r = app.post(&format!("/api/v1/t/{t}/pipelines/deploy/archive"), &admin.token, json!({})).await;
     assert_eq!(r.status(), StatusCode::OK);
     (admin, viewer)
 }
@@ -134,11 +96,7 @@ async fn intact() -> (TestApp, Member, i64) {
     assert_eq!(v["ok"], true, "{v}");
     let n = v["events"].as_i64().unwrap();
     assert!(n >= 10, "{v}");
-    assert!(
-        audit_verify(&app.state.config, Some(&admin.tenant))
-            .await
-            .unwrap()
-    );
+    assert!(audit_verify(&app.state.config, Some(&admin.tenant)).await.unwrap());
     (app, admin, n)
 }
 
@@ -149,16 +107,8 @@ async fn assert_broken_at(app: &TestApp, admin: &Member, seq: i64) -> Value {
     assert_eq!(v["ok"], false, "tampering not detected: {v}");
     assert_eq!(v["first_broken_seq"], seq, "{v}");
     assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
-    assert!(
-        !audit_verify(&app.state.config, Some(&admin.tenant))
-            .await
-            .unwrap(),
-        "the CLI misses it"
-    );
-    assert!(
-        !audit_verify(&app.state.config, None).await.unwrap(),
-        "the CLI (all tenants) misses it"
-    );
+    assert!(!audit_verify(&app.state.config, Some(&admin.tenant)).await.unwrap(), "the CLI misses it");
+    assert!(!audit_verify(&app.state.config, None).await.unwrap(), "the CLI (all tenants) misses it");
     v
 }
 
@@ -167,10 +117,7 @@ async fn chain_verifies_after_a_mix_of_actions() {
     let app = spawn_app().await;
     let (admin, viewer) = busy_tenant(&app).await;
     let other = app.signup(&slug("other")).await;
-    assert_eq!(
-        app.create_pipeline(&other, "xx", PIPELINE).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.create_pipeline(&other, "xx", PIPELINE).await.status(), StatusCode::CREATED);
     // A failed login for an unknown email goes to the platform chain.
     let r = app
         .call(
@@ -186,10 +133,7 @@ async fn chain_verifies_after_a_mix_of_actions() {
     assert_eq!(v["first_broken_seq"], Value::Null);
     let events = all_events(&app, &admin, "", 200).await;
     assert_eq!(v["events"], events.len() as i64);
-    let mut actions: Vec<&str> = events
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let mut actions: Vec<&str> = events.iter().map(|e| e["action"].as_str().unwrap()).collect();
     actions.reverse();
     for a in [
         "tenant.create",
@@ -204,35 +148,13 @@ async fn chain_verifies_after_a_mix_of_actions() {
     ] {
         assert!(actions.contains(&a), "{a} missing from {actions:?}");
     }
-    let outcomes: std::collections::BTreeSet<&str> = events
-        .iter()
-        .map(|e| e["outcome"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        outcomes.into_iter().collect::<Vec<_>>(),
-        ["allow", "deny", "error"]
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e["actor_id"] == viewer.user_id.as_str())
-    );
-    assert!(
-        audit_verify(&app.state.config, Some(&admin.tenant))
-            .await
-            .unwrap()
-    );
-    assert!(
-        audit_verify(&app.state.config, Some(&other.tenant))
-            .await
-            .unwrap()
-    );
+    let outcomes: std::collections::BTreeSet<&str> = events.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes.into_iter().collect::<Vec<_>>(), ["allow", "deny", "error"]);
+    assert!(events.iter().any(|e| e["actor_id"] == viewer.user_id.as_str()));
+    assert!(audit_verify(&app.state.config, Some(&admin.tenant)).await.unwrap());
+    assert!(audit_verify(&app.state.config, Some(&other.tenant)).await.unwrap());
     assert!(audit_verify(&app.state.config, None).await.unwrap());
-    assert!(
-        audit_verify(&app.state.config, Some("no-such-tenant"))
-            .await
-            .is_err()
-    );
+    assert!(audit_verify(&app.state.config, Some("no-such-tenant")).await.is_err());
 }
 
 #[actix_web::test]
@@ -240,18 +162,19 @@ async fn edited_event_is_detected() {
     let (app, admin, _) = intact().await;
     app.sql(
         &format!("UPDATE audit_events SET details = $2 WHERE tenant_id = {TENANT} AND seq = 3"),
-        vec![
-            admin.tenant.clone().into(),
-            "{\"message\":\"nothing to see\"}".into(),
-        ],
+        vec![admin.tenant.clone().into(), "{\"message\":\"nothing to see\"}".into()],
     )
     .await;
     let v = assert_broken_at(&app, &admin, 3).await;
     assert_eq!(v["events"], 2);
 
     let (app, admin, _) = intact().await;
-    let n = app.sql(&format!("UPDATE audit_events SET action = 'pipeline.read' WHERE tenant_id = {TENANT} AND seq = 5"),
-        vec![admin.tenant.clone().into()]).await;
+    let n = app
+        .sql(
+            &format!("UPDATE audit_events SET action = 'pipeline.read' WHERE tenant_id = {TENANT} AND seq = 5"),
+            vec![admin.tenant.clone().into()],
+        )
+        .await;
     assert_eq!(n, 1);
     assert_broken_at(&app, &admin, 5).await;
 }
@@ -276,14 +199,8 @@ async fn reordered_events_are_detected() {
     for (from, to) in swap {
         let n = app
             .sql(
-                &format!(
-                    "UPDATE audit_events SET seq = $3 WHERE tenant_id = {TENANT} AND seq = $2"
-                ),
-                vec![
-                    admin.tenant.clone().into(),
-                    i64::from(from).into(),
-                    i64::from(to).into(),
-                ],
+                &format!("UPDATE audit_events SET seq = $3 WHERE tenant_id = {TENANT} AND seq = $2"),
+                vec![admin.tenant.clone().into(), i64::from(from).into(), i64::from(to).into()],
             )
             .await;
         assert_eq!(n, 1);
@@ -295,9 +212,7 @@ async fn last_event(app: &TestApp, admin: &Member) -> audit_event::Model {
     app.store()
         .query_one(
             app.store().db(),
-            &format!(
-                "SELECT * FROM audit_events WHERE tenant_id = {TENANT} ORDER BY seq DESC LIMIT 1"
-            ),
+            &format!("SELECT * FROM audit_events WHERE tenant_id = {TENANT} ORDER BY seq DESC LIMIT 1"),
             vec![admin.tenant.clone().into()],
         )
         .await
@@ -397,44 +312,22 @@ async fn tampering_one_tenant_does_not_break_another() {
     .await;
     assert_broken_at(&app, &admin, 2).await;
     assert_eq!(verify(&app, &other).await["ok"], true);
-    assert!(
-        audit_verify(&app.state.config, Some(&other.tenant))
-            .await
-            .unwrap()
-    );
+    assert!(audit_verify(&app.state.config, Some(&other.tenant)).await.unwrap());
 }
 
 #[actix_web::test]
 async fn export_is_json_lines_oldest_first_and_chained() {
     let app = spawn_app().await;
     let (admin, _) = busy_tenant(&app).await;
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/audit/export", admin.tenant),
-            &admin.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/audit/export", admin.tenant), &admin.token).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/x-ndjson")
-    );
-    let disposition = r.headers()["content-disposition"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        disposition.contains(&format!("{}-audit.jsonl", admin.tenant)),
-        "{disposition}"
-    );
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/x-ndjson"));
+    let disposition = r.headers()["content-disposition"].to_str().unwrap().to_owned();
+    assert!(disposition.contains(&format!("{}-audit.jsonl", admin.tenant)), "{disposition}");
     let body = r.text().await.unwrap();
     assert!(body.ends_with('\n'));
-    let lines: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines: Vec<Value> =
+        body.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     let v = verify(&app, &admin).await;
     assert_eq!(lines.len() as i64, v["events"].as_i64().unwrap());
     let tid = tenant_id(&app, &admin.tenant).await;
@@ -446,11 +339,7 @@ async fn export_is_json_lines_oldest_first_and_chained() {
         let m = audit_event::Model {
             tenant_id: tid,
             seq: e["seq"].as_i64().unwrap(),
-            occurred_at: e["time"]
-                .as_str()
-                .unwrap()
-                .parse::<DateTime<Utc>>()
-                .unwrap(),
+            occurred_at: e["time"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(),
             actor_type: e["actor_type"].as_str().unwrap().into(),
             actor_id: e["actor_id"].as_str().map(Into::into),
             actor_label: e["actor"].as_str().unwrap().into(),
@@ -467,12 +356,7 @@ async fn export_is_json_lines_oldest_first_and_chained() {
             prev_hash: prev.clone(),
             hash: String::new(),
         };
-        assert_eq!(
-            event_hash(&m),
-            e["hash"].as_str().unwrap(),
-            "line {} does not hash to its `hash`: {e}",
-            i + 1
-        );
+        assert_eq!(event_hash(&m), e["hash"].as_str().unwrap(), "line {} does not hash to its `hash`: {e}", i + 1);
         prev = e["hash"].as_str().unwrap().to_owned();
     }
     // The same events as the paginated listing, in the opposite order.
@@ -504,56 +388,30 @@ async fn filters_and_pagination() {
     let viewer_id = viewer.user_id.clone();
     let admin_email = admin.email.clone();
     let cases = vec![
-        check(
-            "&action=pipeline.create",
-            Box::new(|e| e["action"] == "pipeline.create"),
-        ),
+        check("&action=pipeline.create", Box::new(|e| e["action"] == "pipeline.create")),
         check("&outcome=deny", Box::new(|e| e["outcome"] == "deny")),
         check("&outcome=error", Box::new(|e| e["outcome"] == "error")),
-        check(
-            "&resource_id=deploy",
-            Box::new(|e| e["resource_id"] == "deploy"),
-        ),
+        check("&resource_id=deploy", Box::new(|e| e["resource_id"] == "deploy")),
         check(
             "&resource_type=Pipeline&outcome=allow",
             Box::new(|e| e["resource_type"] == "Pipeline" && e["outcome"] == "allow"),
         ),
     ];
     for (query, expected) in cases {
-        assert!(
-            !expected.is_empty(),
-            "{query}: the fixture has no such event"
-        );
-        assert_eq!(
-            all_events(&app, &admin, query, 2).await,
-            expected,
-            "{query}"
-        );
+        assert!(!expected.is_empty(), "{query}: the fixture has no such event");
+        assert_eq!(all_events(&app, &admin, query, 2).await, expected, "{query}");
     }
     for (actor, pred) in [
         (
             admin_id.clone(),
-            Box::new(move |e: &Value| e["actor_id"] == admin_id.as_str())
-                as Box<dyn Fn(&Value) -> bool>,
+            Box::new(move |e: &Value| e["actor_id"] == admin_id.as_str()) as Box<dyn Fn(&Value) -> bool>,
         ),
-        (
-            viewer_id.clone(),
-            Box::new(move |e: &Value| e["actor_id"] == viewer_id.as_str()),
-        ),
-        (
-            admin_email.clone(),
-            Box::new(move |e: &Value| e["actor"] == admin_email.as_str()),
-        ),
+        (viewer_id.clone(), Box::new(move |e: &Value| e["actor_id"] == viewer_id.as_str())),
+        (admin_email.clone(), Box::new(move |e: &Value| e["actor"] == admin_email.as_str())),
     ] {
         let expected: Vec<Value> = all.iter().filter(|e| pred(e)).cloned().collect();
         assert!(!expected.is_empty());
-        let got = all_events(
-            &app,
-            &admin,
-            &format!("&actor={}", actor.replace('@', "%40")),
-            2,
-        )
-        .await;
+        let got = all_events(&app, &admin, &format!("&actor={}", actor.replace('@', "%40")), 2).await;
         assert_eq!(got, expected, "actor {actor}");
     }
     let denied = all_events(&app, &admin, "&outcome=deny", 200).await;
@@ -567,53 +425,22 @@ async fn filters_and_pagination() {
     let at: DateTime<Utc> = time.parse().unwrap();
     let since = all_events(&app, &admin, &format!("&since={time}"), 200).await;
     let until = all_events(&app, &admin, &format!("&until={time}"), 200).await;
-    let exp_since: Vec<Value> = all
-        .iter()
-        .filter(|e| {
-            e["time"]
-                .as_str()
-                .unwrap()
-                .parse::<DateTime<Utc>>()
-                .unwrap()
-                >= at
-        })
-        .cloned()
-        .collect();
-    let exp_until: Vec<Value> = all
-        .iter()
-        .filter(|e| {
-            e["time"]
-                .as_str()
-                .unwrap()
-                .parse::<DateTime<Utc>>()
-                .unwrap()
-                < at
-        })
-        .cloned()
-        .collect();
+    let exp_since: Vec<Value> =
+        all.iter().filter(|e| e["time"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() >= at).cloned().collect();
+    let exp_until: Vec<Value> =
+        all.iter().filter(|e| e["time"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() < at).cloned().collect();
     assert!(since.contains(pivot));
     assert_eq!(since, exp_since);
     assert_eq!(until, exp_until);
     assert_eq!(since.len() + until.len(), n);
-    let future = (Utc::now() + chrono::Duration::hours(1))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    assert_eq!(
-        all_events(&app, &admin, &format!("&since={future}"), 50).await,
-        Vec::<Value>::new()
-    );
+    let future = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(all_events(&app, &admin, &format!("&since={future}"), 50).await, Vec::<Value>::new());
 
     // Bad filters are refused.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/audit?outcome=maybe"), &admin.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?outcome=maybe"), &admin.token).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(problem(r).await["errors"][0]["field"], "outcome");
-    let r = app
-        .get(
-            &format!("/api/v1/t/{t}/audit?since=yesterday"),
-            &admin.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?since=yesterday"), &admin.token).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -623,37 +450,23 @@ async fn denials_record_the_determining_policies() {
     let admin = app.signup(&slug("deny")).await;
     let t = admin.tenant.clone();
     let viewer = app.add_member(&admin, &["viewers"]).await;
-    let defaults = sluice_backend::authz::Authorizer::new()
-        .unwrap()
-        .default_policy_text()
-        .to_owned();
+    let defaults = sluice_backend::authz::Authorizer::new().unwrap().default_policy_text().to_owned();
     let text = format!(
         "{defaults}\n@id(\"no-listing-for-this-viewer\")\nforbid (principal == User::\"{}\", action == Action::\"pipeline.list\", resource);\n",
         viewer.user_id
     );
     let r = app
-        .put(
-            &format!("/api/v1/t/{t}/policies"),
-            &admin.token,
-            json!({ "text": text, "message": "forbid one" }),
-        )
+        .put(&format!("/api/v1/t/{t}/policies"), &admin.token, json!({ "text": text, "message": "forbid one" }))
         .await;
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
     // Forbidden by a named policy.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/pipelines"), &viewer.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/pipelines"), &viewer.token).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // Denied by default: nothing permits it.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/tokens"), &viewer.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/tokens"), &viewer.token).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // Allowed: the permitting policy is recorded.
-    assert_eq!(
-        app.create_pipeline(&admin, "pp", PIPELINE).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.create_pipeline(&admin, "pp", PIPELINE).await.status(), StatusCode::CREATED);
 
     let denied = all_events(&app, &admin, "&outcome=deny", 50).await;
     assert_eq!(denied.len(), 2, "{denied:#?}");

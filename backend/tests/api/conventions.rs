@@ -26,20 +26,11 @@ async fn oversized_bodies_are_refused_with_413() {
     let admin = app.signup(&slug("big")).await;
     // A 2 MiB definition inside a valid JSON body.
     let big = format!("{PIPELINE}#{}", "x".repeat(2 * 1024 * 1024));
-    let r = app
-        .post(
-            &pipelines(&admin),
-            &admin.token,
-            json!({ "name": "big", "definition": big }),
-        )
-        .await;
+    let r = app.post(&pipelines(&admin), &admin.token, json!({ "name": "big", "definition": big })).await;
     let p = assert_problem(r, StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large").await;
     assert!(p["detail"].as_str().unwrap().contains("1048576"), "{p}");
     // A 10 MiB body, on a JSON route and on a raw-bytes route (restore).
-    let huge = format!(
-        "{{\"name\":\"huge\",\"definition\":\"{}\"}}",
-        "y".repeat(10 * 1024 * 1024)
-    );
+    let huge = format!("{{\"name\":\"huge\",\"definition\":\"{}\"}}", "y".repeat(10 * 1024 * 1024));
     let r = app
         .client
         .post(app.url(&pipelines(&admin)))
@@ -65,16 +56,9 @@ async fn oversized_bodies_are_refused_with_413() {
     // Nothing was stored.
     let r = app.get(&pipelines(&admin), &admin.token).await;
     let list: Value = r.json().await.unwrap();
-    let names: Vec<&str> = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["small"]);
-    let r = app
-        .get(&format!("{}/small", pipelines(&admin)), &admin.token)
-        .await;
+    let r = app.get(&format!("{}/small", pipelines(&admin)), &admin.token).await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["latest_version"], 1);
 }
@@ -97,27 +81,14 @@ async fn malformed_json_and_wrong_types_are_400() {
     let r = raw("not json at all").await.unwrap();
     assert_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
     // A missing field is named.
-    let r = app
-        .post(
-            &pipelines(&admin),
-            &admin.token,
-            json!({ "name": "ok-name" }),
-        )
-        .await;
+    let r = app.post(&pipelines(&admin), &admin.token, json!({ "name": "ok-name" })).await;
     let p = assert_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
     assert!(p.to_string().contains("definition"), "{p}");
     // Wrong type in the query string.
-    let r = app
-        .get(&format!("{}?limit=lots", pipelines(&admin)), &admin.token)
-        .await;
+    let r = app.get(&format!("{}?limit=lots", pipelines(&admin)), &admin.token).await;
     assert_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
     // Nothing was created by the bad requests.
-    let list: Value = app
-        .get(&pipelines(&admin), &admin.token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get(&pipelines(&admin), &admin.token).await.json().await.unwrap();
     assert_eq!(list["items"], json!([]), "{list}");
 }
 
@@ -129,33 +100,18 @@ async fn wrong_json_type_names_the_field() {
     assert_eq!(r.status(), StatusCode::CREATED);
     let restore = format!("{}/p1/versions/1/restore", pipelines(&admin));
     for (path, body, field) in [
-        (
-            pipelines(&admin),
-            json!({ "name": "ok-name", "definition": 42 }),
-            "definition",
-        ),
-        (
-            pipelines(&admin),
-            json!({ "name": ["a"], "definition": PIPELINE }),
-            "name",
-        ),
+        (pipelines(&admin), json!({ "name": "ok-name", "definition": 42 }), "definition"),
+        (pipelines(&admin), json!({ "name": ["a"], "definition": PIPELINE }), "name"),
         (restore, json!({ "message": 5 }), "message"),
     ] {
         let r = app.post(&path, &admin.token, body.clone()).await;
         let p = assert_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
-        let named = p["errors"]
-            .as_array()
-            .is_some_and(|es| es.iter().any(|e| e["field"] == field))
-            || p["detail"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("`{field}`"))
+        let named = p["errors"].as_array().is_some_and(|es| es.iter().any(|e| e["field"] == field))
+            || p["detail"].as_str().unwrap().contains(&format!("`{field}`"))
             || p["detail"].as_str().unwrap().contains(&format!("{field}:"));
         assert!(named, "{body}: the problem does not name `{field}`: {p}");
     }
-    let r = app
-        .get(&format!("{}/p1", pipelines(&admin)), &admin.token)
-        .await;
+    let r = app.get(&format!("{}/p1", pipelines(&admin)), &admin.token).await;
     assert_eq!(r.json::<Value>().await.unwrap()["latest_version"], 1);
 }
 
@@ -167,25 +123,15 @@ async fn unknown_routes_are_404_problems() {
         (Method::GET, "/api/v1/nope".to_owned()),
         (Method::GET, "/".to_owned()),
         (Method::POST, "/api/v2/t/x/pipelines".to_owned()),
-        (
-            Method::GET,
-            format!("/api/v1/t/{}/nothing-here", admin.tenant),
-        ),
+        (Method::GET, format!("/api/v1/t/{}/nothing-here", admin.tenant)),
     ] {
-        let r = app
-            .call(method.clone(), &path, Some(&admin.token), None)
-            .await;
+        let r = app.call(method.clone(), &path, Some(&admin.token), None).await;
         assert!(r.headers().contains_key("x-request-id"), "{method} {path}");
         assert_problem(r, StatusCode::NOT_FOUND, "not-found").await;
     }
     // A path parameter of the wrong shape is a 404 too, not a 400 or 500.
     let r = app
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/t/{}/members/not-a-uuid", admin.tenant),
-            Some(&admin.token),
-            None,
-        )
+        .call(Method::DELETE, &format!("/api/v1/t/{}/members/not-a-uuid", admin.tenant), Some(&admin.token), None)
         .await;
     assert_problem(r, StatusCode::NOT_FOUND, "not-found").await;
 }
@@ -226,10 +172,7 @@ async fn request_ids() {
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["x-request-id"], "trace-abc_123");
     let audit: Value = app
-        .get(
-            &format!("/api/v1/t/{}/audit?action=pipeline.create", admin.tenant),
-            &admin.token,
-        )
+        .get(&format!("/api/v1/t/{}/audit?action=pipeline.create", admin.tenant), &admin.token)
         .await
         .json()
         .await
@@ -237,13 +180,7 @@ async fn request_ids() {
     assert_eq!(audit["items"][0]["request_id"], "trace-abc_123", "{audit}");
     let bad = "x".repeat(65);
     for insane in [bad.as_str(), "has space", "semi;colon"] {
-        let r = app
-            .client
-            .get(app.url("/healthz"))
-            .header("x-request-id", insane)
-            .send()
-            .await
-            .unwrap();
+        let r = app.client.get(app.url("/healthz")).header("x-request-id", insane).send().await.unwrap();
         let got = r.headers()["x-request-id"].to_str().unwrap().to_owned();
         assert_ne!(got, insane);
         assert!(!got.is_empty());
@@ -258,10 +195,7 @@ async fn health_and_readiness() {
     assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "ok" }));
     let r = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({ "status": "ready" })
-    );
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "ready" }));
 }
 
 #[actix_web::test]
@@ -278,19 +212,11 @@ async fn tenant_routes_without_credentials_are_401_with_bearer_challenge() {
         (Method::GET, "/api/v1/me".to_owned()),
     ] {
         let r = app.call(method.clone(), &path, None, None).await;
-        assert_eq!(
-            r.headers()
-                .get("www-authenticate")
-                .map(|v| v.to_str().unwrap()),
-            Some("Bearer"),
-            "{method} {path}"
-        );
+        assert_eq!(r.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"), "{method} {path}");
         assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // A garbage credential is the same 401.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/pipelines"), "garbage")
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/pipelines"), "garbage").await;
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
@@ -300,10 +226,7 @@ async fn limit_and_cursor_are_validated() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("page")).await;
     let t = &admin.tenant;
-    for path in [
-        format!("/api/v1/t/{t}/pipelines"),
-        format!("/api/v1/t/{t}/audit"),
-    ] {
+    for path in [format!("/api/v1/t/{t}/pipelines"), format!("/api/v1/t/{t}/audit")] {
         for bad in ["0", "201"] {
             let r = app.get(&format!("{path}?limit={bad}"), &admin.token).await;
             let p = assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation").await;
@@ -312,10 +235,7 @@ async fn limit_and_cursor_are_validated() {
         for bad in ["!!!", "%E2%82%AC", "_w"] {
             let r = app.get(&format!("{path}?cursor={bad}"), &admin.token).await;
             let p = assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation").await;
-            assert_eq!(
-                p["errors"][0]["field"], "cursor",
-                "{path} cursor={bad}: {p}"
-            );
+            assert_eq!(p["errors"][0]["field"], "cursor", "{path} cursor={bad}: {p}");
         }
         for ok in ["1", "200"] {
             let r = app.get(&format!("{path}?limit={ok}"), &admin.token).await;
@@ -323,9 +243,7 @@ async fn limit_and_cursor_are_validated() {
         }
     }
     // A well-formed base64 cursor that is not a sequence number is refused by the audit log.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/audit?cursor=YWJj"), &admin.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?cursor=YWJj"), &admin.token).await;
     let p = assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation").await;
     assert_eq!(p["errors"][0]["field"], "cursor");
 }
@@ -343,12 +261,8 @@ async fn pagination_returns_every_pipeline_once_in_order() {
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let q = cursor
-            .as_ref()
-            .map_or(String::new(), |c| format!("&cursor={c}"));
-        let r = app
-            .get(&format!("{}?limit=2{q}", pipelines(&admin)), &admin.token)
-            .await;
+        let q = cursor.as_ref().map_or(String::new(), |c| format!("&cursor={c}"));
+        let r = app.get(&format!("{}?limit=2{q}", pipelines(&admin)), &admin.token).await;
         assert_eq!(r.status(), StatusCode::OK);
         let page: Value = r.json().await.unwrap();
         let items = page["items"].as_array().unwrap();
@@ -364,9 +278,7 @@ async fn pagination_returns_every_pipeline_once_in_order() {
     assert_eq!(got, ["alpha", "bravo", "charlie", "delta", "echo"]);
     assert_eq!(pages, 3);
     // Exactly a page's worth: no dangling cursor to an empty page.
-    let r = app
-        .get(&format!("{}?limit=5", pipelines(&admin)), &admin.token)
-        .await;
+    let r = app.get(&format!("{}?limit=5", pipelines(&admin)), &admin.token).await;
     let page: Value = r.json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 5);
     assert_eq!(page["next_cursor"], Value::Null);

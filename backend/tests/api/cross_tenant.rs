@@ -33,19 +33,14 @@ fn token_body() -> Value {
 fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
     let tail = path.strip_prefix("/api/v1/t/{tenant}")?;
     let none = |query| Some(Case { query, body: None });
-    let with = |body: Value| {
-        Some(Case {
-            query: "",
-            body: Some(body),
-        })
-    };
+    let with = |body: Value| Some(Case { query: "", body: Some(body) });
     let yaml = PIPELINE.replace("cargo test", "cargo test --hijacked");
     match (method, tail) {
         ("GET", "") => none(""),
         ("GET", "/members") => none(""),
-        ("POST", "/members") => with(
-            json!({ "email": "intruder@b.example", "groups": ["admins"], "password": PASSWORD }),
-        ),
+        ("POST", "/members") => {
+            with(json!({ "email": "intruder@b.example", "groups": ["admins"], "password": PASSWORD }))
+        }
         ("PATCH", "/members/{user_id}") => with(json!({ "groups": [] })),
         ("DELETE", "/members/{user_id}") => none(""),
         ("GET", "/groups") => none(""),
@@ -54,26 +49,18 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("POST", "/tokens") => with(token_body()),
         ("DELETE", "/tokens/{token_id}") => none(""),
         ("GET", "/policies") => none(""),
-        ("PUT", "/policies") => {
-            with(json!({ "text": "permit (principal, action, resource);", "message": "open up" }))
-        }
+        ("PUT", "/policies") => with(json!({ "text": "permit (principal, action, resource);", "message": "open up" })),
         ("GET", "/policies/versions") => none(""),
         ("GET", "/policies/versions/{version}") => none(""),
         ("GET", "/pipelines") => none("?include_archived=true"),
-        ("POST", "/pipelines") => {
-            with(json!({ "name": a.pipeline, "definition": yaml, "message": "mine now" }))
-        }
+        ("POST", "/pipelines") => with(json!({ "name": a.pipeline, "definition": yaml, "message": "mine now" })),
         ("GET", "/pipelines/{pipeline}") => none(""),
-        ("PUT", "/pipelines/{pipeline}") => {
-            with(json!({ "definition": yaml, "message": "hijack", "base_version": 2 }))
-        }
+        ("PUT", "/pipelines/{pipeline}") => with(json!({ "definition": yaml, "message": "hijack", "base_version": 2 })),
         ("POST", "/pipelines/{pipeline}/archive") => none(""),
         ("GET", "/pipelines/{pipeline}/versions") => none(""),
         ("GET", "/pipelines/{pipeline}/versions/{version}") => none(""),
         ("GET", "/pipelines/{pipeline}/diff") => none("?from=1&to=2"),
-        ("POST", "/pipelines/{pipeline}/versions/{version}/restore") => {
-            with(json!({ "message": "roll back" }))
-        }
+        ("POST", "/pipelines/{pipeline}/versions/{version}/restore") => with(json!({ "message": "roll back" })),
         ("GET", "/audit") => none("?limit=200"),
         ("GET", "/audit/verify") => none(""),
         ("GET", "/audit/export") => none(""),
@@ -124,47 +111,27 @@ async fn setup_a(app: &TestApp) -> TenantA {
     let r = app.create_pipeline(&admin, &pipeline, PIPELINE).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let r = app
-        .put(&format!("/api/v1/t/{t}/pipelines/{pipeline}"), &admin.token,
-            json!({ "definition": PIPELINE.replace("cargo build", "cargo build --release"), "base_version": 1 }))
+        .put(
+            &format!("/api/v1/t/{t}/pipelines/{pipeline}"),
+            &admin.token,
+            json!({ "definition": PIPELINE.replace("cargo build", "cargo build --release"), "base_version": 1 }),
+        )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let member = app.add_member(&admin, &["editors"]).await;
     let (token_id, token) = app.create_token(&admin, &["admins"]).await;
     let group = format!("hush-{}", &t[6..]);
     let r = app
-        .post(
-            &format!("/api/v1/t/{t}/groups"),
-            &admin.token,
-            json!({ "name": group, "description": "A only" }),
-        )
+        .post(&format!("/api/v1/t/{t}/groups"), &admin.token, json!({ "name": group, "description": "A only" }))
         .await;
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "{}",
-        r.text().await.unwrap()
-    );
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
     // A second policy version, so that /policies/versions/{1,2} both exist in A.
-    let text = sluice_backend::authz::Authorizer::new()
-        .unwrap()
-        .default_policy_text()
-        .to_owned();
+    let text = sluice_backend::authz::Authorizer::new().unwrap().default_policy_text().to_owned();
     let r = app
-        .put(
-            &format!("/api/v1/t/{t}/policies"),
-            &admin.token,
-            json!({ "text": text, "message": "same again" }),
-        )
+        .put(&format!("/api/v1/t/{t}/policies"), &admin.token, json!({ "text": text, "message": "same again" }))
         .await;
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-    TenantA {
-        admin,
-        member,
-        token_id,
-        token,
-        pipeline,
-        group,
-    }
+    TenantA { admin, member, token_id, token, pipeline, group }
 }
 
 async fn json_of(app: &TestApp, path: &str, token: &str) -> Value {
@@ -199,22 +166,14 @@ async fn other_tenants_admin_gets_404_on_every_tenant_route() {
     let b = app.signup(&slug("bravo")).await;
     let (_, b_token) = app.create_token(&b, &["admins"]).await;
     let before = snapshot(&app, &a).await;
-    let audit_before = json_of(
-        &app,
-        &format!("/api/v1/t/{}/audit/verify", a.admin.tenant),
-        &a.admin.token,
-    )
-    .await;
+    let audit_before = json_of(&app, &format!("/api/v1/t/{}/audit/verify", a.admin.tenant), &a.admin.token).await;
     assert_eq!(audit_before["ok"], true);
 
     let secrets = secrets(&a);
     let mut missing = vec![];
     let mut failures = vec![];
     let mut calls = 0;
-    for route in route_table()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/api/v1/t/{tenant}"))
-    {
+    for route in route_table().into_iter().filter(|r| r.path.starts_with("/api/v1/t/{tenant}")) {
         let Some(c) = case(route.method.as_str(), route.path, &a) else {
             missing.push(format!("{} {}", route.method, route.path));
             continue;
@@ -223,15 +182,9 @@ async fn other_tenants_admin_gets_404_on_every_tenant_route() {
         let method = Method::from_bytes(route.method.as_str().as_bytes()).unwrap();
         for (kind, cred) in [("JWT", b.token.as_str()), ("API token", b_token.as_str())] {
             calls += 1;
-            let r = app
-                .call(method.clone(), &path, Some(cred), c.body.clone())
-                .await;
+            let r = app.call(method.clone(), &path, Some(cred), c.body.clone()).await;
             let status = r.status();
-            let ct = r
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default();
+            let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
             let text = r.text().await.unwrap();
             let what = format!("{} {path} as B's admin ({kind})", route.method);
             if status != StatusCode::NOT_FOUND || !ct.starts_with("application/problem+json") {
@@ -250,10 +203,7 @@ async fn other_tenants_admin_gets_404_on_every_tenant_route() {
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "tenant routes without a cross-tenant case (add them to `case`): {missing:#?}"
-    );
+    assert!(missing.is_empty(), "tenant routes without a cross-tenant case (add them to `case`): {missing:#?}");
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(calls >= 50, "only {calls} calls");
 
@@ -262,46 +212,20 @@ async fn other_tenants_admin_gets_404_on_every_tenant_route() {
     assert_eq!(before, after);
     assert_eq!(after["pipelines"]["items"][0]["latest_version"], 2);
     assert_eq!(after["pipelines"]["items"][0]["archived_at"], Value::Null);
-    assert!(
-        after["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["user_id"] == a.member.user_id.as_str())
-    );
+    assert!(after["members"].as_array().unwrap().iter().any(|m| m["user_id"] == a.member.user_id.as_str()));
     assert_eq!(after["tenant"]["policy_version"], 2);
-    let audit_after = json_of(
-        &app,
-        &format!("/api/v1/t/{}/audit/verify", a.admin.tenant),
-        &a.admin.token,
-    )
-    .await;
+    let audit_after = json_of(&app, &format!("/api/v1/t/{}/audit/verify", a.admin.tenant), &a.admin.token).await;
     assert_eq!(audit_after["ok"], true);
-    assert_eq!(
-        audit_after["events"], audit_before["events"],
-        "B's calls left traces in A's audit log"
-    );
+    assert_eq!(audit_after["events"], audit_before["events"], "B's calls left traces in A's audit log");
     // A's token and A's member still work.
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline),
-            &a.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline), &a.token).await;
     assert_eq!(r.status(), StatusCode::OK);
     let p: Value = r.json().await.unwrap();
     assert_eq!(p["version"], 2);
-    let r = app
-        .get(&format!("/api/v1/t/{}", a.admin.tenant), &a.member.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}", a.admin.tenant), &a.member.token).await;
     assert_eq!(r.status(), StatusCode::OK);
     // B got nothing either: no pipeline, group or member of those names in B.
-    let bp = json_of(
-        &app,
-        &format!("/api/v1/t/{}/pipelines?include_archived=true", b.tenant),
-        &b.token,
-    )
-    .await;
+    let bp = json_of(&app, &format!("/api/v1/t/{}/pipelines?include_archived=true", b.tenant), &b.token).await;
     assert_eq!(bp["items"], json!([]));
 }
 
@@ -310,19 +234,12 @@ async fn unknown_tenant_and_non_member_answer_alike() {
     let app = spawn_app().await;
     let a = setup_a(&app).await;
     let b = app.signup(&slug("bravo")).await;
-    let r1 = app
-        .get(&format!("/api/v1/t/{}/pipelines", a.admin.tenant), &b.token)
-        .await;
-    let r2 = app
-        .get("/api/v1/t/no-such-tenant-zz/pipelines", &b.token)
-        .await;
+    let r1 = app.get(&format!("/api/v1/t/{}/pipelines", a.admin.tenant), &b.token).await;
+    let r2 = app.get("/api/v1/t/no-such-tenant-zz/pipelines", &b.token).await;
     assert_eq!(r1.status(), StatusCode::NOT_FOUND);
     assert_eq!(r2.status(), StatusCode::NOT_FOUND);
     let (p1, p2) = (problem(r1).await, problem(r2).await);
-    assert_eq!(
-        p1, p2,
-        "a foreign tenant must look exactly like a missing one"
-    );
+    assert_eq!(p1, p2, "a foreign tenant must look exactly like a missing one");
 }
 
 #[actix_web::test]
@@ -336,19 +253,12 @@ async fn me_never_lists_other_tenants() {
         assert_eq!(r.status(), StatusCode::OK, "{kind}");
         let text = r.text().await.unwrap();
         let me: Value = serde_json::from_str(&text).unwrap();
-        let tenants: Vec<&str> = me["memberships"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["tenant"].as_str().unwrap())
-            .collect();
+        let tenants: Vec<&str> =
+            me["memberships"].as_array().unwrap().iter().map(|m| m["tenant"].as_str().unwrap()).collect();
         assert_eq!(tenants, [b.tenant.as_str()], "{kind}: {me}");
         assert_eq!(me["user_id"], b.user_id.as_str(), "{kind}");
         for s in secrets(&a) {
-            assert!(
-                !text.to_lowercase().contains(&s.to_lowercase()),
-                "{kind}: /me leaks {s:?}: {text}"
-            );
+            assert!(!text.to_lowercase().contains(&s.to_lowercase()), "{kind}: /me leaks {s:?}: {text}");
         }
         if kind == "API token" {
             assert_eq!(me["token_id"], b_token_id.as_str());
@@ -357,12 +267,8 @@ async fn me_never_lists_other_tenants() {
     }
     // A's own view lists only A.
     let me = json_of(&app, "/api/v1/me", &a.admin.token).await;
-    let tenants: Vec<&str> = me["memberships"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["tenant"].as_str().unwrap())
-        .collect();
+    let tenants: Vec<&str> =
+        me["memberships"].as_array().unwrap().iter().map(|m| m["tenant"].as_str().unwrap()).collect();
     assert_eq!(tenants, [a.admin.tenant.as_str()]);
 }
 
@@ -379,28 +285,13 @@ async fn a_token_of_one_tenant_is_useless_in_another_even_for_a_member_of_both()
             json!({ "email": b.email, "groups": ["admins"] }),
         )
         .await;
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "{}",
-        r.text().await.unwrap()
-    );
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
     let (_, b_token) = app.create_token(&b, &["admins"]).await;
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline),
-            &b_token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline), &b_token).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body = problem(r).await;
     assert_eq!(body["type"], "urn:sluice:problem:not-found");
     // ...while the same person's JWT, now a member of A, does.
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline),
-            &b.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/pipelines/{}", a.admin.tenant, a.pipeline), &b.token).await;
     assert_eq!(r.status(), StatusCode::OK);
 }

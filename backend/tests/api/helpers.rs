@@ -131,7 +131,9 @@ impl TestApp {
 
     /// Logs in.
     pub async fn login(&self, tenant: &str, email: &str, password: &str) -> Member {
-        let r = self.call(Method::POST, "/api/v1/auth/login", None, Some(json!({ "email": email, "password": password }))).await;
+        let r = self
+            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({ "email": email, "password": password })))
+            .await;
         assert_eq!(r.status(), StatusCode::OK, "login {email}");
         let v: Value = r.json().await.unwrap();
         Member {
@@ -146,10 +148,14 @@ impl TestApp {
 
     /// Adds a member with a password to `admin`'s tenant and logs them in.
     pub async fn add_member(&self, admin: &Member, groups: &[&str]) -> Member {
-        let email = format!("{}-{}@{}.example", groups.first().unwrap_or(&"member"), Uuid::new_v4().simple(), admin.tenant);
+        let email =
+            format!("{}-{}@{}.example", groups.first().unwrap_or(&"member"), Uuid::new_v4().simple(), admin.tenant);
         let r = self
-            .post(&format!("/api/v1/t/{}/members", admin.tenant), &admin.token,
-                json!({ "email": email, "groups": groups, "password": PASSWORD }))
+            .post(
+                &format!("/api/v1/t/{}/members", admin.tenant),
+                &admin.token,
+                json!({ "email": email, "groups": groups, "password": PASSWORD }),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::CREATED, "add member: {}", r.text().await.unwrap());
         self.login(&admin.tenant, &email, PASSWORD).await
@@ -159,8 +165,11 @@ impl TestApp {
     pub async fn create_token(&self, member: &Member, groups: &[&str]) -> (String, String) {
         let expires = (chrono::Utc::now() + chrono::Duration::days(7)).to_rfc3339();
         let r = self
-            .post(&format!("/api/v1/t/{}/tokens", member.tenant), &member.token,
-                json!({ "name": "ci", "expires_at": expires, "groups": groups }))
+            .post(
+                &format!("/api/v1/t/{}/tokens", member.tenant),
+                &member.token,
+                json!({ "name": "ci", "expires_at": expires, "groups": groups }),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::CREATED, "create token: {}", r.text().await.unwrap());
         let v: Value = r.json().await.unwrap();
@@ -169,9 +178,12 @@ impl TestApp {
 
     /// Creates a pipeline from YAML.
     pub async fn create_pipeline(&self, member: &Member, name: &str, yaml: &str) -> Response {
-        self.post(&format!("/api/v1/t/{}/pipelines", member.tenant), &member.token,
-            json!({ "name": name, "definition": yaml, "message": "test" }))
-            .await
+        self.post(
+            &format!("/api/v1/t/{}/pipelines", member.tenant),
+            &member.token,
+            json!({ "name": name, "definition": yaml, "message": "test" }),
+        )
+        .await
     }
 
     /// Runs raw SQL against the test database (written with `$n` placeholders).

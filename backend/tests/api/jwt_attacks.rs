@@ -65,10 +65,7 @@ impl Forge {
         assert_eq!(file.keys.len(), 1);
         let entry = file.keys.last().unwrap();
         let real = claims_of(&admin.token);
-        assert_eq!(
-            header_of(&admin.token),
-            json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": entry.kid })
-        );
+        assert_eq!(header_of(&admin.token), json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": entry.kid }));
         Self {
             key: signing_key(entry),
             kid: entry.kid.clone(),
@@ -112,31 +109,19 @@ impl Forge {
 async fn accepted(app: &TestApp, tenant: &str, token: &str, what: &str) {
     let r = app.get("/api/v1/me", token).await;
     assert_eq!(r.status(), StatusCode::OK, "{what}: /me");
-    let r = app
-        .get(&format!("/api/v1/t/{tenant}/pipelines"), token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{tenant}/pipelines"), token).await;
     assert_eq!(r.status(), StatusCode::OK, "{what}: pipelines");
 }
 
 /// Both protected routes answer a bare 401 problem.
 async fn rejected(app: &TestApp, tenant: &str, token: &str, what: &str) {
-    for path in [
-        "/api/v1/me".to_owned(),
-        format!("/api/v1/t/{tenant}/pipelines"),
-    ] {
+    for path in ["/api/v1/me".to_owned(), format!("/api/v1/t/{tenant}/pipelines")] {
         let r = app.get(&path, token).await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}: {path}");
-        assert_eq!(
-            r.headers().get("www-authenticate").unwrap(),
-            "Bearer",
-            "{what}"
-        );
+        assert_eq!(r.headers().get("www-authenticate").unwrap(), "Bearer", "{what}");
         let p = problem(r).await;
         assert_eq!(p["type"], "urn:sluice:problem:unauthorized", "{what}: {p}");
-        assert_eq!(
-            p["detail"], "authentication required",
-            "{what}: the reason is not disclosed"
-        );
+        assert_eq!(p["detail"], "authentication required", "{what}: the reason is not disclosed");
     }
 }
 
@@ -152,33 +137,14 @@ async fn forged_control_tokens_are_accepted() {
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(f.kid.clone());
     header.typ = Some("at+jwt".into());
-    let t2 = jsonwebtoken::encode(
-        &header,
-        &f.claims(),
-        &EncodingKey::from_ed_der(der.as_bytes()),
-    )
-    .unwrap();
+    let t2 = jsonwebtoken::encode(&header, &f.claims(), &EncodingKey::from_ed_der(der.as_bytes())).unwrap();
     accepted(&app, &t, &t2, "jsonwebtoken control").await;
     // Inside the 30 s leeway on exp and nbf.
     let now = Utc::now().timestamp();
-    accepted(
-        &app,
-        &t,
-        &f.with_claims(|c| _ = c.insert("exp".into(), json!(now - 10))),
-        "exp within leeway",
-    )
-    .await;
-    accepted(
-        &app,
-        &t,
-        &f.with_claims(|c| _ = c.insert("nbf".into(), json!(now + 10))),
-        "nbf within leeway",
-    )
-    .await;
+    accepted(&app, &t, &f.with_claims(|c| _ = c.insert("exp".into(), json!(now - 10))), "exp within leeway").await;
+    accepted(&app, &t, &f.with_claims(|c| _ = c.insert("nbf".into(), json!(now + 10))), "nbf within leeway").await;
     // The JWKS publishes the key the test signs with.
-    let r = app
-        .call(reqwest::Method::GET, "/.well-known/jwks.json", None, None)
-        .await;
+    let r = app.call(reqwest::Method::GET, "/.well-known/jwks.json", None, None).await;
     assert_eq!(r.status(), StatusCode::OK);
     let jwks: Value = r.json().await.unwrap();
     assert_eq!(
@@ -203,13 +169,8 @@ async fn algorithm_attacks_are_rejected() {
         // ... and with the signature of the real key kept.
         let signed = f.control();
         let sig = signed.rsplit('.').next().unwrap();
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}.{sig}", b64_json(&h), b64_json(&f.claims())),
-            &format!("alg {alg} + sig"),
-        )
-        .await;
+        rejected(&app, &t, &format!("{}.{}.{sig}", b64_json(&h), b64_json(&f.claims())), &format!("alg {alg} + sig"))
+            .await;
     }
     // Without a header alg at all.
     let h = json!({ "typ": "at+jwt", "kid": f.kid });
@@ -217,33 +178,20 @@ async fn algorithm_attacks_are_rejected() {
 
     // HS256 keyed with the server's public key (raw bytes, and the JWKS text).
     let x = b64(&f.key.verifying_key().to_bytes());
-    let secrets: [Vec<u8>; 2] = [
-        f.key.verifying_key().to_bytes().to_vec(),
-        x.clone().into_bytes(),
-    ];
+    let secrets: [Vec<u8>; 2] = [f.key.verifying_key().to_bytes().to_vec(), x.clone().into_bytes()];
     for (i, secret) in secrets.iter().enumerate() {
         for alg in [Algorithm::HS256, Algorithm::HS512] {
             let mut header = Header::new(alg);
             header.kid = Some(f.kid.clone());
             header.typ = Some("at+jwt".into());
-            let token =
-                jsonwebtoken::encode(&header, &f.claims(), &EncodingKey::from_secret(secret))
-                    .unwrap();
+            let token = jsonwebtoken::encode(&header, &f.claims(), &EncodingKey::from_secret(secret)).unwrap();
             rejected(&app, &t, &token, &format!("{alg:?} with public key #{i}")).await;
         }
     }
 
     // RSA / ECDSA / PSS names on an otherwise valid Ed25519 signature.
-    for alg in [
-        "RS256", "ES256", "PS256", "ES384", "RS512", "Ed25519", "eddsa",
-    ] {
-        rejected(
-            &app,
-            &t,
-            &f.with_header(|h| _ = h.insert("alg".into(), json!(alg))),
-            alg,
-        )
-        .await;
+    for alg in ["RS256", "ES256", "PS256", "ES384", "RS512", "Ed25519", "eddsa"] {
+        rejected(&app, &t, &f.with_header(|h| _ = h.insert("alg".into(), json!(alg))), alg).await;
     }
 }
 
@@ -254,40 +202,26 @@ async fn bad_claims_are_rejected() {
     let t = f.admin.tenant.clone();
     let now = Utc::now().timestamp();
     type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
-    let set = |k: &'static str, v: Value| -> Edit {
-        Box::new(move |c| _ = c.insert(k.into(), v.clone()))
-    };
+    let set = |k: &'static str, v: Value| -> Edit { Box::new(move |c| _ = c.insert(k.into(), v.clone())) };
     let del = |k: &'static str| -> Edit { Box::new(move |c| _ = c.remove(k)) };
     let other_user = app.signup(&slug("other")).await;
     let cases: Vec<(&str, Edit)> = vec![
         ("wrong aud", set("aud", json!("some-other-api"))),
-        (
-            "aud list without ours",
-            set("aud", json!(["some-other-api"])),
-        ),
+        ("aud list without ours", set("aud", json!(["some-other-api"]))),
         ("missing aud", del("aud")),
         ("wrong iss", set("iss", json!("https://evil.example"))),
-        (
-            "iss with trailing slash",
-            set("iss", json!(format!("{}/", f.iss))),
-        ),
+        ("iss with trailing slash", set("iss", json!(format!("{}/", f.iss)))),
         ("missing iss", del("iss")),
         ("missing exp", del("exp")),
         ("exp past the leeway", set("exp", json!(now - 90))),
-        (
-            "exp as a string",
-            set("exp", json!((now + 600).to_string())),
-        ),
+        ("exp as a string", set("exp", json!((now + 600).to_string()))),
         ("future nbf", set("nbf", json!(now + 300))),
         ("missing nbf", del("nbf")),
         ("missing iat", del("iat")),
         ("missing jti", del("jti")),
         ("missing sub", del("sub")),
         ("unknown sub", set("sub", json!(Uuid::new_v4()))),
-        (
-            "sub of another user with this session",
-            set("sub", json!(other_user.user_id)),
-        ),
+        ("sub of another user with this session", set("sub", json!(other_user.user_id))),
         ("missing sid", del("sid")),
         ("unknown sid", set("sid", json!(Uuid::now_v7()))),
     ];
@@ -295,9 +229,7 @@ async fn bad_claims_are_rejected() {
         rejected(&app, &t, &f.with_claims(|c| edit(c)), what).await;
     }
     // The other user's own session does not open this tenant to them: 404, not 200.
-    let r = app
-        .get(&format!("/api/v1/t/{t}/pipelines"), &other_user.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/pipelines"), &other_user.token).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -306,29 +238,11 @@ async fn bad_headers_are_rejected() {
     let app = spawn_app().await;
     let f = Forge::new(&app).await;
     let t = f.admin.tenant.clone();
-    rejected(
-        &app,
-        &t,
-        &f.with_header(|h| _ = h.insert("typ".into(), json!("JWT"))),
-        "typ JWT",
-    )
-    .await;
+    rejected(&app, &t, &f.with_header(|h| _ = h.insert("typ".into(), json!("JWT"))), "typ JWT").await;
     rejected(&app, &t, &f.with_header(|h| _ = h.remove("typ")), "no typ").await;
     rejected(&app, &t, &f.with_header(|h| _ = h.remove("kid")), "no kid").await;
-    rejected(
-        &app,
-        &t,
-        &f.with_header(|h| _ = h.insert("kid".into(), json!("0123456789abcdef"))),
-        "unknown kid",
-    )
-    .await;
-    rejected(
-        &app,
-        &t,
-        &f.with_header(|h| _ = h.insert("kid".into(), json!(""))),
-        "empty kid",
-    )
-    .await;
+    rejected(&app, &t, &f.with_header(|h| _ = h.insert("kid".into(), json!("0123456789abcdef"))), "unknown kid").await;
+    rejected(&app, &t, &f.with_header(|h| _ = h.insert("kid".into(), json!(""))), "empty kid").await;
     // A key of the attacker's own, announced in the header, under the server's kid.
     let evil = SigningKey::generate(&mut rand::rngs::OsRng);
     let h = json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": f.kid,
@@ -343,49 +257,24 @@ async fn tampered_tokens_are_rejected() {
     let t = f.admin.tenant.clone();
     let other = app.signup(&slug("victim")).await;
 
-    for (what, token) in [
-        ("server-issued", f.admin.token.clone()),
-        ("forged", f.control()),
-    ] {
+    for (what, token) in [("server-issued", f.admin.token.clone()), ("forged", f.control())] {
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
         // Payload changed (sub of another real user), signature kept.
         let mut c = claims_of(&token);
         c["sub"] = json!(other.user_id);
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}.{}", parts[0], b64_json(&c), parts[2]),
-            &format!("{what}: sub changed"),
-        )
-        .await;
+        rejected(&app, &t, &format!("{}.{}.{}", parts[0], b64_json(&c), parts[2]), &format!("{what}: sub changed"))
+            .await;
         // Payload changed (longer expiry), signature kept.
         let mut c = claims_of(&token);
         c["exp"] = json!(c["exp"].as_i64().unwrap() + 86_400);
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}.{}", parts[0], b64_json(&c), parts[2]),
-            &format!("{what}: exp changed"),
-        )
-        .await;
+        rejected(&app, &t, &format!("{}.{}.{}", parts[0], b64_json(&c), parts[2]), &format!("{what}: exp changed"))
+            .await;
         // Signature changed by one bit, or dropped, or truncated.
         let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
         sig[10] ^= 1;
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}.{}", parts[0], parts[1], b64(&sig)),
-            &format!("{what}: bit flip"),
-        )
-        .await;
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}.", parts[0], parts[1]),
-            &format!("{what}: no signature"),
-        )
-        .await;
+        rejected(&app, &t, &format!("{}.{}.{}", parts[0], parts[1], b64(&sig)), &format!("{what}: bit flip")).await;
+        rejected(&app, &t, &format!("{}.{}.", parts[0], parts[1]), &format!("{what}: no signature")).await;
         rejected(
             &app,
             &t,
@@ -393,40 +282,16 @@ async fn tampered_tokens_are_rejected() {
             &format!("{what}: short signature"),
         )
         .await;
-        rejected(
-            &app,
-            &t,
-            &format!("{}.{}", parts[0], parts[1]),
-            &format!("{what}: two parts"),
-        )
-        .await;
-        rejected(
-            &app,
-            &t,
-            &format!("{token}.{}", parts[2]),
-            &format!("{what}: four parts"),
-        )
-        .await;
+        rejected(&app, &t, &format!("{}.{}", parts[0], parts[1]), &format!("{what}: two parts")).await;
+        rejected(&app, &t, &format!("{token}.{}", parts[2]), &format!("{what}: four parts")).await;
         // Still fine untouched.
         accepted(&app, &t, &token, what).await;
     }
     // Signed by a different Ed25519 key under the server's kid.
     let evil = SigningKey::generate(&mut rand::rngs::OsRng);
-    rejected(
-        &app,
-        &t,
-        &sign(&f.header(), &f.claims(), &evil),
-        "different key, same kid",
-    )
-    .await;
+    rejected(&app, &t, &sign(&f.header(), &f.claims(), &evil), "different key, same kid").await;
     // Garbage.
-    for junk in [
-        "",
-        "a.b.c",
-        "not a token",
-        "eyJhbGciOiJFZERTQSJ9..",
-        "Bearer",
-    ] {
+    for junk in ["", "a.b.c", "not a token", "eyJhbGciOiJFZERTQSJ9..", "Bearer"] {
         rejected(&app, &t, junk, junk).await;
     }
 }
@@ -445,16 +310,10 @@ async fn keys_retired_after_rotation_stop_verifying() {
     let dir = std::env::temp_dir().join(format!("sluice-keys-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("keys.json");
-    let keys: Vec<SigningKey> = (0..3)
-        .map(|_| SigningKey::generate(&mut rand::rngs::OsRng))
-        .collect();
+    let keys: Vec<SigningKey> = (0..3).map(|_| SigningKey::generate(&mut rand::rngs::OsRng)).collect();
     let file = KeyFile {
         keys: vec![
-            entry(
-                &keys[0],
-                "retired-key",
-                Some(Utc::now() - Duration::minutes(1)),
-            ),
+            entry(&keys[0], "retired-key", Some(Utc::now() - Duration::minutes(1))),
             entry(&keys[1], "grace-key", Some(Utc::now() + Duration::hours(1))),
             entry(&keys[2], "current-key", None),
         ],
@@ -462,11 +321,7 @@ async fn keys_retired_after_rotation_stop_verifying() {
     std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
     let app = spawn_app_with(|c| c.jwt_keys_file = path.clone()).await;
     let admin = app.signup(&slug("rotated")).await;
-    assert_eq!(
-        header_of(&admin.token)["kid"],
-        "current-key",
-        "the last key signs"
-    );
+    assert_eq!(header_of(&admin.token)["kid"], "current-key", "the last key signs");
     let t = admin.tenant.clone();
     accepted(&app, &t, &admin.token, "issued").await;
 
@@ -475,34 +330,10 @@ async fn keys_retired_after_rotation_stop_verifying() {
     let claims = json!({ "iss": app.base, "aud": "sluice-api", "sub": real["sub"], "exp": now + 600, "nbf": now,
         "iat": now, "jti": Uuid::new_v4(), "sid": real["sid"] });
     let header = |kid: &str| json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": kid });
-    accepted(
-        &app,
-        &t,
-        &sign(&header("current-key"), &claims, &keys[2]),
-        "current key",
-    )
-    .await;
-    accepted(
-        &app,
-        &t,
-        &sign(&header("grace-key"), &claims, &keys[1]),
-        "previous key in its grace period",
-    )
-    .await;
-    rejected(
-        &app,
-        &t,
-        &sign(&header("retired-key"), &claims, &keys[0]),
-        "key past retire_after",
-    )
-    .await;
+    accepted(&app, &t, &sign(&header("current-key"), &claims, &keys[2]), "current key").await;
+    accepted(&app, &t, &sign(&header("grace-key"), &claims, &keys[1]), "previous key in its grace period").await;
+    rejected(&app, &t, &sign(&header("retired-key"), &claims, &keys[0]), "key past retire_after").await;
     // A retired key's kid with the current key's signature is no way around it either.
-    rejected(
-        &app,
-        &t,
-        &sign(&header("retired-key"), &claims, &keys[2]),
-        "retired kid, current key",
-    )
-    .await;
+    rejected(&app, &t, &sign(&header("retired-key"), &claims, &keys[2]), "retired kid, current key").await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -3,14 +3,14 @@
 //! default `postgres://postgres@127.0.0.1:5432`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod helpers;
-mod walkthrough;
+mod audit;
 mod auth;
-mod jwt_attacks;
-mod tokens;
-mod cross_tenant;
-mod openapi;
 mod authz;
 mod conventions;
+mod cross_tenant;
+mod helpers;
+mod jwt_attacks;
+mod openapi;
 mod pipelines;
-mod audit;
+mod tokens;
+mod walkthrough;

@@ -38,13 +38,7 @@ async fn ok_json(r: reqwest::Response, status: StatusCode) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-async fn update(
-    app: &TestApp,
-    m: &Member,
-    name: &str,
-    def: &str,
-    base_version: i64,
-) -> reqwest::Response {
+async fn update(app: &TestApp, m: &Member, name: &str, def: &str, base_version: i64) -> reqwest::Response {
     app.put(
         &format!("{}/{name}", base(m)),
         &m.token,
@@ -55,12 +49,7 @@ async fn update(
 
 /// The pipeline's audit events, oldest first.
 async fn audit_of(app: &TestApp, m: &Member, name: &str) -> Vec<Value> {
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/audit?resource_id={name}&limit=200", m.tenant),
-            &m.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/audit?resource_id={name}&limit=200", m.tenant), &m.token).await;
     let page = ok_json(r, StatusCode::OK).await;
     let mut items = page["items"].as_array().unwrap().clone();
     items.reverse();
@@ -75,11 +64,7 @@ async fn lifecycle_versions_diff_restore_archive() {
     let (canon2, sha2) = canonical(V2);
 
     // Create.
-    let v1 = ok_json(
-        app.create_pipeline(&admin, "deploy", PIPELINE).await,
-        StatusCode::CREATED,
-    )
-    .await;
+    let v1 = ok_json(app.create_pipeline(&admin, "deploy", PIPELINE).await, StatusCode::CREATED).await;
     assert_eq!(v1["name"], "deploy");
     assert_eq!(v1["version"], 1);
     assert_eq!(v1["latest_version"], 1);
@@ -93,12 +78,7 @@ async fn lifecycle_versions_diff_restore_archive() {
     assert_eq!(v1["spec"]["stages"][0]["tasks"][1]["id"], "test");
 
     // Get latest.
-    let got = ok_json(
-        app.get(&format!("{}/deploy", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let got = ok_json(app.get(&format!("{}/deploy", base(&admin)), &admin.token).await, StatusCode::OK).await;
     assert_eq!(got, v1);
 
     // Update from the latest version.
@@ -119,56 +99,29 @@ async fn lifecycle_versions_diff_restore_archive() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
 
     // Versions and single versions.
-    let versions = ok_json(
-        app.get(&format!("{}/deploy/versions", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
-    let nums: Vec<i64> = versions
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["version"].as_i64().unwrap())
-        .collect();
+    let versions =
+        ok_json(app.get(&format!("{}/deploy/versions", base(&admin)), &admin.token).await, StatusCode::OK).await;
+    let nums: Vec<i64> = versions.as_array().unwrap().iter().map(|v| v["version"].as_i64().unwrap()).collect();
     assert_eq!(nums, [2, 1]);
     assert_eq!(versions[1]["sha256"], sha1.as_str());
     assert_eq!(versions[0]["author"], admin.email.as_str());
-    let one = ok_json(
-        app.get(&format!("{}/deploy/versions/1", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let one =
+        ok_json(app.get(&format!("{}/deploy/versions/1", base(&admin)), &admin.token).await, StatusCode::OK).await;
     assert_eq!(one["version"], 1);
     assert_eq!(one["latest_version"], 2);
     assert_eq!(one["definition"], canon1.as_str());
     for missing in ["3", "0", "-1"] {
-        let r = app
-            .get(
-                &format!("{}/deploy/versions/{missing}", base(&admin)),
-                &admin.token,
-            )
-            .await;
+        let r = app.get(&format!("{}/deploy/versions/{missing}", base(&admin)), &admin.token).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "version {missing}");
         assert_eq!(problem(r).await["type"], "urn:sluice:problem:not-found");
     }
-    let r = app
-        .get(&format!("{}/nope", base(&admin)), &admin.token)
-        .await;
+    let r = app.get(&format!("{}/nope", base(&admin)), &admin.token).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(problem(r).await["detail"], "pipeline not found");
 
     // Diff.
-    let d = ok_json(
-        app.get(
-            &format!("{}/deploy/diff?from=1&to=2", base(&admin)),
-            &admin.token,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let d = ok_json(app.get(&format!("{}/deploy/diff?from=1&to=2", base(&admin)), &admin.token).await, StatusCode::OK)
+        .await;
     assert_eq!(d["from"], 1);
     assert_eq!(d["to"], 2);
     let unified = d["unified"].as_str().unwrap();
@@ -176,128 +129,54 @@ async fn lifecycle_versions_diff_restore_archive() {
     assert!(unified.contains("\n+      - id: lint\n"), "{unified}");
     assert!(unified.contains("\n-      - id: test\n"), "{unified}");
     assert!(unified.contains("\n+  - id: ship\n"), "{unified}");
-    assert_eq!(
-        d["stages"],
-        json!({ "added": ["ship"], "removed": [], "changed": ["build"] })
-    );
-    assert_eq!(
-        d["tasks"],
-        json!({ "added": ["lint", "upload"], "removed": ["test"], "changed": ["compile"] })
-    );
-    let same = ok_json(
-        app.get(
-            &format!("{}/deploy/diff?from=2&to=2", base(&admin)),
-            &admin.token,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    assert_eq!(d["stages"], json!({ "added": ["ship"], "removed": [], "changed": ["build"] }));
+    assert_eq!(d["tasks"], json!({ "added": ["lint", "upload"], "removed": ["test"], "changed": ["compile"] }));
+    let same =
+        ok_json(app.get(&format!("{}/deploy/diff?from=2&to=2", base(&admin)), &admin.token).await, StatusCode::OK)
+            .await;
     assert_eq!(same["unified"], "");
-    let r = app
-        .get(
-            &format!("{}/deploy/diff?from=1&to=9", base(&admin)),
-            &admin.token,
-        )
-        .await;
+    let r = app.get(&format!("{}/deploy/diff?from=1&to=9", base(&admin)), &admin.token).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
     // Restore v1 as v3.
-    let r = app
-        .post(
-            &format!("{}/deploy/versions/1/restore", base(&admin)),
-            &admin.token,
-            json!({}),
-        )
-        .await;
+    let r = app.post(&format!("{}/deploy/versions/1/restore", base(&admin)), &admin.token, json!({})).await;
     let v3 = ok_json(r, StatusCode::CREATED).await;
     assert_eq!(v3["version"], 3);
     assert_eq!(v3["latest_version"], 3);
     assert_eq!(v3["definition"], v1["definition"]);
     assert_eq!(v3["sha256"], v1["sha256"]);
     assert_eq!(v3["message"], "Restored version 1");
-    let d = ok_json(
-        app.get(
-            &format!("{}/deploy/diff?from=1&to=3", base(&admin)),
-            &admin.token,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(d["unified"], "");
-    let r = app
-        .post(
-            &format!("{}/deploy/versions/9/restore", base(&admin)),
-            &admin.token,
-            json!({}),
-        )
+    let d = ok_json(app.get(&format!("{}/deploy/diff?from=1&to=3", base(&admin)), &admin.token).await, StatusCode::OK)
         .await;
+    assert_eq!(d["unified"], "");
+    let r = app.post(&format!("{}/deploy/versions/9/restore", base(&admin)), &admin.token, json!({})).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // An empty body is fine too.
-    let r = app
-        .call(
-            Method::POST,
-            &format!("{}/deploy/versions/2/restore", base(&admin)),
-            Some(&admin.token),
-            None,
-        )
-        .await;
+    let r =
+        app.call(Method::POST, &format!("{}/deploy/versions/2/restore", base(&admin)), Some(&admin.token), None).await;
     let v4 = ok_json(r, StatusCode::CREATED).await;
     assert_eq!(v4["version"], 4);
     assert_eq!(v4["sha256"], sha2.as_str());
 
     // Archive: gone from the default listing, present with include_archived, no more edits.
-    let r = app
-        .post(
-            &format!("{}/deploy/archive", base(&admin)),
-            &admin.token,
-            json!({}),
-        )
-        .await;
+    let r = app.post(&format!("{}/deploy/archive", base(&admin)), &admin.token, json!({})).await;
     let s = ok_json(r, StatusCode::OK).await;
     assert_eq!(s["name"], "deploy");
     assert!(s["archived_at"].is_string(), "{s}");
     let list = ok_json(app.get(&base(&admin), &admin.token).await, StatusCode::OK).await;
     assert_eq!(list["items"], json!([]));
-    let list = ok_json(
-        app.get(
-            &format!("{}?include_archived=true", base(&admin)),
-            &admin.token,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let list =
+        ok_json(app.get(&format!("{}?include_archived=true", base(&admin)), &admin.token).await, StatusCode::OK).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["name"], "deploy");
     assert_eq!(list["items"][0]["latest_version"], 4);
     let r = update(&app, &admin, "deploy", PIPELINE, 4).await;
-    assert_eq!(
-        r.status(),
-        StatusCode::CONFLICT,
-        "updating an archived pipeline"
-    );
+    assert_eq!(r.status(), StatusCode::CONFLICT, "updating an archived pipeline");
     assert_eq!(problem(r).await["type"], "urn:sluice:problem:conflict");
-    let r = app
-        .post(
-            &format!("{}/deploy/versions/1/restore", base(&admin)),
-            &admin.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(
-        r.status(),
-        StatusCode::CONFLICT,
-        "restoring into an archived pipeline"
-    );
+    let r = app.post(&format!("{}/deploy/versions/1/restore", base(&admin)), &admin.token, json!({})).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT, "restoring into an archived pipeline");
     // Still readable, still at version 4.
-    let got = ok_json(
-        app.get(&format!("{}/deploy", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let got = ok_json(app.get(&format!("{}/deploy", base(&admin)), &admin.token).await, StatusCode::OK).await;
     assert_eq!(got["version"], 4);
     assert_eq!(got["archived"], true);
 
@@ -306,12 +185,7 @@ async fn lifecycle_versions_diff_restore_archive() {
     let changes: Vec<(String, Value)> = events
         .iter()
         .filter(|e| e["outcome"] == "allow")
-        .map(|e| {
-            (
-                e["action"].as_str().unwrap().to_owned(),
-                e["resource_version"].clone(),
-            )
-        })
+        .map(|e| (e["action"].as_str().unwrap().to_owned(), e["resource_version"].clone()))
         .collect();
     assert_eq!(
         changes,
@@ -323,33 +197,17 @@ async fn lifecycle_versions_diff_restore_archive() {
             ("pipeline.archive".to_owned(), json!(4)),
         ]
     );
-    assert!(
-        events
-            .iter()
-            .all(|e| e["resource_type"] == "Pipeline" && e["actor"] == admin.email.as_str())
-    );
+    assert!(events.iter().all(|e| e["resource_type"] == "Pipeline" && e["actor"] == admin.email.as_str()));
     let allowed: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "allow").collect();
     assert_eq!(allowed[0]["details"]["sha256"], sha1.as_str());
     assert_eq!(allowed[1]["details"]["base_version"], 1);
     assert_eq!(allowed[2]["details"]["restored_from"], 1);
     assert_eq!(allowed[2]["details"]["sha256"], sha1.as_str());
     // Archiving twice changes nothing and records nothing.
-    let r = app
-        .post(
-            &format!("{}/deploy/archive", base(&admin)),
-            &admin.token,
-            json!({}),
-        )
-        .await;
+    let r = app.post(&format!("{}/deploy/archive", base(&admin)), &admin.token, json!({})).await;
     assert_eq!(r.status(), StatusCode::OK);
     let again = audit_of(&app, &admin, "deploy").await;
-    assert_eq!(
-        again
-            .iter()
-            .filter(|e| e["action"] == "pipeline.archive")
-            .count(),
-        1
-    );
+    assert_eq!(again.iter().filter(|e| e["action"] == "pipeline.archive").count(), 1);
 }
 
 /// Definition text, error field, message excerpt, expected line and column.
@@ -384,63 +242,29 @@ async fn definition_errors_name_the_path_and_position() {
             .iter()
             .find(|e| e["field"] == *field)
             .unwrap_or_else(|| panic!("no error at {field}: {p}"));
-        assert!(
-            e["message"].as_str().unwrap().contains(needle),
-            "{needle}: {p}"
-        );
-        assert!(
-            p["detail"]
-                .as_str()
-                .unwrap()
-                .starts_with("invalid pipeline definition"),
-            "{p}"
-        );
+        assert!(e["message"].as_str().unwrap().contains(needle), "{needle}: {p}");
+        assert!(p["detail"].as_str().unwrap().starts_with("invalid pipeline definition"), "{p}");
         if let Some((line, column)) = pos {
-            assert_eq!(
-                (e["line"].as_u64(), e["column"].as_u64()),
-                (Some(*line), Some(*column)),
-                "{p}"
-            );
+            assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(*line), Some(*column)), "{p}");
         }
     }
     let r = app.create_pipeline(&admin, "good", PIPELINE).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let r = update(&app, &admin, "good", &cases[2].0, 1).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(
-        problem(r).await["errors"][0]["field"],
-        "definition.stages[0].tasks[1].needs[0]"
-    );
+    assert_eq!(problem(r).await["errors"][0]["field"], "definition.stages[0].tasks[1].needs[0]");
 
     // The definition's own name must match; the pipeline name must be a slug; names are unique.
-    let r = app
-        .create_pipeline(&admin, "named", &format!("name: other\n{PIPELINE}"))
-        .await;
+    let r = app.create_pipeline(&admin, "named", &format!("name: other\n{PIPELINE}")).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let p = problem(r).await;
     assert_eq!(p["errors"][0]["field"], "definition.name", "{p}");
-    let r = app
-        .create_pipeline(&admin, "named", &format!("name: named\n{PIPELINE}"))
-        .await;
+    let r = app.create_pipeline(&admin, "named", &format!("name: named\n{PIPELINE}")).await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = update(
-        &app,
-        &admin,
-        "named",
-        &format!("name: renamed\n{PIPELINE}"),
-        1,
-    )
-    .await;
+    let r = update(&app, &admin, "named", &format!("name: renamed\n{PIPELINE}"), 1).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(problem(r).await["errors"][0]["field"], "definition.name");
-    for bad in [
-        "Bad_Name",
-        "x",
-        "-lead",
-        "with space",
-        "ünï",
-        &"a".repeat(64),
-    ] {
+    for bad in ["Bad_Name", "x", "-lead", "with space", "ünï", &"a".repeat(64)] {
         let r = app.create_pipeline(&admin, bad, PIPELINE).await;
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
         let p = problem(r).await;
@@ -452,37 +276,16 @@ async fn definition_errors_name_the_path_and_position() {
     assert_eq!(p["type"], "urn:sluice:problem:conflict");
     assert_eq!(p["errors"][0]["field"], "name");
     // The duplicate did not touch the original.
-    let got = ok_json(
-        app.get(&format!("{}/good", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let got = ok_json(app.get(&format!("{}/good", base(&admin)), &admin.token).await, StatusCode::OK).await;
     assert_eq!(got["latest_version"], 1);
     assert_eq!(got["sha256"], canonical(PIPELINE).1.as_str());
 
     // Only the valid pipelines exist, and only their creations were audited.
     let list = ok_json(app.get(&base(&admin), &admin.token).await, StatusCode::OK).await;
-    let names: Vec<&str> = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["good", "named"]);
-    let r = app
-        .get(
-            &format!("/api/v1/t/{}/audit?action=pipeline.create", admin.tenant),
-            &admin.token,
-        )
-        .await;
-    assert_eq!(
-        ok_json(r, StatusCode::OK).await["items"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    let r = app.get(&format!("/api/v1/t/{}/audit?action=pipeline.create", admin.tenant), &admin.token).await;
+    assert_eq!(ok_json(r, StatusCode::OK).await["items"].as_array().unwrap().len(), 2);
 }
 
 #[actix_web::test]
@@ -490,21 +293,11 @@ async fn json_definitions_are_accepted_and_canonicalised() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("json")).await;
     let json_def = r#"{"stages": [{"id": "s", "tasks": [{"id": "t", "noop": true}]}]}"#;
-    let yaml_def = "# same thing\nstages:\n  - id: s\n    tasks:\n      - id: t\n        when: on_success\n        noop: true\n";
-    let a = ok_json(
-        app.create_pipeline(&admin, "from-json", json_def).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    let b = ok_json(
-        app.create_pipeline(&admin, "from-yaml", yaml_def).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    assert_eq!(
-        a["definition"],
-        "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n"
-    );
+    let yaml_def =
+        "# same thing\nstages:\n  - id: s\n    tasks:\n      - id: t\n        when: on_success\n        noop: true\n";
+    let a = ok_json(app.create_pipeline(&admin, "from-json", json_def).await, StatusCode::CREATED).await;
+    let b = ok_json(app.create_pipeline(&admin, "from-yaml", yaml_def).await, StatusCode::CREATED).await;
+    assert_eq!(a["definition"], "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n");
     assert_eq!(a["source"], json_def);
     assert_eq!(a["sha256"], b["sha256"]);
     assert_eq!(a["definition"], b["definition"]);
@@ -525,56 +318,28 @@ async fn concurrent_saves_from_the_same_base_one_wins() {
         assert_eq!(r.status(), StatusCode::CREATED);
         let def_a = PIPELINE.replace("cargo test", "cargo test --a");
         let def_b = PIPELINE.replace("cargo test", "cargo test --b");
-        let (ra, rb) = tokio::join!(
-            update(&app, &admin, &name, &def_a, 1),
-            update(&app, &admin, &name, &def_b, 1)
-        );
+        let (ra, rb) = tokio::join!(update(&app, &admin, &name, &def_a, 1), update(&app, &admin, &name, &def_b, 1));
         let mut statuses = [ra.status(), rb.status()];
         let (ta, tb) = (ra.text().await.unwrap(), rb.text().await.unwrap());
         statuses.sort();
-        assert_eq!(
-            statuses,
-            [StatusCode::OK, StatusCode::CONFLICT],
-            "round {round}: {ta} / {tb}"
-        );
-        let winner: Value =
-            serde_json::from_str(if ta.contains("\"version\"") { &ta } else { &tb }).unwrap();
-        let loser: Value =
-            serde_json::from_str(if ta.contains("\"version\"") { &tb } else { &ta }).unwrap();
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::CONFLICT], "round {round}: {ta} / {tb}");
+        let winner: Value = serde_json::from_str(if ta.contains("\"version\"") { &ta } else { &tb }).unwrap();
+        let loser: Value = serde_json::from_str(if ta.contains("\"version\"") { &tb } else { &ta }).unwrap();
         assert_eq!(winner["version"], 2);
         assert_eq!(loser["type"], "urn:sluice:problem:conflict");
         // The stored version is the winner's, and only one version 2 exists.
-        let got = ok_json(
-            app.get(&format!("{}/{name}", base(&admin)), &admin.token)
-                .await,
-            StatusCode::OK,
-        )
-        .await;
+        let got = ok_json(app.get(&format!("{}/{name}", base(&admin)), &admin.token).await, StatusCode::OK).await;
         assert_eq!(got["latest_version"], 2);
         assert_eq!(got["sha256"], winner["sha256"]);
-        let versions = ok_json(
-            app.get(&format!("{}/{name}/versions", base(&admin)), &admin.token)
-                .await,
-            StatusCode::OK,
-        )
-        .await;
+        let versions =
+            ok_json(app.get(&format!("{}/{name}/versions", base(&admin)), &admin.token).await, StatusCode::OK).await;
         assert_eq!(versions.as_array().unwrap().len(), 2);
-        let updates = audit_of(&app, &admin, &name)
-            .await
-            .into_iter()
-            .filter(|e| e["action"] == "pipeline.update")
-            .count();
+        let updates =
+            audit_of(&app, &admin, &name).await.into_iter().filter(|e| e["action"] == "pipeline.update").count();
         assert_eq!(updates, 1, "round {round}");
     }
-    let v = ok_json(
-        app.get(
-            &format!("/api/v1/t/{}/audit/verify", admin.tenant),
-            &admin.token,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let v =
+        ok_json(app.get(&format!("/api/v1/t/{}/audit/verify", admin.tenant), &admin.token).await, StatusCode::OK).await;
     assert_eq!(v["ok"], true, "{v}");
 }
 
@@ -583,25 +348,12 @@ async fn editors_author_their_versions() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("auth")).await;
     let editor = app.add_member(&admin, &["editors"]).await;
-    let v1 = ok_json(
-        app.create_pipeline(&admin, "shared", PIPELINE).await,
-        StatusCode::CREATED,
-    )
-    .await;
+    let v1 = ok_json(app.create_pipeline(&admin, "shared", PIPELINE).await, StatusCode::CREATED).await;
     assert_eq!(v1["author"], admin.email.as_str());
     let v2 = ok_json(update(&app, &editor, "shared", V2, 1).await, StatusCode::OK).await;
     assert_eq!(v2["author"], editor.email.as_str());
-    let versions = ok_json(
-        app.get(&format!("{}/shared/versions", base(&admin)), &admin.token)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
-    let authors: Vec<&str> = versions
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["author"].as_str().unwrap())
-        .collect();
+    let versions =
+        ok_json(app.get(&format!("{}/shared/versions", base(&admin)), &admin.token).await, StatusCode::OK).await;
+    let authors: Vec<&str> = versions.as_array().unwrap().iter().map(|v| v["author"].as_str().unwrap()).collect();
     assert_eq!(authors, [editor.email.as_str(), admin.email.as_str()]);
 }

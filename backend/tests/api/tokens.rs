@@ -20,26 +20,17 @@ fn in_days(days: i64) -> DateTime<Utc> {
 }
 
 async fn create(app: &TestApp, m: &Member, body: Value) -> Response {
-    app.post(&format!("/api/v1/t/{}/tokens", m.tenant), &m.token, body)
-        .await
+    app.post(&format!("/api/v1/t/{}/tokens", m.tenant), &m.token, body).await
 }
 
 async fn list(app: &TestApp, m: &Member) -> Vec<Value> {
-    let r = app
-        .get(&format!("/api/v1/t/{}/tokens", m.tenant), &m.token)
-        .await;
+    let r = app.get(&format!("/api/v1/t/{}/tokens", m.tenant), &m.token).await;
     assert_eq!(r.status(), StatusCode::OK);
     r.json().await.unwrap()
 }
 
 async fn revoke(app: &TestApp, m: &Member, id: &str) -> Response {
-    app.call(
-        Method::DELETE,
-        &format!("/api/v1/t/{}/tokens/{id}", m.tenant),
-        Some(&m.token),
-        None,
-    )
-    .await
+    app.call(Method::DELETE, &format!("/api/v1/t/{}/tokens/{id}", m.tenant), Some(&m.token), None).await
 }
 
 async fn expect_problem(r: Response, status: StatusCode, slug: &str) -> Value {
@@ -70,7 +61,12 @@ async fn token_life_cycle() {
     let t = slug("tok");
     let admin = app.signup(&t).await;
     let expires = in_days(30);
-    let r = create(&app, &admin, json!({ "name": "  deploy bot  ", "expires_at": expires, "groups": ["viewers", "editors", "viewers"] })).await;
+    let r = create(
+        &app,
+        &admin,
+        json!({ "name": "  deploy bot  ", "expires_at": expires, "groups": ["viewers", "editors", "viewers"] }),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let created: Value = r.json().await.unwrap();
     let token = created["token"].as_str().unwrap().to_owned();
@@ -81,14 +77,7 @@ async fn token_life_cycle() {
     assert_eq!(created["name"], "deploy bot");
     assert_eq!(created["created_by"], admin.email);
     assert_eq!(created["groups"], json!(["editors", "viewers"]));
-    assert_eq!(
-        created["expires_at"]
-            .as_str()
-            .unwrap()
-            .parse::<DateTime<Utc>>()
-            .unwrap(),
-        expires
-    );
+    assert_eq!(created["expires_at"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), expires);
     assert_eq!(created["last_used_at"], Value::Null);
     assert_eq!(created["revoked_at"], Value::Null);
     assert!(created.get("token_hash").is_none());
@@ -100,50 +89,25 @@ async fn token_life_cycle() {
     assert_eq!(items.len(), 2);
     let item = items.iter().find(|i| i["id"] == id.as_str()).unwrap();
     assert_eq!(items[1]["id"], id.as_str(), "newest first");
-    for k in [
-        "prefix",
-        "name",
-        "created_by",
-        "groups",
-        "last_used_at",
-        "revoked_at",
-    ] {
+    for k in ["prefix", "name", "created_by", "groups", "last_used_at", "revoked_at"] {
         assert_eq!(item[k], created[k], "{k}");
     }
     let time = |v: &Value, k: &str| v[k].as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
     assert_eq!(time(item, "expires_at"), expires);
-    assert!(
-        (time(item, "created_at") - time(&created, "created_at")).abs() < Duration::milliseconds(1)
-    );
+    assert!((time(item, "created_at") - time(&created, "created_at")).abs() < Duration::milliseconds(1));
     let mut keys: Vec<&String> = item.as_object().unwrap().keys().collect();
     keys.sort();
     assert_eq!(
         keys,
-        [
-            "created_at",
-            "created_by",
-            "expires_at",
-            "groups",
-            "id",
-            "last_used_at",
-            "name",
-            "prefix",
-            "revoked_at"
-        ]
+        ["created_at", "created_by", "expires_at", "groups", "id", "last_used_at", "name", "prefix", "revoked_at"]
     );
     let listed = serde_json::to_string(&items).unwrap();
     for secret in [&token, &second] {
         assert!(
-            !listed.contains(&secret[..])
-                && !listed.contains(&sha256_hex(secret))
-                && !listed.contains(&secret[4..36])
+            !listed.contains(&secret[..]) && !listed.contains(&sha256_hex(secret)) && !listed.contains(&secret[4..36])
         );
     }
-    assert!(
-        items
-            .iter()
-            .all(|i| i.get("token").is_none() && i.get("token_hash").is_none())
-    );
+    assert!(items.iter().all(|i| i.get("token").is_none() && i.get("token_hash").is_none()));
 
     // Used as a Bearer credential in its tenant, with its own groups.
     let r = app.get(&format!("/api/v1/t/{t}/pipelines"), &token).await;
@@ -151,10 +115,7 @@ async fn token_life_cycle() {
     let r = app.get("/api/v1/me", &token).await;
     let me: Value = r.json().await.unwrap();
     assert_eq!(me["principal"], "token");
-    assert_eq!(
-        me["memberships"][0]["groups"],
-        json!(["editors", "viewers"])
-    );
+    assert_eq!(me["memberships"][0]["groups"], json!(["editors", "viewers"]));
     // last_used_at is recorded (in the background).
     let mut last_used = Value::Null;
     for _ in 0..50 {
@@ -165,70 +126,26 @@ async fn token_life_cycle() {
         }
         actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let last_used: DateTime<Utc> = last_used
-        .as_str()
-        .expect("last_used_at set after use")
-        .parse()
-        .unwrap();
+    let last_used: DateTime<Utc> = last_used.as_str().expect("last_used_at set after use").parse().unwrap();
     let created_at: DateTime<Utc> = created["created_at"].as_str().unwrap().parse().unwrap();
-    assert!(
-        last_used >= created_at && last_used <= Utc::now(),
-        "{last_used} vs {created_at}"
-    );
+    assert!(last_used >= created_at && last_used <= Utc::now(), "{last_used} vs {created_at}");
 
     // Revoked: refused from the next request on; revoking again is fine; others unaffected.
-    assert_eq!(
-        revoke(&app, &admin, &id).await.status(),
-        StatusCode::NO_CONTENT
-    );
+    assert_eq!(revoke(&app, &admin, &id).await.status(), StatusCode::NO_CONTENT);
     expect_401(app.get(&format!("/api/v1/t/{t}/pipelines"), &token).await).await;
     expect_401(app.get("/api/v1/me", &token).await).await;
-    assert_eq!(
-        revoke(&app, &admin, &id).await.status(),
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(
-        app.get(&format!("/api/v1/t/{t}/pipelines"), &second)
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(revoke(&app, &admin, &id).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/pipelines"), &second).await.status(), StatusCode::OK);
     let items = list(&app, &admin).await;
     let item = items.iter().find(|i| i["id"] == id.as_str()).unwrap();
-    assert!(
-        item["revoked_at"]
-            .as_str()
-            .unwrap()
-            .parse::<DateTime<Utc>>()
-            .is_ok()
-    );
-    expect_problem(
-        revoke(&app, &admin, &Uuid::new_v4().to_string()).await,
-        StatusCode::NOT_FOUND,
-        "not-found",
-    )
-    .await;
-    expect_problem(
-        revoke(&app, &admin, "not-a-uuid").await,
-        StatusCode::NOT_FOUND,
-        "not-found",
-    )
-    .await;
+    assert!(item["revoked_at"].as_str().unwrap().parse::<DateTime<Utc>>().is_ok());
+    expect_problem(revoke(&app, &admin, &Uuid::new_v4().to_string()).await, StatusCode::NOT_FOUND, "not-found").await;
+    expect_problem(revoke(&app, &admin, "not-a-uuid").await, StatusCode::NOT_FOUND, "not-found").await;
 
     // Audited, naming the token by prefix only.
-    let r = app
-        .get(
-            &format!("/api/v1/t/{t}/audit?resource_id={id}"),
-            &admin.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?resource_id={id}"), &admin.token).await;
     let audit: Value = r.json().await.unwrap();
-    let actions: Vec<&str> = audit["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions: Vec<&str> = audit["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["token.revoke", "token.create"], "{audit}");
     assert_eq!(audit["items"][1]["details"]["prefix"], token[..10]);
     assert!(!audit.to_string().contains(&token[4..36]));
@@ -243,90 +160,45 @@ async fn token_expiry_and_fields_are_validated() {
     let r = create(&app, &admin, json!({ "name": "x", "groups": ["viewers"] })).await;
     let p = expect_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
     assert!(p["detail"].as_str().unwrap().contains("expires_at"), "{p}");
-    let r = create(
-        &app,
-        &admin,
-        json!({ "name": "x", "expires_at": null, "groups": [] }),
-    )
-    .await;
+    let r = create(&app, &admin, json!({ "name": "x", "expires_at": null, "groups": [] })).await;
     expect_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
-    let r = create(
-        &app,
-        &admin,
-        json!({ "name": "x", "expires_at": "next tuesday", "groups": [] }),
-    )
-    .await;
+    let r = create(&app, &admin, json!({ "name": "x", "expires_at": "next tuesday", "groups": [] })).await;
     expect_problem(r, StatusCode::BAD_REQUEST, "bad-request").await;
 
     expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": Utc::now() - Duration::minutes(1), "groups": [] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "x", "expires_at": Utc::now() - Duration::minutes(1), "groups": [] }))
+            .await,
         "expires_at",
     )
     .await;
     expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(366), "groups": [] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(366), "groups": [] })).await,
         "expires_at",
     )
     .await;
     assert_eq!(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(364), "groups": [] })
-        )
-        .await
-        .status(),
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(364), "groups": [] })).await.status(),
         StatusCode::CREATED
     );
 
     expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "   ", "expires_at": in_days(1), "groups": [] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "   ", "expires_at": in_days(1), "groups": [] })).await,
         "name",
     )
     .await;
     expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "n".repeat(101), "expires_at": in_days(1), "groups": [] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "n".repeat(101), "expires_at": in_days(1), "groups": [] })).await,
         "name",
     )
     .await;
     let p = expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(1), "groups": ["nope"] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(1), "groups": ["nope"] })).await,
         "groups[0]",
     )
     .await;
     assert!(p["errors"][0]["message"].as_str().unwrap().contains("nope"));
     expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(1), "groups": ["viewers", "Admins"] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(1), "groups": ["viewers", "Admins"] })).await,
         "groups[1]",
     )
     .await;
@@ -337,30 +209,13 @@ async fn token_expiry_and_fields_are_validated() {
     let app = spawn_app_with(|c| c.token_max_days = 7).await;
     let admin = app.signup(&slug("tokmax")).await;
     let p = expect_invalid(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(8), "groups": [] }),
-        )
-        .await,
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(8), "groups": [] })).await,
         "expires_at",
     )
     .await;
-    assert!(
-        p["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("7 days"),
-        "{p}"
-    );
+    assert!(p["errors"][0]["message"].as_str().unwrap().contains("7 days"), "{p}");
     assert_eq!(
-        create(
-            &app,
-            &admin,
-            json!({ "name": "x", "expires_at": in_days(6), "groups": [] })
-        )
-        .await
-        .status(),
+        create(&app, &admin, json!({ "name": "x", "expires_at": in_days(6), "groups": [] })).await.status(),
         StatusCode::CREATED
     );
 }
@@ -371,22 +226,11 @@ async fn a_token_never_has_more_groups_than_its_creator() {
     let t = slug("tokgrp");
     let admin = app.signup(&t).await;
     let editor = app.add_member(&admin, &["editors"]).await;
-    let body =
-        |groups: Value| json!({ "name": "mine", "expires_at": in_days(3), "groups": groups });
+    let body = |groups: Value| json!({ "name": "mine", "expires_at": in_days(3), "groups": groups });
     // The default policies let only admins create tokens.
-    expect_problem(
-        create(&app, &editor, body(json!(["editors"]))).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    )
-    .await;
+    expect_problem(create(&app, &editor, body(json!(["editors"]))).await, StatusCode::FORBIDDEN, "forbidden").await;
     // A tenant may let editors create tokens; they still cannot hand out groups they lack.
-    let policies: Value = app
-        .get(&format!("/api/v1/t/{t}/policies"), &admin.token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let policies: Value = app.get(&format!("/api/v1/t/{t}/policies"), &admin.token).await.json().await.unwrap();
     let text = format!(
         "{}\n@id(\"editors-create-tokens\")\npermit (principal in Group::\"editors\", action == Action::\"token.create\", resource);\n",
         policies["text"].as_str().unwrap()
@@ -400,45 +244,18 @@ async fn a_token_never_has_more_groups_than_its_creator() {
         .await;
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
 
-    let p = expect_invalid(
-        create(&app, &editor, body(json!(["admins"]))).await,
-        "groups[0]",
-    )
-    .await;
+    let p = expect_invalid(create(&app, &editor, body(json!(["admins"]))).await, "groups[0]").await;
     assert!(p["detail"].as_str().unwrap().contains("admins"), "{p}");
-    expect_invalid(
-        create(&app, &editor, body(json!(["viewers"]))).await,
-        "groups[0]",
-    )
-    .await;
+    expect_invalid(create(&app, &editor, body(json!(["viewers"]))).await, "groups[0]").await;
     // The index points into the request as sent.
-    expect_invalid(
-        create(&app, &editor, body(json!(["editors", "admins"]))).await,
-        "groups[1]",
-    )
-    .await;
-    expect_invalid(
-        create(&app, &editor, body(json!(["viewers", "editors"]))).await,
-        "groups[0]",
-    )
-    .await;
-    expect_invalid(
-        create(&app, &editor, body(json!(["editors", "nope"]))).await,
-        "groups[1]",
-    )
-    .await;
+    expect_invalid(create(&app, &editor, body(json!(["editors", "admins"]))).await, "groups[1]").await;
+    expect_invalid(create(&app, &editor, body(json!(["viewers", "editors"]))).await, "groups[0]").await;
+    expect_invalid(create(&app, &editor, body(json!(["editors", "nope"]))).await, "groups[1]").await;
 
     // Their own group is fine.
     let r = create(&app, &editor, body(json!(["editors"]))).await;
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "an editor may create a token with their own group"
-    );
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    assert_eq!(r.status(), StatusCode::CREATED, "an editor may create a token with their own group");
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
     let me: Value = app.get("/api/v1/me", &token).await.json().await.unwrap();
     assert_eq!(me["memberships"][0]["groups"], json!(["editors"]));
     // An admin may hand out any group.
@@ -466,12 +283,7 @@ async fn expired_token_is_refused() {
     let admin = app.signup(&t).await;
     let (id, token) = app.create_token(&admin, &["viewers"]).await;
     let (other_id, other) = app.create_token(&admin, &["viewers"]).await;
-    assert_eq!(
-        app.get(&format!("/api/v1/t/{t}/pipelines"), &token)
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/pipelines"), &token).await.status(), StatusCode::OK);
     let past = Utc::now() - Duration::seconds(1);
     let n = app
         .sql(
@@ -483,9 +295,7 @@ async fn expired_token_is_refused() {
     expect_401(app.get(&format!("/api/v1/t/{t}/pipelines"), &token).await).await;
     expect_401(app.get("/api/v1/me", &token).await).await;
     assert_eq!(
-        app.get(&format!("/api/v1/t/{t}/pipelines"), &other)
-            .await
-            .status(),
+        app.get(&format!("/api/v1/t/{t}/pipelines"), &other).await.status(),
         StatusCode::OK,
         "{other_id} unaffected"
     );
@@ -507,41 +317,22 @@ async fn a_token_only_works_in_its_tenant() {
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let (_, token) = app.create_token(&admin_a, &["admins"]).await;
-    assert_eq!(
-        app.get(&format!("/api/v1/t/{ta}/pipelines"), &token)
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get(&format!("/api/v1/t/{ta}/pipelines"), &token).await.status(), StatusCode::OK);
     for path in [
         format!("/api/v1/t/{tb}/pipelines"),
         format!("/api/v1/t/{tb}"),
         format!("/api/v1/t/{tb}/tokens"),
         "/api/v1/t/no-such-tenant/pipelines".into(),
     ] {
-        expect_problem(
-            app.get(&path, &token).await,
-            StatusCode::NOT_FOUND,
-            "not-found",
-        )
-        .await;
+        expect_problem(app.get(&path, &token).await, StatusCode::NOT_FOUND, "not-found").await;
     }
     let r = app
-        .post(
-            &format!("/api/v1/t/{tb}/tokens"),
-            &token,
-            json!({ "name": "x", "expires_at": in_days(1), "groups": [] }),
-        )
+        .post(&format!("/api/v1/t/{tb}/tokens"), &token, json!({ "name": "x", "expires_at": in_days(1), "groups": [] }))
         .await;
     expect_problem(r, StatusCode::NOT_FOUND, "not-found").await;
     // A's token ids are unknown in B.
     let (id_a, _) = app.create_token(&admin_a, &["viewers"]).await;
-    expect_problem(
-        revoke(&app, &admin_b, &id_a).await,
-        StatusCode::NOT_FOUND,
-        "not-found",
-    )
-    .await;
+    expect_problem(revoke(&app, &admin_b, &id_a).await, StatusCode::NOT_FOUND, "not-found").await;
 }
 
 #[actix_web::test]
@@ -560,10 +351,7 @@ async fn a_bad_checksum_is_refused_before_any_lookup() {
     let n = app
         .sql(
             "UPDATE api_tokens SET token_hash = $1 WHERE id = $2",
-            vec![
-                sha256_hex(&corrupted).into(),
-                Uuid::parse_str(&id).unwrap().into(),
-            ],
+            vec![sha256_hex(&corrupted).into(), Uuid::parse_str(&id).unwrap().into()],
         )
         .await;
     assert_eq!(n, 1);
@@ -572,20 +360,12 @@ async fn a_bad_checksum_is_refused_before_any_lookup() {
     // Swap back: the real token works again, so the refusal above was the checksum's.
     app.sql(
         "UPDATE api_tokens SET token_hash = $1 WHERE id = $2",
-        vec![
-            sha256_hex(&token).into(),
-            Uuid::parse_str(&id).unwrap().into(),
-        ],
+        vec![sha256_hex(&token).into(), Uuid::parse_str(&id).unwrap().into()],
     )
     .await;
     assert_eq!(app.get(&path, &token).await.status(), StatusCode::OK);
     // A changed random part with the old checksum, a truncated and an extended token.
-    let flipped = format!(
-        "{}{}{}",
-        &token[..8],
-        if &token[8..9] == "Z" { "Y" } else { "Z" },
-        &token[9..]
-    );
+    let flipped = format!("{}{}{}", &token[..8], if &token[8..9] == "Z" { "Y" } else { "Z" }, &token[9..]);
     for bad in [
         flipped,
         token[..41].to_owned(),
@@ -608,37 +388,20 @@ async fn removing_the_owner_stops_their_tokens() {
     let path = format!("/api/v1/t/{t}/pipelines");
     assert_eq!(app.get(&path, &token).await.status(), StatusCode::OK);
 
-    let r = app
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/t/{t}/members/{}", owner.user_id),
-            Some(&admin.token),
-            None,
-        )
-        .await;
+    let r =
+        app.call(Method::DELETE, &format!("/api/v1/t/{t}/members/{}", owner.user_id), Some(&admin.token), None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     expect_401(app.get(&path, &token).await).await;
     assert_eq!(app.get(&path, &admins_token).await.status(), StatusCode::OK);
     let items = list(&app, &admin).await;
-    assert!(
-        items.iter().find(|i| i["id"] == id.as_str()).unwrap()["revoked_at"].is_string(),
-        "{items:?}"
-    );
+    assert!(items.iter().find(|i| i["id"] == id.as_str()).unwrap()["revoked_at"].is_string(), "{items:?}");
     // Coming back does not revive the token.
     let r = app
-        .post(
-            &format!("/api/v1/t/{t}/members"),
-            &admin.token,
-            json!({ "email": owner.email, "groups": ["admins"] }),
-        )
+        .post(&format!("/api/v1/t/{t}/members"), &admin.token, json!({ "email": owner.email, "groups": ["admins"] }))
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     expect_401(app.get(&path, &token).await).await;
-    assert_eq!(
-        app.get(&path, &owner.token).await.status(),
-        StatusCode::OK,
-        "their login works again"
-    );
+    assert_eq!(app.get(&path, &owner.token).await.status(), StatusCode::OK, "their login works again");
 }
 
 #[derive(FromQueryResult)]
@@ -647,11 +410,7 @@ struct Name {
 }
 
 async fn names(app: &TestApp, sql: &str, values: Vec<sea_orm::Value>) -> Vec<String> {
-    let rows: Vec<Name> = app
-        .store()
-        .query_all(app.store().db(), sql, values)
-        .await
-        .unwrap();
+    let rows: Vec<Name> = app.store().query_all(app.store().db(), sql, values).await.unwrap();
     let mut v: Vec<String> = rows.into_iter().map(|r| r.name).collect();
     v.sort();
     v
@@ -662,12 +421,7 @@ async fn dump_database(app: &TestApp) -> String {
     let tables = if app.database_url.starts_with("postgres") {
         names(app, "SELECT table_name::text AS name FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'", vec![]).await
     } else {
-        names(
-            app,
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
-            vec![],
-        )
-        .await
+        names(app, "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'", vec![]).await
     };
     for expected in [
         "tenants",
@@ -685,36 +439,22 @@ async fn dump_database(app: &TestApp) -> String {
         "audit_events",
         "login_throttle",
     ] {
-        assert!(
-            tables.iter().any(|t| t == expected),
-            "table {expected} missing from {tables:?}"
-        );
+        assert!(tables.iter().any(|t| t == expected), "table {expected} missing from {tables:?}");
     }
     let mut out = String::new();
     for table in &tables {
         let columns = if app.database_url.starts_with("postgres") {
             names(app, "SELECT column_name::text AS name FROM information_schema.columns WHERE table_schema = 'public' AND table_name = $1", vec![table.clone().into()]).await
         } else {
-            names(
-                app,
-                "SELECT name FROM pragma_table_info($1)",
-                vec![table.clone().into()],
-            )
-            .await
+            names(app, "SELECT name FROM pragma_table_info($1)", vec![table.clone().into()]).await
         };
         assert!(!columns.is_empty(), "{table}");
-        let rows: Vec<Value> = app
-            .store()
-            .query_all(app.store().db(), &format!("SELECT * FROM {table}"), vec![])
-            .await
-            .unwrap();
+        let rows: Vec<Value> =
+            app.store().query_all(app.store().db(), &format!("SELECT * FROM {table}"), vec![]).await.unwrap();
         for row in rows {
             let obj = row.as_object().unwrap();
             for c in &columns {
-                assert!(
-                    obj.contains_key(c),
-                    "column {table}.{c} was not dumped: {row}"
-                );
+                assert!(obj.contains_key(c), "column {table}.{c} was not dumped: {row}");
             }
             out.push_str(&format!("{table}: {row}\n"));
         }
@@ -729,37 +469,12 @@ async fn only_hashes_of_secrets_are_stored() {
     let admin = app.signup(&t).await;
     let (_, token) = app.create_token(&admin, &["viewers"]).await;
     let (revoked_id, revoked) = app.create_token(&admin, &["editors"]).await;
-    assert_eq!(
-        app.get(&format!("/api/v1/t/{t}/pipelines"), &token)
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        app.get(&format!("/api/v1/t/{t}/pipelines"), &revoked)
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        revoke(&app, &admin, &revoked_id).await.status(),
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(
-        app.create_pipeline(&admin, "deploy", PIPELINE)
-            .await
-            .status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/pipelines"), &token).await.status(), StatusCode::OK);
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/pipelines"), &revoked).await.status(), StatusCode::OK);
+    assert_eq!(revoke(&app, &admin, &revoked_id).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(app.create_pipeline(&admin, "deploy", PIPELINE).await.status(), StatusCode::CREATED);
     // A rotated and a current refresh token, an invitation, a failed login.
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/refresh",
-            None,
-            Some(json!({ "refresh_token": admin.refresh })),
-        )
-        .await;
+    let r = app.call(Method::POST, "/api/v1/auth/refresh", None, Some(json!({ "refresh_token": admin.refresh }))).await;
     assert_eq!(r.status(), StatusCode::OK);
     let refreshed: Value = r.json().await.unwrap();
     let refresh2 = refreshed["refresh_token"].as_str().unwrap().to_owned();
@@ -770,10 +485,7 @@ async fn only_hashes_of_secrets_are_stored() {
             json!({ "email": "invitee@tokdb.example", "groups": [] }),
         )
         .await;
-    let invite = r.json::<Value>().await.unwrap()["invitation_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let invite = r.json::<Value>().await.unwrap()["invitation_token"].as_str().unwrap().to_owned();
     let r = app
         .call(
             Method::POST,
@@ -785,11 +497,7 @@ async fn only_hashes_of_secrets_are_stored() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // Wait for the background last_used_at update, so the dump sees a settled database.
     for _ in 0..50 {
-        if list(&app, &admin)
-            .await
-            .iter()
-            .all(|i| !i["last_used_at"].is_null())
-        {
+        if list(&app, &admin).await.iter().all(|i| !i["last_used_at"].is_null()) {
             break;
         }
         actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -804,32 +512,17 @@ async fn only_hashes_of_secrets_are_stored() {
         ("invitation", &invite),
     ];
     for (what, secret) in secrets {
-        assert!(
-            !dump.contains(secret.as_str()),
-            "{what} stored in plaintext"
-        );
-        assert!(
-            dump.contains(&sha256_hex(secret)),
-            "{what}: its SHA-256 is stored"
-        );
-        assert!(
-            !dump.to_lowercase().contains(&secret.to_lowercase()),
-            "{what} stored in another case"
-        );
+        assert!(!dump.contains(secret.as_str()), "{what} stored in plaintext");
+        assert!(dump.contains(&sha256_hex(secret)), "{what}: its SHA-256 is stored");
+        assert!(!dump.to_lowercase().contains(&secret.to_lowercase()), "{what} stored in another case");
     }
     for secret in [&token, &revoked] {
         // The random part beyond the displayed prefix is nowhere.
         assert!(!dump.contains(&secret[10..]), "token body stored");
     }
     assert!(!dump.contains(&admin.token), "access token stored");
-    assert!(
-        !dump.contains(PASSWORD) && !dump.contains("wrong-password-1"),
-        "a password stored"
-    );
-    assert!(
-        dump.contains("$argon2id$"),
-        "password hashes are dumped too"
-    );
+    assert!(!dump.contains(PASSWORD) && !dump.contains("wrong-password-1"), "a password stored");
+    assert!(dump.contains("$argon2id$"), "password hashes are dumped too");
 }
 
 /// The README's example: a viewers token asking for another token is refused, whatever the body.
@@ -840,39 +533,16 @@ async fn a_viewers_token_cannot_create_tokens() {
     let admin = app.signup(&t).await;
     let (id, token) = app.create_token(&admin, &["viewers"]).await;
     let path = format!("/api/v1/t/{t}/tokens");
-    for body in [
-        json!({}),
-        json!({ "name": "more", "expires_at": in_days(1), "groups": ["viewers"] }),
-    ] {
-        expect_problem(
-            app.post(&path, &token, body).await,
-            StatusCode::FORBIDDEN,
-            "forbidden",
-        )
-        .await;
+    for body in [json!({}), json!({ "name": "more", "expires_at": in_days(1), "groups": ["viewers"] })] {
+        expect_problem(app.post(&path, &token, body).await, StatusCode::FORBIDDEN, "forbidden").await;
     }
     // An admin sending the empty body gets the malformed-request answer.
-    expect_problem(
-        app.post(&path, &admin.token, json!({})).await,
-        StatusCode::BAD_REQUEST,
-        "bad-request",
-    )
-    .await;
+    expect_problem(app.post(&path, &admin.token, json!({})).await, StatusCode::BAD_REQUEST, "bad-request").await;
     assert_eq!(list(&app, &admin).await.len(), 1);
     // The refusals are audited, naming the token.
-    let r = app
-        .get(
-            &format!("/api/v1/t/{t}/audit?action=token.create&outcome=deny"),
-            &admin.token,
-        )
-        .await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?action=token.create&outcome=deny"), &admin.token).await;
     let v: Value = r.json().await.unwrap();
     let items = v["items"].as_array().unwrap();
     assert_eq!(items.len(), 2, "{v}");
-    assert!(
-        items
-            .iter()
-            .all(|e| e["actor_type"] == "token" && e["actor_id"] == id.as_str()),
-        "{v}"
-    );
+    assert!(items.iter().all(|e| e["actor_type"] == "token" && e["actor_id"] == id.as_str()), "{v}");
 }

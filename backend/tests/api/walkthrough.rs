@@ -18,8 +18,11 @@ async fn signup_login_pipeline_versions_diff_token_audit() {
 
     let v2_yaml = PIPELINE.replace("cargo test", "cargo test --all");
     let r = app
-        .put(&format!("/api/v1/t/{t}/pipelines/deploy-api"), &admin.token,
-            json!({ "definition": v2_yaml, "message": "test everything", "base_version": 1 }))
+        .put(
+            &format!("/api/v1/t/{t}/pipelines/deploy-api"),
+            &admin.token,
+            json!({ "definition": v2_yaml, "message": "test everything", "base_version": 1 }),
+        )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let v2: Value = r.json().await.unwrap();

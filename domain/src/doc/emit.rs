@@ -113,8 +113,7 @@ fn is_plain_safe(s: &str) -> bool {
     };
     first != '-'
         && first != '.'
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
         && matches!(resolve_plain(s), Ok(Value::Str(_)))
 }
 
@@ -179,22 +178,14 @@ mod tests {
     fn writes_block_style() {
         let tree = Node::new(
             Value::Map(vec![
-                Entry {
-                    key: "name".into(),
-                    key_mark: None,
-                    value: s("deploy-api"),
-                },
+                Entry { key: "name".into(), key_mark: None, value: s("deploy-api") },
                 Entry {
                     key: "stages".into(),
                     key_mark: None,
                     value: Node::new(
                         Value::Seq(vec![Node::new(
                             Value::Map(vec![
-                                Entry {
-                                    key: "id".into(),
-                                    key_mark: None,
-                                    value: s("build"),
-                                },
+                                Entry { key: "id".into(), key_mark: None, value: s("build") },
                                 Entry {
                                     key: "run".into(),
                                     key_mark: None,
@@ -224,9 +215,7 @@ mod tests {
 
     #[test]
     fn quotes_what_needs_quoting() {
-        for v in [
-            "true", "null", "1", "1.5", "0x1", "", " a", "a: b", "#x", "-x", ".inf", "é", "a\"b\\",
-        ] {
+        for v in ["true", "null", "1", "1.5", "0x1", "", " a", "a: b", "#x", "-x", ".inf", "é", "a\"b\\"] {
             let mut out = String::new();
             write_string(&mut out, v);
             assert!(out.starts_with('"'), "{v} -> {out}");
@@ -240,10 +229,7 @@ mod tests {
     fn nested_sequences_and_floats() {
         let tree = Node::new(
             Value::Seq(vec![
-                Node::new(
-                    Value::Seq(vec![s("a"), Node::new(Value::Seq(vec![s("b")]), None)]),
-                    None,
-                ),
+                Node::new(Value::Seq(vec![s("a"), Node::new(Value::Seq(vec![s("b")]), None)]), None),
                 Node::new(Value::Float(1.0), None),
                 Node::new(Value::Float(1e100), None),
                 Node::new(Value::Float(-2.5e-7), None),

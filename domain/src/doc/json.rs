@@ -32,10 +32,7 @@ impl NodeSeed<'_> {
 
     fn string<E: serde::de::Error>(&self, s: String) -> Result<Node, E> {
         if s.len() > MAX_STRING_BYTES {
-            return Err(self.fail(format!(
-                "string is {} bytes long; the limit is {MAX_STRING_BYTES} bytes",
-                s.len()
-            )));
+            return Err(self.fail(format!("string is {} bytes long; the limit is {MAX_STRING_BYTES} bytes", s.len())));
         }
         Ok(Node::new(Value::Str(s), None))
     }
@@ -75,10 +72,7 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Node, E> {
-        Ok(Node::new(
-            i64::try_from(v).map_or(Value::UInt(v), Value::Int),
-            None,
-        ))
+        Ok(Node::new(i64::try_from(v).map_or(Value::UInt(v), Value::Int), None))
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Node, E> {
@@ -101,17 +95,11 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         let depth = self.enter()?;
         let mut items = Vec::new();
         loop {
-            match seq.next_element_seed(NodeSeed {
-                depth,
-                info: self.info,
-            }) {
+            match seq.next_element_seed(NodeSeed { depth, info: self.info }) {
                 Ok(Some(item)) => items.push(item),
                 Ok(None) => break,
                 Err(e) => {
-                    self.info
-                        .borrow_mut()
-                        .reversed_path
-                        .push(Seg::Index(items.len()));
+                    self.info.borrow_mut().reversed_path.push(Seg::Index(items.len()));
                     return Err(e);
                 }
             }
@@ -125,10 +113,9 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         let mut seen = BTreeSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if key.len() > MAX_STRING_BYTES {
-                return Err(self.fail(format!(
-                    "key is {} bytes long; the limit is {MAX_STRING_BYTES} bytes",
-                    key.len()
-                )));
+                return Err(
+                    self.fail(format!("key is {} bytes long; the limit is {MAX_STRING_BYTES} bytes", key.len()))
+                );
             }
             if !seen.insert(key.clone()) {
                 let message = format!("duplicate key `{key}`");
@@ -136,15 +123,8 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
                 self.info.borrow_mut().reversed_path.push(Seg::Key(key));
                 return Err(A::Error::custom(message));
             }
-            match map.next_value_seed(NodeSeed {
-                depth,
-                info: self.info,
-            }) {
-                Ok(value) => entries.push(Entry {
-                    key,
-                    key_mark: None,
-                    value,
-                }),
+            match map.next_value_seed(NodeSeed { depth, info: self.info }) {
+                Ok(value) => entries.push(Entry { key, key_mark: None, value }),
                 Err(e) => {
                     self.info.borrow_mut().reversed_path.push(Seg::Key(key));
                     return Err(e);
@@ -159,12 +139,9 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
 pub(crate) fn load(text: &str) -> Result<Node, Problem> {
     let info = RefCell::new(ErrorInfo::default());
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let result = NodeSeed {
-        depth: 0,
-        info: &info,
-    }
-    .deserialize(&mut deserializer)
-    .and_then(|node| deserializer.end().map(|()| node));
+    let result = NodeSeed { depth: 0, info: &info }
+        .deserialize(&mut deserializer)
+        .and_then(|node| deserializer.end().map(|()| node));
     result.map_err(|error| {
         let info = info.into_inner();
         let mut path = info.reversed_path;
@@ -195,9 +172,7 @@ mod tests {
     #[test]
     fn loads_in_order() {
         let node = load(r#"{"b": 1, "a": [true, null, 1.5, "x", 18446744073709551615]}"#).unwrap();
-        let Value::Map(entries) = node.value else {
-            panic!()
-        };
+        let Value::Map(entries) = node.value else { panic!() };
         assert_eq!(entries[0].key, "b");
         assert_eq!(entries[1].key, "a");
     }
@@ -215,13 +190,7 @@ mod tests {
         let err = load("{\"a\": [1, 2,]}").unwrap_err();
         assert!(err.message.starts_with("JSON syntax error"), "{err:?}");
         assert_eq!(err.path, vec![Seg::Key("a".into()), Seg::Index(2)]);
-        assert_eq!(
-            err.mark,
-            Some(Mark {
-                line: 1,
-                column: 13
-            })
-        );
+        assert_eq!(err.mark, Some(Mark { line: 1, column: 13 }));
         assert!(load("{} x").is_err());
     }
 

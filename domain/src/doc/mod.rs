@@ -62,12 +62,7 @@ pub(crate) struct Problem {
 
 impl Problem {
     pub(crate) fn new(path: Vec<Seg>, message: impl Into<String>) -> Self {
-        Self {
-            path,
-            message: message.into(),
-            mark: None,
-            at_key: false,
-        }
+        Self { path, message: message.into(), mark: None, at_key: false }
     }
 
     pub(crate) fn at(mut self, mark: Option<Mark>) -> Self {
@@ -119,17 +114,11 @@ impl Node {
         let mut mark = node.mark;
         for seg in path {
             let next = match (seg, &node.value) {
-                (Seg::Key(key), Value::Map(entries)) => {
-                    entries.iter().find(|e| &e.key == key).map(|e| {
-                        let scalar = !matches!(e.value.value, Value::Seq(_) | Value::Map(_));
-                        let at = if scalar && !prefer_key {
-                            e.value.mark
-                        } else {
-                            e.key_mark
-                        };
-                        (at.or(e.value.mark), &e.value)
-                    })
-                }
+                (Seg::Key(key), Value::Map(entries)) => entries.iter().find(|e| &e.key == key).map(|e| {
+                    let scalar = !matches!(e.value.value, Value::Seq(_) | Value::Map(_));
+                    let at = if scalar && !prefer_key { e.value.mark } else { e.key_mark };
+                    (at.or(e.value.mark), &e.value)
+                }),
                 (Seg::Index(i), Value::Seq(items)) => items.get(*i).map(|n| (n.mark, n)),
                 _ => None,
             };
@@ -152,14 +141,9 @@ impl Node {
                 .map(serde_json::Value::Number)
                 .ok_or_else(|| "infinite and NaN numbers are not supported".to_owned())?,
             Value::Str(s) => serde_json::Value::String(s.clone()),
-            Value::Seq(items) => {
-                serde_json::Value::Array(items.iter().map(Node::to_json).collect::<Result<_, _>>()?)
-            }
+            Value::Seq(items) => serde_json::Value::Array(items.iter().map(Node::to_json).collect::<Result<_, _>>()?),
             Value::Map(entries) => serde_json::Value::Object(
-                entries
-                    .iter()
-                    .map(|e| Ok((e.key.clone(), e.value.to_json()?)))
-                    .collect::<Result<_, String>>()?,
+                entries.iter().map(|e| Ok((e.key.clone(), e.value.to_json()?))).collect::<Result<_, String>>()?,
             ),
         })
     }

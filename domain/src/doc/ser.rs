@@ -45,11 +45,7 @@ pub(crate) struct MapBuilder {
 fn wrap(variant: Option<&'static str>, inner: Node) -> Node {
     match variant {
         None => inner,
-        Some(name) => node(Value::Map(vec![Entry {
-            key: name.to_owned(),
-            key_mark: None,
-            value: inner,
-        }])),
+        Some(name) => node(Value::Map(vec![Entry { key: name.to_owned(), key_mark: None, value: inner }])),
     }
 }
 
@@ -104,9 +100,7 @@ impl ser::Serializer for NodeSerializer {
         Ok(node(Value::Str(v.to_owned())))
     }
     fn serialize_bytes(self, v: &[u8]) -> Result<Node, SerError> {
-        Ok(node(Value::Seq(
-            v.iter().map(|b| node(Value::Int((*b).into()))).collect(),
-        )))
+        Ok(node(Value::Seq(v.iter().map(|b| node(Value::Int((*b).into()))).collect())))
     }
     fn serialize_none(self) -> Result<Node, SerError> {
         Ok(node(Value::Null))
@@ -120,19 +114,10 @@ impl ser::Serializer for NodeSerializer {
     fn serialize_unit_struct(self, _name: &'static str) -> Result<Node, SerError> {
         Ok(node(Value::Null))
     }
-    fn serialize_unit_variant(
-        self,
-        _name: &'static str,
-        _index: u32,
-        variant: &'static str,
-    ) -> Result<Node, SerError> {
+    fn serialize_unit_variant(self, _name: &'static str, _index: u32, variant: &'static str) -> Result<Node, SerError> {
         Ok(node(Value::Str(variant.to_owned())))
     }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _name: &'static str,
-        value: &T,
-    ) -> Result<Node, SerError> {
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _name: &'static str, value: &T) -> Result<Node, SerError> {
         value.serialize(self)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -145,19 +130,12 @@ impl ser::Serializer for NodeSerializer {
         Ok(wrap(Some(variant), value.serialize(self)?))
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<SeqBuilder, SerError> {
-        Ok(SeqBuilder {
-            items: Vec::with_capacity(len.unwrap_or(0)),
-            variant: None,
-        })
+        Ok(SeqBuilder { items: Vec::with_capacity(len.unwrap_or(0)), variant: None })
     }
     fn serialize_tuple(self, len: usize) -> Result<SeqBuilder, SerError> {
         self.serialize_seq(Some(len))
     }
-    fn serialize_tuple_struct(
-        self,
-        _name: &'static str,
-        len: usize,
-    ) -> Result<SeqBuilder, SerError> {
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<SeqBuilder, SerError> {
         self.serialize_seq(Some(len))
     }
     fn serialize_tuple_variant(
@@ -167,17 +145,10 @@ impl ser::Serializer for NodeSerializer {
         variant: &'static str,
         len: usize,
     ) -> Result<SeqBuilder, SerError> {
-        Ok(SeqBuilder {
-            items: Vec::with_capacity(len),
-            variant: Some(variant),
-        })
+        Ok(SeqBuilder { items: Vec::with_capacity(len), variant: Some(variant) })
     }
     fn serialize_map(self, _len: Option<usize>) -> Result<MapBuilder, SerError> {
-        Ok(MapBuilder {
-            entries: Vec::new(),
-            key: None,
-            variant: None,
-        })
+        Ok(MapBuilder { entries: Vec::new(), key: None, variant: None })
     }
     fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<MapBuilder, SerError> {
         self.serialize_map(None)
@@ -189,11 +160,7 @@ impl ser::Serializer for NodeSerializer {
         variant: &'static str,
         _len: usize,
     ) -> Result<MapBuilder, SerError> {
-        Ok(MapBuilder {
-            entries: Vec::new(),
-            key: None,
-            variant: Some(variant),
-        })
+        Ok(MapBuilder { entries: Vec::new(), key: None, variant: Some(variant) })
     }
 }
 
@@ -253,11 +220,7 @@ impl ser::SerializeTupleVariant for SeqBuilder {
 
 impl MapBuilder {
     fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), SerError> {
-        self.entries.push(Entry {
-            key: key.to_owned(),
-            key_mark: None,
-            value: to_node(value)?,
-        });
+        self.entries.push(Entry { key: key.to_owned(), key_mark: None, value: to_node(value)? });
         Ok(())
     }
     fn finish(self) -> Node {
@@ -280,10 +243,7 @@ impl ser::SerializeMap for MapBuilder {
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), SerError> {
-        let key = self
-            .key
-            .take()
-            .ok_or_else(|| SerError("value without a key".to_owned()))?;
+        let key = self.key.take().ok_or_else(|| SerError("value without a key".to_owned()))?;
         self.field(&key, value)
     }
     fn end(self) -> Result<Node, SerError> {
@@ -294,11 +254,7 @@ impl ser::SerializeMap for MapBuilder {
 impl ser::SerializeStruct for MapBuilder {
     type Ok = Node;
     type Error = SerError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), SerError> {
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), SerError> {
         self.field(key, value)
     }
     fn end(self) -> Result<Node, SerError> {
@@ -309,11 +265,7 @@ impl ser::SerializeStruct for MapBuilder {
 impl ser::SerializeStructVariant for MapBuilder {
     type Ok = Node;
     type Error = SerError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), SerError> {
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), SerError> {
         self.field(key, value)
     }
     fn end(self) -> Result<Node, SerError> {

@@ -19,16 +19,8 @@ fn mark_of(marker: &saphyr_parser::Marker) -> Mark {
 }
 
 enum Frame {
-    Seq {
-        mark: Mark,
-        items: Vec<Node>,
-    },
-    Map {
-        mark: Mark,
-        entries: Vec<Entry>,
-        key: Option<(String, Mark)>,
-        seen: BTreeSet<String>,
-    },
+    Seq { mark: Mark, items: Vec<Node> },
+    Map { mark: Mark, entries: Vec<Entry>, key: Option<(String, Mark)>, seen: BTreeSet<String> },
 }
 
 struct Loader {
@@ -43,10 +35,7 @@ impl Loader {
             .iter()
             .map(|frame| match frame {
                 Frame::Seq { items, .. } => Some(Seg::Index(items.len())),
-                Frame::Map {
-                    key: Some((key, _)),
-                    ..
-                } => Some(Seg::Key(key.clone())),
+                Frame::Map { key: Some((key, _)), .. } => Some(Seg::Key(key.clone())),
                 Frame::Map { key: None, .. } => None,
             })
             .take_while(Option::is_some)
@@ -89,11 +78,7 @@ impl Loader {
             Some(Frame::Seq { items, .. }) => items.push(node),
             Some(Frame::Map { entries, key, .. }) => {
                 if let Some((key, key_mark)) = key.take() {
-                    entries.push(Entry {
-                        key,
-                        key_mark: Some(key_mark),
-                        value: node,
-                    });
+                    entries.push(Entry { key, key_mark: Some(key_mark), value: node });
                 }
             }
         }
@@ -123,10 +108,7 @@ impl Loader {
 
 /// Parses YAML text into a tree. Errors carry a path and a position.
 pub(crate) fn load(text: &str) -> Result<Node, Problem> {
-    let mut loader = Loader {
-        stack: Vec::new(),
-        root: None,
-    };
+    let mut loader = Loader { stack: Vec::new(), root: None };
     let mut documents = 0usize;
     for event in Parser::new_from_str(text) {
         let (event, span): (Event<'_>, Span) = event.map_err(|e| {
@@ -143,11 +125,8 @@ pub(crate) fn load(text: &str) -> Result<Node, Problem> {
             Event::DocumentStart(_) => {
                 documents += 1;
                 if documents > 1 {
-                    return Err(Problem::new(
-                        Vec::new(),
-                        "only one YAML document is allowed (found a second `---`)",
-                    )
-                    .at(Some(mark)));
+                    return Err(Problem::new(Vec::new(), "only one YAML document is allowed (found a second `---`)")
+                        .at(Some(mark)));
                 }
             }
             Event::Alias(_) => {
@@ -161,17 +140,13 @@ pub(crate) fn load(text: &str) -> Result<Node, Problem> {
                     None => false,
                     Some(tag) if tag.is_yaml_core_schema() && tag.suffix == "str" => true,
                     Some(tag) => {
-                        return Err(loader
-                            .error(mark, format!("YAML tags are not supported (found `{tag}`)")));
+                        return Err(loader.error(mark, format!("YAML tags are not supported (found `{tag}`)")));
                     }
                 };
                 if text.len() > MAX_STRING_BYTES {
                     return Err(loader.error(
                         mark,
-                        format!(
-                            "string is {} bytes long; the limit is {MAX_STRING_BYTES} bytes",
-                            text.len()
-                        ),
+                        format!("string is {} bytes long; the limit is {MAX_STRING_BYTES} bytes", text.len()),
                     ));
                 }
                 let value = if force_string || style != ScalarStyle::Plain {
@@ -184,43 +159,21 @@ pub(crate) fn load(text: &str) -> Result<Node, Problem> {
                 }
                 loader.push_node(Node::new(value, Some(mark)))?;
             }
-            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag)
-                if anchor != 0 || tag.is_some() =>
-            {
-                let what = if anchor != 0 {
-                    "YAML anchors (`&name`) are"
-                } else {
-                    "YAML tags are"
-                };
+            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag) if anchor != 0 || tag.is_some() => {
+                let what = if anchor != 0 { "YAML anchors (`&name`) are" } else { "YAML tags are" };
                 return Err(loader.error(mark, format!("{what} not supported")));
             }
             Event::SequenceStart(..) => {
-                loader.open(
-                    Frame::Seq {
-                        mark,
-                        items: Vec::new(),
-                    },
-                    mark,
-                )?;
+                loader.open(Frame::Seq { mark, items: Vec::new() }, mark)?;
             }
             Event::MappingStart(..) => {
-                loader.open(
-                    Frame::Map {
-                        mark,
-                        entries: Vec::new(),
-                        key: None,
-                        seen: BTreeSet::new(),
-                    },
-                    mark,
-                )?;
+                loader.open(Frame::Map { mark, entries: Vec::new(), key: None, seen: BTreeSet::new() }, mark)?;
             }
             Event::SequenceEnd | Event::MappingEnd => loader.close()?,
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
-    loader.root.ok_or_else(|| {
-        Problem::new(Vec::new(), "the definition is empty").at(Some(Mark { line: 1, column: 1 }))
-    })
+    loader.root.ok_or_else(|| Problem::new(Vec::new(), "the definition is empty").at(Some(Mark { line: 1, column: 1 })))
 }
 
 /// Resolves a plain scalar with the YAML 1.2 core schema.
@@ -229,43 +182,31 @@ pub(crate) fn resolve_plain(text: &str) -> Result<Value, String> {
         "" | "~" | "null" | "Null" | "NULL" => return Ok(Value::Null),
         "true" | "True" | "TRUE" => return Ok(Value::Bool(true)),
         "false" | "False" | "FALSE" => return Ok(Value::Bool(false)),
-        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" | "-.inf" | "-.Inf" | "-.INF"
-        | ".nan" | ".NaN" | ".NAN" => {
-            return Err(format!(
-                "`{text}`: infinite and NaN numbers are not supported"
-            ));
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" | "-.inf" | "-.Inf" | "-.INF" | ".nan" | ".NaN"
+        | ".NAN" => {
+            return Err(format!("`{text}`: infinite and NaN numbers are not supported"));
         }
         _ => {}
     }
     let out_of_range = || format!("integer `{text}` does not fit in 64 bits");
     if let Some(hex) = text.strip_prefix("0x") {
         if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return u64::from_str_radix(hex, 16)
-                .map(int_value)
-                .map_err(|_| out_of_range());
+            return u64::from_str_radix(hex, 16).map(int_value).map_err(|_| out_of_range());
         }
         return Ok(Value::Str(text.to_owned()));
     }
     if let Some(oct) = text.strip_prefix("0o") {
         if !oct.is_empty() && oct.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-            return u64::from_str_radix(oct, 8)
-                .map(int_value)
-                .map_err(|_| out_of_range());
+            return u64::from_str_radix(oct, 8).map(int_value).map_err(|_| out_of_range());
         }
         return Ok(Value::Str(text.to_owned()));
     }
     let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
     if !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit()) {
         if text.starts_with('-') {
-            return text
-                .parse::<i64>()
-                .map(Value::Int)
-                .map_err(|_| out_of_range());
+            return text.parse::<i64>().map(Value::Int).map_err(|_| out_of_range());
         }
-        return unsigned
-            .parse::<u64>()
-            .map(int_value)
-            .map_err(|_| out_of_range());
+        return unsigned.parse::<u64>().map(int_value).map_err(|_| out_of_range());
     }
     if is_core_float(unsigned) {
         if let Ok(f) = text.parse::<f64>()
@@ -330,10 +271,7 @@ mod tests {
         assert_eq!(resolve_plain("-12").unwrap(), Value::Int(-12));
         assert_eq!(resolve_plain("0x1F").unwrap(), Value::Int(31));
         assert_eq!(resolve_plain("0o17").unwrap(), Value::Int(15));
-        assert_eq!(
-            resolve_plain("18446744073709551615").unwrap(),
-            Value::UInt(u64::MAX)
-        );
+        assert_eq!(resolve_plain("18446744073709551615").unwrap(), Value::UInt(u64::MAX));
         assert!(resolve_plain("18446744073709551616").is_err());
         assert_eq!(resolve_plain("1.5").unwrap(), Value::Float(1.5));
         assert_eq!(resolve_plain("1e3").unwrap(), Value::Float(1000.0));
@@ -341,9 +279,7 @@ mod tests {
         assert_eq!(resolve_plain("1.").unwrap(), Value::Float(1.0));
         assert!(resolve_plain(".inf").is_err());
         assert!(resolve_plain("1e999").is_err());
-        for s in [
-            "1h30m", "2s", "1.2.3", "e3", ".", "0x", "v1", "1e", "-", "+",
-        ] {
+        for s in ["1h30m", "2s", "1.2.3", "e3", ".", "0x", "v1", "1e", "-", "+"] {
             assert_eq!(resolve_plain(s).unwrap(), Value::Str(s.into()), "{s}");
         }
     }
@@ -351,16 +287,11 @@ mod tests {
     #[test]
     fn loads_with_marks() {
         let node = load("a: 1\nb:\n  - x\n  - {c: d}\n").unwrap();
-        let Value::Map(entries) = &node.value else {
-            panic!()
-        };
+        let Value::Map(entries) = &node.value else { panic!() };
         assert_eq!(entries[0].key, "a");
         assert_eq!(entries[1].key_mark, Some(Mark { line: 2, column: 1 }));
         assert_eq!(
-            node.locate(
-                &[Seg::Key("b".into()), Seg::Index(1), Seg::Key("c".into())],
-                false
-            ),
+            node.locate(&[Seg::Key("b".into()), Seg::Index(1), Seg::Key("c".into())], false),
             Some(Mark { line: 4, column: 9 })
         );
     }
@@ -370,10 +301,7 @@ mod tests {
         let err = load("a: &x 1\nb: *x\n").unwrap_err();
         assert!(err.message.contains("anchors"), "{err:?}");
         let err = load("a: 1\nb: *x\n").unwrap_err();
-        assert!(
-            err.message.contains("aliases") || err.message.contains("syntax"),
-            "{err:?}"
-        );
+        assert!(err.message.contains("aliases") || err.message.contains("syntax"), "{err:?}");
         let err = load("a: 1\na: 2\n").unwrap_err();
         assert_eq!(err.path, vec![Seg::Key("a".into())]);
         assert_eq!(err.mark, Some(Mark { line: 2, column: 1 }));
@@ -383,10 +311,7 @@ mod tests {
         assert!(err.message.contains("keys must be strings"), "{err:?}");
         let err = load("a: !!int 3\n").unwrap_err();
         assert!(err.message.contains("tags"), "{err:?}");
-        assert_eq!(
-            load("a: !!str 3\n").unwrap().locate(&[], false),
-            Some(Mark { line: 1, column: 1 })
-        );
+        assert_eq!(load("a: !!str 3\n").unwrap().locate(&[], false), Some(Mark { line: 1, column: 1 }));
         let err = load("a: 1\n---\nb: 2\n").unwrap_err();
         assert!(err.message.contains("one YAML document"), "{err:?}");
         assert!(load("").unwrap_err().message.contains("empty"));
@@ -404,19 +329,9 @@ mod tests {
         }
         assert!(load(&block).unwrap_err().message.contains("deeper than 64"));
         let dashes = "- ".repeat(100_000);
-        assert!(
-            load(&dashes)
-                .unwrap_err()
-                .message
-                .contains("deeper than 64")
-        );
+        assert!(load(&dashes).unwrap_err().message.contains("deeper than 64"));
         let braces = "{a: ".repeat(100_000);
-        assert!(
-            load(&braces)
-                .unwrap_err()
-                .message
-                .contains("deeper than 64")
-        );
+        assert!(load(&braces).unwrap_err().message.contains("deeper than 64"));
         let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
         assert!(load(&ok).is_ok());
         let too_deep = format!("{}{}", "[".repeat(65), "]".repeat(65));

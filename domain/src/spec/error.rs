@@ -22,12 +22,7 @@ impl SpecError {
     /// Creates an error without a position.
     #[must_use]
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-            line: None,
-            column: None,
-        }
+        Self { path: path.into(), message: message.into(), line: None, column: None }
     }
 }
 
@@ -54,11 +49,7 @@ impl SpecErrors {
     /// Wraps a list of errors; `None` when the list is empty.
     #[must_use]
     pub fn new(errors: Vec<SpecError>) -> Option<Self> {
-        if errors.is_empty() {
-            None
-        } else {
-            Some(Self(errors))
-        }
+        if errors.is_empty() { None } else { Some(Self(errors)) }
     }
 
     /// A single error.
@@ -83,11 +74,7 @@ impl SpecErrors {
 impl fmt::Display for SpecErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.0.len();
-        write!(
-            f,
-            "invalid pipeline definition ({count} error{})",
-            if count == 1 { "" } else { "s" }
-        )?;
+        write!(f, "invalid pipeline definition ({count} error{})", if count == 1 { "" } else { "s" })?;
         for error in &self.0 {
             write!(f, "\n  {error}")?;
         }

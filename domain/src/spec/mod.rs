@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 
 pub use error::{SpecError, SpecErrors};
 pub use model::{
-    Backoff, Concurrency, GateSpec, HttpMethod, HttpSpec, OnConflict, OnTimeout, ParamSpec,
-    ParamType, PipelineSpec, Resources, RetrySpec, StageSpec, TaskAction, TaskSpec, Trigger, When,
+    Backoff, Concurrency, GateSpec, HttpMethod, HttpSpec, OnConflict, OnTimeout, ParamSpec, ParamType, PipelineSpec,
+    Resources, RetrySpec, StageSpec, TaskAction, TaskSpec, Trigger, When,
 };
 pub use parse::{MAX_DEFINITION_BYTES, parse_definition};
 pub use validate::{MAX_APPROVALS, MAX_NEEDS, MAX_PRIORITY, MAX_RETRIES, MAX_STAGES, MAX_TASKS};
@@ -47,11 +47,7 @@ impl PipelineSpec {
     /// [`SpecErrors`] listing every problem found.
     pub fn validate(&self) -> Result<(), SpecErrors> {
         let problems = validate::validate(self);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(parse::finish(problems, None))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(parse::finish(problems, None)) }
     }
 
     /// Finds a stage by id.
@@ -62,8 +58,6 @@ impl PipelineSpec {
 
     /// All tasks with their stage, in definition order.
     pub fn tasks(&self) -> impl Iterator<Item = (&StageSpec, &TaskSpec)> {
-        self.stages
-            .iter()
-            .flat_map(|s| s.tasks.iter().map(move |t| (s, t)))
+        self.stages.iter().flat_map(|s| s.tasks.iter().map(move |t| (s, t)))
     }
 }

@@ -316,10 +316,7 @@ pub struct RetrySpec {
     #[serde(default, skip_serializing_if = "is_default")]
     pub backoff: Backoff,
     /// First delay (default 1s).
-    #[serde(
-        default = "default_initial",
-        skip_serializing_if = "is_default_initial"
-    )]
+    #[serde(default = "default_initial", skip_serializing_if = "is_default_initial")]
     pub initial: Duration,
     /// Upper bound on the delay.
     #[serde(default, skip_serializing_if = "Option::is_none")]

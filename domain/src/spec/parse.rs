@@ -25,39 +25,23 @@ pub fn parse_definition(text: &str) -> Result<PipelineSpec, SpecErrors> {
     if text.len() > MAX_DEFINITION_BYTES {
         return Err(SpecErrors::single(SpecError::new(
             "",
-            format!(
-                "definition is {} bytes; the limit is {MAX_DEFINITION_BYTES} bytes",
-                text.len()
-            ),
+            format!("definition is {} bytes; the limit is {MAX_DEFINITION_BYTES} bytes", text.len()),
         )));
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let is_json = text.trim_start().starts_with('{');
-    let tree = if is_json {
-        doc::json::load(text)
-    } else {
-        doc::yaml::load(text)
-    };
+    let tree = if is_json { doc::json::load(text) } else { doc::yaml::load(text) };
     let tree = tree.map_err(|problem| finish(vec![problem], None))?;
     if !matches!(tree.value, doc::Value::Map(_)) {
         return Err(finish(
-            vec![Problem::new(
-                Vec::new(),
-                "the definition must be a mapping (an object with `stages`)",
-            )],
+            vec![Problem::new(Vec::new(), "the definition must be a mapping (an object with `stages`)")],
             Some(&tree),
         ));
     }
-    let value = tree
-        .to_json()
-        .map_err(|message| finish(vec![Problem::new(Vec::new(), message)], Some(&tree)))?;
+    let value = tree.to_json().map_err(|message| finish(vec![Problem::new(Vec::new(), message)], Some(&tree)))?;
     let spec = deserialize_spec(&value).map_err(|problems| finish(problems, Some(&tree)))?;
     let problems = validate(&spec);
-    if problems.is_empty() {
-        Ok(spec)
-    } else {
-        Err(finish(problems, Some(&tree)))
-    }
+    if problems.is_empty() { Ok(spec) } else { Err(finish(problems, Some(&tree))) }
 }
 
 /// Turns problems into errors, looking positions up in the tree.
@@ -65,9 +49,7 @@ pub(crate) fn finish(problems: Vec<Problem>, tree: Option<&Node>) -> SpecErrors 
     let errors: Vec<SpecError> = problems
         .into_iter()
         .map(|problem| {
-            let mark = problem
-                .mark
-                .or_else(|| tree.and_then(|t| t.locate(&problem.path, problem.at_key)));
+            let mark = problem.mark.or_else(|| tree.and_then(|t| t.locate(&problem.path, problem.at_key)));
             SpecError {
                 path: render_path(&problem.path),
                 message: problem.message,
@@ -76,8 +58,7 @@ pub(crate) fn finish(problems: Vec<Problem>, tree: Option<&Node>) -> SpecErrors 
             }
         })
         .collect();
-    SpecErrors::new(errors)
-        .unwrap_or_else(|| SpecErrors::single(SpecError::new("", "invalid pipeline definition")))
+    SpecErrors::new(errors).unwrap_or_else(|| SpecErrors::single(SpecError::new("", "invalid pipeline definition")))
 }
 
 /// Deserializes `value` as `T`, reporting the first error with its path under `prefix`.
@@ -110,11 +91,7 @@ fn without_list(value: &serde_json::Value, field: &str) -> Option<serde_json::Va
         object
             .iter()
             .map(|(k, v)| {
-                let v = if k == field {
-                    serde_json::Value::Array(Vec::new())
-                } else {
-                    v.clone()
-                };
+                let v = if k == field { serde_json::Value::Array(Vec::new()) } else { v.clone() };
                 (k.clone(), v)
             })
             .collect(),
@@ -149,12 +126,7 @@ fn deserialize_spec(value: &serde_json::Value) -> Result<PipelineSpec, Vec<Probl
         }
         let tasks = stage.get("tasks").and_then(serde_json::Value::as_array);
         for (ti, task) in tasks.into_iter().flatten().enumerate() {
-            let tp = [
-                sp[0].clone(),
-                sp[1].clone(),
-                Seg::Key("tasks".to_owned()),
-                Seg::Index(ti),
-            ];
+            let tp = [sp[0].clone(), sp[1].clone(), Seg::Key("tasks".to_owned()), Seg::Index(ti)];
             if let Err(problem) = typed::<TaskSpec>(task, &tp) {
                 problems.push(problem);
             }

@@ -26,16 +26,8 @@ fn one_error(text: &str) -> SpecError {
 #[track_caller]
 fn check(error: &SpecError, path: &str, needle: &str, line: u32, column: u32) {
     assert_eq!(error.path, path, "{error:?}");
-    assert!(
-        error.message.contains(needle),
-        "`{}` lacks `{needle}`",
-        error.message
-    );
-    assert_eq!(
-        (error.line, error.column),
-        (Some(line), Some(column)),
-        "{error:?}"
-    );
+    assert!(error.message.contains(needle), "`{}` lacks `{needle}`", error.message);
+    assert_eq!((error.line, error.column), (Some(line), Some(column)), "{error:?}");
 }
 
 const FULL: &str = r#"
@@ -100,32 +92,18 @@ fn parses_full_example() {
     assert_eq!(spec.name.as_ref().map(|n| n.as_str()), Some("deploy-api"));
     assert_eq!(spec.params.len(), 4);
     assert_eq!(spec.timeout, Some(Duration::from_secs(7_200)));
-    assert_eq!(
-        spec.concurrency.as_ref().unwrap().on_conflict,
-        OnConflict::CancelNew
-    );
+    assert_eq!(spec.concurrency.as_ref().unwrap().on_conflict, OnConflict::CancelNew);
     assert_eq!(spec.stages.len(), 2);
     let compile = &spec.stages[0].tasks[0];
-    assert_eq!(
-        compile.action,
-        TaskAction::Run(vec!["cargo".into(), "build".into(), "--release".into()])
-    );
+    assert_eq!(compile.action, TaskAction::Run(vec!["cargo".into(), "build".into(), "--release".into()]));
     let retries = compile.retries.unwrap();
-    assert_eq!(
-        (retries.max, retries.backoff, retries.initial),
-        (2, Backoff::Exponential, Duration::from_secs(5))
-    );
+    assert_eq!((retries.max, retries.backoff, retries.initial), (2, Backoff::Exponential, Duration::from_secs(5)));
     assert_eq!(compile.resources.unwrap().cpu, Some(2.0));
-    assert_eq!(
-        spec.stages[0].tasks[1].action,
-        TaskAction::Shell("cargo test\necho \"done: 100%\"\n".into())
-    );
+    assert_eq!(spec.stages[0].tasks[1].action, TaskAction::Shell("cargo test\necho \"done: 100%\"\n".into()));
     assert_eq!(spec.stages[0].tasks[2].when, When::Always);
     let gate = spec.stages[1].gate.unwrap();
     assert_eq!((gate.approvals, gate.on_timeout), (2, OnTimeout::Approve));
-    let TaskAction::Http(http) = &spec.stages[1].tasks[0].action else {
-        panic!()
-    };
+    let TaskAction::Http(http) = &spec.stages[1].tasks[0].action else { panic!() };
     assert_eq!(http.method, HttpMethod::Post);
     assert_eq!(http.expect_status, [200, 201]);
     assert_eq!(spec.stages[1].tasks[1].action, TaskAction::Noop);
@@ -146,25 +124,13 @@ fn canonical_yaml_round_trips_and_is_stable() {
     assert_eq!(again.canonical_yaml(), yaml);
     assert_eq!(again.content_hash(), spec.content_hash());
     assert_eq!(spec.content_hash().len(), 64);
-    assert!(
-        spec.content_hash()
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    );
+    assert!(spec.content_hash().chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     // Field order follows the model, defaults are dropped.
-    let order: Vec<usize> = [
-        "name:",
-        "description:",
-        "params:",
-        "timeout:",
-        "priority:",
-        "concurrency:",
-        "triggers:",
-        "stages:",
-    ]
-    .iter()
-    .map(|k| yaml.find(&format!("\n{k}")).map_or(0, |i| i + 1))
-    .collect();
+    let order: Vec<usize> =
+        ["name:", "description:", "params:", "timeout:", "priority:", "concurrency:", "triggers:", "stages:"]
+            .iter()
+            .map(|k| yaml.find(&format!("\n{k}")).map_or(0, |i| i + 1))
+            .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{yaml}");
     assert!(yaml.starts_with("name: deploy-api\n"), "{yaml}");
     assert!(yaml.contains("        sleep: 2s\n"), "{yaml}");
@@ -185,10 +151,7 @@ fn hash_ignores_formatting_and_defaults() {
     .unwrap();
     assert_eq!(a, b);
     assert_eq!(a.content_hash(), b.content_hash());
-    assert_eq!(
-        a.canonical_yaml(),
-        "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n"
-    );
+    assert_eq!(a.canonical_yaml(), "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n");
 }
 
 // ---- document-level errors -------------------------------------------------------------
@@ -241,33 +204,15 @@ fn missing_stages() {
 fn yaml_hardening() {
     check(&one_error("stages: &s []\n"), "stages", "anchors", 1, 9);
     check(&one_error("x: 1\nstages: *x\n"), "stages", "", 2, 9);
-    check(
-        &one_error("stages: []\nstages: []\n"),
-        "stages",
-        "duplicate key `stages`",
-        2,
-        1,
-    );
-    check(
-        &one_error("stages: []\n1: x\n"),
-        "",
-        "keys must be strings",
-        2,
-        1,
-    );
+    check(&one_error("stages: []\nstages: []\n"), "stages", "duplicate key `stages`", 2, 1);
+    check(&one_error("stages: []\n1: x\n"), "", "keys must be strings", 2, 1);
     check(&one_error("stages: !!binary abc\n"), "stages", "tags", 1, 9);
     let deep = format!("stages: {}", "[".repeat(100_000));
     let e = one_error(&deep);
     assert!(e.message.contains("deeper than 64 levels"), "{e}");
     assert!(e.line.is_some());
     let long = format!("description: \"{}\"\nstages: []\n", "a".repeat(70_000));
-    check(
-        &one_error(&long),
-        "description",
-        "limit is 65536 bytes",
-        1,
-        14,
-    );
+    check(&one_error(&long), "description", "limit is 65536 bytes", 1, 14);
 }
 
 #[test]
@@ -279,10 +224,7 @@ fn json_hardening() {
     assert_eq!(e.path, "stages");
     assert!(e.message.contains("duplicate key"), "{e}");
     assert_eq!(e.line, Some(1));
-    let long = format!(
-        r#"{{"description": "{}", "stages": []}}"#,
-        "a".repeat(70_000)
-    );
+    let long = format!(r#"{{"description": "{}", "stages": []}}"#, "a".repeat(70_000));
     assert_eq!(one_error(&long).path, "description");
 }
 
@@ -292,16 +234,8 @@ const BASE_TASK: &str = "stages:\n  - id: a\n    tasks:\n      - id: t\n";
 
 #[test]
 fn unknown_field_lists_expected() {
-    let e = one_error(&format!(
-        "{BASE_TASK}        noop: true\n        retry: 3\n"
-    ));
-    check(
-        &e,
-        "stages[0].tasks[0].retry",
-        "unknown field `retry`",
-        6,
-        9,
-    );
+    let e = one_error(&format!("{BASE_TASK}        noop: true\n        retry: 3\n"));
+    check(&e, "stages[0].tasks[0].retry", "unknown field `retry`", 6, 9);
     assert!(e.message.contains("`retries`"), "{e}");
     let e = one_error("stagez: []\n");
     check(&e, "stagez", "expected one of", 1, 1);
@@ -311,9 +245,7 @@ fn unknown_field_lists_expected() {
 fn wrong_types() {
     let e = one_error(&format!("{BASE_TASK}        run: cargo build\n"));
     check(&e, "stages[0].tasks[0].run", "invalid type", 5, 14);
-    let e = one_error(&format!(
-        "{BASE_TASK}        noop: true\n        priority: high\n"
-    ));
+    let e = one_error(&format!("{BASE_TASK}        noop: true\n        priority: high\n"));
     check(&e, "stages[0].tasks[0].priority", "invalid type", 6, 19);
     let e = one_error("stages:\n  - id: a\n    tasks: {}\n");
     check(&e, "stages[0].tasks", "invalid type: map", 3, 5);
@@ -324,43 +256,20 @@ fn collects_errors_from_several_tasks() {
     let text = "name: Bad\nstages:\n  - id: a\n    tasks:\n      - id: t\n        sleep: 10\n      - id: u\n        noop: false\n  - id: B\n    tasks: []\n";
     let errors = errors(text);
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        [
-            "name",
-            "stages[0].tasks[0].sleep",
-            "stages[0].tasks[1]",
-            "stages[1].id"
-        ],
-        "{errors:#?}"
-    );
+    assert_eq!(paths, ["name", "stages[0].tasks[0].sleep", "stages[0].tasks[1]", "stages[1].id"], "{errors:#?}");
     check(&errors[0], "name", "^[a-z0-9][a-z0-9-]{1,62}$", 1, 7);
-    check(
-        &errors[2],
-        "stages[0].tasks[1]",
-        "`noop` must be `true`",
-        7,
-        9,
-    );
+    check(&errors[2], "stages[0].tasks[1]", "`noop` must be `true`", 7, 9);
     check(&errors[3], "stages[1].id", "invalid id `B`", 9, 9);
 }
 
 #[test]
 fn bad_durations() {
-    for (value, needle) in [
-        ("5x", "unknown unit"),
-        ("10", "invalid type"),
-        ("\"-1s\"", "negative"),
-        ("\"\"", "empty"),
-    ] {
-        let e = one_error(&format!(
-            "{BASE_TASK}        noop: true\n        timeout: {value}\n"
-        ));
+    for (value, needle) in [("5x", "unknown unit"), ("10", "invalid type"), ("\"-1s\"", "negative"), ("\"\"", "empty")]
+    {
+        let e = one_error(&format!("{BASE_TASK}        noop: true\n        timeout: {value}\n"));
         check(&e, "stages[0].tasks[0].timeout", needle, 6, 18);
     }
-    let e = one_error(&format!(
-        "{BASE_TASK}        noop: true\n        timeout: 0s\n"
-    ));
+    let e = one_error(&format!("{BASE_TASK}        noop: true\n        timeout: 0s\n"));
     check(&e, "stages[0].tasks[0].timeout", "greater than zero", 6, 18);
     let e = one_error("timeout: 99999999999999999999d\nstages: []\n");
     check(&e, "timeout", "too large", 1, 10);
@@ -370,9 +279,7 @@ fn bad_durations() {
 fn action_count() {
     let e = one_error(&format!("{BASE_TASK}        name: nothing\n"));
     check(&e, "stages[0].tasks[0]", "found none", 4, 9);
-    let e = one_error(&format!(
-        "{BASE_TASK}        run: [a]\n        shell: b\n        noop: true\n"
-    ));
+    let e = one_error(&format!("{BASE_TASK}        run: [a]\n        shell: b\n        noop: true\n"));
     check(&e, "stages[0].tasks[0]", "found run, shell, noop", 4, 9);
 }
 
@@ -380,13 +287,9 @@ fn action_count() {
 fn invalid_ids() {
     let e = one_error("stages:\n  - id: a\n    tasks:\n      - id: Compile\n        noop: true\n");
     check(&e, "stages[0].tasks[0].id", "invalid id `Compile`", 4, 13);
-    let e = one_error(&format!(
-        "{BASE_TASK}        noop: true\n        needs: [x.y]\n"
-    ));
+    let e = one_error(&format!("{BASE_TASK}        noop: true\n        needs: [x.y]\n"));
     check(&e, "stages[0].tasks[0].needs[0]", "invalid id `x.y`", 6, 17);
-    let e = one_error(&format!(
-        "params:\n  BadName: {{type: string}}\n{BASE_TASK}        noop: true\n"
-    ));
+    let e = one_error(&format!("params:\n  BadName: {{type: string}}\n{BASE_TASK}        noop: true\n"));
     check(&e, "params.BadName", "invalid id", 2, 3);
 }
 
@@ -398,13 +301,7 @@ fn duplicate_ids() {
     let errors = errors(text);
     assert_eq!(errors.len(), 2, "{errors:#?}");
     check(&errors[0], "stages[1].id", "duplicate stage id `a`", 6, 9);
-    check(
-        &errors[1],
-        "stages[1].tasks[0].id",
-        "duplicate task id `t`",
-        8,
-        13,
-    );
+    check(&errors[1], "stages[1].tasks[0].id", "duplicate task id `t`", 8, 13);
     assert!(errors[1].message.contains("stages[0].tasks[0]"));
 }
 
@@ -425,60 +322,18 @@ stages:
 ";
     let errors = errors(text);
     assert_eq!(errors.len(), 6, "{errors:#?}");
-    check(
-        &errors[0],
-        "stages[0].needs[0]",
-        "stage `a` needs itself",
-        3,
-        13,
-    );
-    check(
-        &errors[1],
-        "stages[0].needs[1]",
-        "unknown stage `nope`",
-        3,
-        16,
-    );
-    check(
-        &errors[2],
-        "stages[0].needs[2]",
-        "`t2` is a task of stage `b`, not a stage",
-        3,
-        22,
-    );
-    check(
-        &errors[3],
-        "stages[0].tasks[0].needs[0]",
-        "task `t` needs itself",
-        6,
-        17,
-    );
-    check(
-        &errors[4],
-        "stages[0].tasks[0].needs[1]",
-        "unknown task `ghost` in stage `a`",
-        6,
-        20,
-    );
-    check(
-        &errors[5],
-        "stages[0].tasks[0].needs[2]",
-        "`t2` is in stage `b`",
-        6,
-        27,
-    );
+    check(&errors[0], "stages[0].needs[0]", "stage `a` needs itself", 3, 13);
+    check(&errors[1], "stages[0].needs[1]", "unknown stage `nope`", 3, 16);
+    check(&errors[2], "stages[0].needs[2]", "`t2` is a task of stage `b`, not a stage", 3, 22);
+    check(&errors[3], "stages[0].tasks[0].needs[0]", "task `t` needs itself", 6, 17);
+    check(&errors[4], "stages[0].tasks[0].needs[1]", "unknown task `ghost` in stage `a`", 6, 20);
+    check(&errors[5], "stages[0].tasks[0].needs[2]", "`t2` is in stage `b`", 6, 27);
 }
 
 #[test]
 fn duplicate_need() {
     let text = "stages:\n  - id: a\n    tasks:\n      - id: x\n        noop: true\n      - id: t\n        needs: [x, x]\n        noop: true\n";
-    check(
-        &one_error(text),
-        "stages[0].tasks[1].needs[1]",
-        "listed twice",
-        7,
-        20,
-    );
+    check(&one_error(text), "stages[0].tasks[1].needs[1]", "listed twice", 7, 20);
 }
 
 #[test]
@@ -516,13 +371,7 @@ stages:
         noop: true
 ";
     let e = one_error(text);
-    check(
-        &e,
-        "stages[0].tasks[0].needs[0]",
-        "cycle: a -> b -> c -> a",
-        5,
-        17,
-    );
+    check(&e, "stages[0].tasks[0].needs[0]", "cycle: a -> b -> c -> a", 5, 17);
 }
 
 #[test]
@@ -538,20 +387,8 @@ fn cycle_in_json_has_path() {
 
 #[test]
 fn empty_lists() {
-    check(
-        &one_error("stages: []\n"),
-        "stages",
-        "at least one stage",
-        1,
-        1,
-    );
-    check(
-        &one_error("stages:\n  - id: a\n    tasks: []\n"),
-        "stages[0].tasks",
-        "at least one task",
-        3,
-        5,
-    );
+    check(&one_error("stages: []\n"), "stages", "at least one stage", 1, 1);
+    check(&one_error("stages:\n  - id: a\n    tasks: []\n"), "stages[0].tasks", "at least one task", 3, 5);
 }
 
 #[test]
@@ -596,62 +433,22 @@ stages:
         ("stages[0].gate.timeout", "greater than zero", 11, 36),
         ("stages[0].tasks[0].run[0]", "must not be empty", 14, 15),
         ("stages[0].tasks[0].retries.max", "between 0 and 20", 15, 25),
-        (
-            "stages[0].tasks[0].retries.max_delay",
-            "shorter than initial",
-            15,
-            54,
-        ),
-        (
-            "stages[0].tasks[0].env.1BAD",
-            "invalid environment variable name",
-            16,
-            16,
-        ),
+        ("stages[0].tasks[0].retries.max_delay", "shorter than initial", 15, 54),
+        ("stages[0].tasks[0].env.1BAD", "invalid environment variable name", 16, 16),
         ("stages[0].tasks[0].env.SLUICE_TOKEN", "reserved", 16, 27),
         ("stages[0].tasks[0].for_each", "must not be empty", 21, 19),
         ("stages[0].tasks[0].runs_on[0]", "must not be empty", 20, 19),
-        (
-            "stages[0].tasks[0].resources.cpu",
-            "greater than zero",
-            17,
-            27,
-        ),
+        ("stages[0].tasks[0].resources.cpu", "greater than zero", 17, 27),
         ("stages[0].tasks[0].priority", "out of range", 18, 19),
-        (
-            "stages[0].tasks[0].secrets[1]",
-            "invalid secret name",
-            19,
-            23,
-        ),
+        ("stages[0].tasks[0].secrets[1]", "invalid secret name", 19, 23),
         ("stages[0].tasks[0].secrets[2]", "listed twice", 19, 35),
         ("stages[0].tasks[1].shell", "must not be empty", 23, 16),
         ("stages[0].tasks[2].run", "at least the program", 25, 9),
         ("stages[0].tasks[3].http.url", "http:// or https://", 27, 35),
-        (
-            "stages[0].tasks[3].http.headers.bad header",
-            "invalid header name",
-            27,
-            83,
-        ),
-        (
-            "stages[0].tasks[3].http.expect_status[0]",
-            "not between 100 and 599",
-            27,
-            62,
-        ),
-        (
-            "stages[0].tasks[3].http.expect_status[1]",
-            "not between 100 and 599",
-            27,
-            66,
-        ),
-        (
-            "stages[0].tasks[3].http.timeout",
-            "greater than zero",
-            27,
-            111,
-        ),
+        ("stages[0].tasks[3].http.headers.bad header", "invalid header name", 27, 83),
+        ("stages[0].tasks[3].http.expect_status[0]", "not between 100 and 599", 27, 62),
+        ("stages[0].tasks[3].http.expect_status[1]", "not between 100 and 599", 27, 66),
+        ("stages[0].tasks[3].http.timeout", "greater than zero", 27, 111),
     ];
     for (path, needle, line, column) in expected {
         let Some(e) = errors.iter().find(|e| e.path == path) else {
@@ -665,13 +462,7 @@ stages:
 #[test]
 fn missing_required_trigger_param() {
     let text = "params:\n  v: {type: string, required: true}\ntriggers:\n  - cron: \"0 0 * * *\"\nstages: [{id: s, tasks: [{id: t, noop: true}]}]\n";
-    check(
-        &one_error(text),
-        "triggers[0].params",
-        "missing required param `v`",
-        4,
-        5,
-    );
+    check(&one_error(text), "triggers[0].params", "missing required param `v`", 4, 5);
 }
 
 #[test]
@@ -679,17 +470,9 @@ fn limits() {
     // 201 stages.
     let mut text = String::from("stages:\n");
     for i in 0..201 {
-        text.push_str(&format!(
-            "  - {{id: s{i}, tasks: [{{id: t{i}, noop: true}}]}}\n"
-        ));
+        text.push_str(&format!("  - {{id: s{i}, tasks: [{{id: t{i}, noop: true}}]}}\n"));
     }
-    check(
-        &one_error(&text),
-        "stages",
-        "201 stages; the limit is 200",
-        1,
-        1,
-    );
+    check(&one_error(&text), "stages", "201 stages; the limit is 200", 1, 1);
     // 2,001 tasks over 3 stages.
     let mut text = String::from("stages:\n");
     for s in 0..3 {
@@ -698,27 +481,12 @@ fn limits() {
             text.push_str(&format!("      - {{id: t{s}_{t}, noop: true}}\n"));
         }
     }
-    check(
-        &one_error(&text),
-        "stages",
-        "2001 tasks in total; the limit is 2000",
-        1,
-        1,
-    );
+    check(&one_error(&text), "stages", "2001 tasks in total; the limit is 2000", 1, 1);
     // A needs list of 2,001 entries.
     let needs: Vec<String> = (0..2001).map(|i| format!("n{i}")).collect();
-    let text = format!(
-        "stages:\n  - id: s\n    needs: [{}]\n    tasks: [{{id: t, noop: true}}]\n",
-        needs.join(", ")
-    );
+    let text = format!("stages:\n  - id: s\n    needs: [{}]\n    tasks: [{{id: t, noop: true}}]\n", needs.join(", "));
     let errors = errors(&text);
-    check(
-        &errors[0],
-        "stages[0].needs",
-        "2001 needs; the limit is 2000",
-        3,
-        5,
-    );
+    check(&errors[0], "stages[0].needs", "2001 needs; the limit is 2000", 3, 5);
 }
 
 #[test]
@@ -748,11 +516,7 @@ type Graph = (usize, Vec<usize>, Vec<(usize, usize)>);
 
 fn graph() -> impl Strategy<Value = Graph> {
     (1usize..8).prop_flat_map(|n| {
-        (
-            Just(n),
-            Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
-            proptest::collection::vec((0..n, 0..n), 0..(n * 2)),
-        )
+        (Just(n), Just((0..n).collect::<Vec<_>>()).prop_shuffle(), proptest::collection::vec((0..n, 0..n), 0..(n * 2)))
     })
 }
 
@@ -772,10 +536,7 @@ fn render(stage_needs: &[BTreeSet<usize>], task_needs: &[Vec<BTreeSet<usize>>]) 
         text.push_str(&format!("    needs: [{}]\n    tasks:\n", list.join(", ")));
         for (t, needs) in task_needs[s].iter().enumerate() {
             let list: Vec<String> = needs.iter().map(|n| format!("s{s}t{n}")).collect();
-            text.push_str(&format!(
-                "      - id: s{s}t{t}\n        needs: [{}]\n        noop: true\n",
-                list.join(", ")
-            ));
+            text.push_str(&format!("      - id: s{s}t{t}\n        needs: [{}]\n        noop: true\n", list.join(", ")));
         }
     }
     text

@@ -70,13 +70,7 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Vec<Problem> {
     for (si, stage) in spec.stages.iter().enumerate() {
         let sp = root.key("stages").idx(si);
         if let Some(first) = stage_index.get(stage.id.as_str()) {
-            out.add(
-                &sp.key("id"),
-                format!(
-                    "duplicate stage id `{}` (first used by stages[{first}])",
-                    stage.id
-                ),
-            );
+            out.add(&sp.key("id"), format!("duplicate stage id `{}` (first used by stages[{first}])", stage.id));
         } else {
             stage_index.insert(stage.id.as_str(), si);
         }
@@ -100,28 +94,14 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Vec<Problem> {
         let sp = root.key("stages").idx(si);
         check_stage(spec, stage, &sp, &stage_index, &task_home, &mut out);
         for (ti, task) in stage.tasks.iter().enumerate() {
-            check_task(
-                spec,
-                stage,
-                task,
-                &sp.key("tasks").idx(ti),
-                si,
-                &task_home,
-                &mut out,
-            );
+            check_task(spec, stage, task, &sp.key("tasks").idx(ti), si, &task_home, &mut out);
         }
     }
 
     // Cycles: the stage graph, then each stage's task graph.
     let stage_ids: Vec<&NodeId> = spec.stages.iter().map(|s| &s.id).collect();
     let stage_needs: Vec<&[NodeId]> = spec.stages.iter().map(|s| s.needs.as_slice()).collect();
-    check_cycle(
-        &stage_ids,
-        &stage_needs,
-        &|i| root.key("stages").idx(i),
-        "stage",
-        &mut out,
-    );
+    check_cycle(&stage_ids, &stage_needs, &|i| root.key("stages").idx(i), "stage", &mut out);
     for (si, stage) in spec.stages.iter().enumerate() {
         let ids: Vec<&NodeId> = stage.tasks.iter().map(|t| &t.id).collect();
         let needs: Vec<&[NodeId]> = stage.tasks.iter().map(|t| t.needs.as_slice()).collect();
@@ -138,10 +118,7 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
         {
             out.add(
                 &root.key("params").key(name.as_str()).key("default"),
-                format!(
-                    "default of param `{name}` must be of type {}",
-                    type_name(param.kind)
-                ),
+                format!("default of param `{name}` must be of type {}", type_name(param.kind)),
             );
         }
     }
@@ -170,38 +147,24 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
                 ),
             );
         }
-        if trigger
-            .timezone
-            .as_deref()
-            .is_some_and(|tz| tz.trim().is_empty())
-        {
+        if trigger.timezone.as_deref().is_some_and(|tz| tz.trim().is_empty()) {
             out.add(&tp.key("timezone"), "timezone must not be empty");
         }
         for (name, value) in &trigger.params {
             let pp = tp.key("params").key(name);
             match NodeId::parse(name).ok().and_then(|id| spec.params.get(&id)) {
                 None => {
-                    out.add_key(
-                        &pp,
-                        format!("unknown param `{name}` (not declared in `params`)"),
-                    );
+                    out.add_key(&pp, format!("unknown param `{name}` (not declared in `params`)"));
                 }
-                Some(param) if !param.kind.accepts(value) => out.add(
-                    &pp,
-                    format!("param `{name}` must be of type {}", type_name(param.kind)),
-                ),
+                Some(param) if !param.kind.accepts(value) => {
+                    out.add(&pp, format!("param `{name}` must be of type {}", type_name(param.kind)))
+                }
                 Some(_) => {}
             }
         }
         for (name, param) in &spec.params {
-            if param.required
-                && param.default.is_none()
-                && !trigger.params.contains_key(name.as_str())
-            {
-                out.add(
-                    &tp.key("params"),
-                    format!("missing required param `{name}`"),
-                );
+            if param.required && param.default.is_none() && !trigger.params.contains_key(name.as_str()) {
+                out.add(&tp.key("params"), format!("missing required param `{name}`"));
             }
         }
     }
@@ -210,17 +173,11 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
         out.add(&stages, "at least one stage is required");
     }
     if spec.stages.len() > MAX_STAGES {
-        out.add(
-            &stages,
-            format!("{} stages; the limit is {MAX_STAGES}", spec.stages.len()),
-        );
+        out.add(&stages, format!("{} stages; the limit is {MAX_STAGES}", spec.stages.len()));
     }
     let tasks: usize = spec.stages.iter().map(|s| s.tasks.len()).sum();
     if tasks > MAX_TASKS {
-        out.add(
-            &stages,
-            format!("{tasks} tasks in total; the limit is {MAX_TASKS}"),
-        );
+        out.add(&stages, format!("{tasks} tasks in total; the limit is {MAX_TASKS}"));
     }
 }
 
@@ -238,20 +195,14 @@ fn type_name(kind: super::model::ParamType) -> &'static str {
 
 fn check_priority(priority: i32, path: &P, out: &mut Problems) {
     if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
-        out.add(
-            path,
-            format!("priority {priority} is out of range -{MAX_PRIORITY}..={MAX_PRIORITY}"),
-        );
+        out.add(path, format!("priority {priority} is out of range -{MAX_PRIORITY}..={MAX_PRIORITY}"));
     }
 }
 
 /// Checks a needs list's length and duplicates; returns whether to look at the entries.
 fn check_needs_list(needs: &[NodeId], path: &P, out: &mut Problems) {
     if needs.len() > MAX_NEEDS {
-        out.add(
-            path,
-            format!("{} needs; the limit is {MAX_NEEDS}", needs.len()),
-        );
+        out.add(path, format!("{} needs; the limit is {MAX_NEEDS}", needs.len()));
     }
     let mut seen = BTreeSet::new();
     for (k, need) in needs.iter().enumerate() {
@@ -276,9 +227,10 @@ fn check_stage(
             out.add(&np.idx(k), format!("stage `{need}` needs itself"));
         } else if !stage_index.contains_key(need.as_str()) {
             let hint = match task_home.get(need.as_str()) {
-                Some((s, _)) => spec.stages.get(*s).map_or(String::new(), |home| {
-                    format!("; `{need}` is a task of stage `{}`, not a stage", home.id)
-                }),
+                Some((s, _)) => spec
+                    .stages
+                    .get(*s)
+                    .map_or(String::new(), |home| format!("; `{need}` is a task of stage `{}`, not a stage", home.id)),
                 None => String::new(),
             };
             out.add(&np.idx(k), format!("unknown stage `{need}`{hint}"));
@@ -289,10 +241,7 @@ fn check_stage(
         if !(1..=MAX_APPROVALS).contains(&gate.approvals) {
             out.add(
                 &gp.key("approvals"),
-                format!(
-                    "approvals must be between 1 and {MAX_APPROVALS}; found {}",
-                    gate.approvals
-                ),
+                format!("approvals must be between 1 and {MAX_APPROVALS}; found {}", gate.approvals),
             );
         }
         if gate.timeout.is_some_and(|t| t.is_zero()) {
@@ -363,27 +312,14 @@ fn check_task(
     if let Some(retries) = &task.retries {
         let rp = tp.key("retries");
         if retries.max > MAX_RETRIES {
-            out.add(
-                &rp.key("max"),
-                format!(
-                    "retries max must be between 0 and {MAX_RETRIES}; found {}",
-                    retries.max
-                ),
-            );
+            out.add(&rp.key("max"), format!("retries max must be between 0 and {MAX_RETRIES}; found {}", retries.max));
         }
         if retries.max_delay.is_some_and(|d| d < retries.initial) {
-            out.add(
-                &rp.key("max_delay"),
-                "max_delay must not be shorter than initial",
-            );
+            out.add(&rp.key("max_delay"), "max_delay must not be shorter than initial");
         }
     }
     check_env(&task.env, &tp.key("env"), out);
-    if task
-        .for_each
-        .as_deref()
-        .is_some_and(|f| f.trim().is_empty())
-    {
+    if task.for_each.as_deref().is_some_and(|f| f.trim().is_empty()) {
         out.add(&tp.key("for_each"), "`for_each` must not be empty");
     }
     for (k, label) in task.runs_on.iter().enumerate() {
@@ -394,22 +330,14 @@ fn check_task(
     if let Some(cpu) = task.resources.and_then(|r| r.cpu)
         && !(cpu.is_finite() && cpu > 0.0)
     {
-        out.add(
-            &tp.key("resources").key("cpu"),
-            "cpu must be a number greater than zero",
-        );
+        out.add(&tp.key("resources").key("cpu"), "cpu must be a number greater than zero");
     }
     check_priority(task.priority, &tp.key("priority"), out);
     let mut seen = BTreeSet::new();
     for (k, secret) in task.secrets.iter().enumerate() {
         let path = tp.key("secrets").idx(k);
         if !is_secret_name(secret) {
-            out.add(
-                &path,
-                format!(
-                    "invalid secret name `{secret}`: must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$"
-                ),
-            );
+            out.add(&path, format!("invalid secret name `{secret}`: must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$"));
         } else if !seen.insert(secret.as_str()) {
             out.add(&path, format!("secret `{secret}` is listed twice"));
         }
@@ -421,23 +349,15 @@ fn check_http(http: &HttpSpec, hp: &P, out: &mut Problems) {
         out.add(&hp.key("url"), "url must start with http:// or https://");
     }
     for name in http.headers.keys() {
-        let valid = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let valid =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !valid {
-            out.add_key(
-                &hp.key("headers").key(name),
-                format!("invalid header name `{name}`"),
-            );
+            out.add_key(&hp.key("headers").key(name), format!("invalid header name `{name}`"));
         }
     }
     for (k, status) in http.expect_status.iter().enumerate() {
         if !(100..=599).contains(status) {
-            out.add(
-                &hp.key("expect_status").idx(k),
-                format!("status {status} is not between 100 and 599"),
-            );
+            out.add(&hp.key("expect_status").idx(k), format!("status {status} is not between 100 and 599"));
         }
     }
     if http.timeout.is_some_and(|t| t.is_zero()) {
@@ -449,9 +369,7 @@ fn is_identifier(name: &str, max_len: usize) -> bool {
     let bytes = name.as_bytes();
     matches!(bytes.first(), Some(b) if b.is_ascii_alphabetic() || *b == b'_')
         && bytes.len() <= max_len
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
 }
 
 fn is_secret_name(name: &str) -> bool {
@@ -463,27 +381,16 @@ fn check_env(env: &BTreeMap<String, String>, ep: &P, out: &mut Problems) {
         if !is_identifier(key, usize::MAX) {
             out.add_key(
                 &ep.key(key),
-                format!(
-                    "invalid environment variable name `{key}`: must match ^[A-Za-z_][A-Za-z0-9_]*$"
-                ),
+                format!("invalid environment variable name `{key}`: must match ^[A-Za-z_][A-Za-z0-9_]*$"),
             );
         } else if key.starts_with("SLUICE_") {
-            out.add_key(
-                &ep.key(key),
-                format!("`{key}`: names starting with SLUICE_ are reserved"),
-            );
+            out.add_key(&ep.key(key), format!("`{key}`: names starting with SLUICE_ are reserved"));
         }
     }
 }
 
 /// Finds one cycle in a needs graph and reports it at one of its edges.
-fn check_cycle(
-    ids: &[&NodeId],
-    needs: &[&[NodeId]],
-    path_of: &dyn Fn(usize) -> P,
-    what: &str,
-    out: &mut Problems,
-) {
+fn check_cycle(ids: &[&NodeId], needs: &[&[NodeId]], path_of: &dyn Fn(usize) -> P, what: &str, out: &mut Problems) {
     let mut index: HashMap<&str, usize> = HashMap::new();
     for (i, id) in ids.iter().enumerate() {
         index.entry(id.as_str()).or_insert(i);
@@ -494,8 +401,7 @@ fn check_cycle(
         .enumerate()
         .flat_map(|(a, list)| {
             let index = &index;
-            list.iter()
-                .filter_map(move |need| index.get(need.as_str()).map(|&b| (a, b)))
+            list.iter().filter_map(move |need| index.get(need.as_str()).map(|&b| (a, b)))
         })
         .filter(|(a, b)| a != b)
         .collect();
@@ -505,21 +411,11 @@ fn check_cycle(
     let (Some(&first), Some(&second)) = (cycle.first(), cycle.get(1).or(cycle.first())) else {
         return;
     };
-    let mut names: Vec<&str> = cycle
-        .iter()
-        .filter_map(|&i| ids.get(i))
-        .map(|id| id.as_str())
-        .collect();
+    let mut names: Vec<&str> = cycle.iter().filter_map(|&i| ids.get(i)).map(|id| id.as_str()).collect();
     if let Some(start) = names.first().copied() {
         names.push(start);
     }
     let target = ids.get(second).map(|id| id.as_str()).unwrap_or_default();
-    let k = needs
-        .get(first)
-        .and_then(|list| list.iter().position(|n| n.as_str() == target))
-        .unwrap_or(0);
-    out.add(
-        &path_of(first).key("needs").idx(k),
-        format!("{what} cycle: {}", names.join(" -> ")),
-    );
+    let k = needs.get(first).and_then(|list| list.iter().position(|n| n.as_str() == target)).unwrap_or(0);
+    out.add(&path_of(first).key("needs").idx(k), format!("{what} cycle: {}", names.join(" -> ")));
 }
