@@ -109,7 +109,7 @@ fn drop_test_databases() {
 
 fn bench() -> anyhow::Result<()> {
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "sluice", "-p", "sluice-backend", "--examples"]);
+    build.args(["build", "--release", "-p", "sluice", "-p", "sluice-backend", "--bins", "--examples"]);
     status(build, "release build")?;
     let bin = target_dir().join("release");
     let mut floor = Command::new(bin.join("examples").join("http_bench"));

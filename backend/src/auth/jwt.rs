@@ -5,7 +5,7 @@
 //! embedded mode, or provided by configuration). The last key signs; older keys still verify
 //! until their `retire_after` time, so a rotation never logs anybody out early.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::Mutex};
 
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -82,7 +82,19 @@ pub struct JwtKeys {
     verifying: HashMap<String, VerifyKey>,
     jwks: serde_json::Value,
     validation: Validation,
+    verified: Mutex<HashMap<String, Verified>>,
 }
+
+/// A token whose signature and claims were checked: reused until it expires or its key retires,
+/// so the signature (the costly part) is verified once per token, not once per request.
+#[derive(Clone)]
+struct Verified {
+    claims: Claims,
+    retire_after: Option<DateTime<Utc>>,
+}
+
+/// Most verified tokens remembered at once; the memo is emptied when full.
+const VERIFIED_CAPACITY: usize = 10_000;
 
 fn new_entry() -> anyhow::Result<KeyEntry> {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
@@ -181,6 +193,7 @@ impl JwtKeys {
             verifying,
             jwks: serde_json::json!({ "keys": jwks }),
             validation,
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -216,6 +229,11 @@ impl JwtKeys {
 
     /// Verifies an access token. Every failure is the same `None` (the reason is logged at debug).
     pub fn verify(&self, token: &str) -> Option<Claims> {
+        let now = Utc::now();
+        if let Some(v) = self.verified.lock().ok().and_then(|m| m.get(token).cloned()) {
+            let still_valid = v.claims.exp + LEEWAY_SECS as i64 > now.timestamp() && v.retire_after.is_none_or(|r| r > now);
+            return still_valid.then_some(v.claims);
+        }
         let fail = |why: &str| tracing::debug!(reason = why, "access token rejected");
         let header = jsonwebtoken::decode_header(token).map_err(|e| fail(&e.to_string())).ok()?;
         if header.alg != Algorithm::EdDSA {
@@ -230,14 +248,21 @@ impl JwtKeys {
             fail("missing or unknown kid");
             return None;
         };
-        if key.retire_after.is_some_and(|r| r <= Utc::now()) {
+        if key.retire_after.is_some_and(|r| r <= now) {
             fail("retired key");
             return None;
         }
-        jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| fail(&e.to_string()))
-            .ok()
+            .ok()?;
+        if let Ok(mut memo) = self.verified.lock() {
+            if memo.len() >= VERIFIED_CAPACITY {
+                memo.clear();
+            }
+            memo.insert(token.to_owned(), Verified { claims: claims.clone(), retire_after: key.retire_after });
+        }
+        Some(claims)
     }
 }
 
