@@ -186,47 +186,50 @@ fn refresh_cookie(state: &State, value: &str, max_age_days: i64) -> Cookie<'stat
         .finish()
 }
 
-async fn user_tenants(state: &State, user: Uuid) -> ApiResult<Vec<Uuid>> {
-    #[derive(sea_orm::FromQueryResult)]
-    struct T {
-        tenant_id: Uuid,
-    }
-    let rows: Vec<T> = state
-        .store
-        .query_all(state.store.db(), "SELECT tenant_id FROM memberships WHERE user_id = $1", vec![user.into()])
-        .await?;
-    Ok(rows.into_iter().map(|r| r.tenant_id).collect())
-}
-
-/// Records a login event in every tenant of the user, or in the platform chain.
-async fn audit_login(
+/// Records an authentication event (`auth.login`, `auth.logout`, `auth.refresh_reuse`) in every
+/// tenant of the user, or in the platform chain when there is no known user or tenant, inside
+/// the caller's transaction.
+#[allow(clippy::too_many_arguments)]
+async fn audit_auth(
     state: &State,
+    conn: &impl sea_orm::ConnectionTrait,
+    action: &str,
     user: Option<(Uuid, &str)>,
     email: &str,
     outcome: Outcome,
     src: &Source,
     reason: &str,
 ) -> ApiResult<()> {
-    let tenants = match user {
-        Some((id, _)) => user_tenants(state, id).await?,
-        None => vec![],
-    };
-    let tenants = if tenants.is_empty() { vec![audit::PLATFORM] } else { tenants };
+    #[derive(sea_orm::FromQueryResult)]
+    struct T {
+        tenant_id: Uuid,
+    }
+    let mut tenants = vec![];
+    if let Some((id, _)) = user {
+        let rows: Vec<T> = state
+            .store
+            .query_all(conn, "SELECT tenant_id FROM memberships WHERE user_id = $1", vec![id.into()])
+            .await?;
+        tenants = rows.into_iter().map(|r| r.tenant_id).collect();
+    }
+    if tenants.is_empty() {
+        tenants.push(audit::PLATFORM);
+    }
     let actor = match user {
         Some((id, e)) => Actor { kind: "user", id: Some(id.to_string()), label: e.to_owned() },
         None => Actor { kind: "anonymous", id: None, label: email.chars().take(320).collect() },
     };
-    let txn = state.store.write().await?;
+    let resource_id = user.map(|(id, _)| id.to_string());
     for t in tenants {
         audit::append(
             &state.store,
-            &*txn,
+            conn,
             t,
             &NewEvent {
                 actor: &actor,
-                action: "auth.login",
+                action,
                 resource_type: "User",
-                resource_id: user.map(|(id, _)| id.to_string()).as_deref(),
+                resource_id: resource_id.as_deref(),
                 resource_version: None,
                 outcome,
                 policy_ids: &[],
@@ -236,6 +239,20 @@ async fn audit_login(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// Records a login attempt in its own transaction.
+async fn audit_login(
+    state: &State,
+    user: Option<(Uuid, &str)>,
+    email: &str,
+    outcome: Outcome,
+    src: &Source,
+    reason: &str,
+) -> ApiResult<()> {
+    let txn = state.store.write().await?;
+    audit_auth(state, &*txn, "auth.login", user, email, outcome, src, reason).await?;
     txn.commit().await?;
     Ok(())
 }
@@ -303,7 +320,7 @@ async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRe
     let store = &state.store;
     let txn = store.write().await?;
     let sql = format!(
-        "SELECT r.session_id, r.used_at, s.user_id, s.expires_at, s.revoked_at, u.disabled FROM refresh_tokens r \
+        "SELECT r.session_id, r.used_at, s.user_id, s.expires_at, s.revoked_at, u.disabled, u.email FROM refresh_tokens r \
          JOIN sessions s ON s.id = r.session_id JOIN users u ON u.id = s.user_id WHERE r.token_hash = $1{}",
         store.for_update()
     );
@@ -313,6 +330,18 @@ async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRe
         // A rotated token came back: it was stolen or replayed. End the whole session.
         tracing::warn!(session = %row.session_id, "refresh token reuse; revoking the session");
         accounts::revoke_session(store, &*txn, row.session_id).await?;
+        let src = super::source(&state, &req);
+        audit_auth(
+            &state,
+            &*txn,
+            "auth.refresh_reuse",
+            Some((row.user_id, &row.email)),
+            &row.email,
+            Outcome::Deny,
+            &src,
+            "a rotated refresh token was presented again; the session was ended",
+        )
+        .await?;
         txn.commit().await?;
         return Err(ApiError::Unauthorized);
     }
@@ -345,11 +374,23 @@ async fn refresh(state: State, req: HttpRequest, body: Body) -> ApiResult<HttpRe
     responses((status = 204, description = "the session is ended: its access and refresh tokens stop working"),
               (status = 401, description = "not logged in")))]
 async fn logout(state: State, authn: Authn) -> ApiResult<HttpResponse> {
-    let session = authn.principal.session_id.ok_or_else(|| {
+    let p = &authn.principal;
+    let session = p.session_id.ok_or_else(|| {
         ApiError::bad_request("authorization", "API tokens have no session; revoke the token instead")
     })?;
     let txn = state.store.write().await?;
     accounts::revoke_session(&state.store, &*txn, session).await?;
+    audit_auth(
+        &state,
+        &*txn,
+        "auth.logout",
+        Some((p.user_id, &p.email)),
+        &p.email,
+        Outcome::Allow,
+        &authn.source,
+        "logout",
+    )
+    .await?;
     txn.commit().await?;
     Ok(HttpResponse::NoContent().cookie(refresh_cookie(&state, "", 0)).finish())
 }

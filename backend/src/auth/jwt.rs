@@ -231,7 +231,8 @@ impl JwtKeys {
     pub fn verify(&self, token: &str) -> Option<Claims> {
         let now = Utc::now();
         if let Some(v) = self.verified.lock().ok().and_then(|m| m.get(token).cloned()) {
-            let still_valid = v.claims.exp + LEEWAY_SECS as i64 > now.timestamp() && v.retire_after.is_none_or(|r| r > now);
+            let still_valid =
+                v.claims.exp + LEEWAY_SECS as i64 > now.timestamp() && v.retire_after.is_none_or(|r| r > now);
             return still_valid.then_some(v.claims);
         }
         let fail = |why: &str| tracing::debug!(reason = why, "access token rejected");

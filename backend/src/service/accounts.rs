@@ -186,6 +186,8 @@ pub struct RefreshRow {
     pub revoked_at: Option<DateTime<Utc>>,
     /// Owner disabled.
     pub disabled: bool,
+    /// Owner's email.
+    pub email: String,
 }
 
 /// Revokes a session (logout, refresh-token reuse).

@@ -734,3 +734,41 @@ async fn successes_do_not_count_and_blocks_lapse() {
     let retry = expect_429(login_from(&app, "10.0.0.6", e, PASSWORD).await).await;
     assert!((31..=60).contains(&retry), "doubled block: {retry}");
 }
+
+#[actix_web::test]
+async fn logout_and_refresh_token_reuse_are_audited() {
+    let app = spawn_app().await;
+    let t = slug("authaudit");
+    let admin = app.signup(&t).await;
+    let second = app.login(&t, &admin.email, PASSWORD).await;
+    // Rotate once, then present the spent token again: the session ends and the reuse is recorded.
+    assert_eq!(refresh_raw(&app, &second.refresh).await.status(), StatusCode::OK);
+    expect_401(refresh_raw(&app, &second.refresh).await).await;
+    let r = app.call(Method::POST, "/api/v1/auth/logout", Some(&admin.token), None).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    // The admin's session is over; read the log with a fresh one.
+    let reader = app.login(&t, &admin.email, PASSWORD).await;
+    let r = app.get(&format!("/api/v1/t/{t}/audit?resource_type=User"), &reader.token).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let items: Value = r.json().await.unwrap();
+    let events: Vec<(String, String, String)> = items["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] != "auth.login")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["outcome"].as_str().unwrap().into(),
+                e["actor"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("auth.logout".to_owned(), "allow".to_owned(), admin.email.clone()),
+            ("auth.refresh_reuse".to_owned(), "deny".to_owned(), admin.email.clone()),
+        ]
+    );
+}
