@@ -242,6 +242,23 @@ fn view(p: &PipelineRow, v: VersionRow) -> PipelineVersionView {
     }
 }
 
+/// Loads a pipeline that is about to get a new version and authorizes that. An archived
+/// pipeline answers 409 (a state conflict) rather than the 403 that the default
+/// `archived-pipelines-read-only` policy would give; that policy stays as a second line of defence.
+async fn load_for_update(
+    state: &State,
+    ctx: &TenantCtx,
+    name: &str,
+) -> ApiResult<(PipelineRow, crate::authz::Decision)> {
+    let p = load_pipeline(&state.store, state.store.db(), ctx.tenant.id, name).await?;
+    if p.archived_at.is_some() {
+        return Err(ApiError::conflict("the pipeline is archived"));
+    }
+    let resource = Resource::Pipeline { name: &p.name, archived: false };
+    let decision = authorize(state, ctx, Action::PipelineUpdate, resource).await?;
+    Ok((p, decision))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn insert_version(
     state: &State,
@@ -346,20 +363,7 @@ async fn update_pipeline(
     path: web::Path<(String, String)>,
     body: Body,
 ) -> ApiResult<web::Json<PipelineVersionView>> {
-    let store = &state.store;
-    let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    // An archived pipeline answers 409 as documented, rather than the 403 of the default
-    // `archived-pipelines-read-only` policy (which stays as a second line of defence).
-    if p.archived_at.is_some() {
-        return Err(ApiError::conflict("the pipeline is archived"));
-    }
-    let decision = authorize(
-        &state,
-        &ctx,
-        Action::PipelineUpdate,
-        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
-    )
-    .await?;
+    let (p, decision) = load_for_update(&state, &ctx, &path.1).await?;
     let body: UpdatePipeline = body.json()?;
     let msg = message(body.message.as_deref(), "Updated")?;
     let spec = parse(&p.name, &body.definition)?;
@@ -618,19 +622,7 @@ async fn restore_version(
     body: Body,
 ) -> ApiResult<HttpResponse> {
     let store = &state.store;
-    let p = load_pipeline(store, store.db(), ctx.tenant.id, &path.1).await?;
-    // An archived pipeline answers 409 as documented, rather than the 403 of the default
-    // `archived-pipelines-read-only` policy (which stays as a second line of defence).
-    if p.archived_at.is_some() {
-        return Err(ApiError::conflict("the pipeline is archived"));
-    }
-    let decision = authorize(
-        &state,
-        &ctx,
-        Action::PipelineUpdate,
-        Resource::Pipeline { name: &p.name, archived: p.archived_at.is_some() },
-    )
-    .await?;
+    let (p, decision) = load_for_update(&state, &ctx, &path.1).await?;
     let req: RestoreRequest = body.json_or_default()?;
     let old = load_version(store, ctx.tenant.id, p.id, path.2).await?;
     let msg = message(req.message.as_deref(), &format!("Restored version {}", path.2))?;

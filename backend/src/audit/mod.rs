@@ -7,7 +7,7 @@
 //! tenant (a failed login for an unknown email) go to the platform chain, tenant id nil.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IntoActiveModel};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -241,43 +241,17 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
         hash: String::new(),
     };
     m.hash = event_hash(&m);
-    let values: Vec<Value> = vec![
-        m.tenant_id.into(),
-        m.seq.into(),
-        m.occurred_at.into(),
-        m.actor_type.clone().into(),
-        m.actor_id.clone().into(),
-        m.actor_label.clone().into(),
-        m.action.clone().into(),
-        m.resource_type.clone().into(),
-        m.resource_id.clone().into(),
-        m.resource_version.into(),
-        m.outcome.clone().into(),
-        m.policy_ids.clone().into(),
-        m.source_ip.clone().into(),
-        m.user_agent.clone().into(),
-        m.request_id.clone().into(),
-        m.details.clone().into(),
-        m.prev_hash.clone().into(),
-        m.hash.clone().into(),
-    ];
-    store
-        .execute(
-            conn,
-            "INSERT INTO audit_events (tenant_id, seq, occurred_at, actor_type, actor_id, actor_label, action, \
-             resource_type, resource_id, resource_version, outcome, policy_ids, source_ip, user_agent, request_id, \
-             details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-            values,
-        )
-        .await?;
+    let seq = m.seq;
+    let hash = m.hash.clone();
+    audit_event::Entity::insert(m.into_active_model()).exec(conn).await?;
     store
         .execute(
             conn,
             "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1",
-            vec![tenant.into(), m.seq.into(), m.hash.into()],
+            vec![tenant.into(), seq.into(), hash.into()],
         )
         .await?;
-    Ok(m.seq)
+    Ok(seq)
 }
 
 /// The result of verifying a chain.

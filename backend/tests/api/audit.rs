@@ -221,32 +221,8 @@ async fn last_event(app: &TestApp, admin: &Member) -> audit_event::Model {
 }
 
 async fn insert(app: &TestApp, m: &audit_event::Model) {
-    let values: Vec<sea_orm::Value> = vec![
-        m.tenant_id.into(),
-        m.seq.into(),
-        m.occurred_at.into(),
-        m.actor_type.clone().into(),
-        m.actor_id.clone().into(),
-        m.actor_label.clone().into(),
-        m.action.clone().into(),
-        m.resource_type.clone().into(),
-        m.resource_id.clone().into(),
-        m.resource_version.into(),
-        m.outcome.clone().into(),
-        m.policy_ids.clone().into(),
-        m.source_ip.clone().into(),
-        m.user_agent.clone().into(),
-        m.request_id.clone().into(),
-        m.details.clone().into(),
-        m.prev_hash.clone().into(),
-        m.hash.clone().into(),
-    ];
-    let n = app
-        .sql("INSERT INTO audit_events (tenant_id, seq, occurred_at, actor_type, actor_id, actor_label, action, \
-             resource_type, resource_id, resource_version, outcome, policy_ids, source_ip, user_agent, request_id, \
-             details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)", values)
-        .await;
-    assert_eq!(n, 1);
+    use sea_orm::{EntityTrait, IntoActiveModel};
+    audit_event::Entity::insert(m.clone().into_active_model()).exec(app.store().db()).await.unwrap();
 }
 
 fn forged(last: &audit_event::Model) -> audit_event::Model {
