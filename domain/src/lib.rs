@@ -13,7 +13,9 @@ mod doc;
 pub mod duration;
 pub mod ids;
 pub mod memory;
+pub mod plan;
 pub mod spec;
+pub mod template;
 
 pub use duration::Duration;
 pub use ids::{IdError, NodeId, Slug};

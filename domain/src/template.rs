@@ -1,0 +1,1 @@
+//! Template expressions (in progress).

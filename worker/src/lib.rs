@@ -1,0 +1,1 @@
+//! Task execution for Sluice workers (in progress).
