@@ -46,6 +46,9 @@ pub struct ConfigArgs {
     /// Trust X-Forwarded-For from a reverse proxy for the client address [default: false].
     #[arg(long, env = "SLUICE_TRUST_PROXY", global = true)]
     pub trust_proxy: Option<bool>,
+    /// How many tasks the embedded worker runs at once [default: 4].
+    #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
+    pub worker_slots: Option<usize>,
 }
 
 /// The same keys, as read from `sluice.toml`.
@@ -63,6 +66,7 @@ struct FileConfig {
     db_max_connections: Option<u32>,
     log_format: Option<String>,
     trust_proxy: Option<bool>,
+    worker_slots: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -90,6 +94,8 @@ pub struct Config {
     pub log_format: String,
     /// Whether to trust X-Forwarded-For.
     pub trust_proxy: bool,
+    /// Concurrent tasks of the embedded worker.
+    pub worker_slots: usize,
 }
 
 impl Config {
@@ -143,6 +149,7 @@ impl Config {
             db_max_connections: args.db_max_connections.or(file.db_max_connections).unwrap_or(16).max(1),
             log_format,
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
+            worker_slots: args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1),
         })
     }
 }

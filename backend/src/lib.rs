@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod service;
 pub mod store;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub authz: authz::Authorizer,
     /// JWT signing and verification keys.
     pub jwt: auth::jwt::JwtKeys,
+    /// Run orchestration.
+    pub engine: std::sync::Arc<engine::Engine>,
 }
 
 impl AppState {
@@ -47,7 +50,14 @@ impl AppState {
         let key_file = auth::jwt::load_or_generate(&config.jwt_keys_file, generate)?;
         let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
         let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
-        Ok(Self { config, store, authz, jwt })
+        // In-process dispatch: the embedded worker executes what the engine queues.
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), queue));
+        let work_root = config.data_dir.join("work");
+        std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
+        engine::spawn_local_workers(engine.clone(), store.clone(), rx, config.worker_slots, work_root);
+        engine.spawn_reaper();
+        Ok(Self { config, store, authz, jwt, engine })
     }
 }
 

@@ -5,6 +5,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_foundation;
+mod m20261127_000002_create_runs;
 
 /// The ordered list of Sluice's migrations.
 pub struct Migrator;
@@ -12,6 +13,6 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261127_000001_create_foundation::Migration)]
+        vec![Box::new(m20261127_000001_create_foundation::Migration), Box::new(m20261127_000002_create_runs::Migration)]
     }
 }

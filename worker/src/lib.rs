@@ -1,1 +1,320 @@
-//! Task execution for Sluice workers (in progress).
+//! Task execution for Sluice workers.
+//!
+//! [`execute`] runs one attempt of one task: a process (`Run`, argv only, never through a shell), a shell
+//! script (`Shell`), an SSRF-guarded HTTP call (`Http`), a `Sleep` or a `Noop`. It streams the task's log
+//! lines (secrets masked, control characters escaped, total size capped) to a channel and returns the
+//! outcome plus the task's declared outputs.
+//!
+//! # Sandbox (process tasks)
+//! * a fresh per-attempt work directory (mode 0700, owned by the task user) inside `work_root`, removed
+//!   afterwards; `work_root` must be traversable (`--x`) by the task user — when `execute` creates it, it
+//!   is created with mode 0711;
+//! * environment cleared; only the declared variables plus `PATH`, `HOME`, `SLUICE_WORKDIR`,
+//!   `SLUICE_OUTPUT`;
+//! * own process group, killed as a whole (`kill(-pgid, SIGKILL)`) on timeout, cancel, and after the
+//!   main process exits (no left-over background processes);
+//! * rlimits: CPU, address space, file size, processes, open files, core dumps = 0;
+//! * when [`TaskRequest::run_as`] is set (the worker runs as root), setgid/setuid to it and supplementary
+//!   groups dropped.
+//!
+//! Known limits of this sandbox (there is no namespace, seccomp, landlock or cgroup isolation yet): the
+//! task can open sockets, write to world-writable places such as `/tmp`, and a process that calls
+//! `setsid` (leaving its process group) escapes the group kill. `RLIMIT_NPROC` counts all processes of
+//! the task uid and is not enforced for root, so it only works with `run_as` set, and tasks of different
+//! tenants should get distinct uids (test plan D22).
+
+mod http;
+mod logs;
+mod outputs;
+mod process;
+mod ssrf;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub use logs::MIN_SECRET_LEN;
+pub use process::live_group_members;
+pub use ssrf::{ip_is_public, ip_permitted};
+
+/// What a task does.
+#[derive(Clone, Debug)]
+pub enum ExecAction {
+    /// Execute `argv[0]` (looked up in the fixed `PATH` when it has no `/`) with the arguments as given;
+    /// no shell is involved, so arguments are never re-interpreted.
+    Run(Vec<String>),
+    /// Run the script with `/bin/sh -c`.
+    Shell(String),
+    /// An HTTP request with SSRF protection (see [`HttpCall`] and [`HttpPolicy`]).
+    Http(HttpCall),
+    /// Wait (cancellable).
+    Sleep(Duration),
+    /// Succeed at once.
+    Noop,
+}
+
+/// An HTTP request made by an `Http` task.
+#[derive(Clone)]
+pub struct HttpCall {
+    /// Method, e.g. `GET` (case-insensitive).
+    pub method: String,
+    /// Absolute `http` or `https` URL; other schemes are refused.
+    pub url: String,
+    /// Request headers.
+    pub headers: Vec<(String, String)>,
+    /// Request body.
+    pub body: Option<String>,
+    /// Accepted response statuses; empty means any 2xx.
+    pub expect_status: Vec<u16>,
+    /// Timeout of the whole call (all redirect hops, body included); falls back to [`TaskRequest::timeout`]
+    /// (the smaller one wins when both are set).
+    pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for HttpCall {
+    /// Header values and the body may carry credentials: only names are shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCall")
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &self.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            .field("body", &self.body.as_ref().map(|b| format!("<{} bytes>", b.len())))
+            .field("expect_status", &self.expect_status)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Resource limits applied (as rlimits, soft = hard) to a process task and everything it starts.
+///
+/// A limit above the worker's own hard limit is lowered to it. Core dumps are always disabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// `RLIMIT_CPU` in seconds of CPU time (per process); `None` = inherit.
+    pub cpu_seconds: Option<u64>,
+    /// `RLIMIT_AS` (virtual address space) in bytes; `None` = inherit. Runtimes that reserve large
+    /// virtual ranges (JVM, Go) need a generous value.
+    pub memory_bytes: Option<u64>,
+    /// `RLIMIT_FSIZE`: largest file the task may write.
+    pub file_size_bytes: u64,
+    /// `RLIMIT_NPROC`: processes (threads included) of the task uid. Only effective with `run_as`.
+    pub processes: u64,
+    /// `RLIMIT_NOFILE`: open file descriptors per process.
+    pub open_files: u64,
+}
+
+impl Default for Limits {
+    /// No CPU or memory limit, 1 GiB files, 256 processes, 1024 open files.
+    fn default() -> Self {
+        Limits { cpu_seconds: None, memory_bytes: None, file_size_bytes: 1 << 30, processes: 256, open_files: 1024 }
+    }
+}
+
+/// Network policy of `Http` tasks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpPolicy {
+    /// CIDRs (`(network, prefix length)`) the tenant allow-listed: addresses inside them are permitted even
+    /// when they are loopback/private/link-local etc. An IPv4 entry also matches the IPv4-mapped IPv6 form.
+    pub allow: Vec<(IpAddr, u8)>,
+    /// Response body bytes read at most; the rest is not read (a System line says so).
+    pub max_body_bytes: usize,
+    /// Redirects followed at most (each hop is re-checked against the policy).
+    pub max_redirects: usize,
+}
+
+impl Default for HttpPolicy {
+    /// No allow-list, 1 MiB bodies, 5 redirects.
+    fn default() -> Self {
+        HttpPolicy { allow: Vec::new(), max_body_bytes: 1 << 20, max_redirects: 5 }
+    }
+}
+
+/// One attempt of one task.
+#[derive(Clone)]
+pub struct TaskRequest {
+    /// What to do.
+    pub action: ExecAction,
+    /// Environment of a process task: the declared variables and the `SLUICE_*` ones. `PATH`, `HOME`,
+    /// `SLUICE_WORKDIR` and `SLUICE_OUTPUT` are set by the executor and override entries here; names that
+    /// are empty or contain `=` or NUL are skipped (with a System log line).
+    pub env: Vec<(String, String)>,
+    /// Overall timeout; `None` = none.
+    pub timeout: Option<Duration>,
+    /// Directory inside which the per-attempt work directory is created.
+    pub work_root: PathBuf,
+    /// Resource limits of process tasks.
+    pub limits: Limits,
+    /// Secret values masked in logs and outputs (see [`MIN_SECRET_LEN`]).
+    pub secrets: Vec<String>,
+    /// Log text forwarded at most (bytes); then one `[log truncated after N bytes]` System line.
+    pub max_log_bytes: usize,
+    /// Network policy of `Http` tasks.
+    pub http: HttpPolicy,
+    /// `(uid, gid)` the task runs as (the worker must be root); `None` = the worker's own user.
+    pub run_as: Option<(u32, u32)>,
+}
+
+impl TaskRequest {
+    /// A request with defaults: no env, no timeout, default limits, no secrets, 10 MiB of logs, default
+    /// HTTP policy, same user as the worker.
+    pub fn new(action: ExecAction, work_root: impl Into<PathBuf>) -> Self {
+        TaskRequest {
+            action,
+            env: Vec::new(),
+            timeout: None,
+            work_root: work_root.into(),
+            limits: Limits::default(),
+            secrets: Vec::new(),
+            max_log_bytes: 10 << 20,
+            http: HttpPolicy::default(),
+            run_as: None,
+        }
+    }
+}
+
+impl fmt::Debug for TaskRequest {
+    /// Secret values and environment values are never shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskRequest")
+            .field("action", &self.action)
+            .field("env", &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("work_root", &self.work_root)
+            .field("limits", &self.limits)
+            .field("secrets", &format!("<{} values>", self.secrets.len()))
+            .field("max_log_bytes", &self.max_log_bytes)
+            .field("http", &self.http)
+            .field("run_as", &self.run_as)
+            .finish()
+    }
+}
+
+/// Origin of a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// The task's standard output (or an HTTP response body).
+    Stdout,
+    /// The task's standard error.
+    Stderr,
+    /// A message of the executor itself.
+    System,
+}
+
+/// One log line: no newline inside, secrets masked, control characters (except tab) escaped as `\u{..}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    /// Where it came from.
+    pub stream: Stream,
+    /// When the worker read it.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The text.
+    pub text: String,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecOutcome {
+    /// Exit code 0, HTTP status accepted, sleep done, or no-op.
+    Succeeded,
+    /// Anything else; `exit_code` is set for a process that exited normally.
+    Failed {
+        /// Exit code of the process, when it exited (not killed by a signal).
+        exit_code: Option<i32>,
+        /// Human-readable reason (secrets masked).
+        message: String,
+    },
+    /// The timeout elapsed (the process group was killed).
+    TimedOut,
+    /// The cancel signal was raised (the process group was killed).
+    Cancelled,
+}
+
+/// Result of [`execute`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecResult {
+    /// How it ended.
+    pub outcome: ExecOutcome,
+    /// `key=value` pairs the task wrote to `$SLUICE_OUTPUT` (secrets masked); for `Http`, `status`.
+    pub outputs: BTreeMap<String, String>,
+    /// Bytes of log text sent to the channel (System lines included).
+    pub log_bytes: u64,
+    /// Whether the log was cut at `max_log_bytes`.
+    pub log_truncated: bool,
+}
+
+/// Runs one attempt of a task.
+///
+/// Log lines go to `logs` (the sender waits when the channel is full, which in turn slows the task down;
+/// a dropped receiver is tolerated). Setting `cancel` to `true` stops the task (outcome `Cancelled`).
+/// Never panics on task-provided data.
+pub async fn execute(req: TaskRequest, logs: mpsc::Sender<LogLine>, cancel: watch::Receiver<bool>) -> ExecResult {
+    let sink = Arc::new(logs::LogSink::new(logs, &req.secrets, req.max_log_bytes));
+    let deadline = req.timeout.map(|t| Instant::now() + t);
+    let mut cancel = cancel;
+    let (outcome, outputs) = match &req.action {
+        ExecAction::Noop => (ExecOutcome::Succeeded, BTreeMap::new()),
+        ExecAction::Sleep(d) => (sleep(*d, deadline, &mut cancel).await, BTreeMap::new()),
+        ExecAction::Run(argv) => process::run(argv.clone(), &req, sink.clone(), deadline, &mut cancel).await,
+        ExecAction::Shell(script) => {
+            let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script.clone()];
+            process::run(argv, &req, sink.clone(), deadline, &mut cancel).await
+        }
+        ExecAction::Http(call) => http::run(call, &req, sink.clone(), deadline, &mut cancel).await,
+    };
+    let outcome = match outcome {
+        ExecOutcome::Failed { exit_code, message } => ExecOutcome::Failed { exit_code, message: sink.mask(&message) },
+        o => o,
+    };
+    let (log_bytes, log_truncated) = sink.totals();
+    ExecResult { outcome, outputs, log_bytes, log_truncated }
+}
+
+/// The user tasks should run as when the worker is root: `nobody` (from the user database, else
+/// 65534/65534). `None` when the worker is not root (it cannot switch users then).
+pub fn unprivileged_user() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    match nix::unistd::User::from_name("nobody") {
+        Ok(Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
+        _ => Some((65534, 65534)),
+    }
+}
+
+async fn sleep(d: Duration, deadline: Option<Instant>, cancel: &mut watch::Receiver<bool>) -> ExecOutcome {
+    let end = Instant::now() + d;
+    tokio::select! {
+        _ = tokio::time::sleep_until(end) => ExecOutcome::Succeeded,
+        _ = deadline_reached(deadline) => ExecOutcome::TimedOut,
+        _ = cancelled(cancel) => ExecOutcome::Cancelled,
+    }
+}
+
+/// Completes when the deadline (if any) has passed.
+pub(crate) async fn deadline_reached(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the cancel flag is (or becomes) `true`; never when the sender is dropped first.
+pub(crate) async fn cancelled(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            if *rx.borrow() {
+                return;
+            }
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod health;
 pub mod openapi;
 mod pipelines;
 mod policies;
+mod runs;
 mod tenant;
 mod tokens;
 
@@ -74,6 +75,7 @@ fn register(r: &mut Routes<'_>) {
     tokens::routes(r);
     policies::routes(r);
     pipelines::routes(r);
+    runs::routes(r);
     audit_log::routes(r);
 }
 

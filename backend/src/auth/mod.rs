@@ -201,7 +201,7 @@ async fn resolve(
         if row.last_used_at.is_none_or(|t| now - t > chrono::Duration::seconds(60)) {
             let store = store.clone();
             let id = row.id;
-            actix_web::rt::spawn(async move {
+            tokio::spawn(async move {
                 if let Ok(txn) = store.write().await {
                     let _ = store
                         .execute(

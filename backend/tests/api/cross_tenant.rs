@@ -15,6 +15,7 @@ struct TenantA {
     token: String,
     pipeline: String,
     group: String,
+    run_id: String,
 }
 
 /// How to call one route: the path parameters come from [`TenantA`], the rest from here.
@@ -64,6 +65,11 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("GET", "/audit") => none("?limit=200"),
         ("GET", "/audit/verify") => none(""),
         ("GET", "/audit/export") => none(""),
+        ("POST", "/pipelines/{pipeline}/runs") => with(json!({ "params": {} })),
+        ("GET", "/runs") => none("?limit=200"),
+        ("GET", "/runs/{run_id}") => none(""),
+        ("POST", "/runs/{run_id}/cancel") => none(""),
+        ("GET", "/runs/{run_id}/tasks/{task}/logs") => none(""),
         _ => None,
     }
 }
@@ -80,6 +86,8 @@ fn concrete(template: &str, a: &TenantA) -> String {
             "{pipeline}" => a.pipeline.as_str(),
             // Versions 1 and 2 exist for both the pipeline and (after setup) the policies.
             "{version}" => "1",
+            "{run_id}" => a.run_id.as_str(),
+            "{task}" => "quiet",
             s if s.starts_with('{') => panic!("no value for path parameter {s} of {template}"),
             s => s,
         };
@@ -99,6 +107,7 @@ fn secrets(a: &TenantA) -> Vec<String> {
         a.token[..12].to_owned(),
         a.pipeline.clone(),
         a.group.clone(),
+        a.run_id.clone(),
         a.admin.tenant.to_uppercase(),
         a.admin.tenant.clone(),
     ]
@@ -131,7 +140,14 @@ async fn setup_a(app: &TestApp) -> TenantA {
         .put(&format!("/api/v1/t/{t}/policies"), &admin.token, json!({ "text": text, "message": "same again" }))
         .await;
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-    TenantA { admin, member, token_id, token, pipeline, group }
+    // A run, on a pipeline of its own that does nothing observable.
+    let quiet = "stages:\n  - id: only\n    tasks:\n      - id: quiet\n        noop: true\n";
+    let r = app.create_pipeline(&admin, &format!("{pipeline}-runs"), quiet).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app.post(&format!("/api/v1/t/{t}/pipelines/{pipeline}-runs/runs"), &admin.token, json!({})).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    let run_id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    TenantA { admin, member, token_id, token, pipeline, group, run_id }
 }
 
 async fn json_of(app: &TestApp, path: &str, token: &str) -> Value {

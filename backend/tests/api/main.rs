@@ -12,5 +12,6 @@ mod helpers;
 mod jwt_attacks;
 mod openapi;
 mod pipelines;
+mod runs;
 mod tokens;
 mod walkthrough;

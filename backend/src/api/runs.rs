@@ -1,0 +1,529 @@
+//! Runs: start one (pinned to a pipeline version), list, inspect, cancel, read task logs.
+
+use actix_web::{HttpRequest, HttpResponse, http::Method, web};
+use chrono::{DateTime, Utc};
+use sea_orm::Value;
+use serde::{Deserialize, Serialize};
+use sluice_domain::{
+    cedar::Action,
+    parse_definition,
+    plan::{self, Event},
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{Body, PageParams, Routes, State, audit_change, authorize, encode_cursor};
+use crate::{
+    auth::TenantCtx,
+    authz::Resource,
+    engine::state::insert_rows,
+    error::{ApiError, ApiResult, FieldError, OrNotFound},
+    store::is_unique_violation,
+};
+
+pub(super) fn routes(r: &mut Routes<'_>) {
+    r.add(Method::POST, "/api/v1/t/{tenant}/pipelines/{pipeline}/runs", create_run);
+    r.add(Method::GET, "/api/v1/t/{tenant}/runs", list_runs);
+    r.add(Method::GET, "/api/v1/t/{tenant}/runs/{run_id}", get_run);
+    r.add(Method::POST, "/api/v1/t/{tenant}/runs/{run_id}/cancel", cancel_run);
+    r.add(Method::GET, "/api/v1/t/{tenant}/runs/{run_id}/tasks/{task}/logs", task_logs);
+}
+
+/// Start a run.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CreateRun {
+    /// Values of the pipeline's `params`, checked against their declared types.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The version to run (default: the latest).
+    pub version: Option<i64>,
+}
+
+/// A stage of a run.
+#[derive(Debug, Serialize, ToSchema, sea_orm::FromQueryResult)]
+pub struct StageView {
+    /// Stage id.
+    pub stage_id: String,
+    /// `pending`, `waiting`, `running`, `succeeded`, `failed`, `cancelled` or `skipped`.
+    pub status: String,
+    /// When a gate stops waiting.
+    pub gate_deadline: Option<DateTime<Utc>>,
+}
+
+/// A task of a run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskView {
+    /// Index in the run (used in log URLs).
+    pub index: i32,
+    /// `id`, or `id[n]` for an instance of a fan-out.
+    pub key: String,
+    /// Task id in the definition.
+    pub task_id: String,
+    /// Status.
+    pub status: String,
+    /// Attempt number (0 before the first dispatch).
+    pub attempt: i32,
+    /// Started (latest attempt).
+    pub started_at: Option<DateTime<Utc>>,
+    /// Finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i32>,
+    /// Why it failed, if it did.
+    pub message: Option<String>,
+    /// Outputs written to `$SLUICE_OUTPUT`.
+    #[schema(value_type = Object)]
+    pub outputs: serde_json::Value,
+}
+
+#[derive(sea_orm::FromQueryResult)]
+struct TaskRow {
+    idx: i32,
+    key: String,
+    task_id: String,
+    status: String,
+    attempt: i32,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    exit_code: Option<i32>,
+    message: Option<String>,
+    outputs: String,
+}
+
+/// A run.
+#[derive(Debug, Serialize, ToSchema, sea_orm::FromQueryResult)]
+pub struct RunSummary {
+    /// Run id.
+    pub id: Uuid,
+    /// Pipeline name.
+    pub pipeline_name: String,
+    /// The pinned pipeline version.
+    pub version: i64,
+    /// `pending`, `running`, `waiting`, `succeeded`, `failed`, `cancelled` or `timed_out`.
+    pub status: String,
+    /// `api` (more to come: `cron`, `webhook`, `retry`).
+    pub trigger: String,
+    /// Who started it.
+    pub initiator: String,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A run with its stages and tasks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunView {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// Parameters (defaults applied).
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    /// Stages, in definition order.
+    pub stages: Vec<StageView>,
+    /// Tasks, in plan order.
+    pub tasks: Vec<TaskView>,
+}
+
+const RUN_SELECT: &str =
+    "SELECT id, pipeline_name, version, status, trigger, initiator, created_at, started_at, finished_at FROM runs";
+
+#[derive(sea_orm::FromQueryResult)]
+struct RunAuth {
+    pipeline_name: String,
+    initiator_id: Option<Uuid>,
+}
+
+async fn run_view(state: &State, tenant: Uuid, id: Uuid) -> ApiResult<RunView> {
+    let store = &state.store;
+    let run: RunSummary = store
+        .query_one(
+            store.db(),
+            &format!("{RUN_SELECT} WHERE tenant_id = $1 AND id = $2"),
+            vec![tenant.into(), id.into()],
+        )
+        .await?
+        .or_not_found("run")?;
+    #[derive(sea_orm::FromQueryResult)]
+    struct P {
+        params: String,
+    }
+    let p: Option<P> = store.query_one(store.db(), "SELECT params FROM runs WHERE id = $1", vec![id.into()]).await?;
+    let stages: Vec<StageView> = store
+        .query_all(
+            store.db(),
+            "SELECT stage_id, status, gate_deadline FROM stage_runs WHERE tenant_id = $1 AND run_id = $2 ORDER BY idx",
+            vec![tenant.into(), id.into()],
+        )
+        .await?;
+    let tasks: Vec<TaskRow> = store
+        .query_all(
+            store.db(),
+            "SELECT idx, key, task_id, status, attempt, started_at, finished_at, exit_code, message, outputs FROM task_runs \
+             WHERE tenant_id = $1 AND run_id = $2 ORDER BY idx",
+            vec![tenant.into(), id.into()],
+        )
+        .await?;
+    Ok(RunView {
+        run,
+        params: p.and_then(|p| serde_json::from_str(&p.params).ok()).unwrap_or_default(),
+        stages,
+        tasks: tasks
+            .into_iter()
+            .map(|t| TaskView {
+                index: t.idx,
+                key: t.key,
+                task_id: t.task_id,
+                status: t.status,
+                attempt: t.attempt,
+                started_at: t.started_at,
+                finished_at: t.finished_at,
+                exit_code: t.exit_code,
+                message: t.message,
+                outputs: serde_json::from_str(&t.outputs).unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
+#[derive(sea_orm::FromQueryResult)]
+struct PipelineRow {
+    id: Uuid,
+    name: String,
+    latest_version: i64,
+    archived_at: Option<DateTime<Utc>>,
+}
+
+fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
+    let Some(v) = req.headers().get("idempotency-key") else { return Ok(None) };
+    let v = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key", "must be printable ASCII"))?;
+    if v.is_empty() || v.len() > 200 {
+        return Err(ApiError::bad_request("Idempotency-Key", "must be 1 to 200 characters"));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+async fn existing_run(state: &State, tenant: Uuid, key: &str) -> ApiResult<Option<Uuid>> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct R {
+        id: Uuid,
+    }
+    let r: Option<R> = state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT id FROM runs WHERE tenant_id = $1 AND idempotency_key = $2",
+            vec![tenant.into(), key.into()],
+        )
+        .await?;
+    Ok(r.map(|r| r.id))
+}
+
+#[utoipa::path(post, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/runs", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a retried request with the same key returns the same run")),
+    request_body = CreateRun,
+    responses((status = 201, body = RunView), (status = 200, description = "the run created earlier with this Idempotency-Key", body = RunView),
+              (status = 403, description = "not permitted"), (status = 404, description = "no such pipeline or version"),
+              (status = 409, description = "the pipeline is archived"), (status = 422, description = "invalid params", body = crate::error::Problem)))]
+async fn create_run(
+    state: State,
+    ctx: TenantCtx,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: Body,
+) -> ApiResult<HttpResponse> {
+    let store = &state.store;
+    let p: PipelineRow = store
+        .query_one(
+            store.db(),
+            "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND name = $2",
+            vec![ctx.tenant.id.into(), path.1.clone().into()],
+        )
+        .await?
+        .or_not_found("pipeline")?;
+    if p.archived_at.is_some() {
+        return Err(ApiError::conflict("the pipeline is archived"));
+    }
+    let decision =
+        authorize(&state, &ctx, Action::RunCreate, Resource::Pipeline { name: &p.name, archived: false }).await?;
+    let body: CreateRun = body.json_or_default()?;
+    let key = idempotency_key(&req)?;
+    if let Some(k) = &key
+        && let Some(id) = existing_run(&state, ctx.tenant.id, k).await?
+    {
+        return Ok(HttpResponse::Ok().json(run_view(&state, ctx.tenant.id, id).await?));
+    }
+    let version = body.version.unwrap_or(p.latest_version);
+    #[derive(sea_orm::FromQueryResult)]
+    struct Def {
+        definition: String,
+    }
+    let def: Def = store
+        .query_one(
+            store.db(),
+            "SELECT definition FROM pipeline_versions WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3",
+            vec![ctx.tenant.id.into(), p.id.into(), version.into()],
+        )
+        .await?
+        .or_not_found("pipeline version")?;
+    let spec =
+        parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition does not parse: {e}"))?;
+    let run_plan = plan::compile(&spec, &body.params).map_err(|e| ApiError::Validation {
+        detail: format!("the run cannot start: {e}"),
+        errors: e.errors().iter().map(|x| FieldError::new(x.path.clone(), x.message.clone())).collect(),
+    })?;
+    let id = Uuid::now_v7();
+    let now = Utc::now();
+    let txn = store.write().await?;
+    let inserted = store
+        .execute(&*txn,
+            "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, params, plan, \
+             idempotency_key, retry_of, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 'api', $6, $7, $8, $9, $10, NULL, $11)",
+            vec![id.into(), ctx.tenant.id.into(), p.id.into(), p.name.clone().into(), version.into(),
+                 Some(ctx.principal.user_id).into(), ctx.principal.actor().label.into(),
+                 serde_json::to_string(&run_plan.params).unwrap_or_default().into(),
+                 serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?.into(), key.clone().into(), now.into()])
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) && key.is_some() => {
+            // The same key won a race: answer with that run.
+            drop(txn);
+            let existing =
+                existing_run(&state, ctx.tenant.id, key.as_deref().unwrap_or_default()).await?.or_not_found("run")?;
+            return Ok(HttpResponse::Ok().json(run_view(&state, ctx.tenant.id, existing).await?));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    insert_rows(store, &*txn, ctx.tenant.id, id, &run_plan).await?;
+    let rid = id.to_string();
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::RunCreate,
+        Some(&rid),
+        Some(version),
+        serde_json::json!({ "pipeline": p.name, "version": version, "params": run_plan.params }),
+    )
+    .await?;
+    let applied = state.engine.apply_in(&*txn, id, Event::Start).await?;
+    txn.commit().await?;
+    state.engine.after_commit(&applied);
+    Ok(HttpResponse::Created().json(run_view(&state, ctx.tenant.id, id).await?))
+}
+
+/// Run filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunQuery {
+    /// Pipeline name.
+    pub pipeline: Option<String>,
+    /// Status.
+    pub status: Option<String>,
+    /// Trigger (`api`).
+    pub trigger: Option<String>,
+    /// Created at or after (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Created before (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// Cursor from `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size 1..=200 (default 50).
+    pub limit: Option<u64>,
+}
+
+/// A page of runs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunPage {
+    /// Runs.
+    pub items: Vec<RunSummary>,
+    /// Cursor of the next (older) page.
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/t/{tenant}/runs", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), RunQuery),
+    responses((status = 200, body = RunPage), (status = 403, description = "not permitted"), (status = 404, description = "no such tenant")))]
+async fn list_runs(state: State, ctx: TenantCtx, q: web::Query<RunQuery>) -> ApiResult<web::Json<RunPage>> {
+    authorize(&state, &ctx, Action::RunList, Resource::Tenant).await?;
+    let page = PageParams { cursor: q.cursor.clone(), limit: q.limit };
+    let limit = page.limit()?;
+    let mut sql = format!("{RUN_SELECT} WHERE tenant_id = $1");
+    let mut values: Vec<Value> = vec![ctx.tenant.id.into()];
+    if let Some(c) = page.cursor()? {
+        let before = Uuid::parse_str(&c).map_err(|_| ApiError::invalid("cursor", "not a cursor from this API"))?;
+        values.push(before.into());
+        sql.push_str(&format!(" AND id < ${}", values.len()));
+    }
+    let filters: [(&str, Option<Value>); 5] = [
+        ("pipeline_name", q.pipeline.clone().map(Value::from)),
+        ("status", q.status.clone().map(Value::from)),
+        ("trigger", q.trigger.clone().map(Value::from)),
+        ("created_at >=", q.since.map(Value::from)),
+        ("created_at <", q.until.map(Value::from)),
+    ];
+    for (col, v) in filters {
+        if let Some(v) = v {
+            values.push(v);
+            let op = if col.contains(' ') { "" } else { " =" };
+            sql.push_str(&format!(" AND {col}{op} ${}", values.len()));
+        }
+    }
+    values.push((limit as i64 + 1).into());
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len()));
+    let mut items: Vec<RunSummary> = state.store.query_all(state.store.db(), &sql, values).await?;
+    let next_cursor = if items.len() as u64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|r| encode_cursor(&r.id.to_string()))
+    } else {
+        None
+    };
+    Ok(web::Json(RunPage { items, next_cursor }))
+}
+
+async fn load_run_auth(state: &State, ctx: &TenantCtx, id: Uuid) -> ApiResult<RunAuth> {
+    state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT pipeline_name, initiator_id FROM runs WHERE tenant_id = $1 AND id = $2",
+            vec![ctx.tenant.id.into(), id.into()],
+        )
+        .await?
+        .or_not_found("run")
+}
+
+#[utoipa::path(get, path = "/api/v1/t/{tenant}/runs/{run_id}", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), ("run_id" = Uuid, Path, description = "run id")),
+    responses((status = 200, body = RunView), (status = 403, description = "not permitted"), (status = 404, description = "no such run")))]
+async fn get_run(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>) -> ApiResult<web::Json<RunView>> {
+    let r = load_run_auth(&state, &ctx, path.1).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::RunRead,
+        Resource::Run { pipeline: &r.pipeline_name, id: path.1, initiator: r.initiator_id },
+    )
+    .await?;
+    Ok(web::Json(run_view(&state, ctx.tenant.id, path.1).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/t/{tenant}/runs/{run_id}/cancel", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), ("run_id" = Uuid, Path, description = "run id")),
+    responses((status = 200, description = "cancelled (or already finished)", body = RunView), (status = 403, description = "not permitted"),
+              (status = 404, description = "no such run")))]
+async fn cancel_run(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>) -> ApiResult<web::Json<RunView>> {
+    let id = path.1;
+    let r = load_run_auth(&state, &ctx, id).await?;
+    let decision = authorize(
+        &state,
+        &ctx,
+        Action::RunCancel,
+        Resource::Run { pipeline: &r.pipeline_name, id, initiator: r.initiator_id },
+    )
+    .await?;
+    let txn = state.store.write().await?;
+    let applied = state.engine.apply_in(&*txn, id, Event::Cancel).await?;
+    if applied.finished {
+        let rid = id.to_string();
+        audit_change(&state, &*txn, &ctx, &decision, Action::RunCancel, Some(&rid), None, serde_json::json!({}))
+            .await?;
+    }
+    txn.commit().await?;
+    state.engine.after_commit(&applied);
+    Ok(web::Json(run_view(&state, ctx.tenant.id, id).await?))
+}
+
+/// Which lines to read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// First line to return (0-based; default 0).
+    pub offset: Option<i64>,
+    /// Most lines to return, 1..=5000 (default 1000).
+    pub limit: Option<i64>,
+}
+
+/// Log lines of a task.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogPage {
+    /// Offset of the first line returned.
+    pub offset: i64,
+    /// Lines: `{at, stream, text}` objects (`stream` is `out`, `err` or `sys`).
+    #[schema(value_type = Vec<Object>)]
+    pub lines: Vec<serde_json::Value>,
+    /// Offset to ask for next.
+    pub next_offset: i64,
+}
+
+#[utoipa::path(get, path = "/api/v1/t/{tenant}/runs/{run_id}/tasks/{task}/logs", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), ("run_id" = Uuid, Path, description = "run id"),
+           ("task" = String, Path, description = "task key (e.g. `compile` or `deploy[1]`) or index"), LogQuery),
+    responses((status = 200, body = LogPage), (status = 403, description = "not permitted"), (status = 404, description = "no such run or task")))]
+async fn task_logs(
+    state: State,
+    ctx: TenantCtx,
+    path: web::Path<(String, Uuid, String)>,
+    q: web::Query<LogQuery>,
+) -> ApiResult<web::Json<LogPage>> {
+    let (_, id, task) = path.into_inner();
+    let r = load_run_auth(&state, &ctx, id).await?;
+    authorize(
+        &state,
+        &ctx,
+        Action::RunRead,
+        Resource::Run { pipeline: &r.pipeline_name, id, initiator: r.initiator_id },
+    )
+    .await?;
+    let offset = q.offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid("offset", "must not be negative"));
+    }
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=5000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 5000"));
+    }
+    #[derive(sea_orm::FromQueryResult)]
+    struct T {
+        idx: i32,
+    }
+    let t: T = state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT idx FROM task_runs WHERE tenant_id = $1 AND run_id = $2 AND (key = $3 OR CAST(idx AS TEXT) = $3)",
+            vec![ctx.tenant.id.into(), id.into(), task.into()],
+        )
+        .await?
+        .or_not_found("task")?;
+    #[derive(sea_orm::FromQueryResult)]
+    struct Chunk {
+        first_line: i64,
+        body: String,
+    }
+    let chunks: Vec<Chunk> = state
+        .store
+        .query_all(state.store.db(),
+            "SELECT first_line, body FROM task_logs WHERE tenant_id = $1 AND run_id = $2 AND task_idx = $3 AND first_line + lines > $4 \
+             ORDER BY chunk LIMIT 100",
+            vec![ctx.tenant.id.into(), id.into(), t.idx.into(), offset.into()])
+        .await?;
+    let mut lines = vec![];
+    for c in chunks {
+        for (i, l) in c.body.split('\n').enumerate() {
+            let n = c.first_line + i as i64;
+            if n >= offset && (lines.len() as i64) < limit {
+                lines.push(serde_json::from_str(l).unwrap_or(serde_json::Value::String(l.to_owned())));
+            }
+        }
+    }
+    let next_offset = offset + lines.len() as i64;
+    Ok(web::Json(LogPage { offset, lines, next_offset }))
+}

@@ -1,0 +1,366 @@
+//! The engine: applies the pure planner's decisions to the database, dispatches ready tasks,
+//! runs the embedded worker, and reaps what was lost.
+//!
+//! Every state change goes through [`Engine::apply`]: one transaction that locks the run, loads
+//! its state from the rows, asks `sluice_domain::plan::plan` what happens next, writes back the
+//! difference (each task row conditionally on the status and attempt it had), and only after
+//! the commit pushes the newly queued tasks to the dispatcher. The queue is a doorbell: a lost
+//! message only delays a task until the reaper pushes it again.
+
+pub mod state;
+mod work;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, TransactionTrait};
+use sluice_domain::plan::{self, Effect, Event, Millis, TaskOutcome};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::store::Store;
+pub use work::spawn_local_workers;
+
+/// How long a claim lasts without a heartbeat.
+pub const LEASE: Duration = Duration::from_secs(15);
+/// How often a running task's lease is extended.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a queued task may wait unclaimed before it is pushed again.
+pub const REDISPATCH_AFTER: Duration = Duration::from_secs(10);
+/// How often the reaper looks.
+pub const REAPER_PERIOD: Duration = Duration::from_secs(1);
+
+/// One task attempt to execute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dispatch {
+    /// Run.
+    pub run: Uuid,
+    /// Task index in the run's plan.
+    pub task: usize,
+    /// Attempt number.
+    pub attempt: u32,
+}
+
+/// Orchestration shared by the API, the embedded worker and the reaper.
+pub struct Engine {
+    store: Store,
+    queue: mpsc::UnboundedSender<Dispatch>,
+    worker_name: String,
+    running: Mutex<HashMap<Dispatch, watch::Sender<bool>>>,
+}
+
+/// What an apply did, for the caller.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Tasks queued by this change.
+    pub dispatched: Vec<Dispatch>,
+    /// Whether the run finished with this change.
+    pub finished: bool,
+}
+
+/// A unique worker name for this process: host, pid and a random part.
+pub fn worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into());
+    format!("{host}-{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8])
+}
+
+#[derive(FromQueryResult)]
+struct Now {
+    now: chrono::DateTime<Utc>,
+}
+
+impl Engine {
+    /// An engine whose dispatches go to `queue`.
+    pub fn new(store: Store, queue: mpsc::UnboundedSender<Dispatch>) -> Self {
+        Self { store, queue, worker_name: worker_name(), running: Mutex::new(HashMap::new()) }
+    }
+
+    /// This process's worker name.
+    pub fn worker_name(&self) -> &str {
+        &self.worker_name
+    }
+
+    /// The database's clock (leases are always measured on it, never on a worker's clock).
+    pub async fn db_now(&self, conn: &impl ConnectionTrait) -> Result<chrono::DateTime<Utc>, DbErr> {
+        if self.store.backend() == DbBackend::Postgres {
+            let row: Option<Now> = self.store.query_one(conn, "SELECT now() AS now", vec![]).await?;
+            Ok(row.map_or_else(Utc::now, |r| r.now))
+        } else {
+            Ok(Utc::now())
+        }
+    }
+
+    /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
+    /// write lock) and returns what to do after the commit.
+    pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
+        let Some((_row, run_plan, old)) = state::load(&self.store, conn, run).await? else {
+            return Ok(Applied::default());
+        };
+        let now: Millis = state::ms(self.db_now(conn).await?);
+        let (new, effects) = plan::plan(&run_plan, &old, event, now);
+        let mut applied = Applied::default();
+        let mut wake = None;
+        let mut kills = vec![];
+        for e in effects {
+            match e {
+                Effect::Dispatch { task, attempt } => applied.dispatched.push(Dispatch { run, task, attempt }),
+                Effect::Kill { task, attempt } => kills.push(Dispatch { run, task, attempt }),
+                Effect::WakeAt { at } => wake = Some(wake.map_or(at, |w: Millis| w.min(at))),
+                Effect::Finished { .. } => applied.finished = true,
+            }
+        }
+        state::save(&self.store, conn, run, &old, &new, wake).await?;
+        for k in &kills {
+            self.store
+                .execute(
+                    conn,
+                    "UPDATE task_runs SET cancel_requested = $4 WHERE run_id = $1 AND idx = $2 AND attempt = $3",
+                    vec![run.into(), (k.task as i32).into(), (k.attempt as i32).into(), true.into()],
+                )
+                .await?;
+        }
+        // Local cancellation signals are sent at once: a killed attempt's completion is ignored
+        // anyway, and the database keeps `cancel_requested` for workers elsewhere.
+        if let Ok(running) = self.running.lock() {
+            for k in &kills {
+                if let Some(tx) = running.get(k) {
+                    let _ = tx.send(true);
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Pushes dispatches after their transaction committed.
+    pub fn after_commit(&self, applied: &Applied) {
+        for d in &applied.dispatched {
+            if self.queue.send(*d).is_err() {
+                tracing::warn!(run = %d.run, task = d.task, "dispatch queue closed; the reaper will push the task again");
+            }
+        }
+    }
+
+    /// Applies one event in its own transaction, then dispatches.
+    pub async fn apply(&self, run: Uuid, event: Event) -> Result<Applied, DbErr> {
+        let txn = self.store.write().await?;
+        let applied = self.apply_in(&*txn, run, event).await?;
+        txn.commit().await?;
+        self.after_commit(&applied);
+        Ok(applied)
+    }
+
+    fn track(&self, d: Dispatch) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(d, tx);
+        }
+        rx
+    }
+
+    fn untrack(&self, d: Dispatch) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&d);
+        }
+    }
+
+    /// Claims a queued attempt for this worker: the task becomes running with a lease measured
+    /// on the database clock. `None` when somebody else has it or it is no longer queued.
+    pub async fn claim(&self, d: Dispatch) -> Result<bool, DbErr> {
+        let txn = self.store.write().await?;
+        #[derive(FromQueryResult)]
+        struct T {
+            status: String,
+            attempt: i32,
+        }
+        let t: Option<T> = self
+            .store
+            .query_one(
+                &*txn,
+                "SELECT status, attempt FROM task_runs WHERE run_id = $1 AND idx = $2",
+                vec![d.run.into(), (d.task as i32).into()],
+            )
+            .await?;
+        if !t.is_some_and(|t| t.status == "queued" && t.attempt == d.attempt as i32) {
+            return Ok(false);
+        }
+        let applied = self.apply_in(&*txn, d.run, Event::TaskStarted { task: d.task, attempt: d.attempt }).await?;
+        let now = self.db_now(&*txn).await?;
+        let n = self
+            .store
+            .execute(
+                &*txn,
+                "UPDATE task_runs SET lease_owner = $4, lease_expires_at = $5 \
+                 WHERE run_id = $1 AND idx = $2 AND attempt = $3 AND status = 'running'",
+                vec![
+                    d.run.into(),
+                    (d.task as i32).into(),
+                    (d.attempt as i32).into(),
+                    self.worker_name.clone().into(),
+                    (now + chrono::Duration::from_std(LEASE).unwrap_or_default()).into(),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Ok(false);
+        }
+        txn.commit().await?;
+        self.after_commit(&applied);
+        Ok(true)
+    }
+
+    /// Extends this worker's lease; returns whether the attempt should stop (cancelled, or the
+    /// lease is no longer ours).
+    pub async fn heartbeat(&self, d: Dispatch) -> Result<bool, DbErr> {
+        let txn = self.store.write().await?;
+        let now = self.db_now(&*txn).await?;
+        let n = self
+            .store
+            .execute(
+                &*txn,
+                "UPDATE task_runs SET lease_expires_at = $5 WHERE run_id = $1 AND idx = $2 AND attempt = $3 \
+                 AND status = 'running' AND lease_owner = $4 AND cancel_requested = $6",
+                vec![
+                    d.run.into(),
+                    (d.task as i32).into(),
+                    (d.attempt as i32).into(),
+                    self.worker_name.clone().into(),
+                    (now + chrono::Duration::from_std(LEASE).unwrap_or_default()).into(),
+                    false.into(),
+                ],
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(n != 1)
+    }
+
+    /// Records an attempt's result, if this worker still holds its lease; a late or foreign
+    /// completion is logged and ignored, never applied.
+    pub async fn complete(
+        &self,
+        d: Dispatch,
+        outcome: TaskOutcome,
+        exit_code: Option<i32>,
+        message: Option<String>,
+        outputs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<bool, DbErr> {
+        let txn = self.store.write().await?;
+        let n = self
+            .store
+            .execute(
+                &*txn,
+                "UPDATE task_runs SET exit_code = $5, message = $6, outputs = $7 \
+                 WHERE run_id = $1 AND idx = $2 AND attempt = $3 AND status = 'running' AND lease_owner = $4",
+                vec![
+                    d.run.into(),
+                    (d.task as i32).into(),
+                    (d.attempt as i32).into(),
+                    self.worker_name.clone().into(),
+                    exit_code.into(),
+                    message.into(),
+                    serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into()).into(),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, "late completion ignored: the lease is not ours");
+            return Ok(false);
+        }
+        let applied =
+            self.apply_in(&*txn, d.run, Event::TaskFinished { task: d.task, attempt: d.attempt, outcome }).await?;
+        txn.commit().await?;
+        self.after_commit(&applied);
+        Ok(true)
+    }
+
+    /// One pass of the reaper: due wake-ups (retries, gate and run timeouts), expired leases,
+    /// and queued tasks nobody claimed. On PostgreSQL only one process reaps at a time.
+    pub async fn reap(&self) -> Result<(), DbErr> {
+        // On PostgreSQL an advisory lock, held as long as this transaction, makes one reaper
+        // active at a time across processes. SQLite is one process.
+        let guard = if self.store.backend() == DbBackend::Postgres {
+            #[derive(FromQueryResult)]
+            struct Locked {
+                locked: bool,
+            }
+            let txn = self.store.db().begin().await?;
+            let l: Option<Locked> =
+                self.store.query_one(&txn, "SELECT pg_try_advisory_xact_lock(7231001) AS locked", vec![]).await?;
+            if !l.is_some_and(|l| l.locked) {
+                return Ok(());
+            }
+            Some(txn)
+        } else {
+            None
+        };
+        let now = self.db_now(self.store.db()).await?;
+        #[derive(FromQueryResult)]
+        struct R {
+            id: Uuid,
+        }
+        let due: Vec<R> = self
+            .store
+            .query_all(
+                self.store.db(),
+                "SELECT id FROM runs WHERE next_wake_at IS NOT NULL AND next_wake_at <= $1",
+                vec![now.into()],
+            )
+            .await?;
+        for r in due {
+            self.apply(r.id, Event::Tick).await?;
+        }
+        #[derive(FromQueryResult)]
+        struct T {
+            run_id: Uuid,
+            idx: i32,
+            attempt: i32,
+        }
+        let lost: Vec<T> = self
+            .store
+            .query_all(
+                self.store.db(),
+                "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $1)",
+                vec![now.into()],
+            )
+            .await?;
+        for t in lost {
+            tracing::warn!(run = %t.run_id, task = t.idx, attempt = t.attempt, "lease expired; the attempt is lost");
+            let event =
+                Event::TaskFinished { task: t.idx as usize, attempt: t.attempt as u32, outcome: TaskOutcome::Lost };
+            self.apply(t.run_id, event).await?;
+        }
+        let stale = now - chrono::Duration::from_std(REDISPATCH_AFTER).unwrap_or_default();
+        let unclaimed: Vec<T> = self
+            .store
+            .query_all(
+                self.store.db(),
+                "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'queued' AND queued_at < $1",
+                vec![stale.into()],
+            )
+            .await?;
+        for t in unclaimed {
+            let _ = self.queue.send(Dispatch { run: t.run_id, task: t.idx as usize, attempt: t.attempt as u32 });
+        }
+        if let Some(guard) = guard {
+            guard.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the reaper until the process ends.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAPER_PERIOD);
+            loop {
+                tick.tick().await;
+                if let Err(e) = engine.reap().await {
+                    tracing::warn!(error = %e, "reaper pass failed");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,287 @@
+//! The embedded worker: takes dispatches from the in-process queue, claims them, executes them
+//! with `sluice-worker`, streams their logs into the database, heartbeats, and completes them.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use sea_orm::FromQueryResult;
+use serde_json::Value;
+use sluice_domain::{
+    parse_definition,
+    plan::{RunPlan, TaskOutcome},
+    spec::{TaskAction, TaskSpec},
+    template::{self, Context, Template},
+};
+use sluice_worker::{ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskRequest};
+use tokio::sync::{Semaphore, mpsc};
+use uuid::Uuid;
+
+use super::{Dispatch, Engine, HEARTBEAT};
+use crate::store::Store;
+
+/// Most log text kept per task attempt.
+pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
+
+/// Starts `slots` concurrent executions fed by `rx`.
+pub fn spawn_local_workers(
+    engine: Arc<Engine>,
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+    slots: usize,
+    work_root: PathBuf,
+) {
+    let permits = Arc::new(Semaphore::new(slots.max(1)));
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let (engine, store, root) = (engine.clone(), store.clone(), work_root.clone());
+            tokio::spawn(async move {
+                if let Err(e) = run_one(&engine, &store, d, root).await {
+                    tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
+                }
+                drop(permit);
+            });
+        }
+    });
+}
+
+#[derive(FromQueryResult)]
+struct RunInfo {
+    plan: String,
+    pipeline_id: Uuid,
+    version: i64,
+}
+
+#[derive(FromQueryResult)]
+struct Definition {
+    definition: String,
+}
+
+#[derive(FromQueryResult)]
+struct Outputs {
+    task_id: String,
+    outputs: String,
+}
+
+struct Ctx<'a> {
+    params: &'a serde_json::Map<String, Value>,
+    outputs: &'a BTreeMap<String, BTreeMap<String, String>>,
+    run_id: String,
+    item: Option<&'a Value>,
+}
+
+impl Context for Ctx<'_> {
+    fn param(&self, name: &str) -> Option<&Value> {
+        self.params.get(name)
+    }
+    fn output(&self, task: &str, key: &str) -> Option<&str> {
+        self.outputs.get(task).and_then(|o| o.get(key)).map(String::as_str)
+    }
+    fn run_id(&self) -> &str {
+        &self.run_id
+    }
+    fn secret(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn item(&self) -> Option<&Value> {
+        self.item
+    }
+}
+
+fn render(text: &str, ctx: &Ctx<'_>) -> anyhow::Result<String> {
+    Template::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?.render(ctx).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Builds what to execute from the task's definition; templates are rendered into argv
+/// elements, environment values, and HTTP fields — never into a shell script.
+fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attempt: u32) -> anyhow::Result<TaskRequest> {
+    let action = match &spec.action {
+        TaskAction::Run(argv) => ExecAction::Run(template::render_argv(argv, ctx).map_err(|e| anyhow::anyhow!("{e}"))?),
+        TaskAction::Shell(script) => ExecAction::Shell(script.clone()),
+        TaskAction::Http(h) => ExecAction::Http(HttpCall {
+            method: format!("{:?}", h.method).to_uppercase(),
+            url: render(&h.url, ctx)?,
+            headers: h.headers.iter().map(|(k, v)| Ok((k.clone(), render(v, ctx)?))).collect::<anyhow::Result<_>>()?,
+            body: h.body.as_deref().map(|b| render(b, ctx)).transpose()?,
+            expect_status: h.expect_status.clone(),
+            timeout: h.timeout.map(|d| d.to_std()),
+        }),
+        TaskAction::Sleep(d) => ExecAction::Sleep(d.to_std()),
+        TaskAction::Noop => ExecAction::Noop,
+    };
+    let mut env: Vec<(String, String)> =
+        spec.env.iter().map(|(k, v)| Ok((k.clone(), render(v, ctx)?))).collect::<anyhow::Result<_>>()?;
+    env.push(("SLUICE_RUN_ID".into(), run.to_string()));
+    env.push(("SLUICE_TASK_ID".into(), spec.id.to_string()));
+    env.push(("SLUICE_ATTEMPT".into(), attempt.to_string()));
+    Ok(TaskRequest {
+        action,
+        env,
+        timeout: spec.timeout.map(|d| d.to_std()),
+        work_root,
+        limits: Limits::default(),
+        secrets: vec![],
+        max_log_bytes: MAX_LOG_BYTES,
+        http: HttpPolicy::default(),
+        run_as: sluice_worker::unprivileged_user(),
+    })
+}
+
+async fn run_one(engine: &Engine, store: &Store, d: Dispatch, work_root: PathBuf) -> anyhow::Result<()> {
+    if !engine.claim(d).await? {
+        return Ok(());
+    }
+    let cancel = engine.track(d);
+    let result = execute(engine, store, d, work_root, cancel).await;
+    engine.untrack(d);
+    let (outcome, exit_code, message, outputs) = match result {
+        Ok(r) => r,
+        Err(e) => (TaskOutcome::Failed, None, Some(format!("{e:#}")), BTreeMap::new()),
+    };
+    engine.complete(d, outcome, exit_code, message, &outputs).await?;
+    Ok(())
+}
+
+type Finished = (TaskOutcome, Option<i32>, Option<String>, BTreeMap<String, String>);
+
+async fn execute(
+    engine: &Engine,
+    store: &Store,
+    d: Dispatch,
+    work_root: PathBuf,
+    mut cancel: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Finished> {
+    let run: RunInfo = store
+        .query_one(store.db(), "SELECT plan, pipeline_id, version FROM runs WHERE id = $1", vec![d.run.into()])
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("run vanished"))?;
+    let plan: RunPlan = serde_json::from_str(&run.plan)?;
+    let planned = plan.tasks.get(d.task).ok_or_else(|| anyhow::anyhow!("no task {} in the plan", d.task))?;
+    let def: Definition = store
+        .query_one(
+            store.db(),
+            "SELECT definition FROM pipeline_versions WHERE pipeline_id = $1 AND version = $2",
+            vec![run.pipeline_id.into(), run.version.into()],
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("pipeline version vanished"))?;
+    let spec = parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition: {e}"))?;
+    let (si, ti) = planned.spec_index;
+    let task = spec
+        .stages
+        .get(si)
+        .and_then(|s| s.tasks.get(ti))
+        .ok_or_else(|| anyhow::anyhow!("task {si}/{ti} not in the definition"))?;
+    let rows: Vec<Outputs> = store
+        .query_all(
+            store.db(),
+            "SELECT task_id, outputs FROM task_runs WHERE run_id = $1 AND status = 'succeeded'",
+            vec![d.run.into()],
+        )
+        .await?;
+    let outputs: BTreeMap<String, BTreeMap<String, String>> =
+        rows.into_iter().map(|r| (r.task_id, serde_json::from_str(&r.outputs).unwrap_or_default())).collect();
+    let ctx = Ctx { params: &plan.params, outputs: &outputs, run_id: d.run.to_string(), item: planned.item.as_ref() };
+    let req = request(task, &ctx, work_root, d.run, d.attempt)?;
+
+    let (log_tx, log_rx) = mpsc::channel::<LogLine>(1024);
+    let logs = tokio::spawn(write_logs(store.clone(), d, log_rx));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let exec = tokio::spawn(sluice_worker::execute(req, log_tx, stop_rx));
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.tick().await;
+    tokio::pin!(exec);
+    let result = loop {
+        tokio::select! {
+            r = &mut exec => break r?,
+            _ = beat.tick() => {
+                if engine.heartbeat(d).await.unwrap_or(false) {
+                    let _ = stop_tx.send(true);
+                }
+            }
+            changed = cancel.changed() => {
+                if changed.is_ok() && *cancel.borrow() {
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+    };
+    let _ = logs.await;
+    Ok(match result.outcome {
+        ExecOutcome::Succeeded => (TaskOutcome::Succeeded, Some(0), None, result.outputs),
+        ExecOutcome::Failed { exit_code, message } => (TaskOutcome::Failed, exit_code, Some(message), result.outputs),
+        ExecOutcome::TimedOut => (TaskOutcome::TimedOut, None, Some("timed out".into()), result.outputs),
+        ExecOutcome::Cancelled => (TaskOutcome::Failed, None, Some("cancelled".into()), result.outputs),
+    })
+}
+
+/// Stores log lines in chunks of up to 200 lines, at least every 250 ms while lines arrive.
+async fn write_logs(store: Store, d: Dispatch, mut rx: mpsc::Receiver<LogLine>) {
+    #[derive(FromQueryResult)]
+    struct Last {
+        chunk: Option<i64>,
+        lines: Option<i64>,
+    }
+    let last: Option<Last> = store
+        .query_one(
+            store.db(),
+            "SELECT MAX(chunk) AS chunk, SUM(lines) AS lines FROM task_logs WHERE run_id = $1 AND task_idx = $2",
+            vec![d.run.into(), (d.task as i32).into()],
+        )
+        .await
+        .ok()
+        .flatten();
+    let mut chunk = last.as_ref().and_then(|l| l.chunk).map_or(0, |c| c + 1);
+    let mut line_no = last.and_then(|l| l.lines).unwrap_or(0);
+    let mut buf: Vec<String> = vec![];
+    let mut open = true;
+    while open {
+        let deadline = tokio::time::sleep(std::time::Duration::from_millis(250));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                line = rx.recv() => match line {
+                    Some(l) => {
+                        let stream = match l.stream { Stream::Stdout => "out", Stream::Stderr => "err", Stream::System => "sys" };
+                        buf.push(serde_json::json!({ "at": l.at, "stream": stream, "text": l.text }).to_string());
+                        if buf.len() >= 200 { break; }
+                    }
+                    None => { open = false; break; }
+                },
+                () = &mut deadline => break,
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        let n = buf.len() as i64;
+        let body = buf.join("\n");
+        buf.clear();
+        let written = async {
+            let txn = store.write().await?;
+            store
+                .execute(
+                    &*txn,
+                    "INSERT INTO task_logs (run_id, task_idx, chunk, tenant_id, attempt, first_line, lines, body, created_at) \
+                     SELECT $1, $2, $3, tenant_id, $4, $5, $6, $7, $8 FROM runs WHERE id = $1",
+                    vec![
+                        d.run.into(),
+                        (d.task as i32).into(),
+                        chunk.into(),
+                        (d.attempt as i32).into(),
+                        line_no.into(),
+                        (n as i32).into(),
+                        body.into(),
+                        chrono::Utc::now().into(),
+                    ],
+                )
+                .await?;
+            txn.commit().await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(run = %d.run, task = d.task, error = %e, "storing log lines failed");
+        }
+        chunk += 1;
+        line_no += n;
+    }
+}

@@ -1,0 +1,230 @@
+//! Runs executed by the embedded worker: a real engine, real processes, real database.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn start(app: &TestApp, m: &Member, pipeline: &str, body: Value) -> Value {
+    let r = app.post(&format!("/api/v1/t/{}/pipelines/{pipeline}/runs", m.tenant), &m.token, body).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    r.json().await.unwrap()
+}
+
+/// Polls a run until it is in a terminal state (or fails the test after `secs`).
+async fn wait(app: &TestApp, m: &Member, id: &str, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "run did not finish in {secs} s: {v:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn task<'a>(run: &'a Value, key: &str) -> &'a Value {
+    run["tasks"].as_array().unwrap().iter().find(|t| t["key"] == key).unwrap_or_else(|| panic!("no task {key}"))
+}
+
+async fn logs(app: &TestApp, m: &Member, run: &str, task: &str) -> Vec<String> {
+    let r = app.get(&format!("/api/v1/t/{}/runs/{run}/tasks/{task}/logs", m.tenant), &m.token).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    v["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+#[actix_web::test]
+async fn a_chain_passes_outputs_and_params_and_succeeds() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let yaml = r#"
+params:
+  greeting: { type: string, required: true }
+stages:
+  - id: build
+    tasks:
+      - id: make
+        shell: 'echo "digest=sha-123" >> "$SLUICE_OUTPUT"; echo built'
+      - id: show
+        needs: [make]
+        run: ["/bin/echo", "{{ tasks.make.outputs.digest }}", "{{ params.greeting }}"]
+  - id: after
+    needs: [build]
+    tasks:
+      - id: done
+        noop: true
+"#;
+    assert_eq!(app.create_pipeline(&admin, "chain", yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "chain", json!({ "params": { "greeting": "hello; touch /tmp/x" } })).await;
+    assert_eq!(run["version"], 1);
+    let id = run["id"].as_str().unwrap();
+    let done = wait(&app, &admin, id, 60).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(task(&done, "make")["outputs"], json!({ "digest": "sha-123" }));
+    for key in ["make", "show", "done"] {
+        assert_eq!(task(&done, key)["status"], "succeeded");
+        assert_eq!(task(&done, key)["attempt"], 1);
+    }
+    assert_eq!(logs(&app, &admin, id, "make").await, vec!["built"]);
+    // The parameter arrives as one argv element, untouched by any shell.
+    assert_eq!(logs(&app, &admin, id, "show").await, vec!["sha-123 hello; touch /tmp/x"]);
+}
+
+#[actix_web::test]
+async fn params_are_checked_and_idempotency_keys_return_the_same_run() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let yaml = "params:\n  version: { type: string, required: true }\nstages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "pp", yaml).await.status(), StatusCode::CREATED);
+    let path = format!("/api/v1/t/{}/pipelines/pp/runs", admin.tenant);
+    let r = app.post(&path, &admin.token, json!({})).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let p = problem(r).await;
+    assert_eq!(p["errors"][0]["field"], "params.version", "{p}");
+    let r = app.post(&path, &admin.token, json!({ "params": { "version": 3 } })).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let send = || {
+        app.client
+            .post(app.url(&path))
+            .bearer_auth(&admin.token)
+            .header("Idempotency-Key", "deploy-42")
+            .json(&json!({ "params": { "version": "1.2.3" } }))
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["id"], again["id"]);
+    let list: Value =
+        app.get(&format!("/api/v1/t/{}/runs?pipeline=pp", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+#[actix_web::test]
+async fn retries_with_backoff_then_failure_skips_downstream() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let yaml = r#"
+stages:
+  - id: s
+    tasks:
+      - id: flaky
+        run: ["/bin/false"]
+        retries: { max: 2, backoff: exponential, initial: 100ms }
+      - id: next
+        needs: [flaky]
+        noop: true
+      - id: cleanup
+        needs: [flaky]
+        when: on_failure
+        noop: true
+"#;
+    assert_eq!(app.create_pipeline(&admin, "flaky", yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "flaky", json!({})).await;
+    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(task(&done, "flaky")["status"], "failed");
+    assert_eq!(task(&done, "flaky")["attempt"], 3);
+    assert_eq!(task(&done, "flaky")["exit_code"], 1);
+    assert_eq!(task(&done, "next")["status"], "skipped");
+    assert_eq!(task(&done, "cleanup")["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn cancel_and_timeout_stop_running_tasks() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: long\n        shell: 'sleep 300 & sleep 300'\n      - id: bounded\n        run: [\"/bin/sleep\", \"300\"]\n        timeout: 1s\n";
+    assert_eq!(app.create_pipeline(&admin, "long", yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "long", json!({})).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    // The bounded task times out by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value =
+            app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+        if task(&v, "bounded")["status"] == "failed" {
+            assert_eq!(task(&v, "bounded")["message"], "timed out");
+            assert_eq!(task(&v, "long")["status"], "running");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the timeout did not fire: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let r =
+        app.call(Method::POST, &format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), Some(&admin.token), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled");
+    assert_eq!(task(&v, "long")["status"], "cancelled");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let audit: Value = app
+        .get(&format!("/api/v1/t/{}/audit?action=run.cancel", admin.tenant), &admin.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
+}
+
+#[actix_web::test]
+async fn a_forty_task_chain_and_a_two_hundred_task_fan_out_with_a_join() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let mut chain = String::from("stages:\n  - id: s\n    tasks:\n");
+    for i in 0..40 {
+        chain.push_str(&format!("      - id: t{i}\n        noop: true\n"));
+        if i > 0 {
+            chain.push_str(&format!("        needs: [t{}]\n", i - 1));
+        }
+    }
+    assert_eq!(app.create_pipeline(&admin, "chain40", &chain).await.status(), StatusCode::CREATED);
+    let fan = "params:\n  targets: { type: array, required: true }\nstages:\n  - id: s\n    tasks:\n      - id: each\n        for_each: '{{ params.targets }}'\n        noop: true\n      - id: join\n        needs: [each]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "fan200", fan).await.status(), StatusCode::CREATED);
+    let r1 = start(&app, &admin, "chain40", json!({})).await;
+    let targets: Vec<String> = (0..200).map(|i| format!("host-{i}")).collect();
+    let r2 = start(&app, &admin, "fan200", json!({ "params": { "targets": targets } })).await;
+    let d1 = wait(&app, &admin, r1["id"].as_str().unwrap(), 120).await;
+    assert_eq!(d1["status"], "succeeded");
+    assert_eq!(d1["tasks"].as_array().unwrap().len(), 40);
+    let d2 = wait(&app, &admin, r2["id"].as_str().unwrap(), 120).await;
+    assert_eq!(d2["status"], "succeeded");
+    let tasks = d2["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 201);
+    assert!(tasks.iter().all(|t| t["status"] == "succeeded" && t["attempt"] == 1));
+    let join = task(&d2, "join");
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let last_each = tasks.iter().filter(|t| t["task_id"] == "each").map(|t| time(&t["finished_at"])).max().unwrap();
+    assert!(time(&join["started_at"]) >= last_each, "the join started before every instance finished");
+}
+
+#[actix_web::test]
+async fn viewers_read_runs_but_cannot_start_or_cancel_them() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    let viewer = app.add_member(&admin, &["viewers"]).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "pp", yaml).await.status(), StatusCode::CREATED);
+    let t = &admin.tenant;
+    let r = app.post(&format!("/api/v1/t/{t}/pipelines/pp/runs"), &viewer.token, json!({})).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let run = start(&app, &admin, "pp", json!({})).await;
+    let id = run["id"].as_str().unwrap();
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/runs/{id}"), &viewer.token).await.status(), StatusCode::OK);
+    assert_eq!(app.get(&format!("/api/v1/t/{t}/runs"), &viewer.token).await.status(), StatusCode::OK);
+    let r = app.call(Method::POST, &format!("/api/v1/t/{t}/runs/{id}/cancel"), Some(&viewer.token), None).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = app.get(&format!("/api/v1/t/{t}/runs/00000000-0000-0000-0000-000000000000"), &viewer.token).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

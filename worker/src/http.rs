@@ -1,0 +1,246 @@
+//! `Http` tasks: an HTTP(S) request that can only reach permitted addresses.
+//!
+//! Every hop (the first URL and each redirect target, followed by hand) is checked before anything is sent:
+//! the scheme must be `http` or `https`; an IP-literal host (as normalized by the `url` crate, so
+//! `2852039166`, `0251.0376.0251.0376` and `0xa9fea9fe` are all 169.254.169.254) must be permitted; a
+//! name is resolved and refused when none of its addresses is permitted. The connection itself resolves
+//! names through [`GuardedResolver`], which drops non-permitted addresses, so a DNS answer that changes
+//! between the check and the connect (rebinding) cannot reach a refused address. No proxy is used.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION};
+use reqwest::{Method, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use url::{Host, Url};
+
+use crate::logs::LogSink;
+use crate::ssrf::ip_permitted;
+use crate::{ExecOutcome, HttpCall, Stream, TaskRequest, cancelled, deadline_reached};
+
+type Outputs = BTreeMap<String, String>;
+
+fn failed(message: impl Into<String>) -> ExecOutcome {
+    ExecOutcome::Failed { exit_code: None, message: message.into() }
+}
+
+/// DNS resolver that only returns permitted addresses.
+struct GuardedResolver {
+    allow: Arc<Vec<(IpAddr, u8)>>,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allow = self.allow.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs = permitted_addrs(&host, &allow).await?;
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Resolves `host` and keeps the permitted addresses; an error when there are none.
+async fn permitted_addrs(host: &str, allow: &[(IpAddr, u8)]) -> Result<Vec<SocketAddr>, std::io::Error> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+    let permitted: Vec<SocketAddr> = resolved.iter().copied().filter(|a| ip_permitted(a.ip(), allow)).collect();
+    if permitted.is_empty() {
+        let list: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{host} resolves only to refused addresses ({}) (SSRF policy)", list.join(", ")),
+        ));
+    }
+    Ok(permitted)
+}
+
+/// Checks one hop before any connection is made.
+async fn check_url(url: &Url, allow: &[(IpAddr, u8)]) -> Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("URL scheme {:?} refused: only http and https are allowed", url.scheme()));
+    }
+    match url.host() {
+        None => Err("URL has no host".to_owned()),
+        Some(Host::Ipv4(v4)) => check_ip(IpAddr::V4(v4), allow),
+        Some(Host::Ipv6(v6)) => check_ip(IpAddr::V6(v6), allow),
+        Some(Host::Domain(name)) => {
+            // An IP literal in a form `url` did not normalize would still be treated as an address.
+            if let Ok(ip) = name.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+                return check_ip(ip, allow);
+            }
+            permitted_addrs(name, allow).await.map(|_| ()).map_err(|e| format!("address refused: {e}"))
+        }
+    }
+}
+
+fn check_ip(ip: IpAddr, allow: &[(IpAddr, u8)]) -> Result<(), String> {
+    if ip_permitted(ip, allow) {
+        Ok(())
+    } else {
+        Err(format!("address {ip} refused (SSRF policy: not a public address and not allow-listed)"))
+    }
+}
+
+/// Runs an `Http` task.
+pub(crate) async fn run(
+    call: &HttpCall,
+    req: &TaskRequest,
+    sink: Arc<LogSink>,
+    deadline: Option<Instant>,
+    cancel: &mut watch::Receiver<bool>,
+) -> (ExecOutcome, Outputs) {
+    let timeout = match (call.timeout, req.timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = match (deadline, timeout.map(|t| Instant::now() + t)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut outputs = Outputs::new();
+    let outcome = tokio::select! {
+        o = request(call, req, &sink, &mut outputs) => o,
+        _ = deadline_reached(deadline) => ExecOutcome::TimedOut,
+        _ = cancelled(cancel) => ExecOutcome::Cancelled,
+    };
+    if let ExecOutcome::Failed { message, .. } = &outcome {
+        sink.system(&format!("HTTP task failed: {message}")).await;
+    }
+    (outcome, outputs)
+}
+
+async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &mut Outputs) -> ExecOutcome {
+    let policy = &req.http;
+    let mut url = match Url::parse(call.url.trim()) {
+        Ok(u) => u,
+        Err(e) => return failed(format!("invalid URL: {e}")),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return failed(format!("URL scheme {:?} refused: only http and https are allowed", url.scheme()));
+    }
+    let mut method = match Method::from_bytes(call.method.trim().to_ascii_uppercase().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return failed(format!("invalid HTTP method {:?}", call.method)),
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in &call.headers {
+        let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) else {
+            return failed(format!("invalid header {name:?}"));
+        };
+        headers.append(n, v);
+    }
+    let mut body = call.body.clone();
+
+    let allow = Arc::new(policy.allow.clone());
+    let client = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone() }))
+        .connect_timeout(Duration::from_secs(30))
+        .user_agent(concat!("sluice-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot build the HTTP client: {e}")),
+    };
+
+    let mut hop = 0usize;
+    loop {
+        if let Err(msg) = check_url(&url, &allow).await {
+            return failed(format!("{msg}: {url}"));
+        }
+        let mut rb = client.request(method.clone(), url.clone()).headers(headers.clone());
+        if let Some(b) = &body {
+            rb = rb.body(b.clone());
+        }
+        let mut resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return ExecOutcome::TimedOut,
+            Err(e) => return failed(format!("{method} {url}: {}", error_chain(&e))),
+        };
+        let status = resp.status();
+        sink.system(&format!("HTTP {method} {url} -> {}", status.as_u16())).await;
+
+        if status.is_redirection()
+            && let Some(location) = resp.headers().get(LOCATION)
+        {
+            if hop >= policy.max_redirects {
+                return failed(format!("too many redirects (more than {})", policy.max_redirects));
+            }
+            let next = match location.to_str().ok().and_then(|l| url.join(l).ok()) {
+                Some(n) => n,
+                None => return failed(format!("invalid redirect location from {url}")),
+            };
+            if status == StatusCode::SEE_OTHER
+                || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND) && method == Method::POST)
+            {
+                method = Method::GET;
+                body = None;
+                headers.remove(reqwest::header::CONTENT_TYPE);
+                headers.remove(reqwest::header::CONTENT_LENGTH);
+            }
+            if next.origin() != url.origin() {
+                for h in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
+                    headers.remove(h);
+                }
+            }
+            url = next;
+            hop += 1;
+            continue;
+        }
+
+        let mut data = Vec::new();
+        let mut cut = false;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = policy.max_body_bytes.saturating_sub(data.len());
+                    if chunk.len() > room {
+                        data.extend_from_slice(&chunk[..room]);
+                        cut = true;
+                        break;
+                    }
+                    data.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return ExecOutcome::TimedOut,
+                Err(e) => return failed(format!("reading the response body: {}", error_chain(&e))),
+            }
+        }
+        drop(resp);
+        sink.output_bytes(Stream::Stdout, &data).await;
+        if cut {
+            sink.system(&format!("[response body truncated after {} bytes]", policy.max_body_bytes)).await;
+        }
+        outputs.insert("status".to_owned(), status.as_u16().to_string());
+        let accepted = if call.expect_status.is_empty() {
+            status.is_success()
+        } else {
+            call.expect_status.contains(&status.as_u16())
+        };
+        return if accepted {
+            ExecOutcome::Succeeded
+        } else {
+            failed(format!("unexpected HTTP status {}", status.as_u16()))
+        };
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        source = s.source();
+    }
+    msg
+}

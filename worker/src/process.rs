@@ -1,0 +1,326 @@
+//! `Run` and `Shell` tasks: a sandboxed child process in its own process group.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::logs::{LogSink, pump};
+use crate::{ExecOutcome, Limits, Stream, TaskRequest, cancelled, deadline_reached, outputs};
+
+/// `PATH` of every task (the worker's own is never passed on).
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Name of the outputs file inside the work directory.
+const OUTPUT_FILE: &str = "sluice-output";
+
+/// How long log readers may take to finish once the process group is dead (only a process that left the
+/// group can still hold the pipes open, or a log receiver that stopped reading).
+const READER_GRACE: Duration = Duration::from_secs(5);
+
+/// How long to keep killing a process group until no live member is left.
+const KILL_PATIENCE: Duration = Duration::from_secs(5);
+
+fn failed(message: String) -> (ExecOutcome, BTreeMap<String, String>) {
+    (ExecOutcome::Failed { exit_code: None, message }, BTreeMap::new())
+}
+
+/// Runs `argv` in the sandbox described in the crate docs.
+pub(crate) async fn run(
+    argv: Vec<String>,
+    req: &TaskRequest,
+    sink: Arc<LogSink>,
+    deadline: Option<Instant>,
+    cancel: &mut watch::Receiver<bool>,
+) -> (ExecOutcome, BTreeMap<String, String>) {
+    let Some((program, args)) = argv.split_first() else {
+        return failed("nothing to run: empty argv".to_owned());
+    };
+    let workdir = match create_workdir(&req.work_root, req.run_as) {
+        Ok(w) => w,
+        Err(e) => return failed(format!("cannot create the work directory in {}: {e}", req.work_root.display())),
+    };
+    let mut cleanup = Cleanup { pgid: None, workdir: Some(workdir.clone()) };
+    let output_path = workdir.join(OUTPUT_FILE);
+    if let Err(e) = create_output_file(&output_path, req.run_as) {
+        cleanup.finish().await;
+        return failed(format!("cannot create the outputs file: {e}"));
+    }
+
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear();
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            sink.system(&format!("environment variable {k:?} skipped: invalid name or value")).await;
+            continue;
+        }
+        cmd.env(k, v);
+    }
+    cmd.env("PATH", DEFAULT_PATH)
+        .env("HOME", &workdir)
+        .env("SLUICE_WORKDIR", &workdir)
+        .env("SLUICE_OUTPUT", &output_path)
+        .current_dir(&workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some((uid, gid)) = req.run_as {
+        // std also drops the supplementary groups (setgroups(0)) when switching from root.
+        cmd.uid(uid).gid(gid);
+    }
+    set_limits(&mut cmd, req.limits);
+
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup.finish().await;
+            let hint = if req.run_as.is_some() && e.kind() == io::ErrorKind::PermissionDenied {
+                " (the work root must be traversable by the task user, e.g. mode 0711)"
+            } else {
+                ""
+            };
+            return failed(format!("cannot start {program:?}: {e}{hint}"));
+        }
+    };
+    cleanup.pgid = child.id().and_then(|p| i32::try_from(p).ok());
+
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let s = sink.clone();
+        readers.push(tokio::spawn(async move { pump(out, Stream::Stdout, &s).await }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let s = sink.clone();
+        readers.push(tokio::spawn(async move { pump(err, Stream::Stderr, &s).await }));
+    }
+
+    let outcome = tokio::select! {
+        status = child.wait() => status_outcome(status),
+        _ = deadline_reached(deadline) => ExecOutcome::TimedOut,
+        _ = cancelled(cancel) => ExecOutcome::Cancelled,
+    };
+    // Whatever happened, nothing the task started outlives it (background jobs included).
+    if let Some(pgid) = cleanup.pgid {
+        kill_group(pgid).await;
+    }
+    let _ = child.wait().await;
+    for mut r in readers {
+        if tokio::time::timeout(READER_GRACE, &mut r).await.is_err() {
+            r.abort();
+            sink.system("log capture stopped: output pipe still open after the task ended").await;
+        }
+    }
+
+    let owner = req.run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
+    let outputs = match outputs::read_file(&output_path, owner) {
+        Ok((data, truncated)) => {
+            if truncated {
+                sink.system(&format!(
+                    "outputs file larger than {} bytes; the rest is ignored",
+                    outputs::MAX_OUTPUT_FILE
+                ))
+                .await;
+            }
+            let (parsed, problems) = outputs::parse(&data);
+            for p in problems {
+                sink.system(&p).await;
+            }
+            parsed.into_iter().map(|(k, v)| (k, sink.mask(&v))).collect()
+        }
+        Err(msg) => {
+            sink.system(&msg).await;
+            BTreeMap::new()
+        }
+    };
+    cleanup.finish().await;
+    (outcome, outputs)
+}
+
+fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
+    match status {
+        Ok(s) if s.success() => ExecOutcome::Succeeded,
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => {
+                ExecOutcome::Failed { exit_code: Some(code), message: format!("exited with code {code}") }
+            }
+            (None, Some(sig)) => {
+                let name = Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_owned());
+                ExecOutcome::Failed { exit_code: None, message: format!("killed by {name}") }
+            }
+            (None, None) => ExecOutcome::Failed { exit_code: None, message: format!("ended: {s}") },
+        },
+        Err(e) => ExecOutcome::Failed { exit_code: None, message: format!("waiting for the process failed: {e}") },
+    }
+}
+
+/// Sets the rlimits in the child, after fork and the uid switch, before exec.
+#[allow(unsafe_code)]
+fn set_limits(cmd: &mut Command, limits: Limits) {
+    let wanted: [(Resource, Option<u64>); 6] = [
+        (Resource::RLIMIT_CPU, limits.cpu_seconds),
+        (Resource::RLIMIT_AS, limits.memory_bytes),
+        (Resource::RLIMIT_FSIZE, Some(limits.file_size_bytes)),
+        (Resource::RLIMIT_NPROC, Some(limits.processes)),
+        (Resource::RLIMIT_NOFILE, Some(limits.open_files)),
+        (Resource::RLIMIT_CORE, Some(0)),
+    ];
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe functions may
+    // be called. It calls only getrlimit(2) and setrlimit(2) (async-signal-safe system calls, no locks),
+    // allocates nothing (the captured array is plain data, errors are raw errno values) and touches no
+    // state shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || apply_limits(&wanted));
+    }
+}
+
+fn apply_limits(wanted: &[(Resource, Option<u64>)]) -> io::Result<()> {
+    for &(resource, value) in wanted {
+        if let Some(value) = value {
+            let (_, hard) = getrlimit(resource)?;
+            let value = value.min(hard);
+            setrlimit(resource, value, value)?;
+        }
+    }
+    Ok(())
+}
+
+static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a fresh work directory (0700, owned by the task user) inside `root`.
+fn create_workdir(root: &Path, run_as: Option<(u32, u32)>) -> io::Result<PathBuf> {
+    if !root.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(root)?;
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    for _ in 0..100 {
+        let n = ATTEMPT.fetch_add(1, Ordering::Relaxed);
+        let dir = root.join(format!("attempt-{}-{n}-{nanos:08x}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+                if let Some((uid, gid)) = run_as {
+                    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+                }
+                return Ok(dir);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free work directory name"))
+}
+
+fn create_output_file(path: &Path, run_as: Option<(u32, u32)>) -> io::Result<()> {
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Removes the work directory; when that fails (a task may have made directories unwritable for its own
+/// uid), restores owner permissions and retries. Never follows symlinks.
+fn remove_workdir(dir: &Path) {
+    if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    fn unlock(dir: &Path) {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    unlock(&e.path());
+                }
+            }
+        }
+    }
+    unlock(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a task work directory");
+    }
+}
+
+/// Kills the process group and removes the work directory: thoroughly in [`Cleanup::finish`], best effort
+/// when dropped (the `execute` future was dropped mid-task).
+struct Cleanup {
+    pgid: Option<i32>,
+    workdir: Option<PathBuf>,
+}
+
+impl Cleanup {
+    async fn finish(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            kill_group(pgid).await;
+        }
+        if let Some(dir) = self.workdir.take() {
+            let _ = tokio::task::spawn_blocking(move || remove_workdir(&dir)).await;
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        if let Some(dir) = self.workdir.take() {
+            remove_workdir(&dir);
+        }
+    }
+}
+
+/// SIGKILLs the process group until no live (non-zombie) member is left. Zombies are ignored: orphans are
+/// reaped by init (or not at all in some containers), and they run nothing.
+pub(crate) async fn kill_group(pgid: i32) {
+    if pgid <= 1 {
+        return;
+    }
+    let start = Instant::now();
+    loop {
+        if let Err(Errno::ESRCH) = killpg(Pid::from_raw(pgid), Signal::SIGKILL) {
+            return;
+        }
+        if live_group_members(pgid).is_empty() {
+            return;
+        }
+        if start.elapsed() > KILL_PATIENCE {
+            tracing::warn!(pgid, "process group still alive after SIGKILL");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Pids of non-zombie processes in process group `pgid` (from `/proc`).
+pub fn live_group_members(pgid: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // "pid (comm) state ppid pgrp ...": comm may contain anything, so parse after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        if pgrp == Some(pgid) && !matches!(state, Some("Z" | "X")) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
