@@ -4,11 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use chrono::{DateTime, Utc};
 use sea_orm::Value;
 use serde::{Deserialize, Serialize};
-use sluice_domain::{
-    cedar::Action,
-    parse_definition,
-    plan::{self, Event},
-};
+use sluice_domain::{cedar::Action, plan::Event};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -16,9 +12,8 @@ use super::{Body, PageParams, Routes, State, audit_change, authorize, encode_cur
 use crate::{
     auth::TenantCtx,
     authz::Resource,
-    engine::state::insert_rows,
-    error::{ApiError, ApiResult, FieldError, OrNotFound},
-    store::is_unique_violation,
+    error::{ApiError, ApiResult, OrNotFound},
+    service::runs,
 };
 
 pub(super) fn routes(r: &mut Routes<'_>) {
@@ -190,14 +185,6 @@ async fn run_view(state: &State, tenant: Uuid, id: Uuid) -> ApiResult<RunView> {
     })
 }
 
-#[derive(sea_orm::FromQueryResult)]
-struct PipelineRow {
-    id: Uuid,
-    name: String,
-    latest_version: i64,
-    archived_at: Option<DateTime<Utc>>,
-}
-
 fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
     let Some(v) = req.headers().get("idempotency-key") else { return Ok(None) };
     let v = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key", "must be printable ASCII"))?;
@@ -205,22 +192,6 @@ fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
         return Err(ApiError::bad_request("Idempotency-Key", "must be 1 to 200 characters"));
     }
     Ok(Some(v.to_owned()))
-}
-
-async fn existing_run(state: &State, tenant: Uuid, key: &str) -> ApiResult<Option<Uuid>> {
-    #[derive(sea_orm::FromQueryResult)]
-    struct R {
-        id: Uuid,
-    }
-    let r: Option<R> = state
-        .store
-        .query_one(
-            state.store.db(),
-            "SELECT id FROM runs WHERE tenant_id = $1 AND idempotency_key = $2",
-            vec![tenant.into(), key.into()],
-        )
-        .await?;
-    Ok(r.map(|r| r.id))
 }
 
 #[utoipa::path(post, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/runs", tag = "runs", security(("bearer" = [])),
@@ -237,15 +208,7 @@ async fn create_run(
     path: web::Path<(String, String)>,
     body: Body,
 ) -> ApiResult<HttpResponse> {
-    let store = &state.store;
-    let p: PipelineRow = store
-        .query_one(
-            store.db(),
-            "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND name = $2",
-            vec![ctx.tenant.id.into(), path.1.clone().into()],
-        )
-        .await?
-        .or_not_found("pipeline")?;
+    let p = runs::find_pipeline(&state, ctx.tenant.id, &path.1).await?;
     if p.archived_at.is_some() {
         return Err(ApiError::conflict("the pipeline is archived"));
     }
@@ -253,70 +216,24 @@ async fn create_run(
         authorize(&state, &ctx, Action::RunCreate, Resource::Pipeline { name: &p.name, archived: false }).await?;
     let body: CreateRun = body.json_or_default()?;
     let key = idempotency_key(&req)?;
-    if let Some(k) = &key
-        && let Some(id) = existing_run(&state, ctx.tenant.id, k).await?
-    {
-        return Ok(HttpResponse::Ok().json(run_view(&state, ctx.tenant.id, id).await?));
-    }
-    let version = body.version.unwrap_or(p.latest_version);
-    #[derive(sea_orm::FromQueryResult)]
-    struct Def {
-        definition: String,
-    }
-    let def: Def = store
-        .query_one(
-            store.db(),
-            "SELECT definition FROM pipeline_versions WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3",
-            vec![ctx.tenant.id.into(), p.id.into(), version.into()],
-        )
-        .await?
-        .or_not_found("pipeline version")?;
-    let spec =
-        parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition does not parse: {e}"))?;
-    let run_plan = plan::compile(&spec, &body.params).map_err(|e| ApiError::Validation {
-        detail: format!("the run cannot start: {e}"),
-        errors: e.errors().iter().map(|x| FieldError::new(x.path.clone(), x.message.clone())).collect(),
-    })?;
-    let id = Uuid::now_v7();
-    let now = Utc::now();
-    let txn = store.write().await?;
-    let inserted = store
-        .execute(&*txn,
-            "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, params, plan, \
-             idempotency_key, retry_of, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 'api', $6, $7, $8, $9, $10, NULL, $11)",
-            vec![id.into(), ctx.tenant.id.into(), p.id.into(), p.name.clone().into(), version.into(),
-                 Some(ctx.principal.user_id).into(), ctx.principal.actor().label.into(),
-                 serde_json::to_string(&run_plan.params).unwrap_or_default().into(),
-                 serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?.into(), key.clone().into(), now.into()])
-        .await;
-    match inserted {
-        Ok(_) => {}
-        Err(e) if is_unique_violation(&e) && key.is_some() => {
-            // The same key won a race: answer with that run.
-            drop(txn);
-            let existing =
-                existing_run(&state, ctx.tenant.id, key.as_deref().unwrap_or_default()).await?.or_not_found("run")?;
-            return Ok(HttpResponse::Ok().json(run_view(&state, ctx.tenant.id, existing).await?));
-        }
-        Err(e) => return Err(e.into()),
-    }
-    insert_rows(store, &*txn, ctx.tenant.id, id, &run_plan).await?;
-    let rid = id.to_string();
-    audit_change(
+    let started = runs::start_run(
         &state,
-        &*txn,
-        &ctx,
-        &decision,
-        Action::RunCreate,
-        Some(&rid),
-        Some(version),
-        serde_json::json!({ "pipeline": p.name, "version": version, "params": run_plan.params }),
+        runs::StartRun {
+            tenant: ctx.tenant.id,
+            pipeline: &p,
+            version: body.version,
+            params: &body.params,
+            trigger: "api",
+            initiator: Some(ctx.principal.user_id),
+            actor: &ctx.principal.actor(),
+            source: &ctx.source,
+            policy_ids: &decision.determining_policies,
+            idempotency_key: key.as_deref(),
+        },
     )
     .await?;
-    let applied = state.engine.apply_in(&*txn, id, Event::Start).await?;
-    txn.commit().await?;
-    state.engine.after_commit(&applied);
-    Ok(HttpResponse::Created().json(run_view(&state, ctx.tenant.id, id).await?))
+    let view = run_view(&state, ctx.tenant.id, started.id).await?;
+    Ok(if started.created { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
 }
 
 /// Run filters.

@@ -2,3 +2,4 @@
 //! sessions and refresh tokens.
 
 pub mod accounts;
+pub mod runs;

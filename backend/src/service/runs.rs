@@ -1,0 +1,184 @@
+//! Starting a run, whoever asks: the API, a webhook, a cron schedule, a retry.
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+use sluice_domain::{
+    parse_definition,
+    plan::{self, Event},
+};
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    audit::{self, Actor, NewEvent, Outcome, Source},
+    engine::state::insert_rows,
+    error::{ApiError, ApiResult, FieldError, OrNotFound},
+    store::is_unique_violation,
+};
+
+/// The pipeline a run is started for.
+#[derive(Debug, Clone, sea_orm::FromQueryResult)]
+pub struct PipelineRef {
+    /// Id.
+    pub id: Uuid,
+    /// Name.
+    pub name: String,
+    /// Latest version.
+    pub latest_version: i64,
+    /// Archived, if it is.
+    pub archived_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Loads a pipeline of a tenant by name.
+pub async fn find_pipeline(state: &AppState, tenant: Uuid, name: &str) -> ApiResult<PipelineRef> {
+    state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND name = $2",
+            vec![tenant.into(), name.into()],
+        )
+        .await?
+        .or_not_found("pipeline")
+}
+
+/// Everything needed to start a run.
+pub struct StartRun<'a> {
+    /// Tenant.
+    pub tenant: Uuid,
+    /// Pipeline.
+    pub pipeline: &'a PipelineRef,
+    /// Version to pin (default: latest).
+    pub version: Option<i64>,
+    /// Parameters as given.
+    pub params: &'a Map<String, Value>,
+    /// `api`, `webhook`, `cron` or `retry`.
+    pub trigger: &'a str,
+    /// The user who started it, if a user did.
+    pub initiator: Option<Uuid>,
+    /// Who, for the audit log and the run record.
+    pub actor: &'a Actor,
+    /// Where from.
+    pub source: &'a Source,
+    /// Cedar policies that allowed it.
+    pub policy_ids: &'a [String],
+    /// A key that makes a repeated request return the same run.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// A run that exists now.
+pub struct Started {
+    /// Run id.
+    pub id: Uuid,
+    /// False when the idempotency key named a run started earlier.
+    pub created: bool,
+}
+
+/// The run started earlier with this idempotency key, if any.
+pub async fn existing_run(state: &AppState, tenant: Uuid, key: &str) -> ApiResult<Option<Uuid>> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct R {
+        id: Uuid,
+    }
+    let r: Option<R> = state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT id FROM runs WHERE tenant_id = $1 AND idempotency_key = $2",
+            vec![tenant.into(), key.into()],
+        )
+        .await?;
+    Ok(r.map(|r| r.id))
+}
+
+/// Pins the version, checks the params, records the run, its stages and tasks and its audit
+/// event, and starts it — all in one transaction; the first tasks are dispatched after commit.
+pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started> {
+    if req.pipeline.archived_at.is_some() {
+        return Err(ApiError::conflict("the pipeline is archived"));
+    }
+    if let Some(k) = req.idempotency_key
+        && let Some(id) = existing_run(state, req.tenant, k).await?
+    {
+        return Ok(Started { id, created: false });
+    }
+    let store = &state.store;
+    let version = req.version.unwrap_or(req.pipeline.latest_version);
+    #[derive(sea_orm::FromQueryResult)]
+    struct Def {
+        definition: String,
+    }
+    let def: Def = store
+        .query_one(
+            store.db(),
+            "SELECT definition FROM pipeline_versions WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3",
+            vec![req.tenant.into(), req.pipeline.id.into(), version.into()],
+        )
+        .await?
+        .or_not_found("pipeline version")?;
+    let spec =
+        parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition does not parse: {e}"))?;
+    let run_plan = plan::compile(&spec, req.params).map_err(|e| ApiError::Validation {
+        detail: format!("the run cannot start: {e}"),
+        errors: e.errors().iter().map(|x| FieldError::new(x.path.clone(), x.message.clone())).collect(),
+    })?;
+    let id = Uuid::now_v7();
+    let txn = store.write().await?;
+    let inserted = store
+        .execute(
+            &*txn,
+            "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
+             params, plan, idempotency_key, retry_of, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, NULL, $12)",
+            vec![
+                id.into(),
+                req.tenant.into(),
+                req.pipeline.id.into(),
+                req.pipeline.name.clone().into(),
+                version.into(),
+                req.trigger.into(),
+                req.initiator.into(),
+                req.actor.label.clone().into(),
+                serde_json::to_string(&run_plan.params).unwrap_or_default().into(),
+                serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?.into(),
+                req.idempotency_key.map(str::to_owned).into(),
+                Utc::now().into(),
+            ],
+        )
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
+            // The same key won a race: that run is the answer.
+            drop(txn);
+            let key = req.idempotency_key.unwrap_or_default();
+            let existing = existing_run(state, req.tenant, key).await?.or_not_found("run")?;
+            return Ok(Started { id: existing, created: false });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    insert_rows(store, &*txn, req.tenant, id, &run_plan).await?;
+    audit::append(
+        store,
+        &*txn,
+        req.tenant,
+        &NewEvent {
+            actor: req.actor,
+            action: "run.create",
+            resource_type: "Run",
+            resource_id: Some(&id.to_string()),
+            resource_version: Some(version),
+            outcome: Outcome::Allow,
+            policy_ids: req.policy_ids,
+            source: req.source,
+            details: serde_json::json!({
+                "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
+            }),
+        },
+    )
+    .await?;
+    let applied = state.engine.apply_in(&*txn, id, Event::Start).await?;
+    txn.commit().await?;
+    state.engine.after_commit(&applied);
+    Ok(Started { id, created: true })
+}
