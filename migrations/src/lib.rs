@@ -6,6 +6,8 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_foundation;
 mod m20261127_000002_create_runs;
+mod m20261127_000003_create_secrets;
+mod m20261127_000004_create_triggers;
 
 /// The ordered list of Sluice's migrations.
 pub struct Migrator;
@@ -13,6 +15,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261127_000001_create_foundation::Migration), Box::new(m20261127_000002_create_runs::Migration)]
+        vec![
+            Box::new(m20261127_000001_create_foundation::Migration),
+            Box::new(m20261127_000002_create_runs::Migration),
+            Box::new(m20261127_000003_create_secrets::Migration),
+            Box::new(m20261127_000004_create_triggers::Migration),
+        ]
     }
 }

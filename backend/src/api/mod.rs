@@ -5,10 +5,12 @@ mod audit_log;
 mod auth;
 mod body;
 mod health;
+mod hooks;
 pub mod openapi;
 mod pipelines;
 mod policies;
 mod runs;
+mod secrets;
 mod tenant;
 mod tokens;
 
@@ -76,6 +78,8 @@ fn register(r: &mut Routes<'_>) {
     policies::routes(r);
     pipelines::routes(r);
     runs::routes(r);
+    secrets::routes(r);
+    hooks::routes(r);
     audit_log::routes(r);
 }
 

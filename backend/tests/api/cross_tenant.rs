@@ -70,6 +70,8 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("GET", "/runs/{run_id}") => none(""),
         ("POST", "/runs/{run_id}/cancel") => none(""),
         ("GET", "/runs/{run_id}/tasks/{task}/logs") => none(""),
+        // secrets cases
+        // hooks cases
         _ => None,
     }
 }

@@ -1,0 +1,5 @@
+//! (being written)
+
+use super::Routes;
+
+pub(super) fn routes(_r: &mut Routes<'_>) {}
