@@ -49,6 +49,11 @@ pub struct ConfigArgs {
     /// How many tasks the embedded worker runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
+    /// Key that encrypts tenant secrets: base64 of 32 random bytes (`openssl rand -base64 32`), the
+    /// same on every server of an installation [default: <data dir>/secrets.key, generated on first
+    /// start with the embedded database; required with PostgreSQL].
+    #[arg(long, env = "SLUICE_SECRETS_KEY", global = true, hide_env_values = true)]
+    pub secrets_key: Option<String>,
 }
 
 /// The same keys, as read from `sluice.toml`.
@@ -67,6 +72,7 @@ struct FileConfig {
     log_format: Option<String>,
     trust_proxy: Option<bool>,
     worker_slots: Option<usize>,
+    secrets_key: Option<String>,
 }
 
 /// The resolved configuration.
@@ -96,6 +102,8 @@ pub struct Config {
     pub trust_proxy: bool,
     /// Concurrent tasks of the embedded worker.
     pub worker_slots: usize,
+    /// Base64 key for tenant secrets, if configured (else the key file in the data folder).
+    pub secrets_key: Option<String>,
 }
 
 impl Config {
@@ -150,6 +158,7 @@ impl Config {
             log_format,
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
             worker_slots: args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1),
+            secrets_key: args.secrets_key.clone().or(file.secrets_key).filter(|s| !s.trim().is_empty()),
         })
     }
 }

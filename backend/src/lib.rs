@@ -10,9 +10,11 @@ pub mod authz;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod triggers;
 
 use std::net::TcpListener;
 
@@ -33,6 +35,8 @@ pub struct AppState {
     pub jwt: auth::jwt::JwtKeys,
     /// Run orchestration.
     pub engine: std::sync::Arc<engine::Engine>,
+    /// The key that encrypts tenant secrets.
+    pub secrets_key: secrets::SecretsKey,
 }
 
 impl AppState {
@@ -42,6 +46,7 @@ impl AppState {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
         }
+        let secrets_key = secrets::SecretsKey::load(&config).context("loading the key for tenant secrets")?;
         let store = store::Store::connect(&config.database_url, config.db_max_connections)
             .await
             .context("connecting to the database")?;
@@ -55,9 +60,16 @@ impl AppState {
         let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), queue));
         let work_root = config.data_dir.join("work");
         std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
-        engine::spawn_local_workers(engine.clone(), store.clone(), rx, config.worker_slots, work_root);
+        engine::spawn_local_workers(
+            engine.clone(),
+            store.clone(),
+            rx,
+            config.worker_slots,
+            work_root,
+            secrets_key.clone(),
+        );
         engine.spawn_reaper();
-        Ok(Self { config, store, authz, jwt, engine })
+        Ok(Self { config, store, authz, jwt, engine, secrets_key })
     }
 }
 
@@ -78,6 +90,7 @@ impl Application {
     /// Builds the server on an already bound listener.
     pub fn with_listener(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
+        triggers::spawn_scheduler(state.clone().into_inner());
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(telemetry::request_id))

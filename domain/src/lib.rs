@@ -17,6 +17,7 @@ pub mod duration;
 pub mod ids;
 pub mod memory;
 pub mod plan;
+pub mod schedule;
 pub mod spec;
 pub mod template;
 

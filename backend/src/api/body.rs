@@ -17,6 +17,11 @@ pub struct Body {
 }
 
 impl Body {
+    /// The raw bytes, as received (for routes that check a signature over them).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Parses the body as JSON into `T`; a wrong field is named by its path (`groups[1]`).
     pub fn json<T: DeserializeOwned>(&self) -> ApiResult<T> {
         if !self.json_type {

@@ -4,6 +4,7 @@
 mod audit_log;
 mod auth;
 mod body;
+mod events;
 mod health;
 mod hooks;
 pub mod openapi;
@@ -78,6 +79,7 @@ fn register(r: &mut Routes<'_>) {
     policies::routes(r);
     pipelines::routes(r);
     runs::routes(r);
+    events::routes(r);
     secrets::routes(r);
     hooks::routes(r);
     audit_log::routes(r);

@@ -39,8 +39,9 @@ impl Modify for Security {
         super::pipelines::get_version, super::pipelines::diff_versions, super::pipelines::restore_version,
         super::audit_log::list_events, super::audit_log::verify, super::audit_log::export,
         super::runs::create_run, super::runs::list_runs, super::runs::get_run, super::runs::cancel_run, super::runs::task_logs,
-        // secrets paths
-        // hooks paths
+        super::events::run_events, super::events::tenant_events,
+        super::secrets::list_secrets, super::secrets::put_secret, super::secrets::get_secret, super::secrets::delete_secret,
+        super::hooks::put_webhook, super::hooks::delete_webhook, super::hooks::receive,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError))
 )]

@@ -19,7 +19,7 @@ use std::{
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, TransactionTrait};
 use sluice_domain::plan::{self, Effect, Event, Millis, TaskOutcome};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::store::Store;
@@ -51,6 +51,7 @@ pub struct Engine {
     queue: mpsc::UnboundedSender<Dispatch>,
     worker_name: String,
     running: Mutex<HashMap<Dispatch, watch::Sender<bool>>>,
+    events: broadcast::Sender<RunEvent>,
 }
 
 /// What an apply did, for the caller.
@@ -60,6 +61,38 @@ pub struct Applied {
     pub dispatched: Vec<Dispatch>,
     /// Whether the run finished with this change.
     pub finished: bool,
+    /// What changed, published once the change is committed.
+    pub events: Vec<RunEvent>,
+}
+
+/// A change of a run, a stage or a task, or new log lines, as streamed to clients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunEvent {
+    /// Tenant of the run.
+    #[serde(skip)]
+    pub tenant: Uuid,
+    /// Run id.
+    pub run_id: Uuid,
+    /// `run`, `stage`, `task` or `log`.
+    pub kind: &'static str,
+    /// For stages and tasks: the index; for logs: the task index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// New status (runs, stages, tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+    /// Attempt (tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Log lines (`{at, stream, text}` objects).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<serde_json::Value>,
+}
+
+impl RunEvent {
+    fn status(tenant: Uuid, run_id: Uuid, kind: &'static str, index: Option<usize>, status: &'static str) -> Self {
+        Self { tenant, run_id, kind, index, status: Some(status), attempt: None, lines: vec![] }
+    }
 }
 
 /// A unique worker name for this process: host, pid and a random part.
@@ -76,7 +109,18 @@ struct Now {
 impl Engine {
     /// An engine whose dispatches go to `queue`.
     pub fn new(store: Store, queue: mpsc::UnboundedSender<Dispatch>) -> Self {
-        Self { store, queue, worker_name: worker_name(), running: Mutex::new(HashMap::new()) }
+        let (events, _) = broadcast::channel(4096);
+        Self { store, queue, worker_name: worker_name(), running: Mutex::new(HashMap::new()), events }
+    }
+
+    /// Subscribes to the events of every run in this process.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    /// Where log lines are published (the embedded worker's log writer holds a clone).
+    pub fn event_sender(&self) -> broadcast::Sender<RunEvent> {
+        self.events.clone()
     }
 
     /// This process's worker name.
@@ -97,7 +141,7 @@ impl Engine {
     /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
     /// write lock) and returns what to do after the commit.
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
-        let Some((_row, run_plan, old)) = state::load(&self.store, conn, run).await? else {
+        let Some((row, run_plan, old)) = state::load(&self.store, conn, run).await? else {
             return Ok(Applied::default());
         };
         let now: Millis = state::ms(self.db_now(conn).await?);
@@ -114,6 +158,22 @@ impl Engine {
             }
         }
         state::save(&self.store, conn, run, &old, &new, wake).await?;
+        let tenant = row.tenant_id;
+        for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
+            if a.status != b.status {
+                applied.events.push(RunEvent::status(tenant, run, "stage", Some(i), b.status.as_str()));
+            }
+        }
+        for (i, (a, b)) in old.tasks.iter().zip(&new.tasks).enumerate() {
+            if a.status != b.status || a.attempt != b.attempt {
+                let mut e = RunEvent::status(tenant, run, "task", Some(i), b.status.as_str());
+                e.attempt = Some(b.attempt);
+                applied.events.push(e);
+            }
+        }
+        if old.status != new.status {
+            applied.events.push(RunEvent::status(tenant, run, "run", None, new.status.as_str()));
+        }
         for k in &kills {
             self.store
                 .execute(
@@ -137,6 +197,10 @@ impl Engine {
 
     /// Pushes dispatches after their transaction committed.
     pub fn after_commit(&self, applied: &Applied) {
+        for e in &applied.events {
+            // No subscribers is fine: nobody is watching.
+            let _ = self.events.send(e.clone());
+        }
         for d in &applied.dispatched {
             if self.queue.send(*d).is_err() {
                 tracing::warn!(run = %d.run, task = d.task, "dispatch queue closed; the reaper will push the task again");

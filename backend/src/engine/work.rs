@@ -16,7 +16,10 @@ use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
 use super::{Dispatch, Engine, HEARTBEAT};
-use crate::store::Store;
+use crate::{
+    secrets::{Sealed, SecretsKey},
+    store::Store,
+};
 
 /// Most log text kept per task attempt.
 pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
@@ -28,14 +31,15 @@ pub fn spawn_local_workers(
     mut rx: mpsc::UnboundedReceiver<Dispatch>,
     slots: usize,
     work_root: PathBuf,
+    secrets_key: SecretsKey,
 ) {
     let permits = Arc::new(Semaphore::new(slots.max(1)));
     tokio::spawn(async move {
         while let Some(d) = rx.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
-            let (engine, store, root) = (engine.clone(), store.clone(), work_root.clone());
+            let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             tokio::spawn(async move {
-                if let Err(e) = run_one(&engine, &store, d, root).await {
+                if let Err(e) = run_one(&engine, &store, d, root, &key).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
                 drop(permit);
@@ -46,6 +50,7 @@ pub fn spawn_local_workers(
 
 #[derive(FromQueryResult)]
 struct RunInfo {
+    tenant_id: Uuid,
     plan: String,
     pipeline_id: Uuid,
     version: i64,
@@ -67,6 +72,8 @@ struct Ctx<'a> {
     outputs: &'a BTreeMap<String, BTreeMap<String, String>>,
     run_id: String,
     item: Option<&'a Value>,
+    /// The decrypted secrets the task lists, and only those.
+    secrets: &'a BTreeMap<String, String>,
 }
 
 impl Context for Ctx<'_> {
@@ -79,8 +86,8 @@ impl Context for Ctx<'_> {
     fn run_id(&self) -> &str {
         &self.run_id
     }
-    fn secret(&self, _name: &str) -> Option<&str> {
-        None
+    fn secret(&self, name: &str) -> Option<&str> {
+        self.secrets.get(name).map(String::as_str)
     }
     fn item(&self) -> Option<&Value> {
         self.item
@@ -119,19 +126,25 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attemp
         timeout: spec.timeout.map(|d| d.to_std()),
         work_root,
         limits: Limits::default(),
-        secrets: vec![],
+        secrets: ctx.secrets.values().cloned().collect(),
         max_log_bytes: MAX_LOG_BYTES,
         http: HttpPolicy::default(),
         run_as: sluice_worker::unprivileged_user(),
     })
 }
 
-async fn run_one(engine: &Engine, store: &Store, d: Dispatch, work_root: PathBuf) -> anyhow::Result<()> {
+async fn run_one(
+    engine: &Engine,
+    store: &Store,
+    d: Dispatch,
+    work_root: PathBuf,
+    secrets_key: &SecretsKey,
+) -> anyhow::Result<()> {
     if !engine.claim(d).await? {
         return Ok(());
     }
     let cancel = engine.track(d);
-    let result = execute(engine, store, d, work_root, cancel).await;
+    let result = execute(engine, store, d, work_root, secrets_key, cancel).await;
     engine.untrack(d);
     let (outcome, exit_code, message, outputs) = match result {
         Ok(r) => r,
@@ -148,10 +161,15 @@ async fn execute(
     store: &Store,
     d: Dispatch,
     work_root: PathBuf,
+    secrets_key: &SecretsKey,
     mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Finished> {
     let run: RunInfo = store
-        .query_one(store.db(), "SELECT plan, pipeline_id, version FROM runs WHERE id = $1", vec![d.run.into()])
+        .query_one(
+            store.db(),
+            "SELECT tenant_id, plan, pipeline_id, version FROM runs WHERE id = $1",
+            vec![d.run.into()],
+        )
         .await?
         .ok_or_else(|| anyhow::anyhow!("run vanished"))?;
     let plan: RunPlan = serde_json::from_str(&run.plan)?;
@@ -180,11 +198,20 @@ async fn execute(
         .await?;
     let outputs: BTreeMap<String, BTreeMap<String, String>> =
         rows.into_iter().map(|r| (r.task_id, serde_json::from_str(&r.outputs).unwrap_or_default())).collect();
-    let ctx = Ctx { params: &plan.params, outputs: &outputs, run_id: d.run.to_string(), item: planned.item.as_ref() };
+    check_secret_references(task)?;
+    let secrets = load_secrets(store, secrets_key, run.tenant_id, task).await?;
+    let ctx = Ctx {
+        params: &plan.params,
+        outputs: &outputs,
+        run_id: d.run.to_string(),
+        item: planned.item.as_ref(),
+        secrets: &secrets,
+    };
     let req = request(task, &ctx, work_root, d.run, d.attempt)?;
 
     let (log_tx, log_rx) = mpsc::channel::<LogLine>(1024);
-    let logs = tokio::spawn(write_logs(store.clone(), d, log_rx));
+    let tenant = run.tenant_id;
+    let logs = tokio::spawn(write_logs(store.clone(), d, log_rx, tenant, engine.event_sender()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let exec = tokio::spawn(sluice_worker::execute(req, log_tx, stop_rx));
     let mut beat = tokio::time::interval(HEARTBEAT);
@@ -214,8 +241,79 @@ async fn execute(
     })
 }
 
+/// Every template of the task that is rendered (argv, environment values, HTTP fields) may only
+/// name secrets the task lists in `secrets:`; a task that names another fails before it starts.
+fn check_secret_references(task: &TaskSpec) -> anyhow::Result<()> {
+    let mut templates: Vec<&str> = task.env.values().map(String::as_str).collect();
+    match &task.action {
+        TaskAction::Run(argv) => templates.extend(argv.iter().map(String::as_str)),
+        TaskAction::Http(h) => {
+            templates.push(&h.url);
+            templates.extend(h.headers.values().map(String::as_str));
+            templates.extend(h.body.as_deref());
+        }
+        TaskAction::Shell(_) | TaskAction::Sleep(_) | TaskAction::Noop => {}
+    }
+    for text in templates {
+        // A template that does not parse fails later, when it is rendered, with its own message.
+        let Ok(t) = Template::parse(text) else { continue };
+        for r in t.references() {
+            if let template::Reference::Secret(name) = r
+                && !task.secrets.iter().any(|s| s == name)
+            {
+                anyhow::bail!(
+                    "task `{}` uses `{{{{ secrets.{name} }}}}` but does not list `{name}` in its `secrets:`",
+                    task.id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(FromQueryResult)]
+struct SecretRow {
+    version: i64,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// Loads and decrypts exactly the secrets the task lists, from the run's tenant.
+async fn load_secrets(
+    store: &Store,
+    key: &SecretsKey,
+    tenant: Uuid,
+    task: &TaskSpec,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for name in &task.secrets {
+        let row: SecretRow = store
+            .query_one(
+                store.db(),
+                "SELECT version, nonce, ciphertext FROM secrets WHERE tenant_id = $1 AND name = $2",
+                vec![tenant.into(), name.clone().into()],
+            )
+            .await?
+            .ok_or_else(|| {
+                anyhow::anyhow!("task `{}` lists secret `{name}`, which is not defined in this tenant", task.id)
+            })?;
+        let sealed = Sealed { nonce: row.nonce, ciphertext: row.ciphertext };
+        let value = key
+            .open(tenant, name, row.version, &sealed)
+            .map_err(|e| anyhow::anyhow!("secret `{name}` could not be decrypted: {e}"))?;
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
 /// Stores log lines in chunks of up to 200 lines, at least every 250 ms while lines arrive.
-async fn write_logs(store: Store, d: Dispatch, mut rx: mpsc::Receiver<LogLine>) {
+async fn write_logs(
+    store: Store,
+    d: Dispatch,
+    mut rx: mpsc::Receiver<LogLine>,
+    tenant: Uuid,
+    events: tokio::sync::broadcast::Sender<super::RunEvent>,
+) {
     #[derive(FromQueryResult)]
     struct Last {
         chunk: Option<i64>,
@@ -255,7 +353,7 @@ async fn write_logs(store: Store, d: Dispatch, mut rx: mpsc::Receiver<LogLine>) 
         }
         let n = buf.len() as i64;
         let body = buf.join("\n");
-        buf.clear();
+        let lines: Vec<serde_json::Value> = buf.drain(..).filter_map(|l| serde_json::from_str(&l).ok()).collect();
         let written = async {
             let txn = store.write().await?;
             store
@@ -278,8 +376,19 @@ async fn write_logs(store: Store, d: Dispatch, mut rx: mpsc::Receiver<LogLine>) 
             txn.commit().await
         }
         .await;
-        if let Err(e) = written {
-            tracing::warn!(run = %d.run, task = d.task, error = %e, "storing log lines failed");
+        match written {
+            Ok(()) => {
+                let _ = events.send(super::RunEvent {
+                    tenant,
+                    run_id: d.run,
+                    kind: "log",
+                    index: Some(d.task),
+                    status: None,
+                    attempt: Some(d.attempt),
+                    lines,
+                });
+            }
+            Err(e) => tracing::warn!(run = %d.run, task = d.task, error = %e, "storing log lines failed"),
         }
         chunk += 1;
         line_no += n;

@@ -16,6 +16,8 @@ struct TenantA {
     pipeline: String,
     group: String,
     run_id: String,
+    secret: String,
+    secret_value: String,
 }
 
 /// How to call one route: the path parameters come from [`TenantA`], the rest from here.
@@ -70,8 +72,14 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("GET", "/runs/{run_id}") => none(""),
         ("POST", "/runs/{run_id}/cancel") => none(""),
         ("GET", "/runs/{run_id}/tasks/{task}/logs") => none(""),
-        // secrets cases
-        // hooks cases
+        ("GET", "/runs/{run_id}/events") => none(""),
+        ("GET", "/events") => none(""),
+        ("GET", "/secrets") => none(""),
+        ("PUT", "/secrets/{name}") => with(json!({ "value": "overwritten-by-b" })),
+        ("GET", "/secrets/{name}") => none(""),
+        ("DELETE", "/secrets/{name}") => none(""),
+        ("POST", "/pipelines/{pipeline}/webhook") => none(""),
+        ("DELETE", "/pipelines/{pipeline}/webhook") => none(""),
         _ => None,
     }
 }
@@ -90,6 +98,7 @@ fn concrete(template: &str, a: &TenantA) -> String {
             "{version}" => "1",
             "{run_id}" => a.run_id.as_str(),
             "{task}" => "quiet",
+            "{name}" => a.secret.as_str(),
             s if s.starts_with('{') => panic!("no value for path parameter {s} of {template}"),
             s => s,
         };
@@ -110,6 +119,8 @@ fn secrets(a: &TenantA) -> Vec<String> {
         a.pipeline.clone(),
         a.group.clone(),
         a.run_id.clone(),
+        a.secret.clone(),
+        a.secret_value.clone(),
         a.admin.tenant.to_uppercase(),
         a.admin.tenant.clone(),
     ]
@@ -149,7 +160,12 @@ async fn setup_a(app: &TestApp) -> TenantA {
     let r = app.post(&format!("/api/v1/t/{t}/pipelines/{pipeline}-runs/runs"), &admin.token, json!({})).await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
     let run_id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    TenantA { admin, member, token_id, token, pipeline, group, run_id }
+    // A secret.
+    let secret = format!("HUSH_{}", &t[6..]);
+    let secret_value = format!("value-{}", uuid::Uuid::new_v4().simple());
+    let r = app.put(&format!("/api/v1/t/{t}/secrets/{secret}"), &admin.token, json!({ "value": secret_value })).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    TenantA { admin, member, token_id, token, pipeline, group, run_id, secret, secret_value }
 }
 
 async fn json_of(app: &TestApp, path: &str, token: &str) -> Value {
@@ -174,6 +190,7 @@ async fn snapshot(app: &TestApp, a: &TenantA) -> Value {
         "policies": json_of(app, &format!("/api/v1/t/{t}/policies/versions"), tok).await,
         "pipelines": json_of(app, &format!("/api/v1/t/{t}/pipelines?include_archived=true"), tok).await,
         "versions": json_of(app, &format!("/api/v1/t/{t}/pipelines/{}/versions", a.pipeline), tok).await,
+        "secrets": json_of(app, &format!("/api/v1/t/{t}/secrets"), tok).await,
     })
 }
 

@@ -18,6 +18,12 @@ fn postgres_base() -> String {
     std::env::var("SLUICE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// A random key for tenant secrets (base64 of 32 bytes).
+pub fn test_secrets_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([*Uuid::new_v4().as_bytes(), *Uuid::new_v4().as_bytes()].concat())
+}
+
 /// A running server and what a test needs to poke it.
 pub struct TestApp {
     pub base: String,
@@ -66,6 +72,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         data_dir: Some(data_dir.clone()),
         database_url: Some(database_url.clone()),
         db_max_connections: Some(8),
+        // PostgreSQL never generates a secrets key; the embedded database does (in data_dir).
+        secrets_key: use_postgres().then(test_secrets_key),
         ..Default::default()
     };
     let mut config = Config::load(&args).unwrap();

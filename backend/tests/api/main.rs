@@ -13,5 +13,7 @@ mod jwt_attacks;
 mod openapi;
 mod pipelines;
 mod runs;
+mod secrets;
 mod tokens;
+mod triggers;
 mod walkthrough;

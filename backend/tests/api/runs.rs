@@ -228,3 +228,78 @@ async fn viewers_read_runs_but_cannot_start_or_cancel_them() {
     let r = app.get(&format!("/api/v1/t/{t}/runs/00000000-0000-0000-0000-000000000000"), &viewer.token).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// Reads server-sent events until `done` says stop (or 30 s pass); returns (event, data) pairs.
+async fn read_events(mut r: reqwest::Response, done: impl Fn(&str, &Value) -> bool) -> Vec<(String, Value)> {
+    let mut buf = String::new();
+    let mut out = vec![];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(30), r.chunk()).await else { break };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap();
+                }
+            }
+            if name.is_empty() {
+                continue;
+            }
+            let stop = done(&name, &data);
+            out.push((name, data));
+            if stop {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+#[actix_web::test]
+async fn run_events_stream_status_changes_and_log_lines_live() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("events")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: talk\n        shell: 'sleep 1; echo hello from the task'\n      - id: after\n        needs: [talk]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "chatty", yaml).await.status(), StatusCode::CREATED);
+    let t = admin.tenant.clone();
+    // The tenant stream sees every run of the tenant.
+    let all = app.client.get(app.url(&format!("/api/v1/t/{t}/events"))).bearer_auth(&admin.token).send().await.unwrap();
+    assert_eq!(all.status(), StatusCode::OK);
+    let run = start(&app, &admin, "chatty", json!({})).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let r = app
+        .client
+        .get(app.url(&format!("/api/v1/t/{t}/runs/{id}/events")))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events = read_events(r, |name, data| name == "run" && data["status"] == "succeeded").await;
+    assert_eq!(events[0].0, "snapshot");
+    assert_eq!(events[0].1["run_id"], id.as_str());
+    let log = events.iter().find(|(n, _)| n == "log").expect("a log event");
+    assert_eq!(log.1["lines"][0]["text"], "hello from the task");
+    assert!(events.iter().any(|(n, d)| n == "task" && d["index"] == 1 && d["status"] == "succeeded"));
+    assert_eq!(events.last().unwrap().1["status"], "succeeded");
+    let tenant_events = read_events(all, |name, data| name == "run" && data["status"] == "succeeded").await;
+    assert!(tenant_events.iter().all(|(_, d)| d["run_id"] == id.as_str()));
+    assert!(tenant_events.iter().any(|(n, d)| n == "run" && d["status"] == "running"));
+    // A finished run answers its snapshot and ends.
+    let r = app
+        .client
+        .get(app.url(&format!("/api/v1/t/{t}/runs/{id}/events")))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    let body = r.text().await.unwrap();
+    assert!(body.starts_with("event: snapshot\n") && body.contains("\"succeeded\""), "{body}");
+}

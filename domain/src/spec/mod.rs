@@ -17,7 +17,7 @@ pub use model::{
     Resources, RetrySpec, StageSpec, TaskAction, TaskSpec, Trigger, When,
 };
 pub use parse::{MAX_DEFINITION_BYTES, parse_definition};
-pub use validate::{MAX_APPROVALS, MAX_NEEDS, MAX_PRIORITY, MAX_RETRIES, MAX_STAGES, MAX_TASKS};
+pub use validate::{MAX_APPROVALS, MAX_NEEDS, MAX_PRIORITY, MAX_RETRIES, MAX_STAGES, MAX_TASKS, MAX_TRIGGERS};
 
 use crate::doc;
 

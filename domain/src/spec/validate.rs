@@ -20,6 +20,8 @@ pub const MAX_PRIORITY: i32 = 100;
 pub const MAX_APPROVALS: u32 = 20;
 /// Most retries of a task.
 pub const MAX_RETRIES: u32 = 20;
+/// Most schedules in one pipeline.
+pub const MAX_TRIGGERS: usize = 20;
 
 /// A path under construction.
 #[derive(Clone)]
@@ -135,20 +137,22 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
             out.add(&cp.key("max"), "concurrency max must be at least 1");
         }
     }
-    for (i, trigger) in spec.triggers.iter().enumerate() {
+    if spec.triggers.len() > MAX_TRIGGERS {
+        out.add(&root.key("triggers"), format!("{} triggers; the limit is {MAX_TRIGGERS}", spec.triggers.len()));
+    }
+    for (i, trigger) in spec.triggers.iter().enumerate().take(MAX_TRIGGERS) {
         let tp = root.key("triggers").idx(i);
-        let fields = trigger.cron.split_whitespace().count();
-        if fields != 5 {
-            out.add(
-                &tp.key("cron"),
-                format!(
-                    "cron expression must have 5 fields (minute hour day-of-month month \
-                     day-of-week); found {fields}"
-                ),
-            );
+        if let Err(message) = crate::schedule::parse_cron(&trigger.cron) {
+            out.add(&tp.key("cron"), message);
         }
-        if trigger.timezone.as_deref().is_some_and(|tz| tz.trim().is_empty()) {
-            out.add(&tp.key("timezone"), "timezone must not be empty");
+        match trigger.timezone.as_deref() {
+            Some(tz) if tz.trim().is_empty() => out.add(&tp.key("timezone"), "timezone must not be empty"),
+            Some(tz) => {
+                if let Err(message) = crate::schedule::parse_timezone(Some(tz)) {
+                    out.add(&tp.key("timezone"), message);
+                }
+            }
+            None => {}
         }
         for (name, value) in &trigger.params {
             let pp = tp.key("params").key(name);

@@ -1,0 +1,246 @@
+//! Webhook triggers: one signing secret per pipeline, shown once when it is created or rotated.
+//!
+//! A call is signed with `HMAC-SHA256(secret, "<timestamp>.<raw body>")`, the timestamp being
+//! unix seconds that must lie within [`TOLERANCE_SECS`] of the server's clock. The secret is
+//! stored as is (the server must compute signatures with it) and never logged or audited.
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sea_orm::ConnectionTrait;
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    service::runs::PipelineRef,
+    store::Store,
+};
+
+/// How far a call's timestamp may be from the server's clock, either way.
+pub const TOLERANCE_SECS: i64 = 300;
+/// Prefix of a webhook secret (so that secret scanners can recognise one).
+pub const SECRET_PREFIX: &str = "whsec_";
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A new secret: the prefix and 43 random base62 characters (256 bits).
+pub fn generate_secret() -> String {
+    let mut rng = rand::rngs::OsRng;
+    let random: String = (0..43).map(|_| ALPHABET[rng.gen_range(0..62)] as char).collect();
+    format!("{SECRET_PREFIX}{random}")
+}
+
+fn mac(secret: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(timestamp.as_bytes());
+    m.update(b".");
+    m.update(body);
+    m
+}
+
+/// The signature header value a sender computes: `sha256=<hex>`.
+pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    format!("sha256={}", hex::encode(mac(secret, timestamp, body).finalize().into_bytes()))
+}
+
+/// Why a call was refused (recorded in the audit log; the caller only ever sees 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No pipeline of that name in the tenant.
+    UnknownPipeline,
+    /// The pipeline has no webhook.
+    NotConfigured,
+    /// No timestamp header.
+    MissingTimestamp,
+    /// The timestamp is not unix seconds.
+    MalformedTimestamp,
+    /// The timestamp is more than [`TOLERANCE_SECS`] in the past.
+    TimestampTooOld,
+    /// The timestamp is more than [`TOLERANCE_SECS`] in the future.
+    TimestampInFuture,
+    /// No signature header.
+    MissingSignature,
+    /// Not `sha256=<64 hex digits>`.
+    MalformedSignature,
+    /// The signature does not match.
+    BadSignature,
+}
+
+impl Refusal {
+    /// The reason as recorded.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownPipeline => "unknown pipeline",
+            Self::NotConfigured => "no webhook configured",
+            Self::MissingTimestamp => "missing timestamp",
+            Self::MalformedTimestamp => "malformed timestamp",
+            Self::TimestampTooOld => "timestamp too old",
+            Self::TimestampInFuture => "timestamp in the future",
+            Self::MissingSignature => "missing signature",
+            Self::MalformedSignature => "malformed signature",
+            Self::BadSignature => "signature mismatch",
+        }
+    }
+}
+
+/// Checks a call: the signature over the timestamp and raw body (in constant time), then the
+/// timestamp's freshness against `now` (unix seconds).
+pub fn verify(
+    secret: &str,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: i64,
+) -> Result<(), Refusal> {
+    let timestamp = timestamp.ok_or(Refusal::MissingTimestamp)?;
+    let signature = signature.ok_or(Refusal::MissingSignature)?;
+    let ts: i64 = timestamp
+        .parse()
+        .ok()
+        .filter(|_| !timestamp.is_empty() && timestamp.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or(Refusal::MalformedTimestamp)?;
+    let hex_sig = signature.strip_prefix("sha256=").ok_or(Refusal::MalformedSignature)?;
+    let given = hex::decode(hex_sig).ok().filter(|b| b.len() == 32).ok_or(Refusal::MalformedSignature)?;
+    mac(secret, timestamp, body).verify_slice(&given).map_err(|_| Refusal::BadSignature)?;
+    if ts < now - TOLERANCE_SECS {
+        return Err(Refusal::TimestampTooOld);
+    }
+    if ts > now + TOLERANCE_SECS {
+        return Err(Refusal::TimestampInFuture);
+    }
+    Ok(())
+}
+
+/// A pipeline a webhook call names, with its secret if it has a webhook.
+pub struct Target {
+    /// The pipeline.
+    pub pipeline: PipelineRef,
+    /// The signing secret.
+    pub secret: Option<String>,
+}
+
+/// The tenant of a slug, if there is one.
+pub async fn tenant_id(state: &AppState, slug: &str) -> ApiResult<Option<Uuid>> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct T {
+        id: Uuid,
+    }
+    let t: Option<T> =
+        state.store.query_one(state.store.db(), "SELECT id FROM tenants WHERE slug = $1", vec![slug.into()]).await?;
+    Ok(t.map(|t| t.id))
+}
+
+/// The pipeline of a tenant by name, with its webhook secret.
+pub async fn target(state: &AppState, tenant: Uuid, pipeline: &str) -> ApiResult<Option<Target>> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct Row {
+        id: Uuid,
+        name: String,
+        latest_version: i64,
+        archived_at: Option<chrono::DateTime<chrono::Utc>>,
+        secret: Option<String>,
+    }
+    let row: Option<Row> = state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT p.id, p.name, p.latest_version, p.archived_at, w.secret FROM pipelines p \
+             LEFT JOIN webhooks w ON w.pipeline_id = p.id AND w.tenant_id = p.tenant_id \
+             WHERE p.tenant_id = $1 AND p.name = $2",
+            vec![tenant.into(), pipeline.into()],
+        )
+        .await?;
+    Ok(row.map(|r| Target {
+        pipeline: PipelineRef { id: r.id, name: r.name, latest_version: r.latest_version, archived_at: r.archived_at },
+        secret: r.secret,
+    }))
+}
+
+/// Stores a pipeline's secret, replacing any earlier one; true when one was replaced.
+pub async fn put_secret(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    tenant: Uuid,
+    pipeline: Uuid,
+    secret: &str,
+    by: Uuid,
+) -> ApiResult<bool> {
+    let replaced = store
+        .execute(
+            conn,
+            "UPDATE webhooks SET secret = $3, created_by = $4, created_at = $5 WHERE tenant_id = $1 AND pipeline_id = $2",
+            vec![tenant.into(), pipeline.into(), secret.into(), by.into(), chrono::Utc::now().into()],
+        )
+        .await?;
+    if replaced == 0 {
+        store
+            .execute(
+                conn,
+                "INSERT INTO webhooks (pipeline_id, tenant_id, secret, created_by, created_at) VALUES ($1, $2, $3, $4, $5)",
+                vec![pipeline.into(), tenant.into(), secret.into(), by.into(), chrono::Utc::now().into()],
+            )
+            .await
+            .map_err(|e| {
+                if crate::store::is_unique_violation(&e) {
+                    ApiError::conflict("the webhook was configured concurrently; try again")
+                } else {
+                    e.into()
+                }
+            })?;
+    }
+    Ok(replaced > 0)
+}
+
+/// Removes a pipeline's webhook; true when there was one.
+pub async fn delete(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, pipeline: Uuid) -> ApiResult<bool> {
+    let n = store
+        .execute(
+            conn,
+            "DELETE FROM webhooks WHERE tenant_id = $1 AND pipeline_id = $2",
+            vec![tenant.into(), pipeline.into()],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn signatures_verify_and_refusals_are_precise() {
+        let secret = generate_secret();
+        assert!(secret.starts_with(SECRET_PREFIX) && secret.len() == SECRET_PREFIX.len() + 43);
+        assert_ne!(secret, generate_secret());
+        let ts = NOW.to_string();
+        let body = br#"{"params":{}}"#;
+        let sig = sign(&secret, &ts, body);
+        assert_eq!(verify(&secret, Some(&ts), Some(&sig), body, NOW), Ok(()));
+        assert_eq!(verify(&secret, Some(&ts), Some(&sig), body, NOW + TOLERANCE_SECS), Ok(()));
+        assert_eq!(
+            verify(&secret, Some(&ts), Some(&sig), body, NOW + TOLERANCE_SECS + 1),
+            Err(Refusal::TimestampTooOld)
+        );
+        assert_eq!(
+            verify(&secret, Some(&ts), Some(&sig), body, NOW - TOLERANCE_SECS - 1),
+            Err(Refusal::TimestampInFuture)
+        );
+        assert_eq!(verify(&secret, Some(&ts), Some(&sig), b"{}", NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify("whsec_other", Some(&ts), Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        let other_ts = (NOW + 1).to_string();
+        assert_eq!(verify(&secret, Some(&other_ts), Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify(&secret, None, Some(&sig), body, NOW), Err(Refusal::MissingTimestamp));
+        assert_eq!(verify(&secret, Some(&ts), None, body, NOW), Err(Refusal::MissingSignature));
+        assert_eq!(verify(&secret, Some("+1"), Some(&sig), body, NOW), Err(Refusal::MalformedTimestamp));
+        assert_eq!(verify(&secret, Some(&ts), Some(&sig[7..]), body, NOW), Err(Refusal::MalformedSignature));
+        assert_eq!(verify(&secret, Some(&ts), Some("sha256=abcd"), body, NOW), Err(Refusal::MalformedSignature));
+        assert_eq!(
+            verify(&secret, Some(&ts), Some(&sig.to_uppercase().replace("SHA256", "sha256")), body, NOW),
+            Ok(())
+        );
+    }
+}
