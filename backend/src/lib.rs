@@ -60,6 +60,10 @@ impl AppState {
         let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), queue));
         let work_root = config.data_dir.join("work");
         std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
+        // Absolute: tasks run inside their own work directory, so a relative path (the default
+        // `./sluice-data`) would point nowhere from there.
+        let work_root =
+            std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))?;
         engine::spawn_local_workers(
             engine.clone(),
             store.clone(),

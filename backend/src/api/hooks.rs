@@ -236,6 +236,7 @@ async fn receive(
             source: &source,
             policy_ids: &[],
             idempotency_key: Some(&key),
+            retry: None,
         },
     )
     .await?;

@@ -1,4 +1,4 @@
-//! Runs: start one (pinned to a pipeline version), list, inspect, cancel, read task logs.
+//! Runs: start one (pinned to a pipeline version), list, inspect, cancel, retry, read task logs.
 
 use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use chrono::{DateTime, Utc};
@@ -12,6 +12,7 @@ use super::{Body, PageParams, Routes, State, audit_change, authorize, encode_cur
 use crate::{
     auth::TenantCtx,
     authz::Resource,
+    engine::state::CarriedTask,
     error::{ApiError, ApiResult, OrNotFound},
     service::runs,
 };
@@ -21,6 +22,7 @@ pub(super) fn routes(r: &mut Routes<'_>) {
     r.add(Method::GET, "/api/v1/t/{tenant}/runs", list_runs);
     r.add(Method::GET, "/api/v1/t/{tenant}/runs/{run_id}", get_run);
     r.add(Method::POST, "/api/v1/t/{tenant}/runs/{run_id}/cancel", cancel_run);
+    r.add(Method::POST, "/api/v1/t/{tenant}/runs/{run_id}/retry", retry_run);
     r.add(Method::GET, "/api/v1/t/{tenant}/runs/{run_id}/tasks/{task}/logs", task_logs);
 }
 
@@ -97,8 +99,10 @@ pub struct RunSummary {
     pub version: i64,
     /// `pending`, `running`, `waiting`, `succeeded`, `failed`, `cancelled` or `timed_out`.
     pub status: String,
-    /// `api` (more to come: `cron`, `webhook`, `retry`).
+    /// `api`, `cron`, `webhook` or `retry`.
     pub trigger: String,
+    /// The run this one retries (trigger `retry`).
+    pub retry_of: Option<Uuid>,
     /// Who started it.
     pub initiator: String,
     /// Created.
@@ -124,8 +128,7 @@ pub struct RunView {
     pub tasks: Vec<TaskView>,
 }
 
-const RUN_SELECT: &str =
-    "SELECT id, pipeline_name, version, status, trigger, initiator, created_at, started_at, finished_at FROM runs";
+const RUN_SELECT: &str = "SELECT id, pipeline_name, version, status, trigger, retry_of, initiator, created_at, started_at, finished_at FROM runs";
 
 #[derive(sea_orm::FromQueryResult)]
 struct RunAuth {
@@ -229,6 +232,7 @@ async fn create_run(
             source: &ctx.source,
             policy_ids: &decision.determining_policies,
             idempotency_key: key.as_deref(),
+            retry: None,
         },
     )
     .await?;
@@ -356,6 +360,87 @@ async fn cancel_run(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)
     txn.commit().await?;
     state.engine.after_commit(&applied);
     Ok(web::Json(run_view(&state, ctx.tenant.id, id).await?))
+}
+
+/// Retry a run that ended `failed`, `cancelled` or `timed_out`.
+///
+/// Starts a **new** run (trigger `retry`, `retry_of` = the original run's id) of the **same**
+/// pipeline version with the **same** parameters. Every task that succeeded in the original run
+/// is carried over as `succeeded` — with its attempt, times, exit code and outputs, so
+/// `{{ tasks.ID.outputs.KEY }}` still resolves for the tasks that need it — and is not executed
+/// again (its logs stay with the original run). Every other task runs again, from attempt 1;
+/// gated stages whose tasks do not all carry over wait for their gate again. The original run is
+/// left as it was. Audited as `run.retry` (on the new run, with `retry_of` in the details).
+///
+/// 409 when the run is in any other status (still going, or succeeded), or its pipeline is
+/// archived.
+#[utoipa::path(post, path = "/api/v1/t/{tenant}/runs/{run_id}/retry", tag = "runs", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug"), ("run_id" = Uuid, Path, description = "id of the run to retry")),
+    responses((status = 201, description = "the new run", body = RunView), (status = 403, description = "not permitted"),
+              (status = 404, description = "no such run"),
+              (status = 409, description = "the run did not end failed, cancelled or timed out, or its pipeline is archived",
+               body = crate::error::Problem)))]
+async fn retry_run(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>) -> ApiResult<HttpResponse> {
+    let id = path.1;
+    let r = load_run_auth(&state, &ctx, id).await?;
+    let decision = authorize(
+        &state,
+        &ctx,
+        Action::RunRetry,
+        Resource::Run { pipeline: &r.pipeline_name, id, initiator: r.initiator_id },
+    )
+    .await?;
+    #[derive(sea_orm::FromQueryResult)]
+    struct Original {
+        pipeline_id: Uuid,
+        version: i64,
+        status: String,
+        params: String,
+    }
+    let store = &state.store;
+    let original: Original = store
+        .query_one(
+            store.db(),
+            "SELECT pipeline_id, version, status, params FROM runs WHERE tenant_id = $1 AND id = $2",
+            vec![ctx.tenant.id.into(), id.into()],
+        )
+        .await?
+        .or_not_found("run")?;
+    if !["failed", "cancelled", "timed_out"].contains(&original.status.as_str()) {
+        return Err(ApiError::conflict(format!(
+            "only a failed, cancelled or timed-out run can be retried; this one is {}",
+            original.status
+        )));
+    }
+    let pipeline = runs::find_pipeline_by_id(&state, ctx.tenant.id, original.pipeline_id).await?;
+    let params: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&original.params)
+        .map_err(|e| anyhow::anyhow!("stored params of run {id} do not parse: {e}"))?;
+    let carried: Vec<CarriedTask> = store
+        .query_all(
+            store.db(),
+            "SELECT idx, key, attempt, queued_at, started_at, finished_at, exit_code, outputs FROM task_runs \
+             WHERE tenant_id = $1 AND run_id = $2 AND status = 'succeeded' ORDER BY idx",
+            vec![ctx.tenant.id.into(), id.into()],
+        )
+        .await?;
+    let started = runs::start_run(
+        &state,
+        runs::StartRun {
+            tenant: ctx.tenant.id,
+            pipeline: &pipeline,
+            version: Some(original.version),
+            params: &params,
+            trigger: "retry",
+            initiator: Some(ctx.principal.user_id),
+            actor: &ctx.principal.actor(),
+            source: &ctx.source,
+            policy_ids: &decision.determining_policies,
+            idempotency_key: None,
+            retry: Some(runs::Retry { of: id, carry_over: &carried }),
+        },
+    )
+    .await?;
+    Ok(HttpResponse::Created().json(run_view(&state, ctx.tenant.id, started.id).await?))
 }
 
 /// Which lines to read.

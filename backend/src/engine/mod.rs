@@ -52,6 +52,8 @@ pub struct Engine {
     worker_name: String,
     running: Mutex<HashMap<Dispatch, watch::Sender<bool>>>,
     events: broadcast::Sender<RunEvent>,
+    plans: state::PlanCache,
+    specs: Mutex<HashMap<(Uuid, i64), Arc<sluice_domain::PipelineSpec>>>,
 }
 
 /// What an apply did, for the caller.
@@ -110,7 +112,15 @@ impl Engine {
     /// An engine whose dispatches go to `queue`.
     pub fn new(store: Store, queue: mpsc::UnboundedSender<Dispatch>) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Self { store, queue, worker_name: worker_name(), running: Mutex::new(HashMap::new()), events }
+        Self {
+            store,
+            queue,
+            worker_name: worker_name(),
+            running: Mutex::new(HashMap::new()),
+            events,
+            plans: state::PlanCache::default(),
+            specs: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Subscribes to the events of every run in this process.
@@ -121,6 +131,55 @@ impl Engine {
     /// Where log lines are published (the embedded worker's log writer holds a clone).
     pub fn event_sender(&self) -> broadcast::Sender<RunEvent> {
         self.events.clone()
+    }
+
+    /// A run's compiled plan (cached: plans never change).
+    pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::RunPlan>> {
+        if let Some(p) = self.plans.get(run) {
+            return Ok(p);
+        }
+        #[derive(FromQueryResult)]
+        struct P {
+            plan: String,
+        }
+        let text: P = self
+            .store
+            .query_one(self.store.db(), "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("run {run} vanished"))?;
+        let p = Arc::new(serde_json::from_str::<plan::RunPlan>(&text.plan)?);
+        self.plans.put(run, p.clone());
+        Ok(p)
+    }
+
+    /// A pipeline version's parsed definition (cached: versions never change).
+    pub async fn spec_of(&self, pipeline: Uuid, version: i64) -> anyhow::Result<Arc<sluice_domain::PipelineSpec>> {
+        if let Some(s) = self.specs.lock().ok().and_then(|m| m.get(&(pipeline, version)).cloned()) {
+            return Ok(s);
+        }
+        #[derive(FromQueryResult)]
+        struct D {
+            definition: String,
+        }
+        let d: D = self
+            .store
+            .query_one(
+                self.store.db(),
+                "SELECT definition FROM pipeline_versions WHERE pipeline_id = $1 AND version = $2",
+                vec![pipeline.into(), version.into()],
+            )
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("pipeline version vanished"))?;
+        let spec = Arc::new(
+            sluice_domain::parse_definition(&d.definition).map_err(|e| anyhow::anyhow!("stored definition: {e}"))?,
+        );
+        if let Ok(mut m) = self.specs.lock() {
+            if m.len() >= 1024 {
+                m.clear();
+            }
+            m.insert((pipeline, version), spec.clone());
+        }
+        Ok(spec)
     }
 
     /// This process's worker name.
@@ -141,7 +200,7 @@ impl Engine {
     /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
     /// write lock) and returns what to do after the commit.
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
-        let Some((row, run_plan, old)) = state::load(&self.store, conn, run).await? else {
+        let Some((row, run_plan, old)) = state::load(&self.store, conn, run, &self.plans).await? else {
             return Ok(Applied::default());
         };
         let now: Millis = state::ms(self.db_now(conn).await?);

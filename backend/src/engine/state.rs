@@ -61,21 +61,61 @@ fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, DbErr> {
     s.parse().map_err(|_| DbErr::Custom(format!("stored {what} status {s:?} is not known")))
 }
 
+/// Parsed plans of runs, by run id. A run's plan never changes, so it is read and parsed once
+/// per process instead of on every event.
+#[derive(Default)]
+pub struct PlanCache(std::sync::Mutex<std::collections::HashMap<Uuid, std::sync::Arc<RunPlan>>>);
+
+/// Most plans kept; the cache is emptied when full.
+const PLAN_CACHE_CAPACITY: usize = 4096;
+
+impl PlanCache {
+    pub(crate) fn get(&self, run: Uuid) -> Option<std::sync::Arc<RunPlan>> {
+        self.0.lock().ok().and_then(|m| m.get(&run).cloned())
+    }
+
+    pub(crate) fn put(&self, run: Uuid, plan: std::sync::Arc<RunPlan>) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= PLAN_CACHE_CAPACITY {
+                m.clear();
+            }
+            m.insert(run, plan);
+        }
+    }
+}
+
 /// Loads (and on PostgreSQL locks) a run with its plan and state.
 pub async fn load(
     store: &Store,
     conn: &impl ConnectionTrait,
     run: Uuid,
-) -> Result<Option<(RunRow, RunPlan, RunState)>, DbErr> {
+    plans: &PlanCache,
+) -> Result<Option<(RunRow, std::sync::Arc<RunPlan>, RunState)>, DbErr> {
     let sql = format!(
-        "SELECT id, tenant_id, pipeline_id, version, status, plan, started_at, finished_at FROM runs WHERE id = $1{}",
+        "SELECT id, tenant_id, pipeline_id, version, status, '' AS plan, started_at, finished_at FROM runs WHERE id = $1{}",
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
-    let plan: RunPlan =
-        serde_json::from_str(&row.plan).map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
+    let plan = match plans.get(run) {
+        Some(p) => p,
+        None => {
+            #[derive(FromQueryResult)]
+            struct P {
+                plan: String,
+            }
+            let text: P = store
+                .query_one(conn, "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
+                .await?
+                .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
+            let p: RunPlan = serde_json::from_str(&text.plan)
+                .map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
+            let p = std::sync::Arc::new(p);
+            plans.put(run, p.clone());
+            p
+        }
+    };
     let stages: Vec<StageRow> = store
         .query_all(
             conn,
@@ -158,6 +198,63 @@ pub async fn insert_rows(
                     t.task_id.clone().into(),
                     (t.stage as i32).into(),
                     false.into(),
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A task of an earlier run that succeeded and is carried over, as succeeded, into a retry.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct CarriedTask {
+    /// Index into the plan's tasks (the same in the retry, which has the same plan).
+    pub idx: i32,
+    /// Task key, checked against the retry's plan.
+    pub key: String,
+    /// The attempt that succeeded.
+    pub attempt: i32,
+    /// When it was queued.
+    pub queued_at: Option<DateTime<Utc>>,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its exit code.
+    pub exit_code: Option<i32>,
+    /// Its outputs (JSON object).
+    pub outputs: String,
+}
+
+/// Marks the carried-over tasks of a new (not yet started) run `succeeded`, copying the
+/// original attempt, times, exit code and outputs. A task whose index or key does not match the
+/// plan is an error: the retry would not be the same run.
+pub async fn carry_over(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    run: Uuid,
+    plan: &RunPlan,
+    carried: &[CarriedTask],
+) -> Result<(), DbErr> {
+    for t in carried {
+        let matches = usize::try_from(t.idx).ok().and_then(|i| plan.tasks.get(i)).is_some_and(|p| p.key == t.key);
+        if !matches {
+            return Err(DbErr::Custom(format!("run {run}: carried task {} ({}) is not in its plan", t.idx, t.key)));
+        }
+        store
+            .execute(
+                conn,
+                "UPDATE task_runs SET status = 'succeeded', attempt = $3, queued_at = $4, started_at = $5, finished_at = $6, \
+                 exit_code = $7, outputs = $8 WHERE run_id = $1 AND idx = $2 AND status = 'pending'",
+                vec![
+                    run.into(),
+                    t.idx.into(),
+                    t.attempt.into(),
+                    t.queued_at.into(),
+                    t.started_at.into(),
+                    t.finished_at.into(),
+                    t.exit_code.into(),
+                    t.outputs.clone().into(),
                 ],
             )
             .await?;

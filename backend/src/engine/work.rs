@@ -6,8 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use sea_orm::FromQueryResult;
 use serde_json::Value;
 use sluice_domain::{
-    parse_definition,
-    plan::{RunPlan, TaskOutcome},
+    plan::TaskOutcome,
     spec::{TaskAction, TaskSpec},
     template::{self, Context, Template},
 };
@@ -51,14 +50,8 @@ pub fn spawn_local_workers(
 #[derive(FromQueryResult)]
 struct RunInfo {
     tenant_id: Uuid,
-    plan: String,
     pipeline_id: Uuid,
     version: i64,
-}
-
-#[derive(FromQueryResult)]
-struct Definition {
-    definition: String,
 }
 
 #[derive(FromQueryResult)]
@@ -165,24 +158,12 @@ async fn execute(
     mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Finished> {
     let run: RunInfo = store
-        .query_one(
-            store.db(),
-            "SELECT tenant_id, plan, pipeline_id, version FROM runs WHERE id = $1",
-            vec![d.run.into()],
-        )
+        .query_one(store.db(), "SELECT tenant_id, pipeline_id, version FROM runs WHERE id = $1", vec![d.run.into()])
         .await?
         .ok_or_else(|| anyhow::anyhow!("run vanished"))?;
-    let plan: RunPlan = serde_json::from_str(&run.plan)?;
+    let plan = engine.plan_of(d.run).await?;
     let planned = plan.tasks.get(d.task).ok_or_else(|| anyhow::anyhow!("no task {} in the plan", d.task))?;
-    let def: Definition = store
-        .query_one(
-            store.db(),
-            "SELECT definition FROM pipeline_versions WHERE pipeline_id = $1 AND version = $2",
-            vec![run.pipeline_id.into(), run.version.into()],
-        )
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("pipeline version vanished"))?;
-    let spec = parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition: {e}"))?;
+    let spec = engine.spec_of(run.pipeline_id, run.version).await?;
     let (si, ti) = planned.spec_index;
     let task = spec
         .stages

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::insert_rows,
+    engine::state::{CarriedTask, carry_over, insert_rows},
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -42,6 +42,19 @@ pub async fn find_pipeline(state: &AppState, tenant: Uuid, name: &str) -> ApiRes
         .or_not_found("pipeline")
 }
 
+/// Loads a pipeline of a tenant by id.
+pub async fn find_pipeline_by_id(state: &AppState, tenant: Uuid, id: Uuid) -> ApiResult<PipelineRef> {
+    state
+        .store
+        .query_one(
+            state.store.db(),
+            "SELECT id, name, latest_version, archived_at FROM pipelines WHERE tenant_id = $1 AND id = $2",
+            vec![tenant.into(), id.into()],
+        )
+        .await?
+        .or_not_found("pipeline")
+}
+
 /// Everything needed to start a run.
 pub struct StartRun<'a> {
     /// Tenant.
@@ -64,6 +77,17 @@ pub struct StartRun<'a> {
     pub policy_ids: &'a [String],
     /// A key that makes a repeated request return the same run.
     pub idempotency_key: Option<&'a str>,
+    /// Set when the run retries an earlier one.
+    pub retry: Option<Retry<'a>>,
+}
+
+/// What a retry takes over from the run it retries.
+pub struct Retry<'a> {
+    /// The run retried (stored as `retry_of`).
+    pub of: Uuid,
+    /// Its succeeded tasks: inserted as `succeeded` (with their outputs) before the new run
+    /// starts, so the planner never dispatches them again.
+    pub carry_over: &'a [CarriedTask],
 }
 
 /// A run that exists now.
@@ -129,7 +153,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             &*txn,
             "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
              params, plan, idempotency_key, retry_of, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, NULL, $12)",
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13)",
             vec![
                 id.into(),
                 req.tenant.into(),
@@ -142,6 +166,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
                 serde_json::to_string(&run_plan.params).unwrap_or_default().into(),
                 serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?.into(),
                 req.idempotency_key.map(str::to_owned).into(),
+                req.retry.as_ref().map(|r| r.of).into(),
                 Utc::now().into(),
             ],
         )
@@ -158,22 +183,30 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         Err(e) => return Err(e.into()),
     }
     insert_rows(store, &*txn, req.tenant, id, &run_plan).await?;
+    if let Some(r) = &req.retry {
+        carry_over(store, &*txn, id, &run_plan, r.carry_over).await?;
+    }
+    let mut details = serde_json::json!({
+        "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
+    });
+    if let Some(r) = &req.retry {
+        details["retry_of"] = r.of.to_string().into();
+        details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
+    }
     audit::append(
         store,
         &*txn,
         req.tenant,
         &NewEvent {
             actor: req.actor,
-            action: "run.create",
+            action: if req.retry.is_some() { "run.retry" } else { "run.create" },
             resource_type: "Run",
             resource_id: Some(&id.to_string()),
             resource_version: Some(version),
             outcome: Outcome::Allow,
             policy_ids: req.policy_ids,
             source: req.source,
-            details: serde_json::json!({
-                "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
-            }),
+            details,
         },
     )
     .await?;

@@ -199,6 +199,7 @@ impl Scheduler {
                     source: &Source::default(),
                     policy_ids: &[],
                     idempotency_key: Some(&key),
+                    retry: None,
                 },
             )
             .await;

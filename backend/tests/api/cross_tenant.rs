@@ -71,6 +71,7 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("GET", "/runs") => none("?limit=200"),
         ("GET", "/runs/{run_id}") => none(""),
         ("POST", "/runs/{run_id}/cancel") => none(""),
+        ("POST", "/runs/{run_id}/retry") => none(""),
         ("GET", "/runs/{run_id}/tasks/{task}/logs") => none(""),
         ("GET", "/runs/{run_id}/events") => none(""),
         ("GET", "/events") => none(""),

@@ -303,3 +303,157 @@ async fn run_events_stream_status_changes_and_log_lines_live() {
     let body = r.text().await.unwrap();
     assert!(body.starts_with("event: snapshot\n") && body.contains("\"succeeded\""), "{body}");
 }
+
+async fn retry(app: &TestApp, m: &Member, id: &str) -> reqwest::Response {
+    app.call(Method::POST, &format!("/api/v1/t/{}/runs/{id}/retry", m.tenant), Some(&m.token), None).await
+}
+
+/// Removes a marker file when dropped, however the test ends.
+struct Marker(std::path::PathBuf);
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[actix_web::test]
+async fn retrying_a_failed_run_carries_over_what_succeeded_and_runs_the_rest() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("retry")).await;
+    let marker = Marker(std::env::temp_dir().join(format!("sluice-retry-{}", uuid::Uuid::new_v4().simple())));
+    let m = marker.0.display();
+    // `b` fails the first time (leaving the marker behind) and succeeds the second; templates are
+    // rendered into argv elements only, so the shell reads them as positional parameters.
+    let yaml = format!(
+        r#"
+params:
+  who: {{ type: string, default: world }}
+stages:
+  - id: s
+    tasks:
+      - id: a
+        shell: 'echo "x=from-a" >> "$SLUICE_OUTPUT"; echo a ran'
+      - id: b
+        needs: [a]
+        run: ["/bin/sh", "-c", 'test -f "$0" || {{ touch "$0"; exit 1; }}; echo "got $1 $2"', "{m}", "{{{{ tasks.a.outputs.x }}}}", "{{{{ params.who }}}}"]
+"#
+    );
+    assert_eq!(app.create_pipeline(&admin, "flaky-b", &yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "flaky-b", json!({ "params": { "who": "there" } })).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let first = wait(&app, &admin, &id, 60).await;
+    assert_eq!(first["status"], "failed", "{first:#}");
+    assert_eq!(task(&first, "a")["status"], "succeeded");
+    assert_eq!(task(&first, "b")["status"], "failed");
+    assert_eq!(first["retry_of"], Value::Null);
+
+    let r = retry(&app, &admin, &id).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    let second: Value = r.json().await.unwrap();
+    let id2 = second["id"].as_str().unwrap().to_owned();
+    assert_ne!(id2, id);
+    assert_eq!(second["retry_of"], id.as_str());
+    assert_eq!(second["trigger"], "retry");
+    assert_eq!(second["version"], first["version"]);
+    assert_eq!(second["params"], json!({ "who": "there" }));
+    let done = wait(&app, &admin, &id2, 60).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    // `a` was carried over, not run again.
+    let (a1, a2) = (task(&first, "a"), task(&done, "a"));
+    assert_eq!(a2["status"], "succeeded");
+    for field in ["attempt", "started_at", "finished_at", "exit_code", "outputs"] {
+        assert_eq!(a2[field], a1[field], "{field}");
+    }
+    assert_eq!(a2["outputs"], json!({ "x": "from-a" }));
+    assert_eq!(logs(&app, &admin, &id2, "a").await, Vec::<String>::new());
+    assert_eq!(logs(&app, &admin, &id, "a").await, vec!["a ran"]);
+    // `b` ran again, from attempt 1, and saw `a`'s output and the original params.
+    assert_eq!(task(&done, "b")["status"], "succeeded");
+    assert_eq!(task(&done, "b")["attempt"], 1);
+    assert_eq!(logs(&app, &admin, &id2, "b").await, vec!["got from-a there"]);
+    // The original run is untouched.
+    let again: Value =
+        app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(again["status"], "failed");
+    assert_eq!(task(&again, "b")["status"], "failed");
+    // Audited as run.retry.
+    let audit: Value = app
+        .get(&format!("/api/v1/t/{}/audit?action=run.retry", admin.tenant), &admin.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = audit["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{audit:#}");
+    assert_eq!(items[0]["resource_id"], id2.as_str());
+    assert_eq!(items[0]["details"]["retry_of"], id.as_str());
+    assert_eq!(items[0]["details"]["carried_over"], json!(["a"]));
+    // The retry succeeded: it cannot be retried; the original (failed) still can.
+    let r = retry(&app, &admin, &id2).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let list: Value =
+        app.get(&format!("/api/v1/t/{}/runs?trigger=retry", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["retry_of"], id.as_str());
+}
+
+#[actix_web::test]
+async fn only_finished_unsuccessful_runs_can_be_retried_and_only_by_those_allowed() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("retry")).await;
+    let viewer = app.add_member(&admin, &["viewers"]).await;
+    let t = &admin.tenant;
+    let ok = "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "ok", ok).await.status(), StatusCode::CREATED);
+    let long = "stages:\n  - id: s\n    tasks:\n      - id: t\n        run: [\"/bin/sleep\", \"300\"]\n";
+    assert_eq!(app.create_pipeline(&admin, "long", long).await.status(), StatusCode::CREATED);
+    // Succeeded → 409.
+    let run = start(&app, &admin, "ok", json!({})).await;
+    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "succeeded");
+    let r = retry(&app, &admin, run["id"].as_str().unwrap()).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(problem(r).await["status"], 409);
+    // Still going → 409.
+    let run = start(&app, &admin, "long", json!({})).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    assert_eq!(retry(&app, &admin, &id).await.status(), StatusCode::CONFLICT);
+    // Viewers may not retry, whatever the status.
+    assert_eq!(retry(&app, &viewer, &id).await.status(), StatusCode::FORBIDDEN);
+    let r = app.call(Method::POST, &format!("/api/v1/t/{t}/runs/{id}/cancel"), Some(&admin.token), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(retry(&app, &viewer, &id).await.status(), StatusCode::FORBIDDEN);
+    // A cancelled run can be retried; nothing succeeded, so everything runs again.
+    let r = retry(&app, &admin, &id).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let second: Value = r.json().await.unwrap();
+    assert_eq!(second["retry_of"], id.as_str());
+    assert!(["queued", "running"].contains(&task(&second, "t")["status"].as_str().unwrap()), "{second:#}");
+    let id2 = second["id"].as_str().unwrap();
+    let r = app.call(Method::POST, &format!("/api/v1/t/{t}/runs/{id2}/cancel"), Some(&admin.token), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // No such run → 404.
+    let r = retry(&app, &admin, "00000000-0000-0000-0000-000000000000").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn outputs_work_with_a_relative_data_folder() {
+    // The default data folder is relative (`./sluice-data`); tasks run in their own directory.
+    let target = std::env::temp_dir().join(format!("sluice-rel-{}", uuid::Uuid::new_v4().simple()));
+    let cwd = std::env::current_dir().unwrap();
+    let up = "../".repeat(cwd.components().count().saturating_sub(1));
+    let relative = std::path::PathBuf::from(format!("{up}{}", target.display().to_string().trim_start_matches('/')));
+    assert!(relative.is_relative());
+    let app = spawn_app_with(move |c| c.data_dir = relative).await;
+    let admin = app.signup(&slug("relative")).await;
+    let yaml =
+        "stages:\n  - id: s\n    tasks:\n      - id: out\n        shell: 'echo \"answer=42\" >> \"$SLUICE_OUTPUT\"'\n";
+    assert_eq!(app.create_pipeline(&admin, "rel", yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "rel", json!({})).await;
+    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(task(&done, "out")["outputs"], json!({ "answer": "42" }));
+    let _ = std::fs::remove_dir_all(target);
+}

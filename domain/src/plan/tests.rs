@@ -861,3 +861,54 @@ fn structural_errors_of_unvalidated_specs() {
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(paths, ["stages[0].needs[0]", "stages[0].tasks[0].needs[0]"]);
 }
+
+/// A retried run starts from a state in which the tasks that succeeded in the original run are
+/// already `Succeeded`: the planner never dispatches them again and runs only the others.
+#[test]
+fn tasks_already_succeeded_at_start_are_never_dispatched_again() {
+    let yaml = "
+stages:
+  - id: first
+    tasks:
+      - { id: a, run: [a] }
+      - { id: b, needs: [a], run: [b] }
+      - { id: c, needs: [a], run: [c] }
+  - id: done
+    needs: [first]
+    tasks:
+      - { id: d, run: [d] }
+  - id: whole
+    tasks:
+      - { id: e, run: [e] }
+";
+    let mut r = Run::new(yaml);
+    let carried = TaskState {
+        status: TaskStatus::Succeeded,
+        attempt: 2,
+        not_before: None,
+        started_at: Some(100),
+        finished_at: Some(200),
+    };
+    for key in ["a", "c", "e"] {
+        let i = r.t(key);
+        r.state.tasks[i] = carried;
+    }
+    // Only `b` is dispatched; the stage whose every task was carried over succeeds at once.
+    assert_eq!(r.ev(Event::Start), vec![r.dispatch("b", 1)]);
+    for key in ["a", "c", "e"] {
+        assert_eq!(r.task(key), carried, "{key} must be left as it was");
+    }
+    assert_eq!(r.stage("whole"), StageStatus::Succeeded);
+    assert_eq!(r.stage("first"), StageStatus::Running);
+    assert_eq!(r.complete("b", TaskOutcome::Succeeded), vec![r.dispatch("d", 1)]);
+    assert_eq!(r.complete("d", TaskOutcome::Succeeded), vec![Effect::Finished { status: RunStatus::Succeeded }]);
+    for key in ["a", "c", "e"] {
+        assert_eq!(r.task(key), carried);
+    }
+
+    // Every task carried over: the run succeeds on Start without dispatching anything.
+    let mut r = Run::new(yaml);
+    r.state.tasks.iter_mut().for_each(|t| *t = carried);
+    assert_eq!(r.ev(Event::Start), vec![Effect::Finished { status: RunStatus::Succeeded }]);
+    assert_eq!(r.finished, 1);
+}
