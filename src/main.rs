@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Serve the API (migrates the database first).
     Serve,
+    /// Execute tasks: take dispatches from Redis (SLUICE_REDIS_URL) until SIGTERM or Ctrl-C.
+    Worker,
     /// Apply database migrations and exit.
     Migrate,
     /// Operator commands.
@@ -101,6 +103,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             app.run_until_stopped().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker => {
+            sluice_backend::engine::run_worker(config).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

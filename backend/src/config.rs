@@ -25,6 +25,12 @@ pub struct ConfigArgs {
     /// Redis URL for the task queue; unset means in-process dispatch.
     #[arg(long, env = "SLUICE_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key of this deployment [default: sluice].
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", global = true)]
+    pub redis_prefix: Option<String>,
+    /// Run a worker inside `sluice serve` [default: true without Redis, false with Redis].
+    #[arg(long, env = "SLUICE_WITH_WORKER", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub with_worker: Option<bool>,
     /// Public base URL, used in invitation links and as the JWT issuer [default: http://<bind>].
     #[arg(long, env = "SLUICE_PUBLIC_URL", global = true)]
     pub public_url: Option<String>,
@@ -64,6 +70,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    with_worker: Option<bool>,
     public_url: Option<String>,
     signup_enabled: Option<bool>,
     token_max_days: Option<u32>,
@@ -86,6 +94,10 @@ pub struct Config {
     pub database_url: String,
     /// Redis URL, if any.
     pub redis_url: Option<String>,
+    /// Prefix of this deployment's Redis keys.
+    pub redis_prefix: String,
+    /// Whether `sluice serve` runs a worker too.
+    pub with_worker: bool,
     /// Public base URL.
     pub public_url: String,
     /// Self-service signup on or off.
@@ -141,6 +153,14 @@ impl Config {
         );
         let token_max_days = args.token_max_days.or(file.token_max_days).unwrap_or(365);
         anyhow::ensure!(token_max_days >= 1, "SLUICE_TOKEN_MAX_DAYS must be at least 1");
+        let redis_url = args.redis_url.clone().or(file.redis_url).filter(|s| !s.is_empty());
+        let redis_prefix = args
+            .redis_prefix
+            .clone()
+            .or(file.redis_prefix)
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "sluice".into());
+        let with_worker = args.with_worker.or(file.with_worker).unwrap_or(redis_url.is_none());
         Ok(Self {
             jwt_keys_file: args
                 .jwt_keys_file
@@ -150,7 +170,9 @@ impl Config {
             bind,
             data_dir,
             database_url,
-            redis_url: args.redis_url.clone().or(file.redis_url).filter(|s| !s.is_empty()),
+            redis_url,
+            redis_prefix,
+            with_worker,
             public_url,
             signup_enabled: args.signup_enabled.or(file.signup_enabled).unwrap_or(true),
             token_max_days,

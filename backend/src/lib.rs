@@ -55,23 +55,55 @@ impl AppState {
         let key_file = auth::jwt::load_or_generate(&config.jwt_keys_file, generate)?;
         let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
         let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
-        // In-process dispatch: the embedded worker executes what the engine queues.
-        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), queue));
-        let work_root = config.data_dir.join("work");
-        std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
-        // Absolute: tasks run inside their own work directory, so a relative path (the default
-        // `./sluice-data`) would point nowhere from there.
-        let work_root =
-            std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))?;
-        engine::spawn_local_workers(
-            engine.clone(),
-            store.clone(),
-            rx,
-            config.worker_slots,
-            work_root,
-            secrets_key.clone(),
-        );
+        let work_root = engine::prepare_work_root(&config.data_dir)?;
+        let engine = match &config.redis_url {
+            // Distributed: dispatches go to Redis; `sluice worker` processes take them, and this
+            // process too with `--with-worker`.
+            Some(url) => {
+                let doorbell = std::sync::Arc::new(
+                    engine::RedisDoorbell::connect(url, &config.redis_prefix).await.context("connecting to Redis")?,
+                );
+                let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), doorbell));
+                if config.with_worker {
+                    let (engine, store, url, prefix, slots, key) = (
+                        engine.clone(),
+                        store.clone(),
+                        url.clone(),
+                        config.redis_prefix.clone(),
+                        config.worker_slots,
+                        secrets_key.clone(),
+                    );
+                    let never = std::sync::Arc::new(tokio::sync::Notify::new());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            engine::consume_redis(engine, store, url, prefix, slots, work_root, key, never).await
+                        {
+                            tracing::error!(error = %e, "the embedded Redis worker stopped");
+                        }
+                    });
+                }
+                engine
+            }
+            // In-process dispatch: the embedded worker executes what the engine queues.
+            None => {
+                let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+                let engine = std::sync::Arc::new(engine::Engine::new(
+                    store.clone(),
+                    std::sync::Arc::new(engine::ChannelDoorbell(queue)),
+                ));
+                if config.with_worker {
+                    engine::spawn_local_workers(
+                        engine.clone(),
+                        store.clone(),
+                        rx,
+                        config.worker_slots,
+                        work_root,
+                        secrets_key.clone(),
+                    );
+                }
+                engine
+            }
+        };
         engine.spawn_reaper();
         Ok(Self { config, store, authz, jwt, engine, secrets_key })
     }

@@ -8,6 +8,7 @@ mod m20261127_000001_create_foundation;
 mod m20261127_000002_create_runs;
 mod m20261127_000003_create_secrets;
 mod m20261127_000004_create_triggers;
+mod util;
 
 /// The ordered list of Sluice's migrations.
 pub struct Migrator;

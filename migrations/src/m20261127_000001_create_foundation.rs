@@ -3,32 +3,10 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::util::{c, index, table, ts, ts_null};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn ts(name: &'static str) -> ColumnDef {
-    timestamp_with_time_zone(Alias::new(name))
-}
-fn ts_null(name: &'static str) -> ColumnDef {
-    timestamp_with_time_zone_null(Alias::new(name))
-}
-fn c(name: &'static str) -> Alias {
-    Alias::new(name)
-}
-fn table(name: &'static str) -> TableCreateStatement {
-    Table::create().table(Alias::new(name)).to_owned()
-}
-fn index(name: &'static str, table: &'static str, cols: &[&'static str], unique: bool) -> IndexCreateStatement {
-    let mut i = Index::create();
-    i.name(name).table(Alias::new(table));
-    for col in cols {
-        i.col(Alias::new(*col));
-    }
-    if unique {
-        i.unique();
-    }
-    i.to_owned()
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

@@ -2,15 +2,10 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::util::{c, ts};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn c(name: &'static str) -> Alias {
-    Alias::new(name)
-}
-fn ts(name: &'static str) -> ColumnDef {
-    timestamp_with_time_zone(Alias::new(name))
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

@@ -4,12 +4,10 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::util::c;
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn c(name: &'static str) -> Alias {
-    Alias::new(name)
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

@@ -7,6 +7,7 @@
 //! the commit pushes the newly queued tasks to the dispatcher. The queue is a doorbell: a lost
 //! message only delays a task until the reaper pushes it again.
 
+mod doorbell;
 pub mod state;
 mod work;
 
@@ -19,11 +20,12 @@ use std::{
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, TransactionTrait};
 use sluice_domain::plan::{self, Effect, Event, Millis, TaskOutcome};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 use crate::store::Store;
-pub use work::spawn_local_workers;
+pub use doorbell::{ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, run_worker};
+pub use work::{prepare_work_root, spawn_local_workers};
 
 /// How long a claim lasts without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -34,8 +36,32 @@ pub const REDISPATCH_AFTER: Duration = Duration::from_secs(10);
 /// How often the reaper looks.
 pub const REAPER_PERIOD: Duration = Duration::from_secs(1);
 
+/// Lease, heartbeat and re-dispatch timings; the defaults are the constants above, and
+/// `SLUICE_LEASE_SECONDS` (heartbeat: a third of it) and `SLUICE_REDISPATCH_SECONDS` shorten them
+/// (tests that kill workers use this).
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// How long a claim lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often a running task's lease is extended.
+    pub heartbeat: Duration,
+    /// How long a queued task may wait unclaimed before it is pushed again.
+    pub redispatch_after: Duration,
+}
+
+impl Timings {
+    /// The defaults, overridden by the environment.
+    pub fn from_env() -> Self {
+        let secs = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|s| *s > 0);
+        let lease = secs("SLUICE_LEASE_SECONDS").map_or(LEASE, Duration::from_secs);
+        let heartbeat = if lease == LEASE { HEARTBEAT } else { lease / 3 };
+        let redispatch_after = secs("SLUICE_REDISPATCH_SECONDS").map_or(REDISPATCH_AFTER, Duration::from_secs);
+        Self { lease, heartbeat, redispatch_after }
+    }
+}
+
 /// One task attempt to execute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Dispatch {
     /// Run.
     pub run: Uuid,
@@ -48,7 +74,8 @@ pub struct Dispatch {
 /// Orchestration shared by the API, the embedded worker and the reaper.
 pub struct Engine {
     store: Store,
-    queue: mpsc::UnboundedSender<Dispatch>,
+    doorbell: Arc<dyn Doorbell>,
+    timings: Timings,
     worker_name: String,
     running: Mutex<HashMap<Dispatch, watch::Sender<bool>>>,
     events: broadcast::Sender<RunEvent>,
@@ -109,12 +136,13 @@ struct Now {
 }
 
 impl Engine {
-    /// An engine whose dispatches go to `queue`.
-    pub fn new(store: Store, queue: mpsc::UnboundedSender<Dispatch>) -> Self {
+    /// An engine whose dispatches ring `doorbell`.
+    pub fn new(store: Store, doorbell: Arc<dyn Doorbell>) -> Self {
         let (events, _) = broadcast::channel(4096);
         Self {
             store,
-            queue,
+            doorbell,
+            timings: Timings::from_env(),
             worker_name: worker_name(),
             running: Mutex::new(HashMap::new()),
             events,
@@ -180,6 +208,11 @@ impl Engine {
             m.insert((pipeline, version), spec.clone());
         }
         Ok(spec)
+    }
+
+    /// The lease, heartbeat and re-dispatch timings in use.
+    pub fn timings(&self) -> Timings {
+        self.timings
     }
 
     /// This process's worker name.
@@ -261,9 +294,7 @@ impl Engine {
             let _ = self.events.send(e.clone());
         }
         for d in &applied.dispatched {
-            if self.queue.send(*d).is_err() {
-                tracing::warn!(run = %d.run, task = d.task, "dispatch queue closed; the reaper will push the task again");
-            }
+            self.doorbell.ring(*d);
         }
     }
 
@@ -323,7 +354,7 @@ impl Engine {
                     (d.task as i32).into(),
                     (d.attempt as i32).into(),
                     self.worker_name.clone().into(),
-                    (now + chrono::Duration::from_std(LEASE).unwrap_or_default()).into(),
+                    (now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default()).into(),
                 ],
             )
             .await?;
@@ -351,7 +382,7 @@ impl Engine {
                     (d.task as i32).into(),
                     (d.attempt as i32).into(),
                     self.worker_name.clone().into(),
-                    (now + chrono::Duration::from_std(LEASE).unwrap_or_default()).into(),
+                    (now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default()).into(),
                     false.into(),
                 ],
             )
@@ -455,7 +486,7 @@ impl Engine {
                 Event::TaskFinished { task: t.idx as usize, attempt: t.attempt as u32, outcome: TaskOutcome::Lost };
             self.apply(t.run_id, event).await?;
         }
-        let stale = now - chrono::Duration::from_std(REDISPATCH_AFTER).unwrap_or_default();
+        let stale = now - chrono::Duration::from_std(self.timings.redispatch_after).unwrap_or_default();
         let unclaimed: Vec<T> = self
             .store
             .query_all(
@@ -465,7 +496,7 @@ impl Engine {
             )
             .await?;
         for t in unclaimed {
-            let _ = self.queue.send(Dispatch { run: t.run_id, task: t.idx as usize, attempt: t.attempt as u32 });
+            self.doorbell.ring(Dispatch { run: t.run_id, task: t.idx as usize, attempt: t.attempt as u32 });
         }
         if let Some(guard) = guard {
             guard.commit().await?;

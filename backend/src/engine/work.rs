@@ -14,7 +14,7 @@ use sluice_worker::{ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLi
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
-use super::{Dispatch, Engine, HEARTBEAT};
+use super::{Dispatch, Engine};
 use crate::{
     secrets::{Sealed, SecretsKey},
     store::Store,
@@ -22,6 +22,15 @@ use crate::{
 
 /// Most log text kept per task attempt.
 pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
+
+/// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
+/// directory, so a relative path would point nowhere from there).
+pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let work_root = data_dir.join("work");
+    std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
+    std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
+}
 
 /// Starts `slots` concurrent executions fed by `rx`.
 pub fn spawn_local_workers(
@@ -126,7 +135,7 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attemp
     })
 }
 
-async fn run_one(
+pub(super) async fn run_one(
     engine: &Engine,
     store: &Store,
     d: Dispatch,
@@ -195,7 +204,7 @@ async fn execute(
     let logs = tokio::spawn(write_logs(store.clone(), d, log_rx, tenant, engine.event_sender()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let exec = tokio::spawn(sluice_worker::execute(req, log_tx, stop_rx));
-    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut beat = tokio::time::interval(engine.timings.heartbeat);
     beat.tick().await;
     tokio::pin!(exec);
     let result = loop {

@@ -214,3 +214,23 @@ pub async fn problem(r: Response) -> Value {
     assert!(ct.starts_with("application/problem+json"), "content type {ct}");
     r.json().await.unwrap()
 }
+
+/// Polls a run until it is in a terminal state; fails the test after `secs`.
+pub async fn wait_run(app: &TestApp, m: &Member, id: &str, secs: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "run did not finish in {secs} s: {v:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The task of a run view with this key.
+pub fn task_of<'a>(run: &'a Value, key: &str) -> &'a Value {
+    run["tasks"].as_array().unwrap().iter().find(|t| t["key"] == key).unwrap_or_else(|| panic!("no task {key}"))
+}

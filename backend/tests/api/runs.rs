@@ -13,25 +13,6 @@ async fn start(app: &TestApp, m: &Member, pipeline: &str, body: Value) -> Value 
     r.json().await.unwrap()
 }
 
-/// Polls a run until it is in a terminal state (or fails the test after `secs`).
-async fn wait(app: &TestApp, m: &Member, id: &str, secs: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
-        assert_eq!(r.status(), StatusCode::OK);
-        let v: Value = r.json().await.unwrap();
-        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "run did not finish in {secs} s: {v:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn task<'a>(run: &'a Value, key: &str) -> &'a Value {
-    run["tasks"].as_array().unwrap().iter().find(|t| t["key"] == key).unwrap_or_else(|| panic!("no task {key}"))
-}
-
 async fn logs(app: &TestApp, m: &Member, run: &str, task: &str) -> Vec<String> {
     let r = app.get(&format!("/api/v1/t/{}/runs/{run}/tasks/{task}/logs", m.tenant), &m.token).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -64,12 +45,12 @@ stages:
     let run = start(&app, &admin, "chain", json!({ "params": { "greeting": "hello; touch /tmp/x" } })).await;
     assert_eq!(run["version"], 1);
     let id = run["id"].as_str().unwrap();
-    let done = wait(&app, &admin, id, 60).await;
+    let done = wait_run(&app, &admin, id, 60).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
-    assert_eq!(task(&done, "make")["outputs"], json!({ "digest": "sha-123" }));
+    assert_eq!(task_of(&done, "make")["outputs"], json!({ "digest": "sha-123" }));
     for key in ["make", "show", "done"] {
-        assert_eq!(task(&done, key)["status"], "succeeded");
-        assert_eq!(task(&done, key)["attempt"], 1);
+        assert_eq!(task_of(&done, key)["status"], "succeeded");
+        assert_eq!(task_of(&done, key)["attempt"], 1);
     }
     assert_eq!(logs(&app, &admin, id, "make").await, vec!["built"]);
     // The parameter arrives as one argv element, untouched by any shell.
@@ -131,13 +112,13 @@ stages:
 "#;
     assert_eq!(app.create_pipeline(&admin, "flaky", yaml).await.status(), StatusCode::CREATED);
     let run = start(&app, &admin, "flaky", json!({})).await;
-    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 60).await;
+    let done = wait_run(&app, &admin, run["id"].as_str().unwrap(), 60).await;
     assert_eq!(done["status"], "failed");
-    assert_eq!(task(&done, "flaky")["status"], "failed");
-    assert_eq!(task(&done, "flaky")["attempt"], 3);
-    assert_eq!(task(&done, "flaky")["exit_code"], 1);
-    assert_eq!(task(&done, "next")["status"], "skipped");
-    assert_eq!(task(&done, "cleanup")["status"], "succeeded");
+    assert_eq!(task_of(&done, "flaky")["status"], "failed");
+    assert_eq!(task_of(&done, "flaky")["attempt"], 3);
+    assert_eq!(task_of(&done, "flaky")["exit_code"], 1);
+    assert_eq!(task_of(&done, "next")["status"], "skipped");
+    assert_eq!(task_of(&done, "cleanup")["status"], "succeeded");
 }
 
 #[actix_web::test]
@@ -153,9 +134,9 @@ async fn cancel_and_timeout_stop_running_tasks() {
     loop {
         let v: Value =
             app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
-        if task(&v, "bounded")["status"] == "failed" {
-            assert_eq!(task(&v, "bounded")["message"], "timed out");
-            assert_eq!(task(&v, "long")["status"], "running");
+        if task_of(&v, "bounded")["status"] == "failed" {
+            assert_eq!(task_of(&v, "bounded")["message"], "timed out");
+            assert_eq!(task_of(&v, "long")["status"], "running");
             break;
         }
         assert!(Instant::now() < deadline, "the timeout did not fire: {v:#}");
@@ -167,7 +148,7 @@ async fn cancel_and_timeout_stop_running_tasks() {
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "cancelled");
-    assert_eq!(task(&v, "long")["status"], "cancelled");
+    assert_eq!(task_of(&v, "long")["status"], "cancelled");
     assert!(started.elapsed() < Duration::from_secs(5));
     let audit: Value = app
         .get(&format!("/api/v1/t/{}/audit?action=run.cancel", admin.tenant), &admin.token)
@@ -195,15 +176,15 @@ async fn a_forty_task_chain_and_a_two_hundred_task_fan_out_with_a_join() {
     let r1 = start(&app, &admin, "chain40", json!({})).await;
     let targets: Vec<String> = (0..200).map(|i| format!("host-{i}")).collect();
     let r2 = start(&app, &admin, "fan200", json!({ "params": { "targets": targets } })).await;
-    let d1 = wait(&app, &admin, r1["id"].as_str().unwrap(), 120).await;
+    let d1 = wait_run(&app, &admin, r1["id"].as_str().unwrap(), 120).await;
     assert_eq!(d1["status"], "succeeded");
     assert_eq!(d1["tasks"].as_array().unwrap().len(), 40);
-    let d2 = wait(&app, &admin, r2["id"].as_str().unwrap(), 120).await;
+    let d2 = wait_run(&app, &admin, r2["id"].as_str().unwrap(), 120).await;
     assert_eq!(d2["status"], "succeeded");
     let tasks = d2["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 201);
     assert!(tasks.iter().all(|t| t["status"] == "succeeded" && t["attempt"] == 1));
-    let join = task(&d2, "join");
+    let join = task_of(&d2, "join");
     let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
     let last_each = tasks.iter().filter(|t| t["task_id"] == "each").map(|t| time(&t["finished_at"])).max().unwrap();
     assert!(time(&join["started_at"]) >= last_each, "the join started before every instance finished");
@@ -342,10 +323,10 @@ stages:
     assert_eq!(app.create_pipeline(&admin, "flaky-b", &yaml).await.status(), StatusCode::CREATED);
     let run = start(&app, &admin, "flaky-b", json!({ "params": { "who": "there" } })).await;
     let id = run["id"].as_str().unwrap().to_owned();
-    let first = wait(&app, &admin, &id, 60).await;
+    let first = wait_run(&app, &admin, &id, 60).await;
     assert_eq!(first["status"], "failed", "{first:#}");
-    assert_eq!(task(&first, "a")["status"], "succeeded");
-    assert_eq!(task(&first, "b")["status"], "failed");
+    assert_eq!(task_of(&first, "a")["status"], "succeeded");
+    assert_eq!(task_of(&first, "b")["status"], "failed");
     assert_eq!(first["retry_of"], Value::Null);
 
     let r = retry(&app, &admin, &id).await;
@@ -357,10 +338,10 @@ stages:
     assert_eq!(second["trigger"], "retry");
     assert_eq!(second["version"], first["version"]);
     assert_eq!(second["params"], json!({ "who": "there" }));
-    let done = wait(&app, &admin, &id2, 60).await;
+    let done = wait_run(&app, &admin, &id2, 60).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     // `a` was carried over, not run again.
-    let (a1, a2) = (task(&first, "a"), task(&done, "a"));
+    let (a1, a2) = (task_of(&first, "a"), task_of(&done, "a"));
     assert_eq!(a2["status"], "succeeded");
     for field in ["attempt", "started_at", "finished_at", "exit_code", "outputs"] {
         assert_eq!(a2[field], a1[field], "{field}");
@@ -369,14 +350,14 @@ stages:
     assert_eq!(logs(&app, &admin, &id2, "a").await, Vec::<String>::new());
     assert_eq!(logs(&app, &admin, &id, "a").await, vec!["a ran"]);
     // `b` ran again, from attempt 1, and saw `a`'s output and the original params.
-    assert_eq!(task(&done, "b")["status"], "succeeded");
-    assert_eq!(task(&done, "b")["attempt"], 1);
+    assert_eq!(task_of(&done, "b")["status"], "succeeded");
+    assert_eq!(task_of(&done, "b")["attempt"], 1);
     assert_eq!(logs(&app, &admin, &id2, "b").await, vec!["got from-a there"]);
     // The original run is untouched.
     let again: Value =
         app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(again["status"], "failed");
-    assert_eq!(task(&again, "b")["status"], "failed");
+    assert_eq!(task_of(&again, "b")["status"], "failed");
     // Audited as run.retry.
     let audit: Value = app
         .get(&format!("/api/v1/t/{}/audit?action=run.retry", admin.tenant), &admin.token)
@@ -410,7 +391,7 @@ async fn only_finished_unsuccessful_runs_can_be_retried_and_only_by_those_allowe
     assert_eq!(app.create_pipeline(&admin, "long", long).await.status(), StatusCode::CREATED);
     // Succeeded → 409.
     let run = start(&app, &admin, "ok", json!({})).await;
-    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 60).await;
+    let done = wait_run(&app, &admin, run["id"].as_str().unwrap(), 60).await;
     assert_eq!(done["status"], "succeeded");
     let r = retry(&app, &admin, run["id"].as_str().unwrap()).await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
@@ -429,7 +410,7 @@ async fn only_finished_unsuccessful_runs_can_be_retried_and_only_by_those_allowe
     assert_eq!(r.status(), StatusCode::CREATED);
     let second: Value = r.json().await.unwrap();
     assert_eq!(second["retry_of"], id.as_str());
-    assert!(["queued", "running"].contains(&task(&second, "t")["status"].as_str().unwrap()), "{second:#}");
+    assert!(["queued", "running"].contains(&task_of(&second, "t")["status"].as_str().unwrap()), "{second:#}");
     let id2 = second["id"].as_str().unwrap();
     let r = app.call(Method::POST, &format!("/api/v1/t/{t}/runs/{id2}/cancel"), Some(&admin.token), None).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -452,8 +433,8 @@ async fn outputs_work_with_a_relative_data_folder() {
         "stages:\n  - id: s\n    tasks:\n      - id: out\n        shell: 'echo \"answer=42\" >> \"$SLUICE_OUTPUT\"'\n";
     assert_eq!(app.create_pipeline(&admin, "rel", yaml).await.status(), StatusCode::CREATED);
     let run = start(&app, &admin, "rel", json!({})).await;
-    let done = wait(&app, &admin, run["id"].as_str().unwrap(), 30).await;
+    let done = wait_run(&app, &admin, run["id"].as_str().unwrap(), 30).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
-    assert_eq!(task(&done, "out")["outputs"], json!({ "answer": "42" }));
+    assert_eq!(task_of(&done, "out")["outputs"], json!({ "answer": "42" }));
     let _ = std::fs::remove_dir_all(target);
 }

@@ -1,8 +1,6 @@
 //! Tenant secrets: life cycle, validation, authorization, audit, encryption at rest, the key's
 //! configuration, and injection into running tasks with masking (D23).
 
-use std::time::{Duration, Instant};
-
 use base64::{Engine, engine::general_purpose::STANDARD};
 use reqwest::{Method, Response, StatusCode};
 use sea_orm::FromQueryResult;
@@ -103,24 +101,6 @@ async fn start(app: &TestApp, m: &Member, pipeline: &str) -> String {
     r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
-async fn wait(app: &TestApp, m: &Member, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
-        assert_eq!(r.status(), StatusCode::OK);
-        let v: Value = r.json().await.unwrap();
-        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "run did not finish: {v:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn task<'a>(run: &'a Value, key: &str) -> &'a Value {
-    run["tasks"].as_array().unwrap().iter().find(|t| t["key"] == key).unwrap_or_else(|| panic!("no task {key}"))
-}
-
 async fn logs(app: &TestApp, m: &Member, run: &str, task: &str) -> (String, Vec<String>) {
     let r = app.get(&format!("/api/v1/t/{}/runs/{run}/tasks/{task}/logs", m.tenant), &m.token).await;
     let text = text_of(r, StatusCode::OK).await;
@@ -136,7 +116,7 @@ async fn run_task(app: &TestApp, m: &Member, name: &str, task_yaml: &str) -> (St
     let r = app.create_pipeline(m, name, &yaml).await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
     let id = start(app, m, name).await;
-    let done = wait(app, m, &id).await;
+    let done = wait_run(app, m, &id, 60).await;
     (id, done)
 }
 
@@ -405,7 +385,7 @@ async fn values_are_encrypted_at_rest_and_bound_to_tenant_and_name() {
         let (id, done) =
             run_task(&app, m, &format!("copy-{}", name.to_lowercase().replace('_', "-")), &yaml(name)).await;
         assert_eq!(done["status"], "failed", "{done:#}");
-        let msg = task(&done, "t")["message"].as_str().unwrap().to_owned();
+        let msg = task_of(&done, "t")["message"].as_str().unwrap().to_owned();
         assert!(msg.contains(&format!("`{name}`")) && msg.contains("decrypt"), "{msg}");
         assert_no_value(&serde_json::to_string(&done).unwrap(), &v, "the run");
         let (text, _) = logs(&app, m, &id, "t").await;
@@ -440,12 +420,12 @@ async fn d23_a_listed_secret_reaches_the_task_and_is_masked_in_its_logs() {
     );
     assert_eq!(app.create_pipeline(&admin, "d23", &yaml).await.status(), StatusCode::CREATED);
     let id = start(&app, &admin, "d23").await;
-    let done = wait(&app, &admin, &id).await;
+    let done = wait_run(&app, &admin, &id, 60).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     let (text, lines) = logs(&app, &admin, &id, "leak").await;
     assert_no_value(&text, &v, "the task's logs");
     assert_eq!(lines, ["***", "***", "intact"], "the value arrived intact and was masked twice");
-    assert_eq!(task(&done, "leak")["outputs"], json!({ "tok": "***" }));
+    assert_eq!(task_of(&done, "leak")["outputs"], json!({ "tok": "***" }));
     let (text, lines) = logs(&app, &admin, &id, "argv").await;
     assert_no_value(&text, &v, "the task's logs");
     assert_eq!(lines, ["bearer ***"]);
@@ -483,7 +463,7 @@ async fn a_template_naming_an_unlisted_secret_fails_the_task() {
     ] {
         let (id, done) = run_task(&app, &admin, &format!("unlisted-{name}"), task_yaml).await;
         assert_eq!(done["status"], "failed", "{name}: {done:#}");
-        let msg = task(&done, "t")["message"].as_str().unwrap().to_owned();
+        let msg = task_of(&done, "t")["message"].as_str().unwrap().to_owned();
         assert!(msg.contains("secrets.OTHER") && msg.contains("does not list `OTHER`"), "{name}: {msg}");
         assert_no_value(&serde_json::to_string(&done).unwrap(), &v, "the run");
         let (text, _) = logs(&app, &admin, &id, "t").await;
@@ -499,20 +479,20 @@ async fn a_listed_but_undefined_secret_fails_the_task() {
     let (_, done) =
         run_task(&app, &admin, "undefined", "        shell: 'echo ran'\n        secrets: [DEFINED, MISSING]\n").await;
     assert_eq!(done["status"], "failed", "{done:#}");
-    let msg = task(&done, "t")["message"].as_str().unwrap();
+    let msg = task_of(&done, "t")["message"].as_str().unwrap();
     assert!(msg.contains("`MISSING`") && msg.contains("not defined"), "{msg}");
     // A secret of another tenant of that name does not count.
     let other = app.signup(&slug("sec")).await;
     assert_eq!(put_secret(&app, &other, "ELSEWHERE", &value()).await.status(), StatusCode::CREATED);
     let (_, done) = run_task(&app, &admin, "elsewhere", "        noop: true\n        secrets: [ELSEWHERE]\n").await;
     assert_eq!(done["status"], "failed", "{done:#}");
-    assert!(task(&done, "t")["message"].as_str().unwrap().contains("`ELSEWHERE`"));
+    assert!(task_of(&done, "t")["message"].as_str().unwrap().contains("`ELSEWHERE`"));
     // Deleting a secret makes the tasks that list it fail from then on.
     let (_, done) = run_task(&app, &admin, "defined", "        noop: true\n        secrets: [DEFINED]\n").await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(delete(&app, &admin, "DEFINED").await.status(), StatusCode::NO_CONTENT);
     let id = start(&app, &admin, "defined").await;
-    let done = wait(&app, &admin, &id).await;
+    let done = wait_run(&app, &admin, &id, 60).await;
     assert_eq!(done["status"], "failed", "{done:#}");
 }
 

@@ -1,8 +1,6 @@
 //! Run triggers: signed webhooks over real HTTP, and the cron scheduler driven with a chosen
 //! clock (`Scheduler::fire_due(state, now)`), on a real engine and database.
 
-use std::time::{Duration, Instant};
-
 use chrono::{DateTime, Utc};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
@@ -71,20 +69,6 @@ async fn accepted(r: Response) -> String {
     v["run_id"].as_str().unwrap().to_owned()
 }
 
-async fn wait(app: &TestApp, m: &Member, id: &str, secs: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
-        assert_eq!(r.status(), StatusCode::OK);
-        let v: Value = r.json().await.unwrap();
-        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "run did not finish in {secs} s: {v:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn runs_of(app: &TestApp, m: &Member, pipeline: &str) -> Vec<Value> {
     let r = app.get(&format!("/api/v1/t/{}/runs?pipeline={pipeline}&limit=200", m.tenant), &m.token).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -114,7 +98,7 @@ async fn a_signed_call_starts_a_run_and_a_repeated_delivery_returns_it() {
 
     let body = r#"{"params":{"who":"hook; rm -rf /"},"ref":"refs/heads/main"}"#;
     let id = accepted(send(&app, Call { delivery: Some("d-1"), ..Call::new(&url, &secret, body) }).await).await;
-    let run = wait(&app, &admin, &id, 60).await;
+    let run = wait_run(&app, &admin, &id, 60).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(run["trigger"], "webhook");
     assert_eq!(run["initiator"], "webhook");
@@ -385,7 +369,7 @@ async fn cron_fires_each_time_once_and_never_replays_missed_times() {
     assert_eq!(keys(&app).await, [format!("cron:{pid}:0:2028-02-28T19:30:00Z")]);
     // Called again for the same moment: nothing new.
     assert!(s1.fire_due(state, now).await.unwrap().is_empty());
-    let run = wait(&app, &admin, &fired[0].run.to_string(), 60).await;
+    let run = wait_run(&app, &admin, &fired[0].run.to_string(), 60).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(run["trigger"], "cron");
     assert_eq!(run["initiator"], "cron");
