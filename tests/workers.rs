@@ -169,8 +169,18 @@ struct Count {
     n: i64,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_workers_over_redis_survive_a_killed_worker() {
+/// A started cluster (one `sluice serve`, two `sluice worker`) and a signed-up tenant's API.
+struct Setup {
+    cluster: Cluster,
+    api: Api,
+    database_url: String,
+    data_dir: PathBuf,
+    w1: usize,
+    w2: usize,
+}
+
+/// Creates a database and a Redis prefix of its own, starts the processes and signs up.
+async fn setup() -> Setup {
     // Redis must answer (a plain PING over TCP).
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -250,7 +260,13 @@ async fn two_workers_over_redis_survive_a_killed_worker() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.unwrap();
-    let api = Api { client, base: base.clone(), token: v["access_token"].as_str().unwrap().into(), tenant };
+    let api = Api { client, base, token: v["access_token"].as_str().unwrap().into(), tenant };
+    Setup { cluster, api, database_url, data_dir, w1, w2 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_over_redis_survive_a_killed_worker() {
+    let Setup { mut cluster, api, database_url, data_dir, w1, w2 } = setup().await;
 
     // A 40-task chain: every hop is a dispatch through Redis to one of the workers.
     let mut chain = String::from("stages:\n  - id: s\n    tasks:\n");
@@ -357,4 +373,97 @@ async fn two_workers_over_redis_survive_a_killed_worker() {
     let done = api.wait(&cluster, &slow_run, 10).await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", cluster.logs());
     assert_eq!(done["tasks"][0]["attempt"], 1, "{done:#}");
+}
+
+/// Deletes every Redis key under `prefix` (SCAN + DEL), as an empty Redis restart would for this
+/// test (the shared server itself keeps running for the other tests). Returns how many went.
+async fn wipe_redis_prefix(prefix: &str) -> usize {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            deleted += keys.len();
+            redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.unwrap();
+        }
+        if next == 0 {
+            return deleted;
+        }
+        cursor = next;
+    }
+}
+
+/// A05: Redis restarted empty mid-run (simulated by deleting every key under this test's prefix,
+/// twice, while sleeps are in flight and queued): the reaper re-dispatches from the database, the
+/// workers keep fetching, and every run still finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_finish_after_redis_loses_its_keys() {
+    let Setup { cluster, api, database_url, .. } = setup().await;
+    // 30 sleeps: a 20-way fan-out with a join, beside a 9-task chain.
+    let mut yaml = String::from(
+        "params:\n  targets: { type: array, required: true }\nstages:\n  - id: s\n    tasks:\n      - id: each\n        for_each: '{{ params.targets }}'\n        sleep: 200ms\n      - id: join\n        needs: [each]\n        sleep: 200ms\n",
+    );
+    for i in 0..9 {
+        yaml.push_str(&format!("      - id: c{i}\n        sleep: 200ms\n"));
+        if i > 0 {
+            yaml.push_str(&format!("        needs: [c{}]\n", i - 1));
+        }
+    }
+    api.create_pipeline("mixed30", &yaml).await;
+    let targets: Vec<String> = (0..20).map(|i| format!("host-{i}")).collect();
+    let body = json!({ "params": { "targets": targets } });
+    let first = api.start("mixed30", body.clone()).await;
+
+    // First wipe once some sleeps are running (the rest sit queued in Redis).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api.run(&first).await["tasks"].as_array().unwrap().iter().any(|t| t["status"] == "running") {
+        assert!(Instant::now() < deadline, "no sleep started\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wiped = Instant::now();
+    let n = wipe_redis_prefix(&cluster.redis_prefix).await;
+    eprintln!("first wipe: {n} Redis key(s) deleted");
+    // The second as soon as keys are back (workers registered again, dispatches pushed again).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let n = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = wipe_redis_prefix(&cluster.redis_prefix).await;
+        if n > 0 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no Redis key came back after the wipe\n{}", cluster.logs());
+    };
+    eprintln!("second wipe: {n} Redis key(s) deleted, {:?} after the first", wiped.elapsed());
+    // A run started after the wipes goes through the emptied Redis from the start.
+    let second = api.start("mixed30", body).await;
+
+    for id in [&first, &second] {
+        let done = api.wait(&cluster, id, 60).await;
+        assert_eq!(done["status"], "succeeded", "{done:#}\n{}", cluster.logs());
+        let tasks = done["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 30, "{done:#}");
+        assert!(tasks.iter().all(|t| t["status"] == "succeeded"), "{done:#}");
+    }
+    eprintln!("both runs finished {:?} after the first wipe", wiped.elapsed());
+    let db = Database::connect(&database_url).await.unwrap();
+    let left = Count::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS n FROM task_runs WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')",
+    ))
+    .one(&db)
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(left.n, 0, "tasks left non-terminal");
+    db.close().await.ok();
 }

@@ -110,12 +110,60 @@ pub async fn consume_redis(
     stop: Arc<Notify>,
 ) -> anyhow::Result<()> {
     let slots = slots.max(1);
-    let storage = storage(&url, &prefix).await?;
     let inflight = Arc::new(Semaphore::new(slots));
     let shared = Shared { engine: engine.clone(), store, work_root, secrets_key };
-    let permits = inflight.clone();
+    let mut storage = Some(storage(&url, &prefix).await?);
+    // apalis-redis gives up for good on a fetch error, including "worker not registered" after
+    // Redis lost its keys (restarted empty, flushed): build a new worker, which registers again,
+    // and keep going. Executions in flight keep their permits across the rebuild.
+    loop {
+        let backend = match storage.take() {
+            Some(s) => s,
+            None => match self::storage(&url, &prefix).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconnecting to Redis failed; retrying");
+                    if wait_or_stop(&stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        match consume_once(&engine, backend, shared.clone(), slots, inflight.clone(), stop.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "the Redis consumer stopped; starting it again");
+                if wait_or_stop(&stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Executions already started finish; their completions still reach the database.
+    let _ = inflight.acquire_many(slots as u32).await;
+    Ok(())
+}
+
+/// Waits a second before the consumer starts again; true when `stop` was notified meanwhile.
+async fn wait_or_stop(stop: &Notify) -> bool {
+    tokio::select! {
+        () = stop.notified() => true,
+        () = tokio::time::sleep(Duration::from_secs(1)) => false,
+    }
+}
+
+/// One apalis worker on `backend`, until `stop` is notified (Ok) or the worker fails (Err).
+async fn consume_once(
+    engine: &Engine,
+    backend: RedisStorage<Dispatch>,
+    shared: Shared,
+    slots: usize,
+    permits: Arc<Semaphore>,
+    stop: Arc<Notify>,
+) -> anyhow::Result<()> {
     let worker = WorkerBuilder::new(engine.worker_name())
-        .backend(storage)
+        .backend(backend)
         .data(shared)
         .concurrency(slots)
         .parallelize(tokio::spawn)
@@ -140,10 +188,7 @@ pub async fn consume_redis(
     });
     let mut tick = tokio::time::interval(REDIS_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = Nudged { inner: Box::pin(run), tick }.await.map_err(|e| anyhow::anyhow!("worker: {e}"));
-    // Executions already started finish; their completions still reach the database.
-    let _ = inflight.acquire_many(slots as u32).await;
-    result
+    Nudged { inner: Box::pin(run), tick }.await.map_err(|e| anyhow::anyhow!("worker: {e}"))
 }
 
 /// Polls `inner` whenever it asks to be, and at every tick as well.
