@@ -238,8 +238,12 @@ impl Engine {
         };
         let now: Millis = state::ms(self.db_now(conn).await?);
         let (new, effects) = plan::plan(&run_plan, &old, event, now);
+        let old_wake = row.next_wake_at.map(state::ms);
+        // An ignored event (stale or late) changes nothing, the alarm included; any other event
+        // ends with the run's one alarm, or none when nothing is due.
+        let ignored = new == old && effects.is_empty();
         let mut applied = Applied::default();
-        let mut wake = None;
+        let mut wake = if ignored { old_wake } else { None };
         let mut kills = vec![];
         for e in effects {
             match e {
@@ -249,7 +253,7 @@ impl Engine {
                 Effect::Finished { .. } => applied.finished = true,
             }
         }
-        state::save(&self.store, conn, run, &old, &new, wake).await?;
+        state::save(&self.store, conn, run, &old, &new, old_wake, wake).await?;
         let tenant = row.tenant_id;
         for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
             if a.status != b.status {
@@ -325,22 +329,8 @@ impl Engine {
     /// on the database clock. `None` when somebody else has it or it is no longer queued.
     pub async fn claim(&self, d: Dispatch) -> Result<bool, DbErr> {
         let txn = self.store.write().await?;
-        #[derive(FromQueryResult)]
-        struct T {
-            status: String,
-            attempt: i32,
-        }
-        let t: Option<T> = self
-            .store
-            .query_one(
-                &*txn,
-                "SELECT status, attempt FROM task_runs WHERE run_id = $1 AND idx = $2",
-                vec![d.run.into(), (d.task as i32).into()],
-            )
-            .await?;
-        if !t.is_some_and(|t| t.status == "queued" && t.attempt == d.attempt as i32) {
-            return Ok(false);
-        }
+        // The planner ignores a start for an attempt that is no longer queued; the lease update
+        // below then matches no row and the transaction is dropped unapplied.
         let applied = self.apply_in(&*txn, d.run, Event::TaskStarted { task: d.task, attempt: d.attempt }).await?;
         let now = self.db_now(&*txn).await?;
         let n = self

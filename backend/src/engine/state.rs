@@ -34,8 +34,8 @@ pub struct RunRow {
     pub version: i64,
     /// Run status.
     pub status: String,
-    /// The compiled plan (JSON).
-    pub plan: String,
+    /// When the reaper should next wake the run.
+    pub next_wake_at: Option<DateTime<Utc>>,
     /// Started.
     pub started_at: Option<DateTime<Utc>>,
     /// Finished.
@@ -92,7 +92,7 @@ pub async fn load(
     plans: &PlanCache,
 ) -> Result<Option<(RunRow, std::sync::Arc<RunPlan>, RunState)>, DbErr> {
     let sql = format!(
-        "SELECT id, tenant_id, pipeline_id, version, status, '' AS plan, started_at, finished_at FROM runs WHERE id = $1{}",
+        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at FROM runs WHERE id = $1{}",
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
@@ -270,25 +270,27 @@ pub async fn save(
     run: Uuid,
     old: &RunState,
     new: &RunState,
+    old_wake: Option<Millis>,
     wake: Option<Millis>,
 ) -> Result<(), DbErr> {
-    if old.status != new.status || old.started_at != new.started_at || old.finished_at != new.finished_at {
+    // One write of the run row, and only when something in it changed.
+    let run_changed =
+        old.status != new.status || old.started_at != new.started_at || old.finished_at != new.finished_at;
+    if run_changed || old_wake != wake {
         store
             .execute(
                 conn,
-                "UPDATE runs SET status = $2, started_at = $3, finished_at = $4 WHERE id = $1",
+                "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5 WHERE id = $1",
                 vec![
                     run.into(),
                     new.status.as_str().into(),
                     opt_at(new.started_at).into(),
                     opt_at(new.finished_at).into(),
+                    opt_at(wake).into(),
                 ],
             )
             .await?;
     }
-    store
-        .execute(conn, "UPDATE runs SET next_wake_at = $2 WHERE id = $1", vec![run.into(), opt_at(wake).into()])
-        .await?;
     for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
         if a != b {
             store
