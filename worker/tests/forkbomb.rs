@@ -48,7 +48,13 @@ async fn d21_fork_bomb_stopped_by_process_limit() {
     while let Ok(l) = rx.try_recv() {
         stderr.push(l.text);
     }
-    assert_eq!(res.outcome, ExecOutcome::TimedOut);
+    // Either the timeout ends it, or the task's own shell cannot fork `sleep` under the cap and
+    // exits non-zero first; both are a contained bomb (CI has seen the second).
+    assert!(
+        matches!(res.outcome, ExecOutcome::TimedOut | ExecOutcome::Failed { exit_code: Some(_), .. }),
+        "{:?}",
+        res.outcome
+    );
     // The bomb hit the cap: forks failed (dash says "Cannot fork"), and it collapsed.
     assert!(stderr.iter().any(|l| l.to_lowercase().contains("fork")), "no failed fork: {stderr:?}");
     assert!(max_seen <= usize::try_from(limit).unwrap_or(usize::MAX), "{max_seen} processes > limit {limit}");
