@@ -116,11 +116,15 @@ pub struct RunEvent {
     /// Log lines (`{at, stream, text}` objects).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<serde_json::Value>,
+    /// Whether the event came from another process (through the event bus); such events are
+    /// delivered to this process's subscribers and never published again.
+    #[serde(skip)]
+    pub relayed: bool,
 }
 
 impl RunEvent {
     fn status(tenant: Uuid, run_id: Uuid, kind: &'static str, index: Option<usize>, status: &'static str) -> Self {
-        Self { tenant, run_id, kind, index, status: Some(status), attempt: None, lines: vec![] }
+        Self { tenant, run_id, kind, index, status: Some(status), attempt: None, lines: vec![], relayed: false }
     }
 }
 

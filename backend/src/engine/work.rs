@@ -376,6 +376,7 @@ async fn write_logs(
                     status: None,
                     attempt: Some(d.attempt),
                     lines,
+                    relayed: false,
                 });
             }
             Err(e) => tracing::warn!(run = %d.run, task = d.task, error = %e, "storing log lines failed"),
