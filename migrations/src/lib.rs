@@ -8,6 +8,7 @@ mod m20261127_000001_create_foundation;
 mod m20261127_000002_create_runs;
 mod m20261127_000003_create_secrets;
 mod m20261127_000004_create_triggers;
+mod m20261127_000005_create_workers;
 mod util;
 
 /// The ordered list of Sluice's migrations.
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_create_runs::Migration),
             Box::new(m20261127_000003_create_secrets::Migration),
             Box::new(m20261127_000004_create_triggers::Migration),
+            Box::new(m20261127_000005_create_workers::Migration),
         ]
     }
 }
