@@ -1,26 +1,34 @@
 //! The engine: applies the pure planner's decisions to the database, dispatches ready tasks,
 //! runs the embedded worker, and reaps what was lost.
 //!
-//! Every state change goes through [`Engine::apply`]: one transaction that locks the run, loads
-//! its state from the rows, asks `sluice_domain::plan::plan` what happens next, writes back the
-//! difference (each task row conditionally on the status and attempt it had), and only after
-//! the commit pushes the newly queued tasks to the dispatcher. The queue is a doorbell: a lost
-//! message only delays a task until the reaper pushes it again.
+//! Every state change is an event applied to a run in a transaction that locks the run, loads
+//! its state, asks `sluice_domain::plan::plan` what happens next, writes back the difference
+//! (each task row conditionally on the status and attempt it had), and only after the commit
+//! pushes the newly queued tasks to the dispatcher. The queue is a doorbell: a lost message only
+//! delays a task until the reaper pushes it again.
+//!
+//! Claims, completions and the reaper's events go through one committer per process (group
+//! commit): whatever arrived while the previous transaction was committing is applied in the
+//! next one, each run loaded once for all of its events. An idle engine commits each event at
+//! once; a busy one commits many per disk flush. A run's state is kept in memory under the
+//! run's revision (a new random value on every write), so the stage and task rows are read
+//! again only when another process (or a rolled-back transaction) changed them.
 
+pub mod bus;
 mod doorbell;
 pub mod state;
 mod work;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, TransactionTrait};
 use sluice_domain::plan::{self, Effect, Event, Millis, TaskOutcome};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::store::Store;
@@ -73,6 +81,12 @@ pub struct Dispatch {
 
 /// Orchestration shared by the API, the embedded worker and the reaper.
 pub struct Engine {
+    core: Arc<Core>,
+    committer: OnceLock<mpsc::UnboundedSender<Op>>,
+}
+
+/// The engine's state, shared with its committer task.
+pub struct Core {
     store: Store,
     doorbell: Arc<dyn Doorbell>,
     timings: Timings,
@@ -80,7 +94,16 @@ pub struct Engine {
     running: Mutex<HashMap<Dispatch, watch::Sender<bool>>>,
     events: broadcast::Sender<RunEvent>,
     plans: state::PlanCache,
-    specs: Mutex<HashMap<(Uuid, i64), Arc<sluice_domain::PipelineSpec>>>,
+    specs: state::Memo<(Uuid, i64), Arc<sluice_domain::PipelineSpec>>,
+    states: state::StateCache,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// What an apply did, for the caller.
@@ -88,11 +111,53 @@ pub struct Engine {
 pub struct Applied {
     /// Tasks queued by this change.
     pub dispatched: Vec<Dispatch>,
+    /// Running attempts to stop.
+    pub kills: Vec<Dispatch>,
     /// Whether the run finished with this change.
     pub finished: bool,
     /// What changed, published once the change is committed.
     pub events: Vec<RunEvent>,
 }
+
+/// What a worker learns when its claim succeeds.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimed {
+    /// Tenant of the run.
+    pub tenant: Uuid,
+    /// Pipeline of the run.
+    pub pipeline: Uuid,
+    /// The pipeline version the run pins.
+    pub version: i64,
+}
+
+/// One change to a run, as the committer applies it.
+#[derive(Debug)]
+enum Step {
+    /// A worker claims a queued attempt.
+    Claim(Dispatch),
+    /// The lease holder reports an attempt's result.
+    Complete { d: Dispatch, outcome: TaskOutcome, exit_code: Option<i32>, message: Option<String>, outputs: String },
+    /// Any other planner event (ticks, lost leases).
+    Event(Event),
+}
+
+/// The result of one step.
+#[derive(Debug, Clone, Copy)]
+enum Done {
+    Claim(Option<Claimed>),
+    Complete(bool),
+    Event,
+}
+
+/// A step waiting for the committer, with where its result goes.
+struct Op {
+    run: Uuid,
+    step: Step,
+    reply: oneshot::Sender<Result<Done, String>>,
+}
+
+/// Most steps applied in one transaction.
+const MAX_BATCH: usize = 256;
 
 /// A change of a run, a stage or a task, or new log lines, as streamed to clients.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -140,249 +205,52 @@ struct Now {
 }
 
 impl Engine {
-    /// An engine whose dispatches ring `doorbell`.
+    /// An engine whose dispatches ring `doorbell`, with a new unique worker name.
     pub fn new(store: Store, doorbell: Arc<dyn Doorbell>) -> Self {
+        Self::named(store, doorbell, worker_name())
+    }
+
+    /// An engine whose dispatches ring `doorbell` and whose leases are held as `name`.
+    pub fn named(store: Store, doorbell: Arc<dyn Doorbell>, name: String) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Self {
+        let core = Core {
             store,
             doorbell,
             timings: Timings::from_env(),
-            worker_name: worker_name(),
+            worker_name: name,
             running: Mutex::new(HashMap::new()),
             events,
-            plans: state::PlanCache::default(),
-            specs: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Subscribes to the events of every run in this process.
-    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
-        self.events.subscribe()
-    }
-
-    /// Where log lines are published (the embedded worker's log writer holds a clone).
-    pub fn event_sender(&self) -> broadcast::Sender<RunEvent> {
-        self.events.clone()
-    }
-
-    /// A run's compiled plan (cached: plans never change).
-    pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::RunPlan>> {
-        if let Some(p) = self.plans.get(run) {
-            return Ok(p);
-        }
-        #[derive(FromQueryResult)]
-        struct P {
-            plan: String,
-        }
-        let text: P = self
-            .store
-            .query_one(self.store.db(), "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("run {run} vanished"))?;
-        let p = Arc::new(serde_json::from_str::<plan::RunPlan>(&text.plan)?);
-        self.plans.put(run, p.clone());
-        Ok(p)
-    }
-
-    /// A pipeline version's parsed definition (cached: versions never change).
-    pub async fn spec_of(&self, pipeline: Uuid, version: i64) -> anyhow::Result<Arc<sluice_domain::PipelineSpec>> {
-        if let Some(s) = self.specs.lock().ok().and_then(|m| m.get(&(pipeline, version)).cloned()) {
-            return Ok(s);
-        }
-        #[derive(FromQueryResult)]
-        struct D {
-            definition: String,
-        }
-        let d: D = self
-            .store
-            .query_one(
-                self.store.db(),
-                "SELECT definition FROM pipeline_versions WHERE pipeline_id = $1 AND version = $2",
-                vec![pipeline.into(), version.into()],
-            )
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("pipeline version vanished"))?;
-        let spec = Arc::new(
-            sluice_domain::parse_definition(&d.definition).map_err(|e| anyhow::anyhow!("stored definition: {e}"))?,
-        );
-        if let Ok(mut m) = self.specs.lock() {
-            if m.len() >= 1024 {
-                m.clear();
-            }
-            m.insert((pipeline, version), spec.clone());
-        }
-        Ok(spec)
-    }
-
-    /// The lease, heartbeat and re-dispatch timings in use.
-    pub fn timings(&self) -> Timings {
-        self.timings
-    }
-
-    /// This process's worker name.
-    pub fn worker_name(&self) -> &str {
-        &self.worker_name
-    }
-
-    /// The database's clock (leases are always measured on it, never on a worker's clock).
-    pub async fn db_now(&self, conn: &impl ConnectionTrait) -> Result<chrono::DateTime<Utc>, DbErr> {
-        if self.store.backend() == DbBackend::Postgres {
-            let row: Option<Now> = self.store.query_one(conn, "SELECT now() AS now", vec![]).await?;
-            Ok(row.map_or_else(Utc::now, |r| r.now))
-        } else {
-            Ok(Utc::now())
-        }
-    }
-
-    /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
-    /// write lock) and returns what to do after the commit.
-    pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
-        let Some((row, run_plan, old)) = state::load(&self.store, conn, run, &self.plans).await? else {
-            return Ok(Applied::default());
+            plans: state::PlanCache::new(4096),
+            specs: state::Memo::new(1024),
+            states: state::StateCache::new(4096),
         };
-        let now: Millis = state::ms(self.db_now(conn).await?);
-        let (new, effects) = plan::plan(&run_plan, &old, event, now);
-        let old_wake = row.next_wake_at.map(state::ms);
-        // An ignored event (stale or late) changes nothing, the alarm included; any other event
-        // ends with the run's one alarm, or none when nothing is due.
-        let ignored = new == old && effects.is_empty();
-        let mut applied = Applied::default();
-        let mut wake = if ignored { old_wake } else { None };
-        let mut kills = vec![];
-        for e in effects {
-            match e {
-                Effect::Dispatch { task, attempt } => applied.dispatched.push(Dispatch { run, task, attempt }),
-                Effect::Kill { task, attempt } => kills.push(Dispatch { run, task, attempt }),
-                Effect::WakeAt { at } => wake = Some(wake.map_or(at, |w: Millis| w.min(at))),
-                Effect::Finished { .. } => applied.finished = true,
-            }
-        }
-        state::save(&self.store, conn, run, &old, &new, old_wake, wake).await?;
-        let tenant = row.tenant_id;
-        for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
-            if a.status != b.status {
-                applied.events.push(RunEvent::status(tenant, run, "stage", Some(i), b.status.as_str()));
-            }
-        }
-        for (i, (a, b)) in old.tasks.iter().zip(&new.tasks).enumerate() {
-            if a.status != b.status || a.attempt != b.attempt {
-                let mut e = RunEvent::status(tenant, run, "task", Some(i), b.status.as_str());
-                e.attempt = Some(b.attempt);
-                applied.events.push(e);
-            }
-        }
-        if old.status != new.status {
-            applied.events.push(RunEvent::status(tenant, run, "run", None, new.status.as_str()));
-        }
-        for k in &kills {
-            self.store
-                .execute(
-                    conn,
-                    "UPDATE task_runs SET cancel_requested = $4 WHERE run_id = $1 AND idx = $2 AND attempt = $3",
-                    vec![run.into(), (k.task as i32).into(), (k.attempt as i32).into(), true.into()],
-                )
-                .await?;
-        }
-        // Local cancellation signals are sent at once: a killed attempt's completion is ignored
-        // anyway, and the database keeps `cancel_requested` for workers elsewhere.
-        if let Ok(running) = self.running.lock() {
-            for k in &kills {
-                if let Some(tx) = running.get(k) {
-                    let _ = tx.send(true);
-                }
-            }
-        }
-        Ok(applied)
+        Self { core: Arc::new(core), committer: OnceLock::new() }
     }
 
-    /// Pushes dispatches after their transaction committed.
-    pub fn after_commit(&self, applied: &Applied) {
-        for e in &applied.events {
-            // No subscribers is fine: nobody is watching.
-            let _ = self.events.send(e.clone());
-        }
-        for d in &applied.dispatched {
-            self.doorbell.ring(*d);
-        }
+    /// Hands a step to the committer (started on first use) and waits for its result.
+    async fn submit(&self, run: Uuid, step: Step) -> Result<Done, DbErr> {
+        let tx = self.committer.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(committer(self.core.clone(), rx));
+            tx
+        });
+        let (reply, rx) = oneshot::channel();
+        tx.send(Op { run, step, reply }).map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?;
+        rx.await.map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?.map_err(DbErr::Custom)
     }
 
-    /// Applies one event in its own transaction, then dispatches.
-    pub async fn apply(&self, run: Uuid, event: Event) -> Result<Applied, DbErr> {
-        let txn = self.store.write().await?;
-        let applied = self.apply_in(&*txn, run, event).await?;
-        txn.commit().await?;
-        self.after_commit(&applied);
-        Ok(applied)
-    }
-
-    fn track(&self, d: Dispatch) -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(false);
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(d, tx);
-        }
-        rx
-    }
-
-    fn untrack(&self, d: Dispatch) {
-        if let Ok(mut running) = self.running.lock() {
-            running.remove(&d);
-        }
+    /// Applies one event to a run in its own (group-committed) transaction, then dispatches.
+    pub async fn apply(&self, run: Uuid, event: Event) -> Result<(), DbErr> {
+        self.submit(run, Step::Event(event)).await.map(|_| ())
     }
 
     /// Claims a queued attempt for this worker: the task becomes running with a lease measured
     /// on the database clock. `None` when somebody else has it or it is no longer queued.
-    pub async fn claim(&self, d: Dispatch) -> Result<bool, DbErr> {
-        let txn = self.store.write().await?;
-        // The planner ignores a start for an attempt that is no longer queued; the lease update
-        // below then matches no row and the transaction is dropped unapplied.
-        let applied = self.apply_in(&*txn, d.run, Event::TaskStarted { task: d.task, attempt: d.attempt }).await?;
-        let now = self.db_now(&*txn).await?;
-        let n = self
-            .store
-            .execute(
-                &*txn,
-                "UPDATE task_runs SET lease_owner = $4, lease_expires_at = $5 \
-                 WHERE run_id = $1 AND idx = $2 AND attempt = $3 AND status = 'running'",
-                vec![
-                    d.run.into(),
-                    (d.task as i32).into(),
-                    (d.attempt as i32).into(),
-                    self.worker_name.clone().into(),
-                    (now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default()).into(),
-                ],
-            )
-            .await?;
-        if n != 1 {
-            return Ok(false);
+    pub async fn claim(&self, d: Dispatch) -> Result<Option<Claimed>, DbErr> {
+        match self.submit(d.run, Step::Claim(d)).await? {
+            Done::Claim(c) => Ok(c),
+            _ => Ok(None),
         }
-        txn.commit().await?;
-        self.after_commit(&applied);
-        Ok(true)
-    }
-
-    /// Extends this worker's lease; returns whether the attempt should stop (cancelled, or the
-    /// lease is no longer ours).
-    pub async fn heartbeat(&self, d: Dispatch) -> Result<bool, DbErr> {
-        let txn = self.store.write().await?;
-        let now = self.db_now(&*txn).await?;
-        let n = self
-            .store
-            .execute(
-                &*txn,
-                "UPDATE task_runs SET lease_expires_at = $5 WHERE run_id = $1 AND idx = $2 AND attempt = $3 \
-                 AND status = 'running' AND lease_owner = $4 AND cancel_requested = $6",
-                vec![
-                    d.run.into(),
-                    (d.task as i32).into(),
-                    (d.attempt as i32).into(),
-                    self.worker_name.clone().into(),
-                    (now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default()).into(),
-                    false.into(),
-                ],
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(n != 1)
     }
 
     /// Records an attempt's result, if this worker still holds its lease; a late or foreign
@@ -395,33 +263,25 @@ impl Engine {
         message: Option<String>,
         outputs: &std::collections::BTreeMap<String, String>,
     ) -> Result<bool, DbErr> {
-        let txn = self.store.write().await?;
-        let n = self
-            .store
-            .execute(
-                &*txn,
-                "UPDATE task_runs SET exit_code = $5, message = $6, outputs = $7 \
-                 WHERE run_id = $1 AND idx = $2 AND attempt = $3 AND status = 'running' AND lease_owner = $4",
-                vec![
-                    d.run.into(),
-                    (d.task as i32).into(),
-                    (d.attempt as i32).into(),
-                    self.worker_name.clone().into(),
-                    exit_code.into(),
-                    message.into(),
-                    serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into()).into(),
-                ],
-            )
-            .await?;
-        if n != 1 {
-            tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, "late completion ignored: the lease is not ours");
-            return Ok(false);
+        let outputs = serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into());
+        match self.submit(d.run, Step::Complete { d, outcome, exit_code, message, outputs }).await? {
+            Done::Complete(ok) => Ok(ok),
+            _ => Ok(false),
         }
-        let applied =
-            self.apply_in(&*txn, d.run, Event::TaskFinished { task: d.task, attempt: d.attempt, outcome }).await?;
-        txn.commit().await?;
-        self.after_commit(&applied);
-        Ok(true)
+    }
+
+    /// Runs the reaper until the process ends.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAPER_PERIOD);
+            loop {
+                tick.tick().await;
+                if let Err(e) = engine.reap().await {
+                    tracing::warn!(error = %e, "reaper pass failed");
+                }
+            }
+        });
     }
 
     /// One pass of the reaper: due wake-ups (retries, gate and run timeouts), expired leases,
@@ -457,8 +317,9 @@ impl Engine {
                 vec![now.into()],
             )
             .await?;
+        let mut pending = vec![];
         for r in due {
-            self.apply(r.id, Event::Tick).await?;
+            pending.push(self.submit(r.id, Step::Event(Event::Tick)));
         }
         #[derive(FromQueryResult)]
         struct T {
@@ -478,7 +339,11 @@ impl Engine {
             tracing::warn!(run = %t.run_id, task = t.idx, attempt = t.attempt, "lease expired; the attempt is lost");
             let event =
                 Event::TaskFinished { task: t.idx as usize, attempt: t.attempt as u32, outcome: TaskOutcome::Lost };
-            self.apply(t.run_id, event).await?;
+            pending.push(self.submit(t.run_id, Step::Event(event)));
+        }
+        // All of them are submitted before any is awaited, so they share transactions.
+        for r in futures_util::future::join_all(pending).await {
+            r?;
         }
         let stale = now - chrono::Duration::from_std(self.timings.redispatch_after).unwrap_or_default();
         let unclaimed: Vec<T> = self
@@ -497,18 +362,354 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    /// Runs the reaper until the process ends.
-    pub fn spawn_reaper(self: &Arc<Self>) {
-        let engine = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REAPER_PERIOD);
-            loop {
-                tick.tick().await;
-                if let Err(e) = engine.reap().await {
-                    tracing::warn!(error = %e, "reaper pass failed");
+impl Core {
+    /// Subscribes to the events of every run in this process.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    /// Where log lines are published (the embedded worker's log writer holds a clone).
+    pub fn event_sender(&self) -> broadcast::Sender<RunEvent> {
+        self.events.clone()
+    }
+
+    /// A run's compiled plan (cached: plans never change).
+    pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::RunPlan>> {
+        if let Some(p) = self.plans.get(&run) {
+            return Ok(p);
+        }
+        #[derive(FromQueryResult)]
+        struct P {
+            plan: String,
+        }
+        let text: P = self
+            .store
+            .query_one(self.store.db(), "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("run {run} vanished"))?;
+        let p = Arc::new(serde_json::from_str::<plan::RunPlan>(&text.plan)?);
+        self.plans.put(run, p.clone());
+        Ok(p)
+    }
+
+    /// A pipeline version's parsed definition (cached: versions never change).
+    pub async fn spec_of(&self, pipeline: Uuid, version: i64) -> anyhow::Result<Arc<sluice_domain::PipelineSpec>> {
+        if let Some(s) = self.specs.get(&(pipeline, version)) {
+            return Ok(s);
+        }
+        #[derive(FromQueryResult)]
+        struct D {
+            definition: String,
+        }
+        let d: D = self
+            .store
+            .query_one(
+                self.store.db(),
+                "SELECT definition FROM pipeline_versions WHERE pipeline_id = $1 AND version = $2",
+                vec![pipeline.into(), version.into()],
+            )
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("pipeline version vanished"))?;
+        let spec = Arc::new(
+            sluice_domain::parse_definition(&d.definition).map_err(|e| anyhow::anyhow!("stored definition: {e}"))?,
+        );
+        self.specs.put((pipeline, version), spec.clone());
+        Ok(spec)
+    }
+
+    /// The lease, heartbeat and re-dispatch timings in use.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// This process's worker name.
+    pub fn worker_name(&self) -> &str {
+        &self.worker_name
+    }
+
+    /// The database's clock (leases are always measured on it, never on a worker's clock).
+    pub async fn db_now(&self, conn: &impl ConnectionTrait) -> Result<chrono::DateTime<Utc>, DbErr> {
+        if self.store.backend() == DbBackend::Postgres {
+            let row: Option<Now> = self.store.query_one(conn, "SELECT now() AS now", vec![]).await?;
+            Ok(row.map_or_else(Utc::now, |r| r.now))
+        } else {
+            Ok(Utc::now())
+        }
+    }
+
+    /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
+    /// write lock) and returns what to do after the commit ([`Core::after_commit`]).
+    pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
+        let now = self.db_now(conn).await?;
+        let mut applied = Applied::default();
+        self.steps(conn, run, &[&Step::Event(event)], now, &mut applied).await?;
+        Ok(applied)
+    }
+
+    /// Applies `steps`, in order, to one run inside `conn`: the run is loaded once, each step is
+    /// planned on the state the previous one left, and the difference is written once.
+    async fn steps(
+        &self,
+        conn: &impl ConnectionTrait,
+        run: Uuid,
+        steps: &[&Step],
+        now: chrono::DateTime<Utc>,
+        applied: &mut Applied,
+    ) -> Result<Vec<Done>, DbErr> {
+        let none = |s: &&Step| match s {
+            Step::Claim(_) => Done::Claim(None),
+            Step::Complete { .. } => Done::Complete(false),
+            Step::Event(_) => Done::Event,
+        };
+        let Some(loaded) = state::load(&self.store, conn, run, &self.plans, &self.states).await? else {
+            return Ok(steps.iter().map(none).collect());
+        };
+        let state::Loaded { row, plan: run_plan, state: old, mut leases } = loaded;
+        let now_ms = state::ms(now);
+        let lease_until = now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default();
+        let old_wake = row.next_wake_at.map(state::ms);
+        let mut wake = old_wake;
+        let mut cur = old.clone();
+        let mut writes: HashMap<usize, state::TaskWrite> = HashMap::new();
+        let mut dispatched = vec![];
+        let mut done = Vec::with_capacity(steps.len());
+        for step in steps {
+            let event = match step {
+                Step::Claim(d) => Event::TaskStarted { task: d.task, attempt: d.attempt },
+                Step::Complete { d, outcome, .. } => {
+                    let holds = cur
+                        .tasks
+                        .get(d.task)
+                        .is_some_and(|t| t.status == plan::TaskStatus::Running && t.attempt == d.attempt)
+                        && leases.get(d.task).and_then(Option::as_deref) == Some(self.worker_name.as_str());
+                    if !holds {
+                        tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, "late completion ignored: the lease is not ours");
+                        done.push(Done::Complete(false));
+                        continue;
+                    }
+                    Event::TaskFinished { task: d.task, attempt: d.attempt, outcome: *outcome }
+                }
+                Step::Event(e) => e.clone(),
+            };
+            let (new, effects) = plan::plan(&run_plan, &cur, event, now_ms);
+            // An ignored event (stale or late) changes nothing, the alarm included; any other
+            // event ends with the run's one alarm, or none when nothing is due.
+            if !(new == cur && effects.is_empty()) {
+                wake = None;
+            }
+            for e in effects {
+                match e {
+                    Effect::Dispatch { task, attempt } => dispatched.push(Dispatch { run, task, attempt }),
+                    Effect::Kill { task, attempt } => applied.kills.push(Dispatch { run, task, attempt }),
+                    Effect::WakeAt { at } => wake = Some(wake.map_or(at, |w: Millis| w.min(at))),
+                    Effect::Finished { .. } => applied.finished = true,
                 }
             }
+            done.push(match step {
+                Step::Claim(d) => {
+                    let was_queued = cur.tasks.get(d.task).is_some_and(|t| t.status == plan::TaskStatus::Queued);
+                    let started = new
+                        .tasks
+                        .get(d.task)
+                        .is_some_and(|t| t.status == plan::TaskStatus::Running && t.attempt == d.attempt);
+                    if was_queued && started {
+                        leases[d.task] = Some(self.worker_name.clone());
+                        writes.entry(d.task).or_default().lease = Some((self.worker_name.clone(), lease_until));
+                        Done::Claim(Some(Claimed {
+                            tenant: row.tenant_id,
+                            pipeline: row.pipeline_id,
+                            version: row.version,
+                        }))
+                    } else {
+                        Done::Claim(None)
+                    }
+                }
+                Step::Complete { d, exit_code, message, outputs, .. } => {
+                    writes.entry(d.task).or_default().result = Some((*exit_code, message.clone(), outputs.clone()));
+                    Done::Complete(true)
+                }
+                Step::Event(_) => Done::Event,
+            });
+            cur = new;
+        }
+        for (i, t) in cur.tasks.iter().enumerate() {
+            if t.status != plan::TaskStatus::Running {
+                leases[i] = None;
+            }
+        }
+        // Only what is still queued at the end is rung.
+        dispatched.retain(|d: &Dispatch| {
+            cur.tasks.get(d.task).is_some_and(|t| t.status == plan::TaskStatus::Queued && t.attempt == d.attempt)
         });
+        applied.dispatched.extend(dispatched);
+        let rev =
+            state::save(&self.store, conn, run, row.rev, &old, &cur, state::Wake { old: old_wake, new: wake }, &writes)
+                .await?;
+        for k in applied.kills.iter().filter(|k| k.run == run) {
+            self.store
+                .execute(
+                    conn,
+                    "UPDATE task_runs SET cancel_requested = $4 WHERE run_id = $1 AND idx = $2 AND attempt = $3",
+                    vec![run.into(), (k.task as i32).into(), (k.attempt as i32).into(), true.into()],
+                )
+                .await?;
+        }
+        let tenant = row.tenant_id;
+        for (i, (a, b)) in old.stages.iter().zip(&cur.stages).enumerate() {
+            if a.status != b.status {
+                applied.events.push(RunEvent::status(tenant, run, "stage", Some(i), b.status.as_str()));
+            }
+        }
+        for (i, (a, b)) in old.tasks.iter().zip(&cur.tasks).enumerate() {
+            if a.status != b.status || a.attempt != b.attempt {
+                let mut e = RunEvent::status(tenant, run, "task", Some(i), b.status.as_str());
+                e.attempt = Some(b.attempt);
+                applied.events.push(e);
+            }
+        }
+        if old.status != cur.status {
+            applied.events.push(RunEvent::status(tenant, run, "run", None, cur.status.as_str()));
+        }
+        // A revision is random, so a state remembered here can only ever match the row it was
+        // written to: if this transaction rolls back, the row keeps its old revision.
+        if cur.status.is_terminal() {
+            self.states.forget(&run);
+        } else {
+            self.states.put(run, state::CachedState { rev, state: cur, leases });
+        }
+        Ok(done)
+    }
+
+    /// Publishes events and rings dispatches after their transaction committed.
+    pub fn after_commit(&self, applied: &Applied) {
+        for e in &applied.events {
+            // No subscribers is fine: nobody is watching.
+            let _ = self.events.send(e.clone());
+        }
+        // The database keeps `cancel_requested` for workers elsewhere; attempts running here
+        // are told at once.
+        if let Ok(running) = self.running.lock() {
+            for k in &applied.kills {
+                if let Some(tx) = running.get(k) {
+                    let _ = tx.send(true);
+                }
+            }
+        }
+        for d in &applied.dispatched {
+            self.doorbell.ring(*d);
+        }
+    }
+
+    /// Applies a batch of steps in one transaction.
+    async fn batch(&self, ops: &[(Uuid, &Step)]) -> Result<(Vec<Done>, Applied), DbErr> {
+        let txn = self.store.write().await?;
+        let now = self.db_now(&*txn).await?;
+        // Steps grouped by run, runs in order of first appearance, steps in arrival order.
+        let mut runs: Vec<(Uuid, Vec<usize>)> = vec![];
+        for (i, (run, _)) in ops.iter().enumerate() {
+            match runs.iter_mut().find(|(r, _)| r == run) {
+                Some((_, v)) => v.push(i),
+                None => runs.push((*run, vec![i])),
+            }
+        }
+        let mut applied = Applied::default();
+        let mut done = vec![Done::Event; ops.len()];
+        for (run, idx) in &runs {
+            let steps: Vec<&Step> = idx.iter().map(|&i| ops[i].1).collect();
+            let results = self.steps(&*txn, *run, &steps, now, &mut applied).await?;
+            for (&i, r) in idx.iter().zip(results) {
+                done[i] = r;
+            }
+        }
+        txn.commit().await?;
+        Ok((done, applied))
+    }
+
+    fn track(&self, d: Dispatch) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(d, tx);
+        }
+        rx
+    }
+
+    fn untrack(&self, d: Dispatch) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&d);
+        }
+    }
+
+    /// Extends this worker's lease; returns whether the attempt should stop (cancelled, or the
+    /// lease is no longer ours).
+    pub async fn heartbeat(&self, d: Dispatch) -> Result<bool, DbErr> {
+        let txn = self.store.write().await?;
+        let now = self.db_now(&*txn).await?;
+        let n = self
+            .store
+            .execute(
+                &*txn,
+                "UPDATE task_runs SET lease_expires_at = $5 WHERE run_id = $1 AND idx = $2 AND attempt = $3 \
+                 AND status = 'running' AND lease_owner = $4 AND cancel_requested = $6",
+                vec![
+                    d.run.into(),
+                    (d.task as i32).into(),
+                    (d.attempt as i32).into(),
+                    self.worker_name.clone().into(),
+                    (now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default()).into(),
+                    false.into(),
+                ],
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(n != 1)
+    }
+}
+
+/// The committer: applies whatever steps are waiting in one transaction, then the next batch.
+/// When a batch fails as a whole, its steps are applied one by one, so one bad step fails
+/// alone.
+async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let steps: Vec<(Uuid, &Step)> = ops.iter().map(|o| (o.run, &o.step)).collect();
+        match core.batch(&steps).await {
+            Ok((done, applied)) => {
+                core.after_commit(&applied);
+                for (op, d) in ops.into_iter().zip(done) {
+                    let _ = op.reply.send(Ok(d));
+                }
+            }
+            Err(e) => {
+                for (run, _) in &steps {
+                    core.states.forget(run);
+                }
+                if ops.len() == 1 {
+                    for op in ops {
+                        let _ = op.reply.send(Err(e.to_string()));
+                    }
+                    continue;
+                }
+                tracing::debug!(error = %e, steps = ops.len(), "a batch failed; applying its steps one by one");
+                for op in ops {
+                    let r = core.batch(&[(op.run, &op.step)]).await;
+                    if r.is_err() {
+                        core.states.forget(&op.run);
+                    }
+                    let r = r.map(|(done, applied)| {
+                        core.after_commit(&applied);
+                        done.first().copied().unwrap_or(Done::Event)
+                    });
+                    let _ = op.reply.send(r.map_err(|e| e.to_string()));
+                }
+            }
+        }
     }
 }

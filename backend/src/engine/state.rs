@@ -1,5 +1,10 @@
 //! Loading a run's state from its rows and writing back what the planner changed.
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult};
 use sluice_domain::plan::{Millis, RunPlan, RunState, RunStatus, StageState, StageStatus, TaskState, TaskStatus};
@@ -40,6 +45,8 @@ pub struct RunRow {
     pub started_at: Option<DateTime<Utc>>,
     /// Finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Revision of the run's state: a new random value on every write.
+    pub rev: i64,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -55,50 +62,97 @@ struct TaskRow {
     not_before: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    lease_owner: Option<String>,
 }
 
 fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, DbErr> {
     s.parse().map_err(|_| DbErr::Custom(format!("stored {what} status {s:?} is not known")))
 }
 
-/// Parsed plans of runs, by run id. A run's plan never changes, so it is read and parsed once
-/// per process instead of on every event.
-#[derive(Default)]
-pub struct PlanCache(std::sync::Mutex<std::collections::HashMap<Uuid, std::sync::Arc<RunPlan>>>);
+/// A small bounded map of values that never change once written (a run's plan, a pipeline
+/// version's definition), or that carry their own validity check (a run's state and its
+/// revision). It is emptied when full.
+pub struct Memo<K, V> {
+    map: Mutex<HashMap<K, V>>,
+    capacity: usize,
+}
 
-/// Most plans kept; the cache is emptied when full.
-const PLAN_CACHE_CAPACITY: usize = 4096;
-
-impl PlanCache {
-    pub(crate) fn get(&self, run: Uuid) -> Option<std::sync::Arc<RunPlan>> {
-        self.0.lock().ok().and_then(|m| m.get(&run).cloned())
+impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
+    /// An empty memo holding at most `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        Self { map: Mutex::new(HashMap::new()), capacity }
     }
 
-    pub(crate) fn put(&self, run: Uuid, plan: std::sync::Arc<RunPlan>) {
-        if let Ok(mut m) = self.0.lock() {
-            if m.len() >= PLAN_CACHE_CAPACITY {
+    /// The value under `key`.
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.map.lock().ok().and_then(|m| m.get(key).cloned())
+    }
+
+    /// Stores `value` under `key`.
+    pub fn put(&self, key: K, value: V) {
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= self.capacity {
                 m.clear();
             }
-            m.insert(run, plan);
+            m.insert(key, value);
+        }
+    }
+
+    /// Forgets `key`.
+    pub fn forget(&self, key: &K) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(key);
         }
     }
 }
 
-/// Loads (and on PostgreSQL locks) a run with its plan and state.
+/// Parsed plans of runs, by run id. A run's plan never changes.
+pub type PlanCache = Memo<Uuid, Arc<RunPlan>>;
+
+/// A run's state as last written by this process, valid while the run row's `rev` matches.
+#[derive(Debug, Clone)]
+pub struct CachedState {
+    /// The revision this state was written (or read) at.
+    pub rev: i64,
+    /// The state.
+    pub state: RunState,
+    /// Each task's lease holder.
+    pub leases: Vec<Option<String>>,
+}
+
+/// Run states by run id.
+pub type StateCache = Memo<Uuid, CachedState>;
+
+/// A run as loaded for an event: its row (locked on PostgreSQL), plan, state and leases.
+pub struct Loaded {
+    /// The run row.
+    pub row: RunRow,
+    /// The compiled plan.
+    pub plan: Arc<RunPlan>,
+    /// The state.
+    pub state: RunState,
+    /// Each task's lease holder.
+    pub leases: Vec<Option<String>>,
+}
+
+/// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
+/// read only when `states` holds no state of the run at its current revision.
 pub async fn load(
     store: &Store,
     conn: &impl ConnectionTrait,
     run: Uuid,
     plans: &PlanCache,
-) -> Result<Option<(RunRow, std::sync::Arc<RunPlan>, RunState)>, DbErr> {
+    states: &StateCache,
+) -> Result<Option<Loaded>, DbErr> {
     let sql = format!(
-        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at FROM runs WHERE id = $1{}",
+        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev \
+         FROM runs WHERE id = $1{}",
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
-    let plan = match plans.get(run) {
+    let plan = match plans.get(&run) {
         Some(p) => p,
         None => {
             #[derive(FromQueryResult)]
@@ -111,11 +165,14 @@ pub async fn load(
                 .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
             let p: RunPlan = serde_json::from_str(&text.plan)
                 .map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
-            let p = std::sync::Arc::new(p);
+            let p = Arc::new(p);
             plans.put(run, p.clone());
             p
         }
     };
+    if let Some(c) = states.get(&run).filter(|c| c.rev == row.rev) {
+        return Ok(Some(Loaded { row, plan, state: c.state, leases: c.leases }));
+    }
     let stages: Vec<StageRow> = store
         .query_all(
             conn,
@@ -126,7 +183,8 @@ pub async fn load(
     let tasks: Vec<TaskRow> = store
         .query_all(
             conn,
-            "SELECT status, attempt, not_before, started_at, finished_at FROM task_runs WHERE run_id = $1 ORDER BY idx",
+            "SELECT status, attempt, not_before, started_at, finished_at, lease_owner FROM task_runs \
+             WHERE run_id = $1 ORDER BY idx",
             vec![run.into()],
         )
         .await?;
@@ -164,10 +222,14 @@ pub async fn load(
     if state.stages.len() != plan.stages.len() || state.tasks.len() != plan.tasks.len() {
         return Err(DbErr::Custom(format!("run {run}: rows do not match its plan")));
     }
-    Ok(Some((row, plan, state)))
+    let leases = tasks.into_iter().map(|t| t.lease_owner).collect();
+    Ok(Some(Loaded { row, plan, state, leases }))
 }
 
-/// Inserts the rows of a new run's stages and tasks.
+/// Rows per multi-row `INSERT`.
+const INSERT_CHUNK: usize = 100;
+
+/// Inserts the rows of a new run's stages and tasks, many rows per statement.
 pub async fn insert_rows(
     store: &Store,
     conn: &impl ConnectionTrait,
@@ -175,32 +237,46 @@ pub async fn insert_rows(
     run: Uuid,
     plan: &RunPlan,
 ) -> Result<(), DbErr> {
-    for (i, s) in plan.stages.iter().enumerate() {
-        store
-            .execute(
-                conn,
-                "INSERT INTO stage_runs (run_id, idx, tenant_id, stage_id, status, gate_deadline) VALUES ($1, $2, $3, $4, $5, NULL)",
-                vec![run.into(), (i as i32).into(), tenant.into(), s.id.clone().into(), "pending".into()],
-            )
-            .await?;
+    let stages: Vec<(usize, &sluice_domain::plan::PlannedStage)> = plan.stages.iter().enumerate().collect();
+    for chunk in stages.chunks(INSERT_CHUNK) {
+        let mut sql =
+            String::from("INSERT INTO stage_runs (run_id, idx, tenant_id, stage_id, status, gate_deadline) VALUES ");
+        let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into()];
+        for (n, (i, s)) in chunk.iter().enumerate() {
+            let p = values.len();
+            sql.push_str(&format!(
+                "{}($1, ${}, $2, ${}, 'pending', NULL)",
+                if n > 0 { ", " } else { "" },
+                p + 1,
+                p + 2
+            ));
+            values.push((*i as i32).into());
+            values.push(s.id.clone().into());
+        }
+        store.execute(conn, &sql, values).await?;
     }
-    for (i, t) in plan.tasks.iter().enumerate() {
-        store
-            .execute(
-                conn,
-                "INSERT INTO task_runs (run_id, idx, tenant_id, key, task_id, stage_idx, status, attempt, outputs, cancel_requested) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, '{}', $7)",
-                vec![
-                    run.into(),
-                    (i as i32).into(),
-                    tenant.into(),
-                    t.key.clone().into(),
-                    t.task_id.clone().into(),
-                    (t.stage as i32).into(),
-                    false.into(),
-                ],
-            )
-            .await?;
+    let tasks: Vec<(usize, &sluice_domain::plan::PlannedTask)> = plan.tasks.iter().enumerate().collect();
+    for chunk in tasks.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO task_runs (run_id, idx, tenant_id, key, task_id, stage_idx, status, attempt, outputs, cancel_requested) VALUES ",
+        );
+        let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into(), false.into()];
+        for (n, (i, t)) in chunk.iter().enumerate() {
+            let p = values.len();
+            sql.push_str(&format!(
+                "{}($1, ${}, $2, ${}, ${}, ${}, 'pending', 0, '{{}}', $3)",
+                if n > 0 { ", " } else { "" },
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4
+            ));
+            values.push((*i as i32).into());
+            values.push(t.key.clone().into());
+            values.push(t.task_id.clone().into());
+            values.push((t.stage as i32).into());
+        }
+        store.execute(conn, &sql, values).await?;
     }
     Ok(())
 }
@@ -262,35 +338,62 @@ pub async fn carry_over(
     Ok(())
 }
 
-/// Writes every difference between `old` and `new`. Each task update is conditional on the
-/// status and attempt it had, so a concurrent writer can never be overwritten silently.
+/// What a task row gets besides its new state.
+#[derive(Debug, Default, Clone)]
+pub struct TaskWrite {
+    /// A new lease: holder and expiry.
+    pub lease: Option<(String, DateTime<Utc>)>,
+    /// An attempt's result: exit code, message, outputs (JSON object).
+    pub result: Option<(Option<i32>, Option<String>, String)>,
+}
+
+/// The alarm before and after a change.
+#[derive(Debug, Clone, Copy)]
+pub struct Wake {
+    /// The run's alarm as stored.
+    pub old: Option<Millis>,
+    /// The run's alarm from now on.
+    pub new: Option<Millis>,
+}
+
+/// Writes every difference between `old` and `new`, and returns the run's new revision (the
+/// old one when nothing was written). Each task update is conditional on the status and
+/// attempt the task had, so a concurrent writer can never be overwritten silently. Tasks that
+/// change the same way (say, 200 tasks queued at once) are written by one statement.
+#[allow(clippy::too_many_arguments)]
 pub async fn save(
     store: &Store,
     conn: &impl ConnectionTrait,
     run: Uuid,
+    rev: i64,
     old: &RunState,
     new: &RunState,
-    old_wake: Option<Millis>,
-    wake: Option<Millis>,
-) -> Result<(), DbErr> {
-    // One write of the run row, and only when something in it changed.
-    let run_changed =
-        old.status != new.status || old.started_at != new.started_at || old.finished_at != new.finished_at;
-    if run_changed || old_wake != wake {
-        store
-            .execute(
-                conn,
-                "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5 WHERE id = $1",
-                vec![
-                    run.into(),
-                    new.status.as_str().into(),
-                    opt_at(new.started_at).into(),
-                    opt_at(new.finished_at).into(),
-                    opt_at(wake).into(),
-                ],
-            )
-            .await?;
+    wake: Wake,
+    writes: &HashMap<usize, TaskWrite>,
+) -> Result<i64, DbErr> {
+    if old == new && wake.old == wake.new && writes.is_empty() {
+        return Ok(rev);
     }
+    let next_rev = loop {
+        let r = (Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
+        if r != rev {
+            break r;
+        }
+    };
+    store
+        .execute(
+            conn,
+            "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5, rev = $6 WHERE id = $1",
+            vec![
+                run.into(),
+                new.status.as_str().into(),
+                opt_at(new.started_at).into(),
+                opt_at(new.finished_at).into(),
+                opt_at(wake.new).into(),
+                next_rev.into(),
+            ],
+        )
+        .await?;
     for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
         if a != b {
             store
@@ -302,39 +405,87 @@ pub async fn save(
                 .await?;
         }
     }
+    // Changed tasks without a lease or result of their own, grouped by (old, new) state.
+    let now = Utc::now();
+    let mut groups: Vec<((&TaskState, &TaskState), Vec<i32>)> = vec![];
     for (i, (a, b)) in old.tasks.iter().zip(&new.tasks).enumerate() {
-        if a == b {
+        let write = writes.get(&i);
+        if a == b && write.is_none() {
             continue;
         }
-        let queued_now = b.status == TaskStatus::Queued && a.status != TaskStatus::Queued;
-        let leaves_running = a.status == TaskStatus::Running && b.status != TaskStatus::Running;
-        let n = store
-            .execute(
-                conn,
-                "UPDATE task_runs SET status = $5, attempt = $6, not_before = $7, started_at = $8, finished_at = $9, \
-                 queued_at = CASE WHEN $10 THEN $11 ELSE queued_at END, \
-                 lease_owner = CASE WHEN $12 THEN NULL ELSE lease_owner END, \
-                 lease_expires_at = CASE WHEN $12 THEN NULL ELSE lease_expires_at END \
-                 WHERE run_id = $1 AND idx = $2 AND status = $3 AND attempt = $4",
-                vec![
-                    run.into(),
-                    (i as i32).into(),
-                    a.status.as_str().into(),
-                    (a.attempt as i32).into(),
-                    b.status.as_str().into(),
-                    (b.attempt as i32).into(),
-                    opt_at(b.not_before).into(),
-                    opt_at(b.started_at).into(),
-                    opt_at(b.finished_at).into(),
-                    queued_now.into(),
-                    Utc::now().into(),
-                    leaves_running.into(),
-                ],
-            )
-            .await?;
-        if n != 1 {
-            return Err(DbErr::Custom(format!("task {i} of run {run} changed concurrently")));
+        if write.is_some_and(|w| w.lease.is_some() || w.result.is_some()) {
+            write_task(store, conn, run, &[i as i32], a, b, write, now).await?;
+        } else if let Some(g) = groups.iter_mut().find(|((ga, gb), _)| *ga == a && *gb == b) {
+            g.1.push(i as i32);
+        } else {
+            groups.push(((a, b), vec![i as i32]));
         }
+    }
+    for ((a, b), idx) in groups {
+        for chunk in idx.chunks(INSERT_CHUNK) {
+            write_task(store, conn, run, chunk, a, b, None, now).await?;
+        }
+    }
+    Ok(next_rev)
+}
+
+/// Moves the tasks `idx` (all in state `a`) to state `b`.
+#[allow(clippy::too_many_arguments)]
+async fn write_task(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    run: Uuid,
+    idx: &[i32],
+    a: &TaskState,
+    b: &TaskState,
+    write: Option<&TaskWrite>,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let queued_now = b.status == TaskStatus::Queued && a.status != TaskStatus::Queued;
+    let mut values: Vec<sea_orm::Value> = vec![
+        run.into(),
+        a.status.as_str().into(),
+        (a.attempt as i32).into(),
+        b.status.as_str().into(),
+        (b.attempt as i32).into(),
+        opt_at(b.not_before).into(),
+        opt_at(b.started_at).into(),
+        opt_at(b.finished_at).into(),
+    ];
+    let mut sql = String::from(
+        "UPDATE task_runs SET status = $4, attempt = $5, not_before = $6, started_at = $7, finished_at = $8",
+    );
+    let mut push = |sql: &mut String, column: &str, v: sea_orm::Value| {
+        values.push(v);
+        sql.push_str(&format!(", {column} = ${}", values.len()));
+    };
+    if queued_now {
+        push(&mut sql, "queued_at", now.into());
+    }
+    match write.and_then(|w| w.lease.clone()) {
+        Some((owner, expires)) => {
+            push(&mut sql, "lease_owner", owner.into());
+            push(&mut sql, "lease_expires_at", expires.into());
+        }
+        None if b.status != TaskStatus::Running => {
+            sql.push_str(", lease_owner = NULL, lease_expires_at = NULL");
+        }
+        None => {}
+    }
+    if let Some((exit_code, message, outputs)) = write.and_then(|w| w.result.clone()) {
+        push(&mut sql, "exit_code", exit_code.into());
+        push(&mut sql, "message", message.into());
+        push(&mut sql, "outputs", outputs.into());
+    }
+    sql.push_str(" WHERE run_id = $1 AND status = $2 AND attempt = $3 AND idx IN (");
+    for (n, i) in idx.iter().enumerate() {
+        values.push((*i).into());
+        sql.push_str(&format!("{}${}", if n > 0 { ", " } else { "" }, values.len()));
+    }
+    sql.push(')');
+    let n = store.execute(conn, &sql, values).await?;
+    if n != idx.len() as u64 {
+        return Err(DbErr::Custom(format!("tasks {idx:?} of run {run} changed concurrently")));
     }
     Ok(())
 }

@@ -57,13 +57,6 @@ pub fn spawn_local_workers(
 }
 
 #[derive(FromQueryResult)]
-struct RunInfo {
-    tenant_id: Uuid,
-    pipeline_id: Uuid,
-    version: i64,
-}
-
-#[derive(FromQueryResult)]
 struct Outputs {
     task_id: String,
     outputs: String,
@@ -142,11 +135,11 @@ pub(super) async fn run_one(
     work_root: PathBuf,
     secrets_key: &SecretsKey,
 ) -> anyhow::Result<()> {
-    if !engine.claim(d).await? {
+    let Some(claimed) = engine.claim(d).await? else {
         return Ok(());
-    }
+    };
     let cancel = engine.track(d);
-    let result = execute(engine, store, d, work_root, secrets_key, cancel).await;
+    let result = execute(engine, store, d, claimed, work_root, secrets_key, cancel).await;
     engine.untrack(d);
     let (outcome, exit_code, message, outputs) = match result {
         Ok(r) => r,
@@ -162,34 +155,36 @@ async fn execute(
     engine: &Engine,
     store: &Store,
     d: Dispatch,
+    run: super::Claimed,
     work_root: PathBuf,
     secrets_key: &SecretsKey,
     mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Finished> {
-    let run: RunInfo = store
-        .query_one(store.db(), "SELECT tenant_id, pipeline_id, version FROM runs WHERE id = $1", vec![d.run.into()])
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("run vanished"))?;
     let plan = engine.plan_of(d.run).await?;
     let planned = plan.tasks.get(d.task).ok_or_else(|| anyhow::anyhow!("no task {} in the plan", d.task))?;
-    let spec = engine.spec_of(run.pipeline_id, run.version).await?;
+    let spec = engine.spec_of(run.pipeline, run.version).await?;
     let (si, ti) = planned.spec_index;
     let task = spec
         .stages
         .get(si)
         .and_then(|s| s.tasks.get(ti))
         .ok_or_else(|| anyhow::anyhow!("task {si}/{ti} not in the definition"))?;
-    let rows: Vec<Outputs> = store
-        .query_all(
-            store.db(),
-            "SELECT task_id, outputs FROM task_runs WHERE run_id = $1 AND status = 'succeeded'",
-            vec![d.run.into()],
-        )
-        .await?;
+    // Earlier tasks' outputs are read only for a task whose templates use them.
+    let rows: Vec<Outputs> = if uses_outputs(task) {
+        store
+            .query_all(
+                store.db(),
+                "SELECT task_id, outputs FROM task_runs WHERE run_id = $1 AND status = 'succeeded'",
+                vec![d.run.into()],
+            )
+            .await?
+    } else {
+        vec![]
+    };
     let outputs: BTreeMap<String, BTreeMap<String, String>> =
         rows.into_iter().map(|r| (r.task_id, serde_json::from_str(&r.outputs).unwrap_or_default())).collect();
     check_secret_references(task)?;
-    let secrets = load_secrets(store, secrets_key, run.tenant_id, task).await?;
+    let secrets = load_secrets(store, secrets_key, run.tenant, task).await?;
     let ctx = Ctx {
         params: &plan.params,
         outputs: &outputs,
@@ -200,7 +195,7 @@ async fn execute(
     let req = request(task, &ctx, work_root, d.run, d.attempt)?;
 
     let (log_tx, log_rx) = mpsc::channel::<LogLine>(1024);
-    let tenant = run.tenant_id;
+    let tenant = run.tenant;
     let logs = tokio::spawn(write_logs(store.clone(), d, log_rx, tenant, engine.event_sender()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let exec = tokio::spawn(sluice_worker::execute(req, log_tx, stop_rx));
@@ -231,9 +226,8 @@ async fn execute(
     })
 }
 
-/// Every template of the task that is rendered (argv, environment values, HTTP fields) may only
-/// name secrets the task lists in `secrets:`; a task that names another fails before it starts.
-fn check_secret_references(task: &TaskSpec) -> anyhow::Result<()> {
+/// The templates of a task that are rendered: argv, environment values, HTTP fields.
+fn templates(task: &TaskSpec) -> Vec<&str> {
     let mut templates: Vec<&str> = task.env.values().map(String::as_str).collect();
     match &task.action {
         TaskAction::Run(argv) => templates.extend(argv.iter().map(String::as_str)),
@@ -244,7 +238,21 @@ fn check_secret_references(task: &TaskSpec) -> anyhow::Result<()> {
         }
         TaskAction::Shell(_) | TaskAction::Sleep(_) | TaskAction::Noop => {}
     }
-    for text in templates {
+    templates
+}
+
+/// Whether any template of the task reads another task's outputs.
+fn uses_outputs(task: &TaskSpec) -> bool {
+    templates(task)
+        .into_iter()
+        .filter_map(|t| Template::parse(t).ok())
+        .any(|t| t.references().into_iter().any(|r| matches!(r, template::Reference::TaskOutput { .. })))
+}
+
+/// Every template of the task that is rendered (argv, environment values, HTTP fields) may only
+/// name secrets the task lists in `secrets:`; a task that names another fails before it starts.
+fn check_secret_references(task: &TaskSpec) -> anyhow::Result<()> {
+    for text in templates(task) {
         // A template that does not parse fails later, when it is rendered, with its own message.
         let Ok(t) = Template::parse(text) else { continue };
         for r in t.references() {
@@ -304,22 +312,9 @@ async fn write_logs(
     tenant: Uuid,
     events: tokio::sync::broadcast::Sender<super::RunEvent>,
 ) {
-    #[derive(FromQueryResult)]
-    struct Last {
-        chunk: Option<i64>,
-        lines: Option<i64>,
-    }
-    let last: Option<Last> = store
-        .query_one(
-            store.db(),
-            "SELECT MAX(chunk) AS chunk, SUM(lines) AS lines FROM task_logs WHERE run_id = $1 AND task_idx = $2",
-            vec![d.run.into(), (d.task as i32).into()],
-        )
-        .await
-        .ok()
-        .flatten();
-    let mut chunk = last.as_ref().and_then(|l| l.chunk).map_or(0, |c| c + 1);
-    let mut line_no = last.and_then(|l| l.lines).unwrap_or(0);
+    // Where this attempt's chunks continue (after an earlier attempt's), read when the first
+    // line arrives: most tasks of a busy pipeline print nothing.
+    let mut next: Option<(i64, i64)> = None;
     let mut buf: Vec<String> = vec![];
     let mut open = true;
     while open {
@@ -341,6 +336,10 @@ async fn write_logs(
         if buf.is_empty() {
             continue;
         }
+        let (chunk, line_no) = match next {
+            Some(p) => p,
+            None => last_chunk(&store, d).await,
+        };
         let n = buf.len() as i64;
         let body = buf.join("\n");
         let lines: Vec<serde_json::Value> = buf.drain(..).filter_map(|l| serde_json::from_str(&l).ok()).collect();
@@ -381,7 +380,25 @@ async fn write_logs(
             }
             Err(e) => tracing::warn!(run = %d.run, task = d.task, error = %e, "storing log lines failed"),
         }
-        chunk += 1;
-        line_no += n;
+        next = Some((chunk + 1, line_no + n));
     }
+}
+
+/// The next chunk number and line number of a task's log.
+async fn last_chunk(store: &Store, d: Dispatch) -> (i64, i64) {
+    #[derive(FromQueryResult)]
+    struct Last {
+        chunk: Option<i64>,
+        lines: Option<i64>,
+    }
+    let last: Option<Last> = store
+        .query_one(
+            store.db(),
+            "SELECT MAX(chunk) AS chunk, SUM(lines) AS lines FROM task_logs WHERE run_id = $1 AND task_idx = $2",
+            vec![d.run.into(), (d.task as i32).into()],
+        )
+        .await
+        .ok()
+        .flatten();
+    (last.as_ref().and_then(|l| l.chunk).map_or(0, |c| c + 1), last.and_then(|l| l.lines).unwrap_or(0))
 }
