@@ -64,6 +64,9 @@ impl AppState {
                     engine::RedisDoorbell::connect(url, &config.redis_prefix).await.context("connecting to Redis")?,
                 );
                 let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), doorbell));
+                // Events of every process (workers run the tasks) reach this process's clients.
+                engine::bus::EventBus::spawn(url, &config.redis_prefix, &engine.event_sender())
+                    .context("starting the event bus")?;
                 if config.with_worker {
                     let (engine, store, url, prefix, slots, key) = (
                         engine.clone(),

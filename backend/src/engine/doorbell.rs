@@ -235,6 +235,9 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // Completions queue the next tasks: this process rings the same doorbell.
     let doorbell = Arc::new(RedisDoorbell::connect(&url, &config.redis_prefix).await?);
     let engine = Arc::new(Engine::new(store.clone(), doorbell));
+    // This process's task and log events reach the clients of every `sluice serve`.
+    super::bus::EventBus::spawn(&url, &config.redis_prefix, &engine.event_sender())
+        .context("starting the event bus")?;
     tracing::info!(worker = engine.worker_name(), slots = config.worker_slots, "worker started");
     let stop = Arc::new(Notify::new());
     let mut consumer = tokio::spawn(consume_redis(

@@ -8,6 +8,7 @@ mod auth;
 mod authz;
 mod conventions;
 mod cross_tenant;
+mod events_bus;
 mod helpers;
 mod jwt_attacks;
 mod openapi;
