@@ -73,6 +73,8 @@ macro_rules! actions {
 actions! {
     /// Read the tenant's settings.
     TenantRead = "tenant.read" on TENANT,
+    /// Change the tenant's settings (the HTTP allow-list).
+    TenantUpdate = "tenant.update" on TENANT,
     /// List members.
     MemberList = "member.list" on TENANT,
     /// Add a member.

@@ -16,6 +16,7 @@ mod doc;
 pub mod duration;
 pub mod ids;
 pub mod memory;
+pub mod network;
 pub mod plan;
 pub mod schedule;
 pub mod spec;

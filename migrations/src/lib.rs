@@ -9,6 +9,7 @@ mod m20261127_000002_create_runs;
 mod m20261127_000003_create_secrets;
 mod m20261127_000004_create_triggers;
 mod m20261127_000005_create_workers;
+mod m20261127_000006_tenant_http_allow;
 mod m20261127_000007_run_revisions;
 mod util;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_create_secrets::Migration),
             Box::new(m20261127_000004_create_triggers::Migration),
             Box::new(m20261127_000005_create_workers::Migration),
+            Box::new(m20261127_000006_tenant_http_allow::Migration),
             Box::new(m20261127_000007_run_revisions::Migration),
         ]
     }

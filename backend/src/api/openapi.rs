@@ -32,6 +32,7 @@ impl Modify for Security {
         super::auth::accept_invitation, super::auth::jwks,
         super::tenant::get_tenant, super::tenant::list_members, super::tenant::add_member, super::tenant::update_member,
         super::tenant::remove_member, super::tenant::list_groups, super::tenant::create_group,
+        super::tenant::get_settings, super::tenant::update_settings,
         super::tokens::list_tokens, super::tokens::create_token, super::tokens::revoke_token,
         super::policies::get_policies, super::policies::put_policies, super::policies::list_versions, super::policies::get_version,
         super::pipelines::list_pipelines, super::pipelines::create_pipeline, super::pipelines::get_pipeline,

@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, http::Method, web};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use sluice_domain::{cedar::Action, ids::NodeId};
+use sluice_domain::{cedar::Action, ids::NodeId, network::AllowedNetwork};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -12,7 +12,7 @@ use crate::{
     auth::{TenantCtx, api_token::sha256_hex, password},
     authz::Resource,
     error::{ApiError, ApiResult, FieldError},
-    service::accounts,
+    service::{accounts, settings},
     store::{Store, is_unique_violation},
 };
 
@@ -24,6 +24,8 @@ pub(super) fn routes(r: &mut Routes<'_>) {
     r.add(Method::DELETE, "/api/v1/t/{tenant}/members/{user_id}", remove_member);
     r.add(Method::GET, "/api/v1/t/{tenant}/groups", list_groups);
     r.add(Method::POST, "/api/v1/t/{tenant}/groups", create_group);
+    r.add(Method::GET, "/api/v1/t/{tenant}/settings", get_settings);
+    r.add(Method::PATCH, "/api/v1/t/{tenant}/settings", update_settings);
 }
 
 /// A tenant.
@@ -429,4 +431,66 @@ async fn create_group(state: State, ctx: TenantCtx, body: Body) -> ApiResult<Htt
         description: body.description.clone(),
         created_at: now,
     }))
+}
+
+/// The tenant's settings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettingsView {
+    /// Networks (canonical CIDRs) that the tenant's `http:` tasks may reach although they are
+    /// private, loopback or link-local. Empty: public addresses only.
+    pub http_allow: Vec<String>,
+}
+
+/// A change of the tenant's settings; fields left out stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSettings {
+    /// The complete new HTTP allow-list: IP addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`,
+    /// `fd00::/8`), at most 64. Host names are refused: the check applies to the address a task
+    /// actually connects to.
+    pub http_allow: Option<Vec<String>>,
+}
+
+#[utoipa::path(get, path = "/api/v1/t/{tenant}/settings", tag = "tenant", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug")),
+    responses((status = 200, body = SettingsView), (status = 403, description = "not permitted"),
+              (status = 404, description = "no such tenant, or not a member")))]
+async fn get_settings(state: State, ctx: TenantCtx) -> ApiResult<web::Json<SettingsView>> {
+    authorize(&state, &ctx, Action::TenantRead, Resource::Tenant).await?;
+    let store = &state.store;
+    let http_allow =
+        settings::http_allow(store, store.db(), ctx.tenant.id).await?.ok_or(ApiError::NotFound("tenant"))?;
+    Ok(web::Json(SettingsView { http_allow }))
+}
+
+#[utoipa::path(patch, path = "/api/v1/t/{tenant}/settings", tag = "tenant", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant slug")), request_body = UpdateSettings,
+    responses((status = 200, body = SettingsView), (status = 403, description = "not permitted"),
+              (status = 404, description = "no such tenant, or not a member"), (status = 422, body = crate::error::Problem)))]
+async fn update_settings(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web::Json<SettingsView>> {
+    let decision = authorize(&state, &ctx, Action::TenantUpdate, Resource::Tenant).await?;
+    let body: UpdateSettings = body.json()?;
+    let networks = body.http_allow.as_deref().map(AllowedNetwork::parse_list).transpose().map_err(|(i, e)| {
+        ApiError::invalid(i.map_or("http_allow".into(), |i| format!("http_allow[{i}]")), e.to_string())
+    })?;
+    let store = &state.store;
+    let txn = store.write().await?;
+    let before = settings::http_allow(store, &*txn, ctx.tenant.id).await?.ok_or(ApiError::NotFound("tenant"))?;
+    let Some(networks) = networks else {
+        return Ok(web::Json(SettingsView { http_allow: before }));
+    };
+    let after = settings::set_http_allow(store, &*txn, ctx.tenant.id, &networks).await?;
+    audit_change(
+        &state,
+        &*txn,
+        &ctx,
+        &decision,
+        Action::TenantUpdate,
+        None,
+        None,
+        serde_json::json!({ "http_allow": { "from": before, "to": after } }),
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(web::Json(SettingsView { http_allow: after }))
 }

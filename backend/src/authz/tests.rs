@@ -308,7 +308,11 @@ fn indexed_evaluation_matches_full_evaluation() {
 
     let mut rng = Rng::new(7);
     let (mut allowed, mut forbidden, mut errored) = (0, 0, 0);
-    for _ in 0..3000 {
+    // At least 3000 requests, and more while too few hit the failing policies (how often they do
+    // depends on how many actions there are to draw from).
+    let mut n = 0;
+    while n < 3000 || (errored <= 5 && n < 20_000) {
+        n += 1;
         let r = synth.random_request(&mut rng);
         let req = synth.as_request(&r);
         let indexed = authz.authorize(tenant, 1, &req).unwrap();
@@ -319,7 +323,7 @@ fn indexed_evaluation_matches_full_evaluation() {
         errored += usize::from(!indexed.errors.is_empty());
     }
     // The comparison is only meaningful if both outcomes (and forbids) occur.
-    assert!(allowed > 300 && allowed < 2700, "allowed {allowed}/3000");
-    assert!(forbidden > 10, "denied by a forbid: {forbidden}/3000");
-    assert!(errored > 5, "with evaluation errors: {errored}/3000");
+    assert!(allowed > n / 10 && allowed < n * 9 / 10, "allowed {allowed}/{n}");
+    assert!(forbidden > 10, "denied by a forbid: {forbidden}/{n}");
+    assert!(errored > 5, "with evaluation errors: {errored}/{n}");
 }

@@ -192,7 +192,11 @@ async fn execute(
         item: planned.item.as_ref(),
         secrets: &secrets,
     };
-    let req = request(task, &ctx, work_root, d.run, d.attempt)?;
+    let mut req = request(task, &ctx, work_root, d.run, d.attempt)?;
+    // Only HTTP tasks connect anywhere: the tenant's allow-list is read for them alone.
+    if matches!(task.action, TaskAction::Http(_)) {
+        req.http.allow = crate::service::settings::http_allow_networks(store, run.tenant).await?;
+    }
 
     let (log_tx, log_rx) = mpsc::channel::<LogLine>(1024);
     let tenant = run.tenant;

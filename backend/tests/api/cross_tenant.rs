@@ -48,6 +48,8 @@ fn case(method: &str, path: &str, a: &TenantA) -> Option<Case> {
         ("DELETE", "/members/{user_id}") => none(""),
         ("GET", "/groups") => none(""),
         ("POST", "/groups") => with(json!({ "name": "intruders", "description": "" })),
+        ("GET", "/settings") => none(""),
+        ("PATCH", "/settings") => with(json!({ "http_allow": ["10.0.0.0/8"] })),
         ("GET", "/tokens") => none(""),
         ("POST", "/tokens") => with(token_body()),
         ("DELETE", "/tokens/{token_id}") => none(""),

@@ -15,6 +15,7 @@ mod openapi;
 mod pipelines;
 mod runs;
 mod secrets;
+mod tenant_settings;
 mod tokens;
 mod triggers;
 mod walkthrough;
