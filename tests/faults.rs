@@ -596,3 +596,52 @@ async fn a14_worker_dead_before_first_heartbeat() {
     eprintln!("A14: attempt 1 lost {lost:?} and attempt 2 queued {requeued:?} after the kill (lease {LEASE_SECS} s)");
     db.close().await;
 }
+
+/// Length of the Redis dispatch queue of `prefix`.
+async fn dispatch_queue_len(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> i64 {
+    redis::cmd("LLEN").arg(format!("{prefix}:dispatch:active")).query_async(conn).await.unwrap()
+}
+
+/// A backlog (more queued tasks than workers can start at once, for longer than the re-dispatch
+/// delay) must not multiply the dispatches: a queued task was already pushed once, and pushing
+/// it again at every reaper pass fills Redis with duplicates the workers then have to wade
+/// through (each costs a claim attempt), so the backlog grows faster than it drains. Seen in
+/// A01 with a backlog of ~500 tasks: 61,000 dispatches in the Redis queue and throughput down to
+/// a few tasks a second. Here: one worker with one slot, 40 half-second tasks, re-dispatch
+/// after 1 s; the queue should never hold many more entries than there are tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: the reaper re-pushes every stale queued task at every pass, so a backlog floods Redis"]
+async fn a_backlog_does_not_multiply_dispatches() {
+    let _serial = SERIAL.lock().await;
+    let Setup { cluster, api, workers } = start(Options {
+        name: "storm",
+        workers: 1,
+        redispatch_secs: 1,
+        env: vec![("SLUICE_WORKER_SLOTS".into(), "1".into())],
+        ..Options::default()
+    })
+    .await;
+    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
+    for i in 0..40 {
+        yaml.push_str(&format!("      - id: t{i}\n        sleep: 500ms\n"));
+    }
+    api.create_pipeline("backlog", &yaml).await;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let id = api.start("backlog", json!({})).await;
+    let mut longest = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        longest = longest.max(dispatch_queue_len(&mut conn, &cluster.redis_prefix).await);
+        let run = api.run(&id).await;
+        if RUN_TERMINAL.contains(&run["status"].as_str().unwrap_or_default()) {
+            assert_eq!(run["status"], "succeeded", "{run:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not finish: {run:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = cluster.log_of(workers[0]).matches("dispatch received").count();
+    eprintln!("backlog of 40: longest dispatch queue {longest}, {received} dispatches received");
+    assert!(longest <= 80, "the dispatch queue held {longest} entries for 40 tasks");
+}
