@@ -1,19 +1,26 @@
-//! Engine benchmarks run by `cargo xtask bench` (embedded mode: SQLite and the in-process
-//! worker), with noop tasks, trigger to done as seen by an API client:
+//! Engine benchmarks run by `cargo xtask bench`, with noop tasks, trigger to done as seen by an
+//! API client (from `POST .../runs` until the run's `succeeded` event arrives on the tenant's
+//! event stream):
 //!
 //! - W1: a 40-task chain;
 //! - W2: one task, p50 and p99 over 100 runs;
-//! - W3: 200 independent tasks then a join; sustained tasks per second and the server's CPU
-//!   time per task.
+//! - W3: 200 independent tasks then a join; sustained tasks per second and the CPU time per
+//!   task of every Sluice process.
 //!
-//! `engine_bench --sluice PATH`
+//! `engine_bench --sluice PATH [--mode embedded|redis] [--postgres URL] [--redis URL]`: embedded
+//! is `sluice serve` alone on SQLite with its in-process worker; redis is `sluice serve` and one
+//! `sluice worker` on PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::{
+    collections::HashMap,
     net::TcpListener,
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use sea_orm::{ConnectionTrait, Database, Statement};
 
 use serde_json::{Value, json};
 
@@ -41,14 +48,47 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(idx).copied().unwrap_or(f64::NAN)
 }
 
+/// Runs that ended, as seen on the tenant's event stream: status and arrival time.
+type Ended = Arc<Mutex<HashMap<String, (String, Instant)>>>;
+
 struct Api {
     client: reqwest::Client,
     base: String,
     token: String,
+    ended: Ended,
+    arrivals: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Api {
-    async fn run(&self, pipeline: &str, params: Value) -> Duration {
+    /// Follows the tenant's event stream and records each run's end.
+    async fn follow(
+        client: reqwest::Client,
+        url: String,
+        token: String,
+        ended: Ended,
+        tx: tokio::sync::watch::Sender<u64>,
+    ) {
+        let mut resp = client.get(url).bearer_auth(token).send().await.unwrap();
+        assert!(resp.status().is_success(), "event stream: {}", resp.status());
+        let mut buf = String::new();
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            let at = Instant::now();
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+                let status = v["status"].as_str().unwrap_or_default();
+                if v["kind"] == "run" && ["succeeded", "failed", "cancelled", "timed_out"].contains(&status) {
+                    let id = v["run_id"].as_str().unwrap_or_default().to_owned();
+                    ended.lock().unwrap().insert(id, (status.to_owned(), at));
+                    tx.send_modify(|n| *n += 1);
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, pipeline: &str, params: Value) -> Duration {
         let t = Instant::now();
         let r: Value = self
             .client
@@ -63,22 +103,12 @@ impl Api {
             .unwrap();
         let id = r["id"].as_str().unwrap().to_owned();
         loop {
-            let v: Value = self
-                .client
-                .get(format!("{}/api/v1/t/bench/runs/{id}", self.base))
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            match v["status"].as_str().unwrap() {
-                "succeeded" => return t.elapsed(),
-                "failed" | "cancelled" | "timed_out" => panic!("run {id} ended {}", v["status"]),
-                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            if let Some((status, at)) = self.ended.lock().unwrap().remove(&id) {
+                assert_eq!(status, "succeeded", "run {id} ended {status}");
+                return at - t;
             }
-            assert!(t.elapsed() < Duration::from_secs(300), "run {id} did not finish");
+            let wait = tokio::time::timeout(Duration::from_secs(300), self.arrivals.changed()).await;
+            assert!(matches!(wait, Ok(Ok(()))), "run {id} did not finish");
         }
     }
 
@@ -100,20 +130,44 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let sluice =
         args.iter().position(|a| a == "--sluice").and_then(|i| args.get(i + 1)).expect("--sluice PATH").clone();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let mode = arg("--mode").unwrap_or_else(|| "embedded".into());
+    let pg = arg("--postgres").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".into());
+    let redis = arg("--redis").unwrap_or_else(|| "redis://127.0.0.1:6379".into());
     let data = std::env::temp_dir().join(format!("sluice-engine-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server = Server(
-        Command::new(&sluice)
-            .arg("serve")
-            .env("SLUICE_BIND", format!("127.0.0.1:{port}"))
-            .env("SLUICE_DATA_DIR", &data)
-            .env("SLUICE_WORKER_SLOTS", "8")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut env: Vec<(&str, String)> = vec![
+        ("SLUICE_DATA_DIR", data.to_string_lossy().into_owned()),
+        ("SLUICE_WORKER_SLOTS", "8".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let mut pg_db = None;
+    if mode == "redis" {
+        let name = format!("sluice_bench_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(format!("{pg}/postgres")).await.unwrap();
+        admin
+            .execute_raw(Statement::from_string(admin.get_database_backend(), format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        env.push(("SLUICE_DATABASE_URL", format!("{pg}/{name}")));
+        env.push(("SLUICE_DB_MAX_CONNECTIONS", "16".into()));
+        env.push(("SLUICE_REDIS_URL", redis.clone()));
+        env.push(("SLUICE_REDIS_PREFIX", format!("sluice-bench-{}", std::process::id())));
+        env.push(("SLUICE_SECRETS_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into()));
+        pg_db = Some((admin, name));
+    } else {
+        assert_eq!(mode, "embedded", "--mode is embedded or redis");
+    }
+    let spawn = |role: &str| {
+        let mut cmd = Command::new(&sluice);
+        cmd.arg(role).env("SLUICE_BIND", format!("127.0.0.1:{port}")).stdout(Stdio::null());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        Server(cmd.spawn().unwrap())
+    };
+    let server = spawn("serve");
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -132,7 +186,19 @@ async fn main() {
         .json()
         .await
         .unwrap();
-    let api = Api { client, base, token: login["access_token"].as_str().unwrap().to_owned() };
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    // Workers start once the schema exists (the server migrates it).
+    let worker = (mode == "redis").then(|| spawn("worker"));
+    let ended: Ended = Arc::default();
+    let (tx, arrivals) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(Api::follow(
+        client.clone(),
+        format!("{base}/api/v1/t/bench/events"),
+        token.clone(),
+        ended.clone(),
+        tx,
+    ));
+    let mut api = Api { client, base, token, ended, arrivals };
 
     let mut w1 = String::from("stages:\n  - id: s\n    tasks:\n");
     for i in 0..40 {
@@ -160,7 +226,7 @@ async fn main() {
     }
     w1_times.sort_by(f64::total_cmp);
     println!(
-        "engine embedded W1 40-task chain: median {:.1} ms (5 runs, min {:.1}, max {:.1})",
+        "engine {mode} W1 40-task chain: median {:.1} ms (5 runs, min {:.1}, max {:.1})",
         percentile(&w1_times, 0.5),
         w1_times[0],
         w1_times[4]
@@ -172,28 +238,34 @@ async fn main() {
     }
     w2.sort_by(f64::total_cmp);
     println!(
-        "engine embedded W2 one task: p50 {:.2} ms, p99 {:.2} ms (100 runs)",
+        "engine {mode} W2 one task: p50 {:.2} ms, p99 {:.2} ms (100 runs)",
         percentile(&w2, 0.5),
         percentile(&w2, 0.99)
     );
 
-    let pid = server.0.id();
-    let cpu0 = cpu_seconds(pid);
+    let pids: Vec<u32> = std::iter::once(server.0.id()).chain(worker.as_ref().map(|w| w.0.id())).collect();
+    let cpu_all = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let cpu0 = cpu_all();
     let mut w3: Vec<f64> = vec![];
     let t = Instant::now();
     for _ in 0..3 {
         w3.push(api.run("w3", json!({ "items": items })).await.as_secs_f64() * 1000.0);
     }
     let wall = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = cpu_all() - cpu0;
     w3.sort_by(f64::total_cmp);
     let tasks = 3.0 * 201.0;
     println!(
-        "engine embedded W3 200 tasks + join: median {:.1} ms (3 runs); {:.0} tasks/s; server CPU {:.2} ms per task",
+        "engine {mode} W3 200 tasks + join: median {:.1} ms (3 runs); {:.0} tasks/s; CPU {:.2} ms per task",
         percentile(&w3, 0.5),
         tasks / wall,
         cpu * 1000.0 / tasks
     );
+    drop(worker);
     drop(server);
+    if let Some((admin, name)) = pg_db {
+        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let _ = admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await;
+    }
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -55,6 +55,9 @@ pub struct ConfigArgs {
     /// How many tasks the embedded worker runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
+    /// Most tasks of one tenant running at once across all workers; 0 for no limit [default: 64].
+    #[arg(long, env = "SLUICE_TENANT_MAX_RUNNING_TASKS", global = true)]
+    pub tenant_max_running_tasks: Option<usize>,
     /// Key that encrypts tenant secrets: base64 of 32 random bytes (`openssl rand -base64 32`), the
     /// same on every server of an installation [default: <data dir>/secrets.key, generated on first
     /// start with the embedded database; required with PostgreSQL].
@@ -80,6 +83,7 @@ struct FileConfig {
     log_format: Option<String>,
     trust_proxy: Option<bool>,
     worker_slots: Option<usize>,
+    tenant_max_running_tasks: Option<usize>,
     secrets_key: Option<String>,
 }
 
@@ -114,6 +118,8 @@ pub struct Config {
     pub trust_proxy: bool,
     /// Concurrent tasks of the embedded worker.
     pub worker_slots: usize,
+    /// Most tasks of one tenant running at once (0: no limit).
+    pub tenant_max_running_tasks: usize,
     /// Base64 key for tenant secrets, if configured (else the key file in the data folder).
     pub secrets_key: Option<String>,
 }
@@ -180,6 +186,7 @@ impl Config {
             log_format,
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
             worker_slots: args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1),
+            tenant_max_running_tasks: args.tenant_max_running_tasks.or(file.tenant_max_running_tasks).unwrap_or(64),
             secrets_key: args.secrets_key.clone().or(file.secrets_key).filter(|s| !s.trim().is_empty()),
         })
     }

@@ -64,6 +64,7 @@ impl AppState {
                     engine::RedisDoorbell::connect(url, &config.redis_prefix).await.context("connecting to Redis")?,
                 );
                 let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), doorbell));
+                engine.set_tenant_task_limit(config.tenant_max_running_tasks);
                 // Events of every process (workers run the tasks) reach this process's clients.
                 engine::bus::EventBus::spawn(url, &config.redis_prefix, &engine.event_sender())
                     .context("starting the event bus")?;
@@ -94,6 +95,7 @@ impl AppState {
                     store.clone(),
                     std::sync::Arc::new(engine::ChannelDoorbell(queue)),
                 ));
+                engine.set_tenant_task_limit(config.tenant_max_running_tasks);
                 if config.with_worker {
                     engine::spawn_local_workers(
                         engine.clone(),

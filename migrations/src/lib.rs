@@ -10,7 +10,7 @@ mod m20261127_000003_create_secrets;
 mod m20261127_000004_create_triggers;
 mod m20261127_000005_create_workers;
 mod m20261127_000006_tenant_http_allow;
-mod m20261127_000007_run_revisions;
+mod m20261127_000007_run_scheduling;
 mod util;
 
 /// The ordered list of Sluice's migrations.
@@ -26,7 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000004_create_triggers::Migration),
             Box::new(m20261127_000005_create_workers::Migration),
             Box::new(m20261127_000006_tenant_http_allow::Migration),
-            Box::new(m20261127_000007_run_revisions::Migration),
+            Box::new(m20261127_000007_run_scheduling::Migration),
         ]
     }
 }

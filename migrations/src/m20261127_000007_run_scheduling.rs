@@ -1,10 +1,15 @@
-//! A revision counter on runs: every engine write of a run's state increments it, so a process
-//! that keeps a run's state in memory knows from the locked run row alone whether that state is
-//! still current, instead of reading every stage and task row again on each event.
+//! Scheduling columns of runs:
+//!
+//! - `rev`, a revision of the run's state: every engine write sets a new random value, so a
+//!   process that keeps a run's state in memory knows from the locked run row alone whether that
+//!   state is still current, instead of reading every stage and task row again on each event;
+//! - `concurrency_key`, the rendered key of a pipeline's `concurrency` limit, with an index to
+//!   count a key's active runs and find the next one waiting;
+//! - an index to count a tenant's running tasks (the per-tenant limit).
 
 use sea_orm_migration::prelude::*;
 
-use crate::util::c;
+use crate::util::{c, index};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -19,10 +24,19 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
+        m.alter_table(
+            Table::alter().table(c("runs")).add_column(ColumnDef::new(c("concurrency_key")).text().null()).to_owned(),
+        )
+        .await?;
+        m.create_index(index("runs_concurrency", "runs", &["pipeline_id", "concurrency_key", "status"], false)).await?;
+        m.create_index(index("task_runs_tenant_status", "task_runs", &["tenant_id", "status"], false)).await?;
         Ok(())
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_index(Index::drop().name("task_runs_tenant_status").table(c("task_runs")).to_owned()).await?;
+        m.drop_index(Index::drop().name("runs_concurrency").table(c("runs")).to_owned()).await?;
+        m.alter_table(Table::alter().table(c("runs")).drop_column(c("concurrency_key")).to_owned()).await?;
         m.alter_table(Table::alter().table(c("runs")).drop_column(c("rev")).to_owned()).await?;
         Ok(())
     }

@@ -116,9 +116,11 @@ fn bench() -> anyhow::Result<()> {
     floor.args(["floor", "--postgres", &postgres_url()]);
     status(floor, "commit floor")?;
     status(Command::new(bin.join("examples").join("cedar_bench")), "Cedar decision latency")?;
-    let mut engine = Command::new(bin.join("examples").join("engine_bench"));
-    engine.args(["--sluice", &bin.join("sluice").to_string_lossy()]);
-    status(engine, "engine workloads (embedded)")?;
+    for mode in ["embedded", "redis"] {
+        let mut engine = Command::new(bin.join("examples").join("engine_bench"));
+        engine.args(["--sluice", &bin.join("sluice").to_string_lossy(), "--mode", mode, "--postgres", &postgres_url()]);
+        status(engine, &format!("engine workloads ({mode})"))?;
+    }
     for db in ["sqlite", "postgres"] {
         let mut http = Command::new(bin.join("examples").join("http_bench"));
         http.args([

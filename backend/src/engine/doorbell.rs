@@ -235,6 +235,7 @@ pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     // Completions queue the next tasks: this process rings the same doorbell.
     let doorbell = Arc::new(RedisDoorbell::connect(&url, &config.redis_prefix).await?);
     let engine = Arc::new(Engine::new(store.clone(), doorbell));
+    engine.set_tenant_task_limit(config.tenant_max_running_tasks);
     // This process's task and log events reach the clients of every `sluice serve`.
     super::bus::EventBus::spawn(&url, &config.redis_prefix, &engine.event_sender())
         .context("starting the event bus")?;

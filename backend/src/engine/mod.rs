@@ -21,7 +21,11 @@ mod work;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, OnceLock},
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -96,6 +100,10 @@ pub struct Core {
     plans: state::PlanCache,
     specs: state::Memo<(Uuid, i64), Arc<sluice_domain::PipelineSpec>>,
     states: state::StateCache,
+    /// Most tasks of one tenant running at once (0: no limit).
+    tenant_task_limit: AtomicUsize,
+    /// Claims refused by the tenant limit, by tenant, rung again as that tenant's tasks end.
+    throttled: Mutex<HashMap<Uuid, VecDeque<Dispatch>>>,
 }
 
 impl std::ops::Deref for Engine {
@@ -113,6 +121,8 @@ pub struct Applied {
     pub dispatched: Vec<Dispatch>,
     /// Running attempts to stop.
     pub kills: Vec<Dispatch>,
+    /// Tenants with tasks that stopped running, one entry per task.
+    pub freed: Vec<Uuid>,
     /// Whether the run finished with this change.
     pub finished: bool,
     /// What changed, published once the change is committed.
@@ -223,6 +233,8 @@ impl Engine {
             plans: state::PlanCache::new(4096),
             specs: state::Memo::new(1024),
             states: state::StateCache::new(4096),
+            tenant_task_limit: AtomicUsize::new(0),
+            throttled: Mutex::new(HashMap::new()),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -237,6 +249,15 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         tx.send(Op { run, step, reply }).map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?;
         rx.await.map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?.map_err(DbErr::Custom)
+    }
+
+    /// Limits how many tasks of one tenant run at once (0: no limit). A claim over the limit is
+    /// refused and the task stays queued; it is rung again when a task of its tenant ends here,
+    /// or by the reaper. Each process counts the tenant's running tasks in the database when it
+    /// claims, so with several processes claiming at the same instant the limit can be passed
+    /// by at most one task per process.
+    pub fn set_tenant_task_limit(&self, limit: usize) {
+        self.tenant_task_limit.store(limit, Ordering::Relaxed);
     }
 
     /// Applies one event to a run in its own (group-committed) transaction, then dispatches.
@@ -439,12 +460,21 @@ impl Core {
         }
     }
 
+    /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
+    /// starting it reads nothing back.
+    pub fn prime(&self, run: Uuid, run_plan: Arc<plan::RunPlan>) {
+        let state = plan::RunState::new(&run_plan);
+        let leases = vec![None; run_plan.tasks.len()];
+        self.plans.put(run, run_plan);
+        self.states.put(run, state::CachedState { rev: 0, state, leases });
+    }
+
     /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
     /// write lock) and returns what to do after the commit ([`Core::after_commit`]).
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
         let now = self.db_now(conn).await?;
         let mut applied = Applied::default();
-        self.steps(conn, run, &[&Step::Event(event)], now, &mut applied).await?;
+        self.steps(conn, run, &[&Step::Event(event)], now, &mut applied, &mut HashMap::new()).await?;
         Ok(applied)
     }
 
@@ -457,6 +487,7 @@ impl Core {
         steps: &[&Step],
         now: chrono::DateTime<Utc>,
         applied: &mut Applied,
+        running: &mut HashMap<Uuid, i64>,
     ) -> Result<Vec<Done>, DbErr> {
         let none = |s: &&Step| match s {
             Step::Claim(_) => Done::Claim(None),
@@ -477,7 +508,31 @@ impl Core {
         let mut done = Vec::with_capacity(steps.len());
         for step in steps {
             let event = match step {
-                Step::Claim(d) => Event::TaskStarted { task: d.task, attempt: d.attempt },
+                Step::Claim(d) => {
+                    let limit = self.tenant_task_limit.load(Ordering::Relaxed);
+                    if limit > 0 {
+                        let n = match running.get(&row.tenant_id) {
+                            Some(n) => *n,
+                            None => {
+                                let n = tenant_running(&self.store, conn, row.tenant_id).await?;
+                                running.insert(row.tenant_id, n);
+                                n
+                            }
+                        };
+                        let queued = cur
+                            .tasks
+                            .get(d.task)
+                            .is_some_and(|t| t.status == plan::TaskStatus::Queued && t.attempt == d.attempt);
+                        if queued && n >= limit as i64 {
+                            if let Ok(mut t) = self.throttled.lock() {
+                                t.entry(row.tenant_id).or_default().push_back(*d);
+                            }
+                            done.push(Done::Claim(None));
+                            continue;
+                        }
+                    }
+                    Event::TaskStarted { task: d.task, attempt: d.attempt }
+                }
                 Step::Complete { d, outcome, .. } => {
                     let holds = cur
                         .tasks
@@ -491,7 +546,7 @@ impl Core {
                     }
                     Event::TaskFinished { task: d.task, attempt: d.attempt, outcome: *outcome }
                 }
-                Step::Event(e) => e.clone(),
+                Step::Event(e) => *e,
             };
             let (new, effects) = plan::plan(&run_plan, &cur, event, now_ms);
             // An ignored event (stale or late) changes nothing, the alarm included; any other
@@ -515,6 +570,9 @@ impl Core {
                         .get(d.task)
                         .is_some_and(|t| t.status == plan::TaskStatus::Running && t.attempt == d.attempt);
                     if was_queued && started {
+                        if let Some(n) = running.get_mut(&row.tenant_id) {
+                            *n += 1;
+                        }
                         leases[d.task] = Some(self.worker_name.clone());
                         writes.entry(d.task).or_default().lease = Some((self.worker_name.clone(), lease_until));
                         Done::Claim(Some(Claimed {
@@ -537,6 +595,9 @@ impl Core {
         for (i, t) in cur.tasks.iter().enumerate() {
             if t.status != plan::TaskStatus::Running {
                 leases[i] = None;
+            }
+            if old.tasks[i].status == plan::TaskStatus::Running && t.status != plan::TaskStatus::Running {
+                applied.freed.push(row.tenant_id);
             }
         }
         // Only what is still queued at the end is rung.
@@ -574,10 +635,31 @@ impl Core {
         }
         // A revision is random, so a state remembered here can only ever match the row it was
         // written to: if this transaction rolls back, the row keeps its old revision.
+        let ended = old.status != plan::RunStatus::Pending && !old.status.is_terminal() && cur.status.is_terminal();
         if cur.status.is_terminal() {
             self.states.forget(&run);
         } else {
             self.states.put(run, state::CachedState { rev, state: cur, leases });
+        }
+        // A run that held a slot of its pipeline's concurrency limit gives it to the oldest run
+        // queued for the same key, in the same transaction.
+        if ended && let Some(key) = &row.concurrency_key {
+            #[derive(FromQueryResult)]
+            struct Next {
+                id: Uuid,
+            }
+            let next: Option<Next> = self
+                .store
+                .query_one(
+                    conn,
+                    "SELECT id FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status = 'pending' \
+                     ORDER BY created_at, id LIMIT 1",
+                    vec![row.pipeline_id.into(), key.clone().into()],
+                )
+                .await?;
+            if let Some(next) = next {
+                Box::pin(self.steps(conn, next.id, &[&Step::Event(Event::Start)], now, applied, running)).await?;
+            }
         }
         Ok(done)
     }
@@ -600,6 +682,22 @@ impl Core {
         for d in &applied.dispatched {
             self.doorbell.ring(*d);
         }
+        // Each task that stopped running frees a slot of its tenant: the oldest claim refused
+        // for that tenant's limit is rung again.
+        if !applied.freed.is_empty()
+            && let Ok(mut throttled) = self.throttled.lock()
+        {
+            for tenant in &applied.freed {
+                if let Some(q) = throttled.get_mut(tenant) {
+                    if let Some(d) = q.pop_front() {
+                        self.doorbell.ring(d);
+                    }
+                    if q.is_empty() {
+                        throttled.remove(tenant);
+                    }
+                }
+            }
+        }
     }
 
     /// Applies a batch of steps in one transaction.
@@ -615,10 +713,11 @@ impl Core {
             }
         }
         let mut applied = Applied::default();
+        let mut running = HashMap::new();
         let mut done = vec![Done::Event; ops.len()];
         for (run, idx) in &runs {
             let steps: Vec<&Step> = idx.iter().map(|&i| ops[i].1).collect();
-            let results = self.steps(&*txn, *run, &steps, now, &mut applied).await?;
+            let results = self.steps(&*txn, *run, &steps, now, &mut applied, &mut running).await?;
             for (&i, r) in idx.iter().zip(results) {
                 done[i] = r;
             }
@@ -665,6 +764,22 @@ impl Core {
         txn.commit().await?;
         Ok(n != 1)
     }
+}
+
+/// How many tasks of a tenant are running.
+async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<i64, DbErr> {
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    let n: Option<N> = store
+        .query_one(
+            conn,
+            "SELECT COUNT(*) AS n FROM task_runs WHERE tenant_id = $1 AND status = 'running'",
+            vec![tenant.into()],
+        )
+        .await?;
+    Ok(n.map_or(0, |n| n.n))
 }
 
 /// The committer: applies whatever steps are waiting in one transaction, then the next batch.

@@ -47,6 +47,8 @@ pub struct RunRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// Revision of the run's state: a new random value on every write.
     pub rev: i64,
+    /// The rendered key of the pipeline's concurrency limit, if it has one.
+    pub concurrency_key: Option<String>,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -145,8 +147,8 @@ pub async fn load(
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
     let sql = format!(
-        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev \
-         FROM runs WHERE id = $1{}",
+        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
+         concurrency_key FROM runs WHERE id = $1{}",
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {

@@ -4,7 +4,9 @@ use chrono::Utc;
 use serde_json::{Map, Value};
 use sluice_domain::{
     parse_definition,
-    plan::{self, Event},
+    plan::{self, Event, RunStatus},
+    spec::OnConflict,
+    template::{MapContext, render_text},
 };
 use uuid::Uuid;
 
@@ -147,13 +149,40 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         errors: e.errors().iter().map(|x| FieldError::new(x.path.clone(), x.message.clone())).collect(),
     })?;
     let id = Uuid::now_v7();
+    let concurrency = match &spec.concurrency {
+        Some(c) => {
+            let ctx = MapContext { params: run_plan.params.clone(), run_id: id.to_string(), ..MapContext::default() };
+            let key = render_text(&c.key, &ctx).map_err(|e| ApiError::Validation {
+                detail: format!("the run cannot start: its concurrency key does not render: {e}"),
+                errors: vec![FieldError::new("concurrency.key", e.to_string())],
+            })?;
+            Some((key, c.max, c.on_conflict))
+        }
+        None => None,
+    };
     let txn = store.write().await?;
+    // With a concurrency limit, starts of the pipeline are serialized (the pipeline row is
+    // locked on PostgreSQL; SQLite has one writer), so two starts never both take the last slot.
+    let mut start = Event::Start;
+    let mut limited = false;
+    if let Some((key, max, on_conflict)) = &concurrency {
+        let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", store.for_update());
+        store.execute(&*txn, &lock, vec![req.pipeline.id.into()]).await?;
+        let active = active_runs(state, &*txn, req.pipeline.id, key).await?;
+        if active >= i64::from(*max) {
+            limited = true;
+            start = match on_conflict {
+                OnConflict::Queue => Event::Tick,
+                OnConflict::CancelNew => Event::Cancel,
+            };
+        }
+    }
     let inserted = store
         .execute(
             &*txn,
             "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
-             params, plan, idempotency_key, retry_of, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13)",
+             params, plan, idempotency_key, retry_of, created_at, concurrency_key) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             vec![
                 id.into(),
                 req.tenant.into(),
@@ -168,6 +197,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
                 req.idempotency_key.map(str::to_owned).into(),
                 req.retry.as_ref().map(|r| r.of).into(),
                 Utc::now().into(),
+                concurrency.as_ref().map(|c| c.0.clone()).into(),
             ],
         )
         .await;
@@ -183,12 +213,23 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         Err(e) => return Err(e.into()),
     }
     insert_rows(store, &*txn, req.tenant, id, &run_plan).await?;
-    if let Some(r) = &req.retry {
-        carry_over(store, &*txn, id, &run_plan, r.carry_over).await?;
+    match &req.retry {
+        Some(r) => carry_over(store, &*txn, id, &run_plan, r.carry_over).await?,
+        None => state.engine.prime(id, std::sync::Arc::new(run_plan.clone())),
     }
     let mut details = serde_json::json!({
         "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
     });
+    if let Some((key, max, on_conflict)) = &concurrency {
+        details["concurrency"] = serde_json::json!({
+            "key": key, "max": max,
+            "outcome": match (limited, on_conflict) {
+                (false, _) => "started",
+                (true, OnConflict::Queue) => "queued",
+                (true, OnConflict::CancelNew) => "cancelled",
+            },
+        });
+    }
     if let Some(r) = &req.retry {
         details["retry_of"] = r.of.to_string().into();
         details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
@@ -210,8 +251,33 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         },
     )
     .await?;
-    let applied = state.engine.apply_in(&*txn, id, Event::Start).await?;
+    // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
+    let applied = state.engine.apply_in(&*txn, id, start).await?;
     txn.commit().await?;
     state.engine.after_commit(&applied);
     Ok(Started { id, created: true })
+}
+
+/// Runs of a pipeline with a concurrency key that hold a slot: started and not ended.
+pub async fn active_runs(
+    state: &AppState,
+    conn: &impl sea_orm::ConnectionTrait,
+    pipeline: Uuid,
+    key: &str,
+) -> Result<i64, sea_orm::DbErr> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    let active: Vec<String> = RunStatus::ALL
+        .iter()
+        .filter(|s| **s != RunStatus::Pending && !s.is_terminal())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status IN ({})",
+        active.join(", ")
+    );
+    let n: Option<N> = state.store.query_one(conn, &sql, vec![pipeline.into(), key.into()]).await?;
+    Ok(n.map_or(0, |n| n.n))
 }

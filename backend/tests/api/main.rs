@@ -14,6 +14,7 @@ mod jwt_attacks;
 mod openapi;
 mod pipelines;
 mod runs;
+mod scheduling;
 mod secrets;
 mod tenant_settings;
 mod tokens;

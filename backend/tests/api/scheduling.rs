@@ -1,0 +1,161 @@
+//! Scheduling limits: a pipeline's `concurrency` (per rendered key, queue or cancel the new
+//! run) and the per-tenant limit on running tasks.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn start(app: &TestApp, m: &Member, pipeline: &str, params: Value) -> String {
+    let r = app
+        .post(&format!("/api/v1/t/{}/pipelines/{pipeline}/runs", m.tenant), &m.token, json!({ "params": params }))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+async fn view(app: &TestApp, m: &Member, id: &str) -> Value {
+    app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await.json().await.unwrap()
+}
+
+fn time(v: &Value, field: &str) -> chrono::DateTime<chrono::Utc> {
+    v[field].as_str().unwrap_or_else(|| panic!("no {field} in {v:#}")).parse().unwrap()
+}
+
+const LIMITED: &str = "params:\n  env: { type: string, required: true }\nconcurrency: { key: \"deploy-{{ params.env }}\", max: 1 }\nstages:\n  - id: s\n    tasks:\n      - id: t\n        sleep: 1s\n";
+
+#[actix_web::test]
+async fn runs_with_the_same_concurrency_key_queue_and_start_in_order() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("conc")).await;
+    assert_eq!(app.create_pipeline(&admin, "deploy", LIMITED).await.status(), StatusCode::CREATED);
+    let a = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let b = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let c = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let other = start(&app, &admin, "deploy", json!({ "env": "dev" })).await;
+    // The first of each key runs; the others wait, pending, holding nothing.
+    assert_eq!(view(&app, &admin, &a).await["status"], "running");
+    assert_eq!(view(&app, &admin, &other).await["status"], "running");
+    for queued in [&b, &c] {
+        let v = view(&app, &admin, queued).await;
+        assert_eq!(v["status"], "pending", "{v:#}");
+        assert_eq!(task_of(&v, "t")["status"], "pending");
+    }
+    let (va, vb, vc) = (
+        wait_run(&app, &admin, &a, 30).await,
+        wait_run(&app, &admin, &b, 30).await,
+        wait_run(&app, &admin, &c, 30).await,
+    );
+    assert_eq!(wait_run(&app, &admin, &other, 30).await["status"], "succeeded");
+    for v in [&va, &vb, &vc] {
+        assert_eq!(v["status"], "succeeded", "{v:#}");
+    }
+    // One at a time, in the order they were started.
+    assert!(time(&vb, "started_at") >= time(&va, "finished_at"), "{va:#} {vb:#}");
+    assert!(time(&vc, "started_at") >= time(&vb, "finished_at"), "{vb:#} {vc:#}");
+    let audit: Value = app
+        .get(&format!("/api/v1/t/{}/audit?action=run.create", admin.tenant), &admin.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let outcomes: Vec<String> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["details"]["concurrency"]["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(outcomes.iter().filter(|o| *o == "queued").count(), 2, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| *o == "started").count(), 2, "{outcomes:?}");
+}
+
+#[actix_web::test]
+async fn a_cancelled_queued_run_gives_up_its_place_and_never_starts() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("conc")).await;
+    assert_eq!(app.create_pipeline(&admin, "deploy", LIMITED).await.status(), StatusCode::CREATED);
+    let a = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let b = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let c = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let r =
+        app.call(Method::POST, &format!("/api/v1/t/{}/runs/{b}/cancel", admin.tenant), Some(&admin.token), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "cancelled");
+    let va = wait_run(&app, &admin, &a, 30).await;
+    let vc = wait_run(&app, &admin, &c, 30).await;
+    assert_eq!(vc["status"], "succeeded");
+    assert!(time(&vc, "started_at") >= time(&va, "finished_at"));
+    let vb = view(&app, &admin, &b).await;
+    assert_eq!(vb["status"], "cancelled");
+    assert!(vb["started_at"].is_null(), "{vb:#}");
+}
+
+#[actix_web::test]
+async fn cancel_new_refuses_a_run_over_the_limit() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("conc")).await;
+    let yaml = LIMITED.replace("max: 1 }", "max: 1, on_conflict: cancel_new }");
+    assert_eq!(app.create_pipeline(&admin, "deploy", &yaml).await.status(), StatusCode::CREATED);
+    let a = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let b = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let vb = view(&app, &admin, &b).await;
+    assert_eq!(vb["status"], "cancelled", "{vb:#}");
+    assert_eq!(task_of(&vb, "t")["status"], "cancelled");
+    assert_eq!(wait_run(&app, &admin, &a, 30).await["status"], "succeeded");
+    // With the slot free again, a new run starts.
+    let c = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    assert_eq!(wait_run(&app, &admin, &c, 30).await["status"], "succeeded");
+}
+
+#[actix_web::test]
+async fn a_concurrency_key_that_does_not_render_is_refused_naming_it() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("conc")).await;
+    let yaml = "params:\n  env: { type: string }\nconcurrency: { key: \"deploy-{{ params.env }}\" }\nstages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "deploy", yaml).await.status(), StatusCode::CREATED);
+    let r = app.post(&format!("/api/v1/t/{}/pipelines/deploy/runs", admin.tenant), &admin.token, json!({})).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let p = problem(r).await;
+    assert_eq!(p["errors"][0]["field"], "concurrency.key", "{p:#}");
+    let runs: Value = app.get(&format!("/api/v1/t/{}/runs", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert!(runs["items"].as_array().unwrap().is_empty(), "nothing half-written: {runs:#}");
+}
+
+#[actix_web::test]
+async fn a_tenant_never_runs_more_tasks_at_once_than_its_limit() {
+    let app = spawn_app_with(|c| {
+        c.tenant_max_running_tasks = 2;
+        c.worker_slots = 8;
+    })
+    .await;
+    let busy = app.signup(&slug("busy")).await;
+    let other = app.signup(&slug("other")).await;
+    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
+    for i in 0..6 {
+        yaml.push_str(&format!("      - id: t{i}\n        sleep: 500ms\n"));
+    }
+    assert_eq!(app.create_pipeline(&busy, "wide", &yaml).await.status(), StatusCode::CREATED);
+    assert_eq!(app.create_pipeline(&other, "wide", &yaml).await.status(), StatusCode::CREATED);
+    let a = start(&app, &busy, "wide", json!({})).await;
+    let b = start(&app, &other, "wide", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut most = [0usize; 2];
+    loop {
+        let (va, vb) = (view(&app, &busy, &a).await, view(&app, &other, &b).await);
+        for (i, v) in [&va, &vb].into_iter().enumerate() {
+            let running = v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
+            assert!(running <= 2, "tenant {i} runs {running} tasks at once: {v:#}");
+            most[i] = most[i].max(running);
+        }
+        if va["status"] == "succeeded" && vb["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs did not finish: {va:#} {vb:#}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // Both tenants used their two slots side by side: one tenant's queue does not hold the other.
+    assert_eq!(most, [2, 2]);
+}
