@@ -20,7 +20,14 @@ enum Command {
     /// Serve the API (migrates the database first).
     Serve,
     /// Execute tasks: take dispatches from Redis (SLUICE_REDIS_URL) until SIGTERM or Ctrl-C.
-    Worker,
+    Worker {
+        /// This worker's name, unique among live workers (same as SLUICE_WORKER_NAME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Run as a tenant's own worker (same as SLUICE_WORKER_TENANT; needs SLUICE_WORKER_TOKEN).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Operator commands.
@@ -84,7 +91,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Worker { name, tenant } = &cli.command {
+        cli.config.worker_name = name.clone().or(cli.config.worker_name.take());
+        cli.config.worker_tenant = tenant.clone().or(cli.config.worker_tenant.take());
+    }
     let config = Config::load(&cli.config)?;
     telemetry::init(&config.log_format);
     match cli.command {
@@ -105,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             app.run_until_stopped().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker => {
+        Command::Worker { .. } => {
             sluice_backend::engine::run_worker(config).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -58,6 +58,30 @@ pub struct ConfigArgs {
     /// Most tasks of one tenant running at once across all workers; 0 for no limit [default: 64].
     #[arg(long, env = "SLUICE_TENANT_MAX_RUNNING_TASKS", global = true)]
     pub tenant_max_running_tasks: Option<usize>,
+    /// This worker's name, unique among live workers (a second process with the name of a live
+    /// worker refuses to start) [default: <host>-<pid>-<random>].
+    #[arg(long, env = "SLUICE_WORKER_NAME", global = true)]
+    pub worker_name: Option<String>,
+    /// Labels of this worker, comma-separated (at most 4, each 1-63 of A-Z a-z 0-9 . _ -); a task
+    /// with `runs_on: [..]` runs only on a worker that has all its labels [default: none].
+    #[arg(long, env = "SLUICE_WORKER_LABELS", global = true)]
+    pub worker_labels: Option<String>,
+    /// CPUs this worker offers to tasks that declare `resources.cpu` (fractions allowed)
+    /// [default: the machine's CPUs].
+    #[arg(long, env = "SLUICE_WORKER_CPU", global = true)]
+    pub worker_cpu: Option<String>,
+    /// Memory this worker offers to tasks that declare `resources.memory`, e.g. 4GiB
+    /// [default: the machine's memory].
+    #[arg(long, env = "SLUICE_WORKER_MEMORY", global = true)]
+    pub worker_memory: Option<String>,
+    /// Slug of the tenant this worker belongs to: it executes only that tenant's tasks that ask
+    /// for `runs_on: [self-hosted, ..]`, and needs SLUICE_WORKER_TOKEN [default: a shared worker].
+    #[arg(long, env = "SLUICE_WORKER_TENANT", global = true)]
+    pub worker_tenant: Option<String>,
+    /// An API token of that tenant whose groups may register workers (`worker.register`; by
+    /// default admins).
+    #[arg(long, env = "SLUICE_WORKER_TOKEN", global = true, hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// Key that encrypts tenant secrets: base64 of 32 random bytes (`openssl rand -base64 32`), the
     /// same on every server of an installation [default: <data dir>/secrets.key, generated on first
     /// start with the embedded database; required with PostgreSQL].
@@ -84,6 +108,12 @@ struct FileConfig {
     trust_proxy: Option<bool>,
     worker_slots: Option<usize>,
     tenant_max_running_tasks: Option<usize>,
+    worker_name: Option<String>,
+    worker_labels: Option<String>,
+    worker_cpu: Option<String>,
+    worker_memory: Option<String>,
+    worker_tenant: Option<String>,
+    worker_token: Option<String>,
     secrets_key: Option<String>,
 }
 
@@ -120,6 +150,8 @@ pub struct Config {
     pub worker_slots: usize,
     /// Most tasks of one tenant running at once (0: no limit).
     pub tenant_max_running_tasks: usize,
+    /// This worker's identity, labels, capacity and owner.
+    pub worker: WorkerConfig,
     /// Base64 key for tenant secrets, if configured (else the key file in the data folder).
     pub secrets_key: Option<String>,
 }
@@ -187,9 +219,162 @@ impl Config {
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
             worker_slots: args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1),
             tenant_max_running_tasks: args.tenant_max_running_tasks.or(file.tenant_max_running_tasks).unwrap_or(64),
+            worker: WorkerConfig::resolve(
+                args.worker_name.clone().or(file.worker_name),
+                args.worker_labels.clone().or(file.worker_labels),
+                args.worker_cpu.clone().or(file.worker_cpu),
+                args.worker_memory.clone().or(file.worker_memory),
+                args.worker_tenant.clone().or(file.worker_tenant),
+                args.worker_token.clone().or(file.worker_token),
+            )?,
             secrets_key: args.secrets_key.clone().or(file.secrets_key).filter(|s| !s.trim().is_empty()),
         })
     }
+}
+
+/// Most labels one worker may have: it consumes one queue per subset of its labels (16 at 4).
+pub const MAX_WORKER_LABELS: usize = 4;
+
+/// The label that sends a task to its tenant's own workers (`runs_on: [self-hosted, ..]`).
+pub const SELF_HOSTED: &str = "self-hosted";
+
+/// What a worker process is: name, labels, the capacity it offers, and whose it is.
+#[derive(Clone, Default)]
+pub struct WorkerConfig {
+    /// The configured name (`None`: a unique generated one).
+    pub name: Option<String>,
+    /// Labels, sorted, without duplicates.
+    pub labels: Vec<String>,
+    /// CPU capacity in thousandths of a CPU.
+    pub cpu_millis: u64,
+    /// Memory capacity in bytes.
+    pub memory_bytes: u64,
+    /// Slug of the owning tenant (`None`: a shared worker).
+    pub tenant: Option<String>,
+    /// The tenant's API token that registers the worker.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("tenant", &self.tenant)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Whether `name` is a valid worker name: 1-200 of A-Z a-z 0-9 . _ - : @, starting with a letter
+/// or digit.
+pub fn is_valid_worker_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 200
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-:@".contains(c))
+}
+
+/// Whether `label` is a valid worker label: 1-63 of A-Z a-z 0-9 . _ -, starting with a letter or
+/// digit.
+pub fn is_valid_worker_label(label: &str) -> bool {
+    let b = label.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+impl WorkerConfig {
+    fn resolve(
+        name: Option<String>,
+        labels: Option<String>,
+        cpu: Option<String>,
+        memory: Option<String>,
+        tenant: Option<String>,
+        token: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let name = name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+        if let Some(n) = &name {
+            anyhow::ensure!(
+                is_valid_worker_name(n),
+                "SLUICE_WORKER_NAME {n:?} is not a valid worker name: use 1 to 200 letters, digits or . _ - : @, \
+                 starting with a letter or digit"
+            );
+        }
+        let mut list: Vec<String> = labels
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for l in &list {
+            anyhow::ensure!(
+                is_valid_worker_label(l),
+                "SLUICE_WORKER_LABELS: {l:?} is not a valid label: use 1 to 63 letters, digits or . _ -, starting \
+                 with a letter or digit"
+            );
+            anyhow::ensure!(
+                l != SELF_HOSTED,
+                "SLUICE_WORKER_LABELS: {SELF_HOSTED:?} is implied for a tenant's own worker (SLUICE_WORKER_TENANT) \
+                 and not allowed otherwise"
+            );
+        }
+        list.sort();
+        list.dedup();
+        anyhow::ensure!(
+            list.len() <= MAX_WORKER_LABELS,
+            "SLUICE_WORKER_LABELS has {} labels; a worker may have at most {MAX_WORKER_LABELS} (it consumes one \
+             queue per combination of its labels)",
+            list.len()
+        );
+        let cpu_millis = match cpu.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+            None => 1000 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+            Some(text) => {
+                let cpus: f64 = text
+                    .parse()
+                    .ok()
+                    .filter(|c: &f64| c.is_finite() && *c >= 0.001 && *c <= 100_000.0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("SLUICE_WORKER_CPU {text:?} is not a number of CPUs between 0.001 and 100000")
+                    })?;
+                (cpus * 1000.0).round() as u64
+            }
+        };
+        let memory_bytes = match memory.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+            None => machine_memory(),
+            Some(text) => sluice_domain::MemorySize::parse(text)
+                .map_err(|e| anyhow::anyhow!("SLUICE_WORKER_MEMORY: {e}"))?
+                .bytes(),
+        };
+        let tenant = tenant.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        if let Some(t) = &tenant {
+            anyhow::ensure!(sluice_domain::Slug::parse(t).is_ok(), "SLUICE_WORKER_TENANT {t:?} is not a tenant slug");
+            anyhow::ensure!(
+                token.is_some(),
+                "SLUICE_WORKER_TENANT is set: the worker needs SLUICE_WORKER_TOKEN, an API token of tenant {t}"
+            );
+        }
+        Ok(Self { name, labels: list, cpu_millis, memory_bytes, tenant, token })
+    }
+}
+
+/// The machine's memory in bytes (`/proc/meminfo`; 1 GiB when unknown).
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(1 << 30)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

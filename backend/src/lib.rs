@@ -37,6 +37,8 @@ pub struct AppState {
     pub engine: std::sync::Arc<engine::Engine>,
     /// The key that encrypts tenant secrets.
     pub secrets_key: secrets::SecretsKey,
+    /// The embedded worker's registration, if this process executes tasks.
+    pub worker: Option<std::sync::Arc<engine::registry::Registration>>,
 }
 
 impl AppState {
@@ -56,6 +58,22 @@ impl AppState {
         let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
         let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
         let work_root = engine::prepare_work_root(&config.data_dir)?;
+        // The embedded worker registers like any worker; it is a shared one (a tenant's own
+        // workers run as `sluice worker --tenant`).
+        let worker = if config.with_worker {
+            anyhow::ensure!(
+                config.worker.tenant.is_none(),
+                "SLUICE_WORKER_TENANT applies to `sluice worker` only; the worker inside `sluice serve` is shared"
+            );
+            let name = config.worker.name.clone().unwrap_or_else(engine::worker_name);
+            let profile =
+                engine::registry::WorkerProfile::new(&config.worker, name, None, config.worker_slots, "serve");
+            let registration = engine::registry::register(&store, &profile, None, engine::Timings::from_env()).await?;
+            Some((engine::registry::Gate::new(profile), std::sync::Arc::new(registration)))
+        } else {
+            None
+        };
+        let name = worker.as_ref().map_or_else(engine::worker_name, |(gate, _)| gate.profile.name.clone());
         let engine = match &config.redis_url {
             // Distributed: dispatches go to Redis; `sluice worker` processes take them, and this
             // process too with `--with-worker`.
@@ -63,24 +81,25 @@ impl AppState {
                 let doorbell = std::sync::Arc::new(
                     engine::RedisDoorbell::connect(url, &config.redis_prefix).await.context("connecting to Redis")?,
                 );
-                let engine = std::sync::Arc::new(engine::Engine::new(store.clone(), doorbell));
+                let engine = std::sync::Arc::new(engine::Engine::named(store.clone(), doorbell.clone(), name));
                 engine.set_tenant_task_limit(config.tenant_max_running_tasks);
+                doorbell.route_with(&engine);
                 // Events of every process (workers run the tasks) reach this process's clients.
                 engine::bus::EventBus::spawn(url, &config.redis_prefix, &engine.event_sender())
                     .context("starting the event bus")?;
-                if config.with_worker {
-                    let (engine, store, url, prefix, slots, key) = (
+                if let Some((gate, _)) = &worker {
+                    let (engine, store, url, prefix, gate, key) = (
                         engine.clone(),
                         store.clone(),
                         url.clone(),
                         config.redis_prefix.clone(),
-                        config.worker_slots,
+                        gate.clone(),
                         secrets_key.clone(),
                     );
                     let never = std::sync::Arc::new(tokio::sync::Notify::new());
                     tokio::spawn(async move {
                         if let Err(e) =
-                            engine::consume_redis(engine, store, url, prefix, slots, work_root, key, never).await
+                            engine::consume_redis(engine, store, url, prefix, gate, work_root, key, never).await
                         {
                             tracing::error!(error = %e, "the embedded Redis worker stopped");
                         }
@@ -91,17 +110,18 @@ impl AppState {
             // In-process dispatch: the embedded worker executes what the engine queues.
             None => {
                 let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-                let engine = std::sync::Arc::new(engine::Engine::new(
+                let engine = std::sync::Arc::new(engine::Engine::named(
                     store.clone(),
                     std::sync::Arc::new(engine::ChannelDoorbell(queue)),
+                    name,
                 ));
                 engine.set_tenant_task_limit(config.tenant_max_running_tasks);
-                if config.with_worker {
+                if let Some((gate, _)) = &worker {
                     engine::spawn_local_workers(
                         engine.clone(),
                         store.clone(),
                         rx,
-                        config.worker_slots,
+                        gate.clone(),
                         work_root,
                         secrets_key.clone(),
                     );
@@ -110,7 +130,11 @@ impl AppState {
             }
         };
         engine.spawn_reaper();
-        Ok(Self { config, store, authz, jwt, engine, secrets_key })
+        let worker = worker.map(|(gate, registration)| {
+            registration.spawn_heartbeat(gate.capacity.clone());
+            registration
+        });
+        Ok(Self { config, store, authz, jwt, engine, secrets_key, worker })
     }
 }
 
@@ -118,6 +142,7 @@ impl AppState {
 pub struct Application {
     port: u16,
     server: Server,
+    worker: Option<std::sync::Arc<engine::registry::Registration>>,
 }
 
 impl Application {
@@ -131,6 +156,7 @@ impl Application {
     /// Builds the server on an already bound listener.
     pub fn with_listener(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
+        let worker = state.worker.clone();
         triggers::spawn_scheduler(state.clone().into_inner());
         let server = HttpServer::new(move || {
             App::new()
@@ -141,7 +167,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(30)
         .run();
-        Ok(Self { port, server })
+        Ok(Self { port, server, worker })
     }
 
     /// The bound port.
@@ -151,6 +177,13 @@ impl Application {
 
     /// Runs until stopped.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let result = self.server.await;
+        // Stopped cleanly: the embedded worker's name is free again at once.
+        if let Some(worker) = self.worker
+            && let Err(e) = worker.stop().await
+        {
+            tracing::warn!(error = %e, "marking the embedded worker stopped failed; it will count as lost");
+        }
+        result
     }
 }

@@ -113,6 +113,8 @@ actions! {
     SecretList = "secret.list" on TENANT,
     /// List workers.
     WorkerList = "worker.list" on TENANT,
+    /// Register a worker of the tenant's own (with an API token of the tenant).
+    WorkerRegister = "worker.register" on TENANT,
     /// Read a pipeline and its versions.
     PipelineRead = "pipeline.read" on PIPELINE,
     /// Save a new version of a pipeline.

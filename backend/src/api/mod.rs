@@ -14,6 +14,7 @@ mod runs;
 mod secrets;
 mod tenant;
 mod tokens;
+mod workers;
 
 use actix_web::{
     FromRequest, Handler, HttpRequest, Responder,
@@ -83,6 +84,7 @@ fn register(r: &mut Routes<'_>) {
     secrets::routes(r);
     hooks::routes(r);
     audit_log::routes(r);
+    workers::routes(r);
 }
 
 /// Every route the server serves.
@@ -228,6 +230,7 @@ pub fn audited_type(action: Action) -> &'static str {
         "run" => "Run",
         "gate" => "Gate",
         "secret" => "Secret",
+        "worker" => "Worker",
         _ => action.resource_type(),
     }
 }

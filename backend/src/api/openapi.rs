@@ -44,6 +44,7 @@ impl Modify for Security {
         super::events::run_events, super::events::tenant_events,
         super::secrets::list_secrets, super::secrets::put_secret, super::secrets::get_secret, super::secrets::delete_secret,
         super::hooks::put_webhook, super::hooks::delete_webhook, super::hooks::receive,
+        super::workers::list_workers,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError))
 )]

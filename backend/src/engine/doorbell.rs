@@ -5,14 +5,24 @@
 //! Two doorbells: an in-process channel (embedded mode, no Redis), and Redis through
 //! apalis-redis, consumed by `sluice worker` processes (and by `sluice serve --with-worker`).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, OnceLock, Weak},
+    time::Duration,
+};
 
 use anyhow::Context;
 use apalis::prelude::{BoxDynError, Data, ParallelizeExt, TaskSink, WorkerBuilder, WorkerBuilderExt, WorkerContext};
 use apalis_redis::RedisStorage;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use uuid::Uuid;
 
-use super::{Dispatch, Engine, work::run_one};
+use super::{
+    Dispatch, Engine,
+    registry::{self, Gate, Route, WorkerProfile, run_tenant},
+    work::run_one,
+};
 use crate::{Config, secrets::SecretsKey, store::Store};
 
 /// Where dispatches are announced.
@@ -36,9 +46,13 @@ impl Doorbell for ChannelDoorbell {
 /// timer when the queue was empty).
 pub const REDIS_POLL: Duration = Duration::from_millis(10);
 
-fn redis_config(prefix: &str) -> apalis_redis::Config {
+/// How long a fetched dispatch waits for a free slot and for its CPU and memory before it goes
+/// back to its queue for another worker.
+pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
+
+fn redis_config(queue: &str) -> apalis_redis::Config {
     apalis_redis::Config::default()
-        .queue(format!("{prefix}:dispatch"))
+        .queue(queue)
         // One at a time: a worker never hoards dispatches another idle worker could take.
         .batch_size(1)
         .heartbeat_interval(REDIS_POLL)
@@ -46,29 +60,116 @@ fn redis_config(prefix: &str) -> apalis_redis::Config {
         .missed_heartbeats(500)
 }
 
-async fn storage(url: &str, prefix: &str) -> anyhow::Result<RedisStorage<Dispatch>> {
+async fn storage(url: &str, queue: &str) -> anyhow::Result<RedisStorage<Dispatch>> {
     let conn = apalis_redis::connect(url).await.with_context(|| format!("connecting to Redis at {url}"))?;
-    Ok(RedisStorage::new(conn).with_config(redis_config(prefix)))
+    Ok(RedisStorage::new(conn).with_config(redis_config(queue)))
 }
 
-/// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order.
+/// A label as it appears in a queue name: bytes other than `A-Z a-z 0-9 . _ -` are written
+/// `%XX`, so no label set can be mistaken for another (workers' labels never need it).
+fn queue_label(label: &str) -> String {
+    let mut out = String::with_capacity(label.len());
+    for b in label.bytes() {
+        if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The Redis queue of the dispatches on `route`: `{prefix}:dispatch` for tasks without
+/// `runs_on`, `{prefix}:dispatch:gpu+linux` for the sorted label set, and
+/// `{prefix}:dispatch:t:{tenant id}[:labels]` for a tenant's own workers (`self-hosted`).
+pub fn queue_name(prefix: &str, route: &Route) -> String {
+    let mut q = format!("{prefix}:dispatch");
+    if let Some(t) = route.tenant {
+        q.push_str(&format!(":t:{t}"));
+    }
+    if !route.labels.is_empty() {
+        q.push(':');
+        q.push_str(&route.labels.iter().map(|l| queue_label(l)).collect::<Vec<_>>().join("+"));
+    }
+    q
+}
+
+/// Every queue a worker consumes: one per subset of its labels (the empty set included), on its
+/// tenant's side for a tenant's own worker and on the shared side otherwise.
+pub fn worker_queues(prefix: &str, profile: &WorkerProfile) -> Vec<String> {
+    let labels = &profile.labels;
+    let tenant = profile.tenant.as_ref().map(|t| t.id);
+    (0u32..(1 << labels.len()))
+        .map(|mask| {
+            let subset = labels.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, l)| l.clone());
+            queue_name(prefix, &Route { tenant, labels: subset.collect() })
+        })
+        .collect()
+}
+
+/// The queue of a dispatch, from its task's `runs_on` (and, for `self-hosted`, its run's tenant).
+async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
+    let default = || queue_name(prefix, &Route::default());
+    let plan = match engine.plan_of(d.run).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(run = %d.run, error = %e, "cannot route the dispatch; using the default queue");
+            return default();
+        }
+    };
+    let Some(task) = plan.tasks.get(d.task) else { return default() };
+    if task.runs_on.is_empty() {
+        return default();
+    }
+    let tenant = if Route::is_self_hosted(task) {
+        match run_tenant(&engine.store, d.run).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(run = %d.run, error = %e, "cannot route the dispatch; using the default queue");
+                return default();
+            }
+        }
+    } else {
+        Uuid::nil()
+    };
+    queue_name(prefix, &Route::of(task, tenant))
+}
+
+/// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
+/// to the queue of its task's route.
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
+    router: Arc<OnceLock<Weak<Engine>>>,
 }
 
 impl RedisDoorbell {
-    /// Connects to Redis and starts the pusher.
+    /// Connects to Redis and starts the pusher. Until [`RedisDoorbell::route_with`] is called
+    /// every dispatch goes to the default queue.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let mut storage = storage(url, prefix).await?;
+        let base = storage(url, &queue_name(prefix, &Route::default())).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Dispatch>();
+        let router: Arc<OnceLock<Weak<Engine>>> = Arc::default();
+        let (prefix, routes) = (prefix.to_owned(), router.clone());
         tokio::spawn(async move {
+            let mut queues: HashMap<String, RedisStorage<Dispatch>> = HashMap::new();
             while let Some(d) = rx.recv().await {
+                let engine = routes.get().and_then(Weak::upgrade);
+                let queue = match engine {
+                    Some(engine) => route_queue(&engine, &prefix, d).await,
+                    None => queue_name(&prefix, &Route::default()),
+                };
+                let storage = queues.entry(queue).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
                 if let Err(e) = storage.push(d).await {
                     tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again");
                 }
             }
         });
-        Ok(Self { tx })
+        Ok(Self { tx, router })
+    }
+
+    /// Routes dispatches by their task's `runs_on`, read from `engine`'s plans.
+    pub fn route_with(&self, engine: &Arc<Engine>) {
+        let _ = self.router.set(Arc::downgrade(engine));
     }
 }
 
@@ -86,103 +187,147 @@ struct Shared {
     store: Store,
     work_root: PathBuf,
     secrets_key: SecretsKey,
+    gate: Arc<Gate>,
+    /// One permit per slot, held for a whole execution: shutdown waits for every permit.
+    slots: Arc<Semaphore>,
 }
 
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
+    let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
+        Ok(need) => need,
+        Err(skip) => {
+            shared.gate.skipped(d, skip);
+            return Ok(());
+        }
+    };
+    // Room first (a slot, then CPU and memory), the claim after: a worker claims only what it
+    // can start now. Without room soon, the dispatch goes back to its queue for another worker.
+    let Ok(Ok(slot)) = tokio::time::timeout(WAIT_FOR_ROOM, shared.slots.clone().acquire_owned()).await else {
+        shared.engine.doorbell.ring(d);
+        return Ok(());
+    };
+    let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
+        drop(slot);
+        shared.engine.doorbell.ring(d);
+        return Ok(());
+    };
     if let Err(e) = run_one(&shared.engine, &shared.store, d, shared.work_root.clone(), &shared.secrets_key).await {
         tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
     }
+    drop((reserved, slot));
     Ok(())
 }
 
-/// Consumes dispatches from Redis with `slots` concurrent executions until `stop` is notified;
-/// then takes no new work and returns once the executions in flight have finished.
+/// Consumes dispatches from Redis, from every queue `gate`'s worker serves, with its slots as
+/// concurrent executions, until `stop` is notified; then takes no new work and returns once the
+/// executions in flight have finished.
 #[allow(clippy::too_many_arguments)]
 pub async fn consume_redis(
     engine: Arc<Engine>,
     store: Store,
     url: String,
     prefix: String,
-    slots: usize,
+    gate: Arc<Gate>,
     work_root: PathBuf,
     secrets_key: SecretsKey,
     stop: Arc<Notify>,
 ) -> anyhow::Result<()> {
-    let slots = slots.max(1);
-    let inflight = Arc::new(Semaphore::new(slots));
-    let shared = Shared { engine: engine.clone(), store, work_root, secrets_key };
-    let mut storage = Some(storage(&url, &prefix).await?);
+    let slots = gate.profile.slots.max(1);
+    let queues = worker_queues(&prefix, &gate.profile);
+    let shared = Shared { engine, store, work_root, secrets_key, gate, slots: Arc::new(Semaphore::new(slots)) };
+    // One notification stops every queue's consumer.
+    let (stopped_tx, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        stop.notified().await;
+        let _ = stopped_tx.send(true);
+    });
+    // Different apalis worker names per process and queue: a restarted worker never collides
+    // with its predecessor's registration in Redis.
+    let tag = &Uuid::new_v4().simple().to_string()[..6];
+    let mut consumers = tokio::task::JoinSet::new();
+    for (i, queue) in queues.into_iter().enumerate() {
+        let apalis_name = format!("{}/{tag}/{i}", shared.engine.worker_name());
+        let first = storage(&url, &queue).await?;
+        consumers.spawn(consume_queue(shared.clone(), url.clone(), queue, apalis_name, first, stopped.clone()));
+    }
+    while let Some(r) = consumers.join_next().await {
+        r.context("queue consumer")?;
+    }
+    // Executions already started finish; their completions still reach the database.
+    let _ = shared.slots.acquire_many(slots as u32).await;
+    Ok(())
+}
+
+/// Consumes one queue until `stopped` turns true.
+async fn consume_queue(
+    shared: Shared,
+    url: String,
+    queue: String,
+    apalis_name: String,
+    first: RedisStorage<Dispatch>,
+    stopped: watch::Receiver<bool>,
+) {
+    let mut storage = Some(first);
     // apalis-redis gives up for good on a fetch error, including "worker not registered" after
     // Redis lost its keys (restarted empty, flushed): build a new worker, which registers again,
     // and keep going. Executions in flight keep their permits across the rebuild.
     loop {
         let backend = match storage.take() {
             Some(s) => s,
-            None => match self::storage(&url, &prefix).await {
+            None => match self::storage(&url, &queue).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "reconnecting to Redis failed; retrying");
-                    if wait_or_stop(&stop).await {
+                    tracing::warn!(queue, error = %e, "reconnecting to Redis failed; retrying");
+                    if wait_or_stop(stopped.clone()).await {
                         break;
                     }
                     continue;
                 }
             },
         };
-        match consume_once(&engine, backend, shared.clone(), slots, inflight.clone(), stop.clone()).await {
+        match consume_once(&apalis_name, backend, shared.clone(), stopped.clone()).await {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(error = %e, "the Redis consumer stopped; starting it again");
-                if wait_or_stop(&stop).await {
+                tracing::warn!(queue, error = %e, "the Redis consumer stopped; starting it again");
+                if wait_or_stop(stopped.clone()).await {
                     break;
                 }
             }
         }
     }
-    // Executions already started finish; their completions still reach the database.
-    let _ = inflight.acquire_many(slots as u32).await;
-    Ok(())
 }
 
-/// Waits a second before the consumer starts again; true when `stop` was notified meanwhile.
-async fn wait_or_stop(stop: &Notify) -> bool {
+/// Waits a second before the consumer starts again; true when stopping meanwhile.
+async fn wait_or_stop(mut stopped: watch::Receiver<bool>) -> bool {
     tokio::select! {
-        () = stop.notified() => true,
+        r = stopped.wait_for(|s| *s) => r.is_ok(),
         () = tokio::time::sleep(Duration::from_secs(1)) => false,
     }
 }
 
-/// One apalis worker on `backend`, until `stop` is notified (Ok) or the worker fails (Err).
+/// One apalis worker on `backend`, until stopping (Ok) or the worker fails (Err).
 async fn consume_once(
-    engine: &Engine,
+    name: &str,
     backend: RedisStorage<Dispatch>,
     shared: Shared,
-    slots: usize,
-    permits: Arc<Semaphore>,
-    stop: Arc<Notify>,
+    stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let worker = WorkerBuilder::new(engine.worker_name())
+    let slots = shared.gate.profile.slots.max(1);
+    let worker = WorkerBuilder::new(name)
         .backend(backend)
         .data(shared)
         .concurrency(slots)
         .parallelize(tokio::spawn)
-        .build(move |d: Dispatch, shared: Data<Shared>| {
-            let permits = permits.clone();
-            async move {
-                // Held for the whole execution: shutdown waits for every permit.
-                let _permit = permits.acquire_owned().await?;
-                handle(d, shared).await
-            }
-        });
+        .build(handle);
     // apalis-redis polls: after an empty fetch the worker waits for its heartbeat timer to wake
     // it, and that wake-up is lost when the timer fires while a fetch is in flight (the worker
     // then never fetches again). Polling the worker on our own tick as well keeps it looking
     // every `REDIS_POLL`.
     let run = worker.run_with_ctx(move |ctx: WorkerContext| {
-        let stop = stop.clone();
+        let mut stopped = stopped.clone();
         async move {
-            stop.notified().await;
+            let _ = stopped.wait_for(|s| *s).await;
             ctx.stop()
         }
     });
@@ -224,47 +369,100 @@ async fn shutdown_signal() {
 /// Time in-flight executions get to finish after SIGTERM or Ctrl-C.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// `sluice worker`: consumes dispatches from Redis and executes them against the database
-/// until SIGTERM or Ctrl-C, then lets executions in flight finish (up to 30 s).
+/// The profile of this process's worker from the configuration: its name (configured, or a
+/// unique generated one) and, for a tenant's own worker, the tenant its token may register for.
+pub async fn worker_profile(
+    config: &Config,
+    store: &Store,
+    mode: &'static str,
+) -> anyhow::Result<(WorkerProfile, Option<registry::TenantGrant>)> {
+    let name = config.worker.name.clone().unwrap_or_else(super::worker_name);
+    let grant = match (&config.worker.tenant, &config.worker.token) {
+        (Some(slug), Some(token)) => Some(registry::authorize_tenant_worker(store, slug, token, &name).await?),
+        _ => None,
+    };
+    let owner = grant.as_ref().map(|g| g.owner.clone());
+    Ok((WorkerProfile::new(&config.worker, name, owner, config.worker_slots, mode), grant))
+}
+
+/// `sluice worker`: registers under its name (refused while a live worker has it), consumes
+/// dispatches from Redis and executes them against the database until SIGTERM or Ctrl-C, then
+/// lets executions in flight finish (up to 30 s) and marks itself stopped.
 pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let url = config.redis_url.clone().context("`sluice worker` needs SLUICE_REDIS_URL")?;
     let secrets_key = SecretsKey::load(&config).context("loading the key for tenant secrets")?;
     let store =
         Store::connect(&config.database_url, config.db_max_connections).await.context("connecting to the database")?;
+    let (profile, grant) = worker_profile(&config, &store, "worker").await?;
+    let registration =
+        Arc::new(registry::register(&store, &profile, grant.as_ref(), super::Timings::from_env()).await?);
+    let result = serve_as_worker(&config, url, store, secrets_key, profile, &registration).await;
+    if let Err(e) = registration.stop().await {
+        tracing::warn!(error = %e, "marking this worker stopped failed; it will count as lost");
+    }
+    result
+}
+
+async fn serve_as_worker(
+    config: &Config,
+    url: String,
+    store: Store,
+    secrets_key: SecretsKey,
+    profile: WorkerProfile,
+    registration: &Arc<registry::Registration>,
+) -> anyhow::Result<()> {
     let work_root = super::work::prepare_work_root(&config.data_dir)?;
     // Completions queue the next tasks: this process rings the same doorbell.
     let doorbell = Arc::new(RedisDoorbell::connect(&url, &config.redis_prefix).await?);
-    let engine = Arc::new(Engine::new(store.clone(), doorbell));
+    let engine = Arc::new(Engine::named(store.clone(), doorbell.clone(), profile.name.clone()));
     engine.set_tenant_task_limit(config.tenant_max_running_tasks);
+    doorbell.route_with(&engine);
     // This process's task and log events reach the clients of every `sluice serve`.
     super::bus::EventBus::spawn(&url, &config.redis_prefix, &engine.event_sender())
         .context("starting the event bus")?;
-    tracing::info!(worker = engine.worker_name(), slots = config.worker_slots, "worker started");
+    let gate = Gate::new(profile);
+    let mut taken_over = registration.spawn_heartbeat(gate.capacity.clone());
+    tracing::info!(
+        worker = engine.worker_name(),
+        slots = gate.profile.slots,
+        labels = ?gate.profile.advertised_labels(),
+        cpu = gate.profile.cpu_millis as f64 / 1000.0,
+        memory_mib = gate.profile.memory_bytes >> 20,
+        tenant = gate.profile.tenant.as_ref().map(|t| t.slug.as_str()),
+        "worker started"
+    );
     let stop = Arc::new(Notify::new());
     let mut consumer = tokio::spawn(consume_redis(
         engine,
         store,
         url.clone(),
         config.redis_prefix.clone(),
-        config.worker_slots,
+        gate,
         work_root,
         secrets_key,
         stop.clone(),
     ));
+    let mut failure = None;
     tokio::select! {
         r = &mut consumer => return r.context("worker task")?,
         () = shutdown_signal() => {}
+        _ = taken_over.wait_for(|t| *t) => {
+            failure = Some(anyhow::anyhow!(
+                "worker {:?} was taken over by another process after missing its heartbeats; stopped",
+                registration.name()
+            ));
+        }
     }
     tracing::info!("shutting down: no new work; waiting for tasks in flight");
     stop.notify_one();
     match tokio::time::timeout(SHUTDOWN_GRACE, consumer).await {
-        Ok(r) => r.context("worker task")?,
+        Ok(r) => r.context("worker task")??,
         Err(_) => {
             tracing::warn!(
                 "tasks still running after {} s; exiting; their leases will expire",
                 SHUTDOWN_GRACE.as_secs()
             );
-            Ok(())
         }
     }
+    failure.map_or(Ok(()), Err)
 }

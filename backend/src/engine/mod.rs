@@ -16,6 +16,7 @@
 
 pub mod bus;
 mod doorbell;
+pub mod registry;
 pub mod state;
 mod work;
 

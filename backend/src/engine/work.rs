@@ -32,21 +32,32 @@ pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> 
     std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
 }
 
-/// Starts `slots` concurrent executions fed by `rx`.
+/// Starts `slots` concurrent executions fed by `rx`. A dispatch this worker cannot serve (labels,
+/// owner, or larger than its whole capacity) is left queued; one that fits waits for its CPU and
+/// memory to be free before it is claimed.
 pub fn spawn_local_workers(
     engine: Arc<Engine>,
     store: Store,
     mut rx: mpsc::UnboundedReceiver<Dispatch>,
-    slots: usize,
+    gate: Arc<super::registry::Gate>,
     work_root: PathBuf,
     secrets_key: SecretsKey,
 ) {
-    let permits = Arc::new(Semaphore::new(slots.max(1)));
+    let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
     tokio::spawn(async move {
         while let Some(d) = rx.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
+            let gate = gate.clone();
             tokio::spawn(async move {
+                let need = match gate.judge(&engine, &store, d).await {
+                    Ok(need) => need,
+                    Err(skip) => {
+                        gate.skipped(d, skip);
+                        return;
+                    }
+                };
+                let _reserved = gate.capacity.reserve(need).await;
                 if let Err(e) = run_one(&engine, &store, d, root, &key).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
@@ -120,7 +131,8 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attemp
         env,
         timeout: spec.timeout.map(|d| d.to_std()),
         work_root,
-        limits: Limits::default(),
+        // The declared memory is also the task's limit (its address space).
+        limits: Limits { memory_bytes: spec.resources.and_then(|r| r.memory).map(|m| m.bytes()), ..Limits::default() },
         secrets: ctx.secrets.values().cloned().collect(),
         max_log_bytes: MAX_LOG_BYTES,
         http: HttpPolicy::default(),

@@ -20,3 +20,4 @@ mod tenant_settings;
 mod tokens;
 mod triggers;
 mod walkthrough;
+mod workers;

@@ -179,7 +179,13 @@ fn article(value: &serde_json::Value) -> &'static str {
     if value_kind(value).starts_with(['a', 'i', 'o']) { "an" } else { "a" }
 }
 
-fn planned_task(task: &TaskSpec, key: String, stage: usize, spec_index: (usize, usize)) -> PlannedTask {
+fn planned_task(
+    spec: &PipelineSpec,
+    task: &TaskSpec,
+    key: String,
+    stage: usize,
+    spec_index: (usize, usize),
+) -> PlannedTask {
     let retries = task.retries;
     PlannedTask {
         key,
@@ -194,6 +200,9 @@ fn planned_task(task: &TaskSpec, key: String, stage: usize, spec_index: (usize, 
         max_delay_ms: retries.and_then(|r| r.max_delay).map(millis),
         timeout_ms: task.timeout.map(millis),
         item: None,
+        runs_on: task.runs_on.clone(),
+        resources: task.resources,
+        priority: spec.priority.saturating_add(task.priority),
     }
 }
 
@@ -265,10 +274,10 @@ pub fn compile(
         for (ti, (task, expansion)) in stage.tasks.iter().zip(per_task).enumerate() {
             let start = tasks.len();
             match expansion {
-                None => tasks.push(planned_task(task, task.id.as_str().to_owned(), si, (si, ti))),
+                None => tasks.push(planned_task(spec, task, task.id.as_str().to_owned(), si, (si, ti))),
                 Some(items) => {
                     for (i, item) in items.into_iter().enumerate() {
-                        let mut planned = planned_task(task, format!("{}[{i}]", task.id), si, (si, ti));
+                        let mut planned = planned_task(spec, task, format!("{}[{i}]", task.id), si, (si, ti));
                         planned.item = Some(item);
                         tasks.push(planned);
                     }

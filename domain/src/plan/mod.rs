@@ -146,6 +146,19 @@ pub struct PlannedTask {
     pub timeout_ms: Option<i64>,
     /// The `for_each` element of a fan-out instance.
     pub item: Option<serde_json::Value>,
+    /// Labels a worker must have to execute it (`runs_on`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs_on: Vec<String>,
+    /// CPU and memory it declares (`resources`); a worker reserves them while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::spec::Resources>,
+    /// Scheduling priority: the pipeline's `priority` plus the task's, -200..=200 (higher first).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(value: &i32) -> bool {
+    *value == 0
 }
 
 /// The state of one task instance.

@@ -912,3 +912,27 @@ stages:
     assert_eq!(r.ev(Event::Start), vec![Effect::Finished { status: RunStatus::Succeeded }]);
     assert_eq!(r.finished, 1);
 }
+
+#[test]
+fn placement_is_compiled_and_old_plans_still_read() {
+    let plan = compiled(
+        "priority: 5\nstages:\n  - id: s\n    tasks:\n      - id: gpu\n        runs_on: [gpu, linux]\n        resources: { cpu: 2, memory: 1GiB }\n        priority: -3\n        noop: true\n      - id: plain\n        noop: true\n",
+        json!({}),
+    );
+    let gpu = &plan.tasks[0];
+    assert_eq!(gpu.runs_on, ["gpu", "linux"]);
+    let r = gpu.resources.unwrap();
+    assert_eq!((r.cpu, r.memory.map(crate::MemorySize::bytes)), (Some(2.0), Some(1 << 30)));
+    assert_eq!(gpu.priority, 2);
+    assert_eq!((plan.tasks[1].runs_on.len(), plan.tasks[1].resources, plan.tasks[1].priority), (0, None, 5));
+    // A plan stored before these fields existed has none of them.
+    let mut old = serde_json::to_value(&plan).unwrap();
+    for t in old["tasks"].as_array_mut().unwrap() {
+        let t = t.as_object_mut().unwrap();
+        for k in ["runs_on", "resources", "priority"] {
+            t.remove(k);
+        }
+    }
+    let back: RunPlan = serde_json::from_value(old).unwrap();
+    assert!(back.tasks.iter().all(|t| t.runs_on.is_empty() && t.resources.is_none() && t.priority == 0));
+}
