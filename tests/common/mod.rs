@@ -266,6 +266,7 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// Direct reads of the cluster's database.
+#[derive(Clone)]
 pub struct Db(pub DatabaseConnection);
 
 impl Db {
