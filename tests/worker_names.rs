@@ -1,4 +1,5 @@
-//! Worker names with real processes (test plan A02, A03): one name, one live worker. Needs
+//! Workers with real processes: names (test plan A02, A03: one name, one live worker) and
+//! routing (tasks with `runs_on` labels or `self-hosted` wait for a worker that serves them). Needs
 //! PostgreSQL at `SLUICE_TEST_POSTGRES_URL` (default postgres://postgres@127.0.0.1:5432) and Redis
 //! at `SLUICE_TEST_REDIS_URL` (default redis://127.0.0.1:6379).
 //!
@@ -326,4 +327,136 @@ async fn a02_a_worker_killed_and_restarted_at_once_under_its_name_is_refused_and
     let w = list.iter().find(|w| w["name"] == name.as_str()).unwrap();
     assert_eq!(w["status"], "alive");
     db.close().await.ok();
+}
+
+/// The status of every task of a run, by key.
+async fn statuses(client: &Client, base: &str, tenant: &str, token: &str, run: &str) -> Value {
+    let r = client.get(format!("{base}/api/v1/t/{tenant}/runs/{run}")).bearer_auth(token).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    let mut out = serde_json::Map::new();
+    for t in v["tasks"].as_array().unwrap() {
+        out.insert(t["key"].as_str().unwrap().to_owned(), t["status"].clone());
+    }
+    Value::Object(out)
+}
+
+async fn wait_statuses(client: &Client, p: &Procs, tenant: &str, token: &str, run: &str, want: Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = statuses(client, &p.base, tenant, token, run).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tasks {got} instead of {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn labelled_and_self_hosted_tasks_wait_for_a_worker_that_serves_them() {
+    let mut p = Procs::new().await;
+    let serve = p.spawn("serve", &[]);
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.get(format!("{}/readyz", p.base)).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "serve not ready: {}", p.log(serve));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tenant = format!("r{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let (email, password) = (format!("admin@{tenant}.example"), "correct horse battery staple 42");
+    let r = client
+        .post(format!("{}/api/v1/signup", p.base))
+        .json(&json!({ "tenant_slug": tenant, "tenant_name": "Routes", "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = client
+        .post(format!("{}/api/v1/auth/login", p.base))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap();
+    let token = r.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let r = client
+        .post(format!("{}/api/v1/t/{tenant}/tokens", p.base))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "farm", "groups": ["admins"], "expires_at": expires }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let worker_token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: plain\n        noop: true\n      - id: gpu\n        runs_on: [gpu]\n        noop: true\n      - id: own\n        runs_on: [self-hosted]\n        noop: true\n      - id: arm\n        runs_on: [arm64]\n        noop: true\n";
+    let r = client
+        .post(format!("{}/api/v1/t/{tenant}/pipelines", p.base))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "routed", "definition": yaml }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = client
+        .post(format!("{}/api/v1/t/{tenant}/pipelines/routed/runs", p.base))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let run = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    // A shared worker without labels: only the plain task.
+    p.spawn("worker", &[]);
+    let q = "queued";
+    wait_statuses(&client, &p, &tenant, &token, &run, json!({ "plain": "succeeded", "gpu": q, "own": q, "arm": q }))
+        .await;
+    // A shared worker with the gpu label.
+    p.spawn("worker", &[("SLUICE_WORKER_LABELS", "gpu,linux")]);
+    wait_statuses(
+        &client,
+        &p,
+        &tenant,
+        &token,
+        &run,
+        json!({ "plain": "succeeded", "gpu": "succeeded", "own": q, "arm": q }),
+    )
+    .await;
+    // The tenant's own worker, registered with an admin token of the tenant.
+    let own = p.spawn_args(&["worker", "--tenant", &tenant], &[("SLUICE_WORKER_TOKEN", &worker_token)]);
+    let done = "succeeded";
+    wait_statuses(&client, &p, &tenant, &token, &run, json!({ "plain": done, "gpu": done, "own": done, "arm": q }))
+        .await;
+    // Nobody has arm64: it stays queued. The workers are listed with their labels.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(statuses(&client, &p.base, &tenant, &token, &run).await["arm"], q, "{}", p.log(own));
+    let r = client.get(format!("{}/api/v1/t/{tenant}/workers", p.base)).bearer_auth(&token).send().await.unwrap();
+    let list: Vec<Value> = r.json().await.unwrap();
+    let mut seen: Vec<(String, Value)> = list
+        .iter()
+        .filter(|w| w["mode"] == "worker")
+        .map(|w| (w["owner"].as_str().unwrap().to_owned(), w["labels"].clone()))
+        .collect();
+    seen.sort_by_key(|(_, labels)| labels.as_array().map_or(0, Vec::len));
+    assert_eq!(
+        seen,
+        [
+            ("shared".to_owned(), json!([])),
+            ("tenant".to_owned(), json!(["self-hosted"])),
+            ("shared".to_owned(), json!(["gpu", "linux"])),
+        ]
+    );
+    // An editor's token may not register a worker of the tenant.
+    let r = client
+        .post(format!("{}/api/v1/t/{tenant}/tokens", p.base))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "ci", "groups": ["editors"], "expires_at": expires }))
+        .send()
+        .await
+        .unwrap();
+    let editor_token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+    let refused = p.spawn_args(&["worker", "--tenant", &tenant], &[("SLUICE_WORKER_TOKEN", &editor_token)]);
+    let status = p.wait_exit(refused, Duration::from_secs(5)).await.expect("refused at start");
+    assert!(!status.success());
+    assert!(p.log(refused).contains("may not register workers"), "{}", p.log(refused));
 }
