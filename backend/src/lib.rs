@@ -164,6 +164,9 @@ impl Application {
                 .app_data(state.clone())
                 .configure(api::configure)
         })
+        // Small writes (server-sent events, short JSON answers) go out at once instead of
+        // waiting for the client's delayed acknowledgement of the previous one.
+        .tcp_nodelay(true)
         .listen(listener)?
         .shutdown_timeout(30)
         .run();

@@ -137,6 +137,34 @@ async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
 
 /// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
 /// to the queue of its task's route.
+/// How long a pushed dispatch counts as waiting in Redis when no worker takes it.
+const RING_MARK_TTL: Duration = Duration::from_secs(600);
+
+fn mark_key(prefix: &str, d: Dispatch) -> String {
+    format!("{prefix}:rung:{}:{}:{}", d.run, d.task, d.attempt)
+}
+
+/// Marks a dispatch as waiting in Redis; false when it already was.
+async fn mark(conn: &mut redis::aio::ConnectionManager, prefix: &str, d: Dispatch) -> redis::RedisResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(mark_key(prefix, d))
+        .arg(1)
+        .arg("NX")
+        .arg("EX")
+        .arg(RING_MARK_TTL.as_secs())
+        .query_async(conn)
+        .await?;
+    Ok(set.is_some())
+}
+
+/// Removes a dispatch's waiting mark: a worker took it.
+async fn unmark(conn: &mut redis::aio::ConnectionManager, prefix: &str, d: Dispatch) {
+    let r: redis::RedisResult<i64> = redis::cmd("DEL").arg(mark_key(prefix, d)).query_async(conn).await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "removing a dispatch mark failed; it expires by itself");
+    }
+}
+
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
     router: Arc<OnceLock<Weak<Engine>>>,
@@ -147,6 +175,7 @@ impl RedisDoorbell {
     /// every dispatch goes to the default queue.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
         let base = storage(url, &queue_name(prefix, &Route::default())).await?;
+        let mut marks = apalis_redis::connect(url).await.with_context(|| format!("connecting to Redis at {url}"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Dispatch>();
         let router: Arc<OnceLock<Weak<Engine>>> = Arc::default();
         let (prefix, routes) = (prefix.to_owned(), router.clone());
@@ -158,6 +187,18 @@ impl RedisDoorbell {
                     Some(engine) => route_queue(&engine, &prefix, d).await,
                     None => queue_name(&prefix, &Route::default()),
                 };
+                // A dispatch still waiting in Redis is not pushed again: the reaper's re-rings of
+                // a backlog would otherwise pile up copies the workers must wade through. The
+                // mark goes when a worker takes the dispatch (or with Redis's data, or after
+                // `RING_MARK_TTL`), and then a ring pushes it again.
+                match mark(&mut marks, &prefix, d).await {
+                    Ok(false) => {
+                        tracing::debug!(run = %d.run, task = d.task, "dispatch still waiting in Redis; not pushed again");
+                        continue;
+                    }
+                    Ok(true) => {}
+                    Err(e) => tracing::debug!(error = %e, "marking a dispatch failed; pushing it anyway"),
+                }
                 let storage = queues.entry(queue).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
                 if let Err(e) = storage.push(d).await {
                     tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again");
@@ -190,10 +231,15 @@ struct Shared {
     gate: Arc<Gate>,
     /// One permit per slot, held for a whole execution: shutdown waits for every permit.
     slots: Arc<Semaphore>,
+    /// For the marks of dispatches waiting in Redis.
+    marks: redis::aio::ConnectionManager,
+    /// The Redis key prefix.
+    prefix: String,
 }
 
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
+    unmark(&mut shared.marks.clone(), &shared.prefix, d).await;
     let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
         Ok(need) => need,
         Err(skip) => {
@@ -235,7 +281,17 @@ pub async fn consume_redis(
 ) -> anyhow::Result<()> {
     let slots = gate.profile.slots.max(1);
     let queues = worker_queues(&prefix, &gate.profile);
-    let shared = Shared { engine, store, work_root, secrets_key, gate, slots: Arc::new(Semaphore::new(slots)) };
+    let marks = apalis_redis::connect(url.as_str()).await.with_context(|| format!("connecting to Redis at {url}"))?;
+    let shared = Shared {
+        engine,
+        store,
+        work_root,
+        secrets_key,
+        gate,
+        slots: Arc::new(Semaphore::new(slots)),
+        marks,
+        prefix: prefix.clone(),
+    };
     // One notification stops every queue's consumer.
     let (stopped_tx, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -251,8 +307,27 @@ pub async fn consume_redis(
         let first = storage(&url, &queue).await?;
         consumers.spawn(consume_queue(shared.clone(), url.clone(), queue, apalis_name, first, stopped.clone()));
     }
-    while let Some(r) = consumers.join_next().await {
-        r.context("queue consumer")?;
+    // Once stopping, the drain is over when every slot is free again (executions already
+    // started have finished and recorded their completions); apalis's own workers are not
+    // waited for beyond that, since with several executions in flight they can take until
+    // the grace period to notice they were stopped.
+    let mut stopping = stopped.clone();
+    let drained = async {
+        let _ = stopping.wait_for(|s| *s).await;
+        shared.slots.acquire_many(slots as u32).await
+    };
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            r = consumers.join_next() => match r {
+                Some(r) => r.context("queue consumer")?,
+                None => break,
+            },
+            _ = &mut drained => {
+                consumers.abort_all();
+                return Ok(());
+            }
+        }
     }
     // Executions already started finish; their completions still reach the database.
     let _ = shared.slots.acquire_many(slots as u32).await;

@@ -292,6 +292,63 @@ impl Engine {
         }
     }
 
+    /// Pushes queued tasks nobody claimed again: a task is rung again `redispatch_after` after
+    /// it was queued, then after twice that, four times, ... (up to 32 times that), so a backlog
+    /// that workers are simply busy with is not multiplied in the queue, while a ring lost with
+    /// Redis is soon made good.
+    async fn ring_unclaimed(&self, now: chrono::DateTime<Utc>) -> Result<(), DbErr> {
+        #[derive(FromQueryResult)]
+        struct Q {
+            run_id: Uuid,
+            idx: i32,
+            attempt: i32,
+            rung_at: Option<chrono::DateTime<Utc>>,
+            queued_at: Option<chrono::DateTime<Utc>>,
+            rings: i32,
+        }
+        let base = chrono::Duration::from_std(self.timings.redispatch_after).unwrap_or_default();
+        let candidates: Vec<Q> = self
+            .store
+            .query_all(
+                self.store.db(),
+                "SELECT run_id, idx, attempt, rung_at, queued_at, rings FROM task_runs \
+                 WHERE status = 'queued' AND (rung_at IS NULL OR rung_at < $1)",
+                vec![(now - base).into()],
+            )
+            .await?;
+        let due: Vec<Q> = candidates
+            .into_iter()
+            .filter(|q| {
+                let last = q.rung_at.or(q.queued_at).unwrap_or(now);
+                last + base * (1 << q.rings.clamp(0, 5)) <= now
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let txn = self.store.write().await?;
+        let mut rung = vec![];
+        for q in &due {
+            let n = self
+                .store
+                .execute(
+                    &*txn,
+                    "UPDATE task_runs SET rung_at = $4, rings = rings + 1 \
+                     WHERE run_id = $1 AND idx = $2 AND attempt = $3 AND status = 'queued'",
+                    vec![q.run_id.into(), q.idx.into(), q.attempt.into(), now.into()],
+                )
+                .await?;
+            if n == 1 {
+                rung.push(Dispatch { run: q.run_id, task: q.idx as usize, attempt: q.attempt as u32 });
+            }
+        }
+        txn.commit().await?;
+        for d in rung {
+            self.doorbell.ring(d);
+        }
+        Ok(())
+    }
+
     /// Runs the reaper until the process ends.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let engine = self.clone();
@@ -367,18 +424,7 @@ impl Engine {
         for r in futures_util::future::join_all(pending).await {
             r?;
         }
-        let stale = now - chrono::Duration::from_std(self.timings.redispatch_after).unwrap_or_default();
-        let unclaimed: Vec<T> = self
-            .store
-            .query_all(
-                self.store.db(),
-                "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'queued' AND queued_at < $1",
-                vec![stale.into()],
-            )
-            .await?;
-        for t in unclaimed {
-            self.doorbell.ring(Dispatch { run: t.run_id, task: t.idx as usize, attempt: t.attempt as u32 });
-        }
+        self.ring_unclaimed(now).await?;
         if let Some(guard) = guard {
             guard.commit().await?;
         }

@@ -65,6 +65,7 @@ struct TaskRow {
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
+    lost: i32,
 }
 
 fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, DbErr> {
@@ -185,7 +186,7 @@ pub async fn load(
     let tasks: Vec<TaskRow> = store
         .query_all(
             conn,
-            "SELECT status, attempt, not_before, started_at, finished_at, lease_owner FROM task_runs \
+            "SELECT status, attempt, not_before, started_at, finished_at, lease_owner, lost FROM task_runs \
              WHERE run_id = $1 ORDER BY idx",
             vec![run.into()],
         )
@@ -217,6 +218,7 @@ pub async fn load(
                     not_before: t.not_before.map(ms),
                     started_at: t.started_at.map(ms),
                     finished_at: t.finished_at.map(ms),
+                    lost: u32::try_from(t.lost).unwrap_or_default(),
                 })
             })
             .collect::<Result<_, DbErr>>()?,
@@ -457,12 +459,17 @@ async fn write_task(
     let mut sql = String::from(
         "UPDATE task_runs SET status = $4, attempt = $5, not_before = $6, started_at = $7, finished_at = $8",
     );
+    if a.lost != b.lost {
+        sql.push_str(&format!(", lost = {}", b.lost));
+    }
     let mut push = |sql: &mut String, column: &str, v: sea_orm::Value| {
         values.push(v);
         sql.push_str(&format!(", {column} = ${}", values.len()));
     };
     if queued_now {
         push(&mut sql, "queued_at", now.into());
+        push(&mut sql, "rung_at", now.into());
+        sql.push_str(", rings = 0");
     }
     match write.and_then(|w| w.lease.clone()) {
         Some((owner, expires)) => {

@@ -3,7 +3,9 @@
 use crate::dag;
 use crate::spec::When;
 
-use super::{Effect, Event, Millis, PlannedTask, RunPlan, RunState, RunStatus, StageStatus, TaskOutcome, TaskStatus};
+use super::{
+    Effect, Event, MAX_LOST, Millis, PlannedTask, RunPlan, RunState, RunStatus, StageStatus, TaskOutcome, TaskStatus,
+};
 
 /// Applies `event` at time `now` to `state` and returns the new state and the effects to carry
 /// out, in order. See the [module documentation](super) for the rules. Ignored events return
@@ -115,10 +117,18 @@ impl Machine<'_> {
                 t.status = TaskStatus::Succeeded;
                 t.finished_at = Some(now);
             }
+            // A lost attempt (its worker died) is no fault of the task: it runs again at once,
+            // without using a retry, up to `MAX_LOST` times.
+            TaskOutcome::Lost if t.lost < MAX_LOST => {
+                t.lost += 1;
+                t.status = TaskStatus::Pending;
+                t.not_before = Some(now);
+            }
             TaskOutcome::Failed | TaskOutcome::TimedOut | TaskOutcome::Lost => match planned {
-                Some(planned) if attempt <= planned.max_retries => {
+                Some(planned) if attempt.saturating_sub(t.lost) <= planned.max_retries => {
+                    let failures = attempt.saturating_sub(t.lost);
                     t.status = TaskStatus::Pending;
-                    t.not_before = Some(now.saturating_add(retry_delay(planned, attempt)));
+                    t.not_before = Some(now.saturating_add(retry_delay(planned, failures)));
                 }
                 _ => {
                     t.status = TaskStatus::Failed;

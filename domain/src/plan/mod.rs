@@ -32,9 +32,11 @@
 //! - **TaskStarted** with the current attempt of a `Queued` task → `Running`, `started_at = now`
 //!   (the start of the latest attempt). Anything else is ignored.
 //! - **TaskFinished** with the current attempt of a `Queued` or `Running` task: `Succeeded` →
-//!   `Succeeded`. `Failed`, `TimedOut` or `Lost` → if `attempt <= max_retries` the task goes
-//!   back to `Pending` with `not_before = now + delay` (fixed: `initial`; exponential:
-//!   `initial × 2^(attempt-1)`; both capped by `max_delay`), else `Failed`. A completion for a
+//!   `Succeeded`. `Lost` (the worker died) while fewer than [`MAX_LOST`] attempts were lost →
+//!   `lost + 1`, back to `Pending` with `not_before = now`, no retry used. `Failed`, `TimedOut`
+//!   or a further `Lost` → with `failures = attempt - lost`, if `failures <= max_retries` the
+//!   task goes back to `Pending` with `not_before = now + delay` (fixed: `initial`; exponential:
+//!   `initial × 2^(failures-1)`; both capped by `max_delay`), else `Failed`. A completion for a
 //!   stale attempt, or for a task not `Queued`/`Running` (a duplicate, or one that arrives after
 //!   a cancel), is ignored: same state, no effects.
 //! - **Tick**: time-based transitions happen only here. If the run's deadline has passed
@@ -77,6 +79,9 @@ use crate::spec::When;
 pub use compile::{MAX_PLANNED_TASKS, PlanError, PlanErrors, compile};
 pub use machine::plan;
 pub use status::{ParseStatusError, RunStatus, StageStatus, TaskStatus};
+
+/// Lost attempts (the worker died) a task is run again for without using a retry.
+pub const MAX_LOST: u32 = 3;
 
 /// Unix time in milliseconds, always passed in by the caller.
 pub type Millis = i64;
@@ -174,6 +179,9 @@ pub struct TaskState {
     pub started_at: Option<Millis>,
     /// When the task reached a terminal status.
     pub finished_at: Option<Millis>,
+    /// Attempts lost with their worker, run again without using a retry.
+    #[serde(default)]
+    pub lost: u32,
 }
 
 /// The state of one stage.

@@ -165,7 +165,12 @@ impl Sim<'_> {
                     let previous = self.history.iter().filter(|(t, _)| *t == task).map(|(_, a)| *a).max();
                     assert_eq!(attempt, previous.unwrap_or(0) + 1, "attempts must increase by one");
                     self.dispatches[task] += 1;
-                    assert!(self.dispatches[task] <= plan.tasks[task].max_retries + 1, "too many dispatches");
+                    // Retries are bounded by `max`; lost attempts (worker died) add at most MAX_LOST.
+                    assert!(
+                        self.dispatches[task] <= plan.tasks[task].max_retries + 1 + st.tasks[task].lost,
+                        "too many dispatches"
+                    );
+                    assert!(st.tasks[task].lost <= super::MAX_LOST, "too many lost attempts rerun");
                     self.outstanding.push((task, attempt, false));
                     self.history.push((task, attempt));
                 }

@@ -212,7 +212,8 @@ fn fixed_retries_then_failure() {
             attempt: 1,
             not_before: Some(15_000),
             started_at: Some(10_000),
-            finished_at: None
+            finished_at: None,
+            lost: 0,
         }
     );
     assert_eq!(r.state.status, RunStatus::Running);
@@ -226,7 +227,7 @@ fn fixed_retries_then_failure() {
     assert_eq!(r.complete("a", TaskOutcome::TimedOut), vec![Effect::WakeAt { at: 25_000 }]);
     r.at(30_000);
     assert_eq!(r.ev(Event::Tick), vec![r.dispatch("a", 3)]);
-    assert_eq!(r.complete("a", TaskOutcome::Lost), vec![Effect::Finished { status: RunStatus::Failed }]);
+    assert_eq!(r.complete("a", TaskOutcome::Failed), vec![Effect::Finished { status: RunStatus::Failed }]);
     assert_eq!(r.task("a").status, TaskStatus::Failed);
     assert_eq!(r.task("a").attempt, 3);
 }
@@ -235,10 +236,41 @@ fn fixed_retries_then_failure() {
 fn retry_then_success() {
     let mut r = Run::new(RETRY_FIXED);
     r.ev(Event::Start);
-    r.complete("a", TaskOutcome::Lost);
+    r.complete("a", TaskOutcome::Failed);
     r.at(6_000);
     assert_eq!(r.ev(Event::Tick), vec![r.dispatch("a", 2)]);
     assert_eq!(r.complete("a", TaskOutcome::Succeeded), vec![Effect::Finished { status: RunStatus::Succeeded }]);
+}
+
+#[test]
+fn lost_attempts_run_again_at_once_without_using_retries() {
+    // No retries: a task whose worker dies still runs again, up to MAX_LOST times.
+    let mut r = Run::new("stages:\n  - id: s\n    tasks:\n      - { id: a, run: [a] }\n");
+    r.ev(Event::Start);
+    for lost in 1..=super::MAX_LOST {
+        r.at(1_000 * i64::from(lost));
+        assert_eq!(r.complete("a", TaskOutcome::Lost), vec![Effect::WakeAt { at: r.now }]);
+        assert_eq!((r.task("a").status, r.task("a").lost), (TaskStatus::Pending, lost));
+        assert_eq!(r.ev(Event::Tick), vec![r.dispatch("a", lost + 1)]);
+    }
+    // One more loss is a failure like any other, and there is no retry left.
+    assert_eq!(r.complete("a", TaskOutcome::Lost), vec![Effect::Finished { status: RunStatus::Failed }]);
+    assert_eq!(r.task("a").attempt, super::MAX_LOST + 1);
+
+    // Lost attempts do not count against `retries.max`, nor towards the backoff.
+    let mut r = Run::new(RETRY_FIXED);
+    r.ev(Event::Start);
+    r.at(1_000);
+    r.complete("a", TaskOutcome::Lost);
+    r.ev(Event::Tick);
+    r.at(2_000);
+    assert_eq!(r.complete("a", TaskOutcome::Failed), vec![Effect::WakeAt { at: 7_000 }]);
+    r.at(7_000);
+    assert_eq!(r.ev(Event::Tick), vec![r.dispatch("a", 3)]);
+    assert_eq!(r.complete("a", TaskOutcome::Failed), vec![Effect::WakeAt { at: 12_000 }]);
+    r.at(12_000);
+    assert_eq!(r.ev(Event::Tick), vec![r.dispatch("a", 4)]);
+    assert_eq!(r.complete("a", TaskOutcome::Failed), vec![Effect::Finished { status: RunStatus::Failed }]);
 }
 
 #[test]
@@ -888,6 +920,7 @@ stages:
         not_before: None,
         started_at: Some(100),
         finished_at: Some(200),
+        lost: 0,
     };
     for key in ["a", "c", "e"] {
         let i = r.t(key);
