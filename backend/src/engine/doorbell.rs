@@ -137,34 +137,6 @@ async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
 
 /// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
 /// to the queue of its task's route.
-/// How long a pushed dispatch counts as waiting in Redis when no worker takes it.
-const RING_MARK_TTL: Duration = Duration::from_secs(600);
-
-fn mark_key(prefix: &str, d: Dispatch) -> String {
-    format!("{prefix}:rung:{}:{}:{}", d.run, d.task, d.attempt)
-}
-
-/// Marks a dispatch as waiting in Redis; false when it already was.
-async fn mark(conn: &mut redis::aio::ConnectionManager, prefix: &str, d: Dispatch) -> redis::RedisResult<bool> {
-    let set: Option<String> = redis::cmd("SET")
-        .arg(mark_key(prefix, d))
-        .arg(1)
-        .arg("NX")
-        .arg("EX")
-        .arg(RING_MARK_TTL.as_secs())
-        .query_async(conn)
-        .await?;
-    Ok(set.is_some())
-}
-
-/// Removes a dispatch's waiting mark: a worker took it.
-async fn unmark(conn: &mut redis::aio::ConnectionManager, prefix: &str, d: Dispatch) {
-    let r: redis::RedisResult<i64> = redis::cmd("DEL").arg(mark_key(prefix, d)).query_async(conn).await;
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "removing a dispatch mark failed; it expires by itself");
-    }
-}
-
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
     router: Arc<OnceLock<Weak<Engine>>>,
@@ -175,7 +147,6 @@ impl RedisDoorbell {
     /// every dispatch goes to the default queue.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
         let base = storage(url, &queue_name(prefix, &Route::default())).await?;
-        let mut marks = apalis_redis::connect(url).await.with_context(|| format!("connecting to Redis at {url}"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Dispatch>();
         let router: Arc<OnceLock<Weak<Engine>>> = Arc::default();
         let (prefix, routes) = (prefix.to_owned(), router.clone());
@@ -187,18 +158,6 @@ impl RedisDoorbell {
                     Some(engine) => route_queue(&engine, &prefix, d).await,
                     None => queue_name(&prefix, &Route::default()),
                 };
-                // A dispatch still waiting in Redis is not pushed again: the reaper's re-rings of
-                // a backlog would otherwise pile up copies the workers must wade through. The
-                // mark goes when a worker takes the dispatch (or with Redis's data, or after
-                // `RING_MARK_TTL`), and then a ring pushes it again.
-                match mark(&mut marks, &prefix, d).await {
-                    Ok(false) => {
-                        tracing::debug!(run = %d.run, task = d.task, "dispatch still waiting in Redis; not pushed again");
-                        continue;
-                    }
-                    Ok(true) => {}
-                    Err(e) => tracing::debug!(error = %e, "marking a dispatch failed; pushing it anyway"),
-                }
                 let storage = queues.entry(queue).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
                 if let Err(e) = storage.push(d).await {
                     tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again");
@@ -231,15 +190,10 @@ struct Shared {
     gate: Arc<Gate>,
     /// One permit per slot, held for a whole execution: shutdown waits for every permit.
     slots: Arc<Semaphore>,
-    /// For the marks of dispatches waiting in Redis.
-    marks: redis::aio::ConnectionManager,
-    /// The Redis key prefix.
-    prefix: String,
 }
 
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
-    unmark(&mut shared.marks.clone(), &shared.prefix, d).await;
     let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
         Ok(need) => need,
         Err(skip) => {
@@ -281,21 +235,21 @@ pub async fn consume_redis(
 ) -> anyhow::Result<()> {
     let slots = gate.profile.slots.max(1);
     let queues = worker_queues(&prefix, &gate.profile);
-    let marks = apalis_redis::connect(url.as_str()).await.with_context(|| format!("connecting to Redis at {url}"))?;
-    let shared = Shared {
-        engine,
-        store,
-        work_root,
-        secrets_key,
-        gate,
-        slots: Arc::new(Semaphore::new(slots)),
-        marks,
-        prefix: prefix.clone(),
-    };
-    // One notification stops every queue's consumer.
+    let shared = Shared { engine, store, work_root, secrets_key, gate, slots: Arc::new(Semaphore::new(slots)) };
+    super::work::spawn_handed(
+        shared.engine.clone(),
+        shared.store.clone(),
+        shared.gate.clone(),
+        shared.slots.clone(),
+        shared.work_root.clone(),
+        shared.secrets_key.clone(),
+    );
+    // One notification stops every queue's consumer, and the tasks handed to this worker.
     let (stopped_tx, stopped) = watch::channel(false);
+    let closing = shared.engine.clone();
     tokio::spawn(async move {
         stop.notified().await;
+        closing.close_handoffs();
         let _ = stopped_tx.send(true);
     });
     // Different apalis worker names per process and queue: a restarted worker never collides

@@ -105,6 +105,8 @@ pub struct Core {
     tenant_task_limit: AtomicUsize,
     /// Claims refused by the tenant limit, by tenant, rung again as that tenant's tasks end.
     throttled: Mutex<HashMap<Uuid, VecDeque<Dispatch>>>,
+    /// This process's worker, when it takes newly queued tasks directly.
+    handoff: OnceLock<Handoff>,
 }
 
 impl std::ops::Deref for Engine {
@@ -124,6 +126,8 @@ pub struct Applied {
     pub kills: Vec<Dispatch>,
     /// Tenants with tasks that stopped running, one entry per task.
     pub freed: Vec<Uuid>,
+    /// Tasks claimed for this process's own free slots, started after the commit.
+    pub handed: Vec<Handed>,
     /// Whether the run finished with this change.
     pub finished: bool,
     /// What changed, published once the change is committed.
@@ -139,6 +143,38 @@ pub struct Claimed {
     pub pipeline: Uuid,
     /// The pipeline version the run pins.
     pub version: i64,
+}
+
+/// A free slot (and the CPU and memory the task declares) of this process's worker.
+pub struct Room {
+    /// The slot.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
+    /// The CPU and memory.
+    pub reserved: registry::Reservation,
+}
+
+/// A task claimed in the transaction that queued it, for this process's worker.
+pub struct Handed {
+    /// The attempt.
+    pub d: Dispatch,
+    /// What the claim returned.
+    pub claimed: Claimed,
+    /// Its slot and resources, held until it ends.
+    pub room: Room,
+}
+
+impl std::fmt::Debug for Handed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handed").field("d", &self.d).finish_non_exhaustive()
+    }
+}
+
+/// Where this process's worker takes tasks handed to it directly.
+struct Handoff {
+    gate: Arc<registry::Gate>,
+    slots: Arc<tokio::sync::Semaphore>,
+    tx: mpsc::UnboundedSender<Handed>,
+    open: std::sync::atomic::AtomicBool,
 }
 
 /// One change to a run, as the committer applies it.
@@ -236,6 +272,7 @@ impl Engine {
             states: state::StateCache::new(4096),
             tenant_task_limit: AtomicUsize::new(0),
             throttled: Mutex::new(HashMap::new()),
+            handoff: OnceLock::new(),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -507,6 +544,60 @@ impl Core {
         }
     }
 
+    /// Lets this process's worker take tasks the moment they are queued, in the same
+    /// transaction, whenever it has a free slot (and the room the task declares): `gate` judges
+    /// them as for a ring, `slots` are the worker's slots. Returns where they arrive.
+    pub fn accept_handoffs(
+        &self,
+        gate: Arc<registry::Gate>,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> mpsc::UnboundedReceiver<Handed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = std::sync::atomic::AtomicBool::new(true);
+        if self.handoff.set(Handoff { gate, slots, tx, open }).is_err() {
+            tracing::warn!("a second local worker asked for handed tasks; it gets none");
+        }
+        rx
+    }
+
+    /// Stops handing tasks to this process's worker (it is draining).
+    pub fn close_handoffs(&self) {
+        if let Some(h) = self.handoff.get() {
+            h.open.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A free slot and room of this process's worker for a task just queued, if it has them,
+    /// may execute the task, and its tenant is under its limit.
+    async fn room_for(
+        &self,
+        run_plan: &plan::RunPlan,
+        row: &state::RunRow,
+        d: Dispatch,
+        conn: &impl ConnectionTrait,
+        running: &mut HashMap<Uuid, i64>,
+    ) -> Result<Option<Room>, DbErr> {
+        let Some(h) = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed)) else { return Ok(None) };
+        let Some(task) = run_plan.tasks.get(d.task) else { return Ok(None) };
+        let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { return Ok(None) };
+        let limit = self.tenant_task_limit.load(Ordering::Relaxed);
+        if limit > 0 {
+            let n = match running.get(&row.tenant_id) {
+                Some(n) => *n,
+                None => {
+                    let n = tenant_running(&self.store, conn, row.tenant_id).await?;
+                    running.insert(row.tenant_id, n);
+                    n
+                }
+            };
+            if n >= limit as i64 {
+                return Ok(None);
+            }
+        }
+        let Ok(slot) = h.slots.clone().try_acquire_owned() else { return Ok(None) };
+        Ok(h.gate.capacity.try_reserve(need).map(|reserved| Room { slot, reserved }))
+    }
+
     /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
     /// starting it reads nothing back.
     pub fn prime(&self, run: Uuid, run_plan: Arc<plan::RunPlan>) {
@@ -553,7 +644,24 @@ impl Core {
         let mut writes: HashMap<usize, state::TaskWrite> = HashMap::new();
         let mut dispatched = vec![];
         let mut done = Vec::with_capacity(steps.len());
-        for step in steps {
+        // Claims of tasks queued by these steps that this process's own free slots take at once,
+        // in this same transaction: no ring, no second commit.
+        let mut local: VecDeque<(Step, Room)> = VecDeque::new();
+        let mut i = 0;
+        loop {
+            let owned: Step;
+            let mut room: Option<Room> = None;
+            let step: &Step = if let Some(s) = steps.get(i) {
+                s
+            } else if let Some((s, r)) = local.pop_front() {
+                owned = s;
+                room = Some(r);
+                &owned
+            } else {
+                break;
+            };
+            let given = i < steps.len();
+            i += 1;
             let event = match step {
                 Step::Claim(d) => {
                     let limit = self.tenant_task_limit.load(Ordering::Relaxed);
@@ -574,7 +682,9 @@ impl Core {
                             if let Ok(mut t) = self.throttled.lock() {
                                 t.entry(row.tenant_id).or_default().push_back(*d);
                             }
-                            done.push(Done::Claim(None));
+                            if given {
+                                done.push(Done::Claim(None));
+                            }
                             continue;
                         }
                     }
@@ -601,15 +711,22 @@ impl Core {
             if !(new == cur && effects.is_empty()) {
                 wake = None;
             }
+            let mut fresh = vec![];
             for e in effects {
                 match e {
-                    Effect::Dispatch { task, attempt } => dispatched.push(Dispatch { run, task, attempt }),
+                    Effect::Dispatch { task, attempt } => fresh.push(Dispatch { run, task, attempt }),
                     Effect::Kill { task, attempt } => applied.kills.push(Dispatch { run, task, attempt }),
                     Effect::WakeAt { at } => wake = Some(wake.map_or(at, |w: Millis| w.min(at))),
                     Effect::Finished { .. } => applied.finished = true,
                 }
             }
-            done.push(match step {
+            for d in fresh {
+                match self.room_for(&run_plan, &row, d, conn, running).await? {
+                    Some(room) => local.push_back((Step::Claim(d), room)),
+                    None => dispatched.push(d),
+                }
+            }
+            let result = match step {
                 Step::Claim(d) => {
                     let was_queued = cur.tasks.get(d.task).is_some_and(|t| t.status == plan::TaskStatus::Queued);
                     let started = new
@@ -636,7 +753,15 @@ impl Core {
                     Done::Complete(true)
                 }
                 Step::Event(_) => Done::Event,
-            });
+            };
+            if given {
+                done.push(result);
+            } else if let (Step::Claim(d), Done::Claim(claimed)) = (step, result) {
+                match (claimed, room.take()) {
+                    (Some(claimed), Some(room)) => applied.handed.push(Handed { d: *d, claimed, room }),
+                    _ => dispatched.push(*d),
+                }
+            }
             cur = new;
         }
         for (i, t) in cur.tasks.iter().enumerate() {
@@ -712,7 +837,7 @@ impl Core {
     }
 
     /// Publishes events and rings dispatches after their transaction committed.
-    pub fn after_commit(&self, applied: &Applied) {
+    pub fn after_commit(&self, applied: &mut Applied) {
         for e in &applied.events {
             // No subscribers is fine: nobody is watching.
             let _ = self.events.send(e.clone());
@@ -728,6 +853,15 @@ impl Core {
         }
         for d in &applied.dispatched {
             self.doorbell.ring(*d);
+        }
+        if let Some(h) = self.handoff.get() {
+            for handed in applied.handed.drain(..) {
+                let d = handed.d;
+                if h.tx.send(handed).is_err() {
+                    // The worker stopped: the lease runs out and the reaper retries the task.
+                    tracing::warn!(run = %d.run, task = d.task, "the local worker stopped; the task waits for its lease to expire");
+                }
+            }
         }
         // Each task that stopped running frees a slot of its tenant: the oldest claim refused
         // for that tenant's limit is rung again.
@@ -843,8 +977,8 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
         }
         let steps: Vec<(Uuid, &Step)> = ops.iter().map(|o| (o.run, &o.step)).collect();
         match core.batch(&steps).await {
-            Ok((done, applied)) => {
-                core.after_commit(&applied);
+            Ok((done, mut applied)) => {
+                core.after_commit(&mut applied);
                 for (op, d) in ops.into_iter().zip(done) {
                     let _ = op.reply.send(Ok(d));
                 }
@@ -865,8 +999,8 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
                     if r.is_err() {
                         core.states.forget(&op.run);
                     }
-                    let r = r.map(|(done, applied)| {
-                        core.after_commit(&applied);
+                    let r = r.map(|(done, mut applied)| {
+                        core.after_commit(&mut applied);
                         done.first().copied().unwrap_or(Done::Event)
                     });
                     let _ = op.reply.send(r.map_err(|e| e.to_string()));

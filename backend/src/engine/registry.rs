@@ -250,6 +250,22 @@ impl Capacity {
         Reservation { capacity: self.clone(), need, _cpu: cpu, _memory: memory }
     }
 
+    /// Reserves `need` if it is free now.
+    pub fn try_reserve(self: &Arc<Self>, need: Need) -> Option<Reservation> {
+        let cpu = match need.cpu_millis {
+            0 => None,
+            n => Some(self.cpu.clone().try_acquire_many_owned(n).ok()?),
+        };
+        let memory = match need.memory_mib {
+            0 => None,
+            n => Some(self.memory.clone().try_acquire_many_owned(n).ok()?),
+        };
+        self.running.fetch_add(1, Ordering::Relaxed);
+        self.cpu_used.fetch_add(i64::from(need.cpu_millis), Ordering::Relaxed);
+        self.memory_used.fetch_add(i64::from(need.memory_mib) << 20, Ordering::Relaxed);
+        Some(Reservation { capacity: self.clone(), need, _cpu: cpu, _memory: memory })
+    }
+
     /// The current load.
     pub fn load(&self) -> Load {
         Load {

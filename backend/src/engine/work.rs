@@ -44,6 +44,7 @@ pub fn spawn_local_workers(
     secrets_key: SecretsKey,
 ) {
     let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
+    spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), work_root.clone(), secrets_key.clone());
     tokio::spawn(async move {
         while let Some(d) = rx.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
@@ -62,6 +63,31 @@ pub fn spawn_local_workers(
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
                 drop(permit);
+            });
+        }
+    });
+}
+
+/// Executes the tasks the engine claims for this worker's free slots in the transaction that
+/// queues them (see `Engine::accept_handoffs`).
+pub(super) fn spawn_handed(
+    engine: Arc<Engine>,
+    store: Store,
+    gate: Arc<super::registry::Gate>,
+    slots: Arc<Semaphore>,
+    work_root: PathBuf,
+    secrets_key: SecretsKey,
+) {
+    let mut handed = engine.accept_handoffs(gate, slots);
+    tokio::spawn(async move {
+        while let Some(h) = handed.recv().await {
+            let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
+            tokio::spawn(async move {
+                let super::Handed { d, claimed, room } = h;
+                if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key).await {
+                    tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
+                }
+                drop(room);
             });
         }
     });
@@ -150,6 +176,18 @@ pub(super) async fn run_one(
     let Some(claimed) = engine.claim(d).await? else {
         return Ok(());
     };
+    run_claimed(engine, store, d, claimed, work_root, secrets_key).await
+}
+
+/// Executes an attempt this worker holds the lease of, and records its result.
+pub(super) async fn run_claimed(
+    engine: &Engine,
+    store: &Store,
+    d: Dispatch,
+    claimed: super::Claimed,
+    work_root: PathBuf,
+    secrets_key: &SecretsKey,
+) -> anyhow::Result<()> {
     let cancel = engine.track(d);
     let result = execute(engine, store, d, claimed, work_root, secrets_key, cancel).await;
     engine.untrack(d);

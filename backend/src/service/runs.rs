@@ -252,9 +252,9 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     )
     .await?;
     // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
-    let applied = state.engine.apply_in(&*txn, id, start).await?;
+    let mut applied = state.engine.apply_in(&*txn, id, start).await?;
     txn.commit().await?;
-    state.engine.after_commit(&applied);
+    state.engine.after_commit(&mut applied);
     Ok(Started { id, created: true })
 }
 
