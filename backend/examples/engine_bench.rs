@@ -71,7 +71,8 @@ impl Api {
         let mut resp = client.get(url).bearer_auth(token).send().await.unwrap();
         assert!(resp.status().is_success(), "event stream: {}", resp.status());
         let mut buf = String::new();
-        while let Some(chunk) = resp.chunk().await.unwrap() {
+        // The stream ends when the server stops, at the end of the benchmark.
+        while let Ok(Some(chunk)) = resp.chunk().await {
             let at = Instant::now();
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buf.find("\n\n") {

@@ -278,13 +278,17 @@ pub async fn execute(req: TaskRequest, logs: mpsc::Sender<LogLine>, cancel: watc
 /// The user tasks should run as when the worker is root: `nobody` (from the user database, else
 /// 65534/65534). `None` when the worker is not root (it cannot switch users then).
 pub fn unprivileged_user() -> Option<(u32, u32)> {
-    if !nix::unistd::geteuid().is_root() {
-        return None;
-    }
-    match nix::unistd::User::from_name("nobody") {
-        Ok(Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
-        _ => Some((65534, 65534)),
-    }
+    // Looked up once per process: the user database does not change under a running worker.
+    static USER: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        match nix::unistd::User::from_name("nobody") {
+            Ok(Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
+            _ => Some((65534, 65534)),
+        }
+    })
 }
 
 async fn sleep(d: Duration, deadline: Option<Instant>, cancel: &mut watch::Receiver<bool>) -> ExecOutcome {

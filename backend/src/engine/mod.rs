@@ -582,14 +582,7 @@ impl Core {
         let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { return Ok(None) };
         let limit = self.tenant_task_limit.load(Ordering::Relaxed);
         if limit > 0 {
-            let n = match running.get(&row.tenant_id) {
-                Some(n) => *n,
-                None => {
-                    let n = tenant_running(&self.store, conn, row.tenant_id).await?;
-                    running.insert(row.tenant_id, n);
-                    n
-                }
-            };
+            let n = tenant_running(&self.store, conn, row.tenant_id, running).await?;
             if n >= limit as i64 {
                 return Ok(None);
             }
@@ -666,14 +659,7 @@ impl Core {
                 Step::Claim(d) => {
                     let limit = self.tenant_task_limit.load(Ordering::Relaxed);
                     if limit > 0 {
-                        let n = match running.get(&row.tenant_id) {
-                            Some(n) => *n,
-                            None => {
-                                let n = tenant_running(&self.store, conn, row.tenant_id).await?;
-                                running.insert(row.tenant_id, n);
-                                n
-                            }
-                        };
+                        let n = tenant_running(&self.store, conn, row.tenant_id, running).await?;
                         let queued = cur
                             .tasks
                             .get(d.task)
@@ -947,8 +933,17 @@ impl Core {
     }
 }
 
-/// How many tasks of a tenant are running.
-async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<i64, DbErr> {
+/// How many tasks of a tenant are running: counted in the database once per transaction, then
+/// kept up to date in `running` as claims succeed.
+async fn tenant_running(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    tenant: Uuid,
+    running: &mut HashMap<Uuid, i64>,
+) -> Result<i64, DbErr> {
+    if let Some(n) = running.get(&tenant) {
+        return Ok(*n);
+    }
     #[derive(FromQueryResult)]
     struct N {
         n: i64,
@@ -960,7 +955,9 @@ async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid
             vec![tenant.into()],
         )
         .await?;
-    Ok(n.map_or(0, |n| n.n))
+    let n = n.map_or(0, |n| n.n);
+    running.insert(tenant, n);
+    Ok(n)
 }
 
 /// The committer: applies whatever steps are waiting in one transaction, then the next batch.
