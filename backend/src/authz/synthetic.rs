@@ -196,7 +196,7 @@ pub fn tenant(total: usize, defaults: &str, default_count: usize, seed: u64) -> 
 pub struct SynthRequest {
     token: bool,
     member: usize,
-    action: Action,
+    pub(crate) action: Action,
     pipeline: usize,
     run: Uuid,
     initiator: Option<Uuid>,

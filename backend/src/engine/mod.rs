@@ -74,7 +74,7 @@ impl Timings {
 }
 
 /// One task attempt to execute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Dispatch {
     /// Run.
     pub run: Uuid,

@@ -32,9 +32,9 @@ pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> 
     std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
 }
 
-/// Starts `slots` concurrent executions fed by `rx`. A dispatch this worker cannot serve (labels,
-/// owner, or larger than its whole capacity) is left queued; one that fits waits for its CPU and
-/// memory to be free before it is claimed.
+/// Starts `slots` concurrent executions fed by `rx`, highest priority first (see [`ReadyQueue`]).
+/// A dispatch this worker cannot serve (labels, owner, or larger than its whole capacity) is
+/// left queued; one that fits waits for its CPU and memory to be free before it is claimed.
 pub fn spawn_local_workers(
     engine: Arc<Engine>,
     store: Store,
@@ -46,8 +46,37 @@ pub fn spawn_local_workers(
     let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
     spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), work_root.clone(), secrets_key.clone());
     tokio::spawn(async move {
-        while let Some(d) = rx.recv().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let mut ready = ReadyQueue::default();
+        let mut open = true;
+        loop {
+            if ready.is_empty() {
+                match rx.recv().await {
+                    Some(d) => ready.push(d, priority_of(&engine, d).await, now_ms()),
+                    None => break,
+                }
+            }
+            while let Ok(d) = rx.try_recv() {
+                ready.push(d, priority_of(&engine, d).await, now_ms());
+            }
+            // A slot, taking in new dispatches while none is free.
+            let permit = tokio::select! {
+                biased;
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                d = rx.recv(), if open => {
+                    match d {
+                        Some(d) => ready.push(d, priority_of(&engine, d).await, now_ms()),
+                        None => open = false,
+                    }
+                    continue;
+                }
+            };
+            while let Ok(d) = rx.try_recv() {
+                ready.push(d, priority_of(&engine, d).await, now_ms());
+            }
+            let Some(d) = ready.pop() else { continue };
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
@@ -64,8 +93,61 @@ pub fn spawn_local_workers(
                 }
                 drop(permit);
             });
+            if !open && ready.is_empty() {
+                break;
+            }
         }
     });
+}
+
+/// A task's scheduling priority (the pipeline's plus its own); 0 when its plan cannot be read.
+async fn priority_of(engine: &Engine, d: Dispatch) -> i32 {
+    engine.plan_of(d.run).await.ok().and_then(|p| p.tasks.get(d.task).map(|t| t.priority)).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// How long a waiting dispatch takes to gain one point of priority.
+const AGING_MS: i64 = 1_000;
+
+/// Dispatches waiting for a slot of the embedded worker: highest priority first, and among
+/// equals the oldest first. Every second of waiting counts as one point of priority, so a task
+/// is passed over by later ones of higher priority for at most (difference × 1 s): nothing
+/// starves. (The order of two waiting dispatches never changes as they wait, so a static key
+/// does: priority × 1 s − the time it arrived.)
+#[derive(Default)]
+pub struct ReadyQueue {
+    heap: std::collections::BinaryHeap<Ready>,
+    seq: u64,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Ready {
+    key: i64,
+    /// Earlier arrivals first among equal keys.
+    order: std::cmp::Reverse<u64>,
+    d: Dispatch,
+}
+
+impl ReadyQueue {
+    /// Adds a dispatch of `priority` that arrived at `now_ms`.
+    pub fn push(&mut self, d: Dispatch, priority: i32, now_ms: i64) {
+        self.seq += 1;
+        let key = i64::from(priority).saturating_mul(AGING_MS).saturating_sub(now_ms);
+        self.heap.push(Ready { key, order: std::cmp::Reverse(self.seq), d });
+    }
+
+    /// The dispatch to start next.
+    pub fn pop(&mut self) -> Option<Dispatch> {
+        self.heap.pop().map(|r| r.d)
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
 }
 
 /// Executes the tasks the engine claims for this worker's free slots in the transaction that
@@ -455,4 +537,35 @@ async fn last_chunk(store: &Store, d: Dispatch) -> (i64, i64) {
         .ok()
         .flatten();
     (last.as_ref().and_then(|l| l.chunk).map_or(0, |c| c + 1), last.and_then(|l| l.lines).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(task: usize) -> Dispatch {
+        Dispatch { run: Uuid::nil(), task, attempt: 1 }
+    }
+
+    #[test]
+    fn higher_priority_first_then_oldest_and_nothing_starves() {
+        let mut q = ReadyQueue::default();
+        q.push(d(0), 0, 1_000);
+        q.push(d(1), 5, 1_000);
+        q.push(d(2), 0, 1_000);
+        q.push(d(3), -5, 1_000);
+        let order: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|d| d.task).collect();
+        assert_eq!(order, vec![1, 0, 2, 3]);
+        // A low-priority task that has waited long enough goes before a later high one...
+        q.push(d(4), 0, 0);
+        q.push(d(5), 10, 11_000);
+        assert_eq!(q.pop().map(|d| d.task), Some(4));
+        // ...but not before it has waited (difference × 1 s).
+        q.push(d(6), 0, 5_000);
+        q.push(d(7), 10, 11_000);
+        assert_eq!(q.pop().map(|d| d.task), Some(5));
+        assert_eq!(q.pop().map(|d| d.task), Some(7));
+        assert_eq!(q.pop().map(|d| d.task), Some(6));
+        assert!(q.is_empty());
+    }
 }

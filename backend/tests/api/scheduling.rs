@@ -159,3 +159,20 @@ async fn a_tenant_never_runs_more_tasks_at_once_than_its_limit() {
     // Both tenants used their two slots side by side: one tenant's queue does not hold the other.
     assert_eq!(most, [2, 2]);
 }
+
+#[actix_web::test]
+async fn the_embedded_worker_starts_higher_priority_tasks_first() {
+    let app = spawn_app_with(|c| c.worker_slots = 1).await;
+    let admin = app.signup(&slug("prio")).await;
+    // One slot: `first` takes it at once; the other three wait and start by priority (the
+    // pipeline's plus the task's), not in the order they were queued.
+    let yaml = "priority: 1\nstages:\n  - id: s\n    tasks:\n      - id: first\n        sleep: 300ms\n      - id: low\n        priority: -5\n        sleep: 100ms\n      - id: mid\n        sleep: 100ms\n      - id: high\n        priority: 10\n        sleep: 100ms\n";
+    assert_eq!(app.create_pipeline(&admin, "prio", yaml).await.status(), StatusCode::CREATED);
+    let id = start(&app, &admin, "prio", json!({})).await;
+    let v = wait_run(&app, &admin, &id, 30).await;
+    assert_eq!(v["status"], "succeeded", "{v:#}");
+    let started = |k: &str| time(task_of(&v, k), "started_at");
+    assert!(started("first") < started("high"), "{v:#}");
+    assert!(started("high") < started("mid"), "{v:#}");
+    assert!(started("mid") < started("low"), "{v:#}");
+}
