@@ -394,6 +394,53 @@ async fn webhook_signatures(c: &Cluster, api: &Api) {
     assert_eq!(api.runs_of("hooked").await.len(), 1);
 }
 
+/// Live events cross processes: the tasks run in the worker processes, yet a client of
+/// `sluice serve` watching the run sees its task changes, its log lines and its end.
+async fn events_reach_the_servers_clients(c: &Cluster, api: &Api) {
+    api.create_pipeline(
+        "watched",
+        "stages:\n  - id: s\n    tasks:\n      - id: talk\n        shell: 'sleep 1; echo hello-from-a-worker'\n",
+    )
+    .await;
+    let id = api.start("watched", json!({})).await;
+    let mut resp = api.call(Method::GET, &api.tenant_path(&format!("/runs/{id}/events")), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut text = String::new();
+    let mut frames: Vec<(String, Value)> = vec![];
+    let mut ended = false;
+    while !ended {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, resp.chunk()).await;
+        let Ok(Ok(Some(chunk))) = chunk else {
+            break;
+        };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let kind = frame.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or_default().to_owned();
+            let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
+            let v: Value = serde_json::from_str(data).unwrap();
+            ended |= kind == "run" && v["status"] == "succeeded";
+            frames.push((kind, v));
+        }
+    }
+    assert!(ended, "the run's end never reached the server's client: {frames:?}\n{}", c.logs());
+    let task_statuses: Vec<&str> =
+        frames.iter().filter(|(k, _)| k == "task").filter_map(|(_, v)| v["status"].as_str()).collect();
+    // (Its `running` may come before the client subscribed; its end cannot: the task sleeps 1 s.)
+    assert!(task_statuses.contains(&"succeeded"), "{frames:?}");
+    let logged = frames
+        .iter()
+        .filter(|(k, _)| k == "log")
+        .flat_map(|(_, v)| v["lines"].as_array().cloned().unwrap_or_default())
+        .any(|l| l["text"] == "hello-from-a-worker");
+    assert!(logged, "the worker's log line never reached the server's client: {frames:?}");
+    // Each change arrives once, not echoed back by the bus.
+    let runs_ended = frames.iter().filter(|(k, v)| k == "run" && v["status"] == "succeeded").count();
+    assert_eq!(runs_ended, 1, "{frames:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_features_with_redis_and_separate_workers() {
     let Setup { cluster, api, workers } = start(Options { name: "modes", ..Options::default() }).await;
@@ -417,6 +464,7 @@ async fn run_features_with_redis_and_separate_workers() {
         outputs_and_params(c, api, &worker_pids, serve_pid),
         secret_masked(c, api),
         webhook_signatures(c, api),
+        events_reach_the_servers_clients(c, api),
     );
     // `sluice serve` took no dispatch: the workers executed everything.
     assert!(!cluster.log_of(0).contains("dispatch received"), "sluice serve executed tasks");
