@@ -641,4 +641,37 @@ async fn a_backlog_does_not_multiply_dispatches() {
     let received = cluster.log_of(workers[0]).matches("dispatch received").count();
     eprintln!("backlog of 40: longest dispatch queue {longest}, {received} dispatches received");
     assert!(longest <= 160, "the dispatch queue held {longest} entries for 40 tasks");
+    // What apalis keeps of handled dispatches is removed from Redis within seconds: the number
+    // of keys under the prefix falls back below the number of tasks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = keys_under(&mut conn, &cluster.redis_prefix).await;
+        if keys < 40 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{keys} Redis keys left under the prefix after the run");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How many Redis keys start with `prefix:`.
+async fn keys_under(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> usize {
+    let mut cursor: u64 = 0;
+    let mut n = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        n += keys.len();
+        if next == 0 {
+            return n;
+        }
+        cursor = next;
+    }
 }

@@ -160,7 +160,10 @@ async fn http(db: &str, sluice: &str, pg: &str) {
             .execute_raw(Statement::from_string(admin.get_database_backend(), format!("CREATE DATABASE {name}")))
             .await
             .unwrap();
-        cmd.env("SLUICE_DATABASE_URL", format!("{pg}/{name}")).env("SLUICE_DB_MAX_CONNECTIONS", "32");
+        cmd.env("SLUICE_DATABASE_URL", format!("{pg}/{name}"))
+            .env("SLUICE_DB_MAX_CONNECTIONS", "32")
+            // With PostgreSQL the key for tenant secrets must be configured.
+            .env("SLUICE_SECRETS_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
         pg_db = Some((admin, name));
     }
     let server = Server(cmd.spawn().unwrap());

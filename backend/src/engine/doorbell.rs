@@ -137,6 +137,22 @@ async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
 
 /// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
 /// to the queue of its task's route.
+/// How often a process removes from Redis what apalis keeps of the dispatches that were handled.
+const VACUUM_EVERY: Duration = Duration::from_secs(10);
+
+/// apalis keeps every handled dispatch's data and metadata in Redis; the database has the
+/// outcome, so each process removes them, for the queues it pushes to, every `VACUUM_EVERY`.
+async fn vacuum_queues(queues: &mut HashMap<String, RedisStorage<Dispatch>>) {
+    use apalis_core::backend::Vacuum;
+    for (queue, storage) in queues.iter_mut() {
+        match storage.vacuum().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(queue, removed = n, "removed handled dispatches from Redis"),
+            Err(e) => tracing::debug!(queue, error = %e, "removing handled dispatches from Redis failed"),
+        }
+    }
+}
+
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
     router: Arc<OnceLock<Weak<Engine>>>,
@@ -152,7 +168,20 @@ impl RedisDoorbell {
         let (prefix, routes) = (prefix.to_owned(), router.clone());
         tokio::spawn(async move {
             let mut queues: HashMap<String, RedisStorage<Dispatch>> = HashMap::new();
-            while let Some(d) = rx.recv().await {
+            queues.insert(queue_name(&prefix, &Route::default()), base.clone());
+            let mut vacuum = tokio::time::interval(VACUUM_EVERY);
+            vacuum.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let d = tokio::select! {
+                    d = rx.recv() => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
+                    _ = vacuum.tick() => {
+                        vacuum_queues(&mut queues).await;
+                        continue;
+                    }
+                };
                 let engine = routes.get().and_then(Weak::upgrade);
                 let queue = match engine {
                     Some(engine) => route_queue(&engine, &prefix, d).await,

@@ -56,6 +56,10 @@ impl Store {
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(10))
+            // A connection used a moment ago is handed out as it is; only one idle for a while
+            // (which a server, proxy or firewall may have dropped) is pinged first. Pinging on
+            // every checkout would add a round trip to every query and transaction.
+            .test_before_acquire_if_idle_for(Duration::from_secs(30))
             .sqlx_logging(false)
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
