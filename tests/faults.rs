@@ -535,7 +535,8 @@ async fn a14_worker_dead_before_first_heartbeat() {
     let Setup { mut cluster, api, workers } = start(Options { name: "a14", workers: 1, ..Options::default() }).await;
     api.create_pipeline(
         "a14",
-        "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: 'sleep 2; echo done'\n        retries: { max: 2, backoff: fixed, initial: 100ms }\n",
+        // No retries: a lost attempt runs again without using one.
+        "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: 'sleep 2; echo done'\n",
     )
     .await;
     let db = cluster.db().await;
@@ -590,6 +591,8 @@ async fn a14_worker_dead_before_first_heartbeat() {
     let done = api.wait(&cluster, &id, 60).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(task_of(&done, "t")["attempt"], 2);
+    // The lost attempt used no retry; the run view says it was lost.
+    assert_eq!(task_of(&done, "t")["lost"], 1, "{done:#}");
     assert_eq!(running_without_lease(&db).await, 0);
     eprintln!("A14: attempt 1 lost {lost:?} and attempt 2 queued {requeued:?} after the kill (lease {LEASE_SECS} s)");
     db.close().await;

@@ -72,6 +72,8 @@ pub struct TaskView {
     /// Outputs written to `$SLUICE_OUTPUT`.
     #[schema(value_type = Object)]
     pub outputs: serde_json::Value,
+    /// Attempts lost with their worker (run again without using a retry).
+    pub lost: i32,
 }
 
 #[derive(sea_orm::FromQueryResult)]
@@ -86,6 +88,7 @@ struct TaskRow {
     exit_code: Option<i32>,
     message: Option<String>,
     outputs: String,
+    lost: i32,
 }
 
 /// A run.
@@ -111,6 +114,9 @@ pub struct RunSummary {
     pub started_at: Option<DateTime<Utc>>,
     /// Finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The rendered key of the pipeline's concurrency limit, if it has one: a `pending` run
+    /// with a key waits for a run of that key to end.
+    pub concurrency_key: Option<String>,
 }
 
 /// A run with its stages and tasks.
@@ -128,7 +134,7 @@ pub struct RunView {
     pub tasks: Vec<TaskView>,
 }
 
-const RUN_SELECT: &str = "SELECT id, pipeline_name, version, status, trigger, retry_of, initiator, created_at, started_at, finished_at FROM runs";
+const RUN_SELECT: &str = "SELECT id, pipeline_name, version, status, trigger, retry_of, initiator, created_at, started_at, finished_at, concurrency_key FROM runs";
 
 #[derive(sea_orm::FromQueryResult)]
 struct RunAuth {
@@ -161,7 +167,7 @@ async fn run_view(state: &State, tenant: Uuid, id: Uuid) -> ApiResult<RunView> {
     let tasks: Vec<TaskRow> = store
         .query_all(
             store.db(),
-            "SELECT idx, key, task_id, status, attempt, started_at, finished_at, exit_code, message, outputs FROM task_runs \
+            "SELECT idx, key, task_id, status, attempt, started_at, finished_at, exit_code, message, outputs, lost FROM task_runs \
              WHERE tenant_id = $1 AND run_id = $2 ORDER BY idx",
             vec![tenant.into(), id.into()],
         )
@@ -183,6 +189,7 @@ async fn run_view(state: &State, tenant: Uuid, id: Uuid) -> ApiResult<RunView> {
                 exit_code: t.exit_code,
                 message: t.message,
                 outputs: serde_json::from_str(&t.outputs).unwrap_or_default(),
+                lost: t.lost,
             })
             .collect(),
     })

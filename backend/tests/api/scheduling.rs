@@ -39,9 +39,11 @@ async fn runs_with_the_same_concurrency_key_queue_and_start_in_order() {
     // The first of each key runs; the others wait, pending, holding nothing.
     assert_eq!(view(&app, &admin, &a).await["status"], "running");
     assert_eq!(view(&app, &admin, &other).await["status"], "running");
+    assert_eq!(view(&app, &admin, &other).await["concurrency_key"], "deploy-dev");
     for queued in [&b, &c] {
         let v = view(&app, &admin, queued).await;
         assert_eq!(v["status"], "pending", "{v:#}");
+        assert_eq!(v["concurrency_key"], "deploy-prod", "{v:#}");
         assert_eq!(task_of(&v, "t")["status"], "pending");
     }
     let (va, vb, vc) = (
