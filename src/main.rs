@@ -61,6 +61,19 @@ enum AdminCommand {
         #[arg(long)]
         email: String,
     },
+    /// Set how many tasks of one tenant may run at once, overriding
+    /// SLUICE_TENANT_MAX_RUNNING_TASKS for it (0: no limit).
+    SetTenantLimit {
+        /// Tenant slug.
+        #[arg(long)]
+        tenant: String,
+        /// Most running tasks.
+        #[arg(long, conflicts_with = "default", required_unless_present = "default")]
+        max_running_tasks: Option<u32>,
+        /// Go back to the configured default.
+        #[arg(long)]
+        default: bool,
+    },
     /// Add a new JWT signing key; the old ones keep verifying for the grace period.
     RotateSigningKey {
         /// Grace period in minutes for the previous keys (at least the token lifetime).
@@ -137,6 +150,16 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Admin(AdminCommand::DisableUser { email }) => {
             admin::disable_user(&config, &email).await?;
             println!("disabled {email}; their sessions and tokens no longer work");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(AdminCommand::SetTenantLimit { tenant, max_running_tasks, default: _ }) => {
+            let before = admin::set_tenant_limit(&config, &tenant, max_running_tasks).await?;
+            let show = |v: Option<i64>| v.map_or_else(|| "the default".to_owned(), |n| n.to_string());
+            println!(
+                "tenant {tenant}: most running tasks {} (was {})",
+                show(max_running_tasks.map(i64::from)),
+                show(before)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Admin(AdminCommand::RotateSigningKey { grace_minutes }) => {

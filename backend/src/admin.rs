@@ -137,6 +137,44 @@ pub async fn disable_user(config: &Config, email: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets how many tasks of a tenant may run at once (`None`: the configured default,
+/// `SLUICE_TENANT_MAX_RUNNING_TASKS`; 0: no limit). Returns the previous override.
+pub async fn set_tenant_limit(config: &Config, slug: &str, max: Option<u32>) -> anyhow::Result<Option<i64>> {
+    Slug::parse(slug).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+    let store = store(config).await?;
+    #[derive(FromQueryResult)]
+    struct T {
+        id: Uuid,
+        max_running_tasks: Option<i64>,
+    }
+    let txn = store.write().await?;
+    let sql = format!("SELECT id, max_running_tasks FROM tenants WHERE slug = $1{}", store.for_update());
+    let t: T = store.query_one(&*txn, &sql, vec![slug.into()]).await?.with_context(|| format!("no tenant {slug}"))?;
+    let max = max.map(i64::from);
+    store
+        .execute(&*txn, "UPDATE tenants SET max_running_tasks = $2 WHERE id = $1", vec![t.id.into(), max.into()])
+        .await?;
+    audit::append(
+        &store,
+        &*txn,
+        t.id,
+        &NewEvent {
+            actor: &system(),
+            action: "tenant.limits",
+            resource_type: "Tenant",
+            resource_id: Some(slug),
+            resource_version: None,
+            outcome: Outcome::Allow,
+            policy_ids: &[],
+            source: &Source::default(),
+            details: serde_json::json!({ "max_running_tasks": { "from": t.max_running_tasks, "to": max } }),
+        },
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(t.max_running_tasks)
+}
+
 /// Verifies the audit chain of one tenant (by slug), or of every tenant and the platform chain.
 /// Prints one line per chain; returns whether all are intact.
 pub async fn audit_verify(config: &Config, tenant: Option<&str>) -> anyhow::Result<bool> {

@@ -9,7 +9,9 @@
 //! - `rung_at` and `rings` on task runs: when a queued task was last pushed to the workers and
 //!   how many times, so the reaper pushes a task nobody claimed again with a growing delay
 //!   instead of flooding a busy queue with copies;
-//! - `lost` on task runs: attempts lost with their worker, run again without using a retry.
+//! - `lost` on task runs: attempts lost with their worker, run again without using a retry;
+//! - `max_running_tasks` on tenants: the operator's override of the per-tenant limit on running
+//!   tasks (none: the configured default).
 
 use sea_orm_migration::prelude::*;
 
@@ -53,6 +55,13 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
+        m.alter_table(
+            Table::alter()
+                .table(c("tenants"))
+                .add_column(ColumnDef::new(c("max_running_tasks")).big_integer().null())
+                .to_owned(),
+        )
+        .await?;
         m.create_index(index("runs_concurrency", "runs", &["pipeline_id", "concurrency_key", "status"], false)).await?;
         m.create_index(index("task_runs_tenant_status", "task_runs", &["tenant_id", "status"], false)).await?;
         Ok(())
@@ -61,6 +70,7 @@ impl MigrationTrait for Migration {
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         m.drop_index(Index::drop().name("task_runs_tenant_status").table(c("task_runs")).to_owned()).await?;
         m.drop_index(Index::drop().name("runs_concurrency").table(c("runs")).to_owned()).await?;
+        m.alter_table(Table::alter().table(c("tenants")).drop_column(c("max_running_tasks")).to_owned()).await?;
         m.alter_table(Table::alter().table(c("task_runs")).drop_column(c("lost")).to_owned()).await?;
         m.alter_table(Table::alter().table(c("task_runs")).drop_column(c("rings")).to_owned()).await?;
         m.alter_table(Table::alter().table(c("task_runs")).drop_column(c("rung_at")).to_owned()).await?;

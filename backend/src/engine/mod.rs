@@ -575,20 +575,49 @@ impl Core {
         row: &state::RunRow,
         d: Dispatch,
         conn: &impl ConnectionTrait,
-        running: &mut HashMap<Uuid, i64>,
+        running: &mut HashMap<Uuid, (i64, i64)>,
     ) -> Result<Option<Room>, DbErr> {
         let Some(h) = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed)) else { return Ok(None) };
         let Some(task) = run_plan.tasks.get(d.task) else { return Ok(None) };
         let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { return Ok(None) };
-        let limit = self.tenant_task_limit.load(Ordering::Relaxed);
-        if limit > 0 {
-            let n = tenant_running(&self.store, conn, row.tenant_id, running).await?;
-            if n >= limit as i64 {
-                return Ok(None);
-            }
+        let (n, limit) = self.tenant_load(conn, row.tenant_id, running).await?;
+        if limit > 0 && n >= limit {
+            return Ok(None);
         }
         let Ok(slot) = h.slots.clone().try_acquire_owned() else { return Ok(None) };
         Ok(h.gate.capacity.try_reserve(need).map(|reserved| Room { slot, reserved }))
+    }
+
+    /// How many tasks of a tenant are running, and its limit (0: none): read from the database
+    /// once per transaction (the count, and the operator's override of the configured limit),
+    /// then kept up to date in `running` as claims succeed.
+    async fn tenant_load(
+        &self,
+        conn: &impl ConnectionTrait,
+        tenant: Uuid,
+        running: &mut HashMap<Uuid, (i64, i64)>,
+    ) -> Result<(i64, i64), DbErr> {
+        if let Some(load) = running.get(&tenant) {
+            return Ok(*load);
+        }
+        let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
+        #[derive(FromQueryResult)]
+        struct L {
+            n: i64,
+            max: Option<i64>,
+        }
+        let l: Option<L> = self
+            .store
+            .query_one(
+                conn,
+                "SELECT (SELECT COUNT(*) FROM task_runs WHERE tenant_id = $1 AND status = 'running') AS n, \
+                 (SELECT max_running_tasks FROM tenants WHERE id = $1) AS max",
+                vec![tenant.into()],
+            )
+            .await?;
+        let load = l.map_or((0, default), |l| (l.n, l.max.unwrap_or(default)));
+        running.insert(tenant, load);
+        Ok(load)
     }
 
     /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
@@ -618,7 +647,7 @@ impl Core {
         steps: &[&Step],
         now: chrono::DateTime<Utc>,
         applied: &mut Applied,
-        running: &mut HashMap<Uuid, i64>,
+        running: &mut HashMap<Uuid, (i64, i64)>,
     ) -> Result<Vec<Done>, DbErr> {
         let none = |s: &&Step| match s {
             Step::Claim(_) => Done::Claim(None),
@@ -657,14 +686,13 @@ impl Core {
             i += 1;
             let event = match step {
                 Step::Claim(d) => {
-                    let limit = self.tenant_task_limit.load(Ordering::Relaxed);
+                    let (n, limit) = self.tenant_load(conn, row.tenant_id, running).await?;
                     if limit > 0 {
-                        let n = tenant_running(&self.store, conn, row.tenant_id, running).await?;
                         let queued = cur
                             .tasks
                             .get(d.task)
                             .is_some_and(|t| t.status == plan::TaskStatus::Queued && t.attempt == d.attempt);
-                        if queued && n >= limit as i64 {
+                        if queued && n >= limit {
                             if let Ok(mut t) = self.throttled.lock() {
                                 t.entry(row.tenant_id).or_default().push_back(*d);
                             }
@@ -720,7 +748,7 @@ impl Core {
                         .get(d.task)
                         .is_some_and(|t| t.status == plan::TaskStatus::Running && t.attempt == d.attempt);
                     if was_queued && started {
-                        if let Some(n) = running.get_mut(&row.tenant_id) {
+                        if let Some((n, _)) = running.get_mut(&row.tenant_id) {
                             *n += 1;
                         }
                         leases[d.task] = Some(self.worker_name.clone());
@@ -931,33 +959,6 @@ impl Core {
         txn.commit().await?;
         Ok(n != 1)
     }
-}
-
-/// How many tasks of a tenant are running: counted in the database once per transaction, then
-/// kept up to date in `running` as claims succeed.
-async fn tenant_running(
-    store: &Store,
-    conn: &impl ConnectionTrait,
-    tenant: Uuid,
-    running: &mut HashMap<Uuid, i64>,
-) -> Result<i64, DbErr> {
-    if let Some(n) = running.get(&tenant) {
-        return Ok(*n);
-    }
-    #[derive(FromQueryResult)]
-    struct N {
-        n: i64,
-    }
-    let n: Option<N> = store
-        .query_one(
-            conn,
-            "SELECT COUNT(*) AS n FROM task_runs WHERE tenant_id = $1 AND status = 'running'",
-            vec![tenant.into()],
-        )
-        .await?;
-    let n = n.map_or(0, |n| n.n);
-    running.insert(tenant, n);
-    Ok(n)
 }
 
 /// The committer: applies whatever steps are waiting in one transaction, then the next batch.

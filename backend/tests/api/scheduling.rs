@@ -178,3 +178,59 @@ async fn the_embedded_worker_starts_higher_priority_tasks_first() {
     assert!(started("high") < started("mid"), "{v:#}");
     assert!(started("mid") < started("low"), "{v:#}");
 }
+
+#[actix_web::test]
+async fn the_operator_sets_one_tenants_limit_and_it_is_audited() {
+    let app = spawn_app_with(|c| {
+        c.tenant_max_running_tasks = 0;
+        c.worker_slots = 8;
+    })
+    .await;
+    let small = app.signup(&slug("small")).await;
+    let free = app.signup(&slug("free")).await;
+    let config = &app.state.config;
+    assert_eq!(sluice_backend::admin::set_tenant_limit(config, &small.tenant, Some(1)).await.unwrap(), None);
+    // Unknown tenants and bad slugs are named.
+    let e = sluice_backend::admin::set_tenant_limit(config, "no-such-tenant", Some(1)).await.unwrap_err();
+    assert!(e.to_string().contains("no tenant no-such-tenant"), "{e}");
+    let e = sluice_backend::admin::set_tenant_limit(config, "Bad Slug", Some(1)).await.unwrap_err();
+    assert!(e.to_string().contains("--tenant"), "{e}");
+    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
+    for i in 0..4 {
+        yaml.push_str(&format!("      - id: t{i}\n        sleep: 300ms\n"));
+    }
+    for m in [&small, &free] {
+        assert_eq!(app.create_pipeline(m, "wide", &yaml).await.status(), StatusCode::CREATED);
+    }
+    let a = start(&app, &small, "wide", json!({})).await;
+    let b = start(&app, &free, "wide", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut most = [0usize; 2];
+    loop {
+        let (va, vb) = (view(&app, &small, &a).await, view(&app, &free, &b).await);
+        for (i, v) in [&va, &vb].into_iter().enumerate() {
+            let running = v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
+            most[i] = most[i].max(running);
+        }
+        assert!(most[0] <= 1, "the limited tenant ran {} tasks at once: {va:#}", most[0]);
+        if va["status"] == "succeeded" && vb["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs did not finish: {va:#} {vb:#}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(most[1] > 1, "the other tenant (no limit) ran its tasks side by side: {most:?}");
+    // Back to the default, recorded in the tenant's audit log.
+    assert_eq!(sluice_backend::admin::set_tenant_limit(config, &small.tenant, None).await.unwrap(), Some(1));
+    let audit: Value = app
+        .get(&format!("/api/v1/t/{}/audit?action=tenant.limits", small.tenant), &small.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let changes: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().map(|e| &e["details"]["max_running_tasks"]).collect();
+    assert_eq!(changes.len(), 2, "{audit:#}");
+    assert!(changes.contains(&&json!({ "from": null, "to": 1 })), "{changes:?}");
+    assert!(changes.contains(&&json!({ "from": 1, "to": null })), "{changes:?}");
+}
