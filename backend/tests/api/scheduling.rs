@@ -25,6 +25,39 @@ fn time(v: &Value, field: &str) -> chrono::DateTime<chrono::Utc> {
     v[field].as_str().unwrap_or_else(|| panic!("no {field} in {v:#}")).parse().unwrap()
 }
 
+/// A pipeline `wide` of `n` independent sleeping tasks for each member.
+async fn wide(app: &TestApp, members: &[&Member], n: usize, sleep: &str) {
+    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
+    for i in 0..n {
+        yaml.push_str(&format!("      - id: t{i}\n        sleep: {sleep}\n"));
+    }
+    for m in members {
+        assert_eq!(app.create_pipeline(m, "wide", &yaml).await.status(), StatusCode::CREATED);
+    }
+}
+
+/// Watches runs until all succeed and returns the most tasks each had running at once; `bound`
+/// gives each run's allowed maximum, checked at every look.
+async fn peak_running(app: &TestApp, runs: &[(&Member, &str)], bound: &[usize]) -> Vec<usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut most = vec![0usize; runs.len()];
+    loop {
+        let mut all_done = true;
+        for (i, (m, id)) in runs.iter().enumerate() {
+            let v = view(app, m, id).await;
+            let running = v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
+            assert!(running <= bound[i], "run {i} has {running} tasks running at once: {v:#}");
+            most[i] = most[i].max(running);
+            all_done &= v["status"] == "succeeded";
+            assert!(Instant::now() < deadline, "runs did not finish: {v:#}");
+        }
+        if all_done {
+            return most;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
 const LIMITED: &str = "params:\n  env: { type: string, required: true }\nconcurrency: { key: \"deploy-{{ params.env }}\", max: 1 }\nstages:\n  - id: s\n    tasks:\n      - id: t\n        sleep: 1s\n";
 
 #[actix_web::test]
@@ -135,29 +168,10 @@ async fn a_tenant_never_runs_more_tasks_at_once_than_its_limit() {
     .await;
     let busy = app.signup(&slug("busy")).await;
     let other = app.signup(&slug("other")).await;
-    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
-    for i in 0..6 {
-        yaml.push_str(&format!("      - id: t{i}\n        sleep: 500ms\n"));
-    }
-    assert_eq!(app.create_pipeline(&busy, "wide", &yaml).await.status(), StatusCode::CREATED);
-    assert_eq!(app.create_pipeline(&other, "wide", &yaml).await.status(), StatusCode::CREATED);
+    wide(&app, &[&busy, &other], 6, "500ms").await;
     let a = start(&app, &busy, "wide", json!({})).await;
     let b = start(&app, &other, "wide", json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut most = [0usize; 2];
-    loop {
-        let (va, vb) = (view(&app, &busy, &a).await, view(&app, &other, &b).await);
-        for (i, v) in [&va, &vb].into_iter().enumerate() {
-            let running = v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
-            assert!(running <= 2, "tenant {i} runs {running} tasks at once: {v:#}");
-            most[i] = most[i].max(running);
-        }
-        if va["status"] == "succeeded" && vb["status"] == "succeeded" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "runs did not finish: {va:#} {vb:#}");
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
+    let most = peak_running(&app, &[(&busy, &a), (&other, &b)], &[2, 2]).await;
     // Both tenants used their two slots side by side: one tenant's queue does not hold the other.
     assert_eq!(most, [2, 2]);
 }
@@ -195,30 +209,10 @@ async fn the_operator_sets_one_tenants_limit_and_it_is_audited() {
     assert!(e.to_string().contains("no tenant no-such-tenant"), "{e}");
     let e = sluice_backend::admin::set_tenant_limit(config, "Bad Slug", Some(1)).await.unwrap_err();
     assert!(e.to_string().contains("--tenant"), "{e}");
-    let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
-    for i in 0..4 {
-        yaml.push_str(&format!("      - id: t{i}\n        sleep: 300ms\n"));
-    }
-    for m in [&small, &free] {
-        assert_eq!(app.create_pipeline(m, "wide", &yaml).await.status(), StatusCode::CREATED);
-    }
+    wide(&app, &[&small, &free], 4, "300ms").await;
     let a = start(&app, &small, "wide", json!({})).await;
     let b = start(&app, &free, "wide", json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut most = [0usize; 2];
-    loop {
-        let (va, vb) = (view(&app, &small, &a).await, view(&app, &free, &b).await);
-        for (i, v) in [&va, &vb].into_iter().enumerate() {
-            let running = v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
-            most[i] = most[i].max(running);
-        }
-        assert!(most[0] <= 1, "the limited tenant ran {} tasks at once: {va:#}", most[0]);
-        if va["status"] == "succeeded" && vb["status"] == "succeeded" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "runs did not finish: {va:#} {vb:#}");
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
+    let most = peak_running(&app, &[(&small, &a), (&free, &b)], &[1, 4]).await;
     assert!(most[1] > 1, "the other tenant (no limit) ran its tasks side by side: {most:?}");
     // Back to the default, recorded in the tenant's audit log.
     assert_eq!(sluice_backend::admin::set_tenant_limit(config, &small.tenant, None).await.unwrap(), Some(1));
