@@ -82,7 +82,6 @@ impl AppState {
                     engine::RedisDoorbell::connect(url, &config.redis_prefix).await.context("connecting to Redis")?,
                 );
                 let engine = std::sync::Arc::new(engine::Engine::named(store.clone(), doorbell.clone(), name));
-                engine.set_tenant_task_limit(config.tenant_max_running_tasks);
                 doorbell.route_with(&engine);
                 // Events of every process (workers run the tasks) reach this process's clients.
                 engine::bus::EventBus::spawn(url, &config.redis_prefix, &engine.event_sender())
@@ -115,7 +114,6 @@ impl AppState {
                     std::sync::Arc::new(engine::ChannelDoorbell(queue)),
                     name,
                 ));
-                engine.set_tenant_task_limit(config.tenant_max_running_tasks);
                 if let Some((gate, _)) = &worker {
                     engine::spawn_local_workers(
                         engine.clone(),
@@ -129,6 +127,7 @@ impl AppState {
                 engine
             }
         };
+        engine.set_tenant_task_limit(config.tenant_max_running_tasks);
         engine.spawn_reaper();
         let worker = worker.map(|(gate, registration)| {
             registration.spawn_heartbeat(gate.capacity.clone());

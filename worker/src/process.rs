@@ -115,7 +115,8 @@ pub(crate) async fn run(
         _ = cancelled(cancel) => ExecOutcome::Cancelled,
     };
     // Whatever happened, nothing the task started outlives it (background jobs included).
-    if let Some(pgid) = cleanup.pgid {
+    // (Taken: the cleanup at the end does not kill and scan the group a second time.)
+    if let Some(pgid) = cleanup.pgid.take() {
         kill_group(pgid).await;
     }
     let _ = child.wait().await;

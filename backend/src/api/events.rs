@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix_web::{HttpResponse, http::Method, web};
 use futures_util::stream;
-use sluice_domain::cedar::Action;
+use sluice_domain::{cedar::Action, plan::RunStatus};
 use tokio::sync::broadcast::{self, error::RecvError};
 use uuid::Uuid;
 
@@ -103,13 +103,13 @@ async fn run_events(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)
         Resource::Run { pipeline: &r.pipeline_name, id, initiator: r.initiator_id },
     )
     .await?;
-    let finished = ["succeeded", "failed", "cancelled", "timed_out"].contains(&r.status.as_str());
+    let finished = r.status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal);
     let snapshot = frame("snapshot", &serde_json::json!({ "run_id": id, "status": r.status }).to_string());
     if finished {
         return Ok(HttpResponse::Ok().content_type("text/event-stream").body(snapshot));
     }
     let stop = move |e: &RunEvent| {
-        e.kind == "run" && e.status.is_some_and(|s| ["succeeded", "failed", "cancelled", "timed_out"].contains(&s))
+        e.kind == "run" && e.status.and_then(|s| s.parse::<RunStatus>().ok()).is_some_and(RunStatus::is_terminal)
     };
     Ok(sse(Some(snapshot), rx, move |e| e.run_id == id, stop))
 }

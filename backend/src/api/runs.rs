@@ -4,7 +4,10 @@ use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use chrono::{DateTime, Utc};
 use sea_orm::Value;
 use serde::{Deserialize, Serialize};
-use sluice_domain::{cedar::Action, plan::Event};
+use sluice_domain::{
+    cedar::Action,
+    plan::{Event, RunStatus},
+};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -133,6 +136,9 @@ pub struct RunView {
     /// Tasks, in plan order.
     pub tasks: Vec<TaskView>,
 }
+
+/// How a run can be started (`runs.trigger`).
+const TRIGGERS: [&str; 4] = ["api", "webhook", "cron", "retry"];
 
 const RUN_SELECT: &str = "SELECT id, pipeline_name, version, status, trigger, retry_of, initiator, created_at, started_at, finished_at, concurrency_key FROM runs";
 
@@ -289,6 +295,14 @@ async fn list_runs(state: State, ctx: TenantCtx, q: web::Query<RunQuery>) -> Api
         let before = Uuid::parse_str(&c).map_err(|_| ApiError::invalid("cursor", "not a cursor from this API"))?;
         values.push(before.into());
         sql.push_str(&format!(" AND id < ${}", values.len()));
+    }
+    if let Some(status) = &q.status {
+        status.parse::<RunStatus>().map_err(|e| ApiError::invalid("status", e.to_string()))?;
+    }
+    if let Some(trigger) = &q.trigger
+        && !TRIGGERS.contains(&trigger.as_str())
+    {
+        return Err(ApiError::invalid("trigger", format!("`{trigger}` is not one of {}", TRIGGERS.join(", "))));
     }
     let filters: [(&str, Option<Value>); 5] = [
         ("pipeline_name", q.pipeline.clone().map(Value::from)),

@@ -246,11 +246,6 @@ pub fn worker_name() -> String {
     format!("{host}-{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8])
 }
 
-#[derive(FromQueryResult)]
-struct Now {
-    now: chrono::DateTime<Utc>,
-}
-
 impl Engine {
     /// An engine whose dispatches ring `doorbell`, with a new unique worker name.
     pub fn new(store: Store, doorbell: Arc<dyn Doorbell>) -> Self {
@@ -482,21 +477,7 @@ impl Core {
 
     /// A run's compiled plan (cached: plans never change).
     pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::RunPlan>> {
-        if let Some(p) = self.plans.get(&run) {
-            return Ok(p);
-        }
-        #[derive(FromQueryResult)]
-        struct P {
-            plan: String,
-        }
-        let text: P = self
-            .store
-            .query_one(self.store.db(), "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("run {run} vanished"))?;
-        let p = Arc::new(serde_json::from_str::<plan::RunPlan>(&text.plan)?);
-        self.plans.put(run, p.clone());
-        Ok(p)
+        Ok(state::plan_of(&self.store, self.store.db(), run, &self.plans).await?)
     }
 
     /// A pipeline version's parsed definition (cached: versions never change).
@@ -536,12 +517,7 @@ impl Core {
 
     /// The database's clock (leases are always measured on it, never on a worker's clock).
     pub async fn db_now(&self, conn: &impl ConnectionTrait) -> Result<chrono::DateTime<Utc>, DbErr> {
-        if self.store.backend() == DbBackend::Postgres {
-            let row: Option<Now> = self.store.query_one(conn, "SELECT now() AS now", vec![]).await?;
-            Ok(row.map_or_else(Utc::now, |r| r.now))
-        } else {
-            Ok(Utc::now())
-        }
+        self.store.now(conn).await
     }
 
     /// Lets this process's worker take tasks the moment they are queued, in the same

@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
+use sea_orm::FromQueryResult;
 use sluice_domain::{cedar::Action, plan::PlannedTask};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
@@ -276,20 +276,6 @@ impl Capacity {
     }
 }
 
-/// The database clock (PostgreSQL's `now()`; SQLite runs in this process, so its clock is ours).
-async fn db_now(store: &Store, conn: &impl ConnectionTrait) -> anyhow::Result<DateTime<Utc>> {
-    #[derive(FromQueryResult)]
-    struct Now {
-        now: DateTime<Utc>,
-    }
-    if store.backend() == DbBackend::Postgres {
-        let row: Option<Now> = store.query_one(conn, "SELECT now() AS now", vec![]).await?;
-        Ok(row.map_or_else(Utc::now, |r| r.now))
-    } else {
-        Ok(Utc::now())
-    }
-}
-
 fn chrono_of(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
 }
@@ -460,7 +446,7 @@ pub async fn register(
     let name = profile.name.as_str();
 
     let txn = store.write().await?;
-    let now = db_now(store, &*txn).await?;
+    let now = store.now(&*txn).await?;
     let stale = now - chrono_of(lease);
     store
         .execute(
@@ -563,7 +549,7 @@ impl Registration {
     /// (this one was considered dead).
     pub async fn beat(&self, load: Load) -> anyhow::Result<bool> {
         let txn = self.store.write().await?;
-        let now = db_now(&self.store, &*txn).await?;
+        let now = self.store.now(&*txn).await?;
         let n = self
             .store
             .execute(
@@ -616,7 +602,7 @@ impl Registration {
     /// Marks the worker stopped (a clean shutdown); its name is free again at once.
     pub async fn stop(&self) -> anyhow::Result<()> {
         let txn = self.store.write().await?;
-        let now = db_now(&self.store, &*txn).await?;
+        let now = self.store.now(&*txn).await?;
         self.store
             .execute(
                 &*txn,

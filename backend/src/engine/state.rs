@@ -112,6 +112,31 @@ impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
 /// Parsed plans of runs, by run id. A run's plan never changes.
 pub type PlanCache = Memo<Uuid, Arc<RunPlan>>;
 
+/// A run's compiled plan, read and parsed once per process (a run's plan never changes).
+pub async fn plan_of(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    run: Uuid,
+    plans: &PlanCache,
+) -> Result<Arc<RunPlan>, DbErr> {
+    if let Some(p) = plans.get(&run) {
+        return Ok(p);
+    }
+    #[derive(FromQueryResult)]
+    struct P {
+        plan: String,
+    }
+    let text: P = store
+        .query_one(conn, "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
+        .await?
+        .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
+    let p: RunPlan =
+        serde_json::from_str(&text.plan).map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
+    let p = Arc::new(p);
+    plans.put(run, p.clone());
+    Ok(p)
+}
+
 /// A run's state as last written by this process, valid while the run row's `rev` matches.
 #[derive(Debug, Clone)]
 pub struct CachedState {
@@ -155,24 +180,7 @@ pub async fn load(
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
-    let plan = match plans.get(&run) {
-        Some(p) => p,
-        None => {
-            #[derive(FromQueryResult)]
-            struct P {
-                plan: String,
-            }
-            let text: P = store
-                .query_one(conn, "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
-                .await?
-                .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
-            let p: RunPlan = serde_json::from_str(&text.plan)
-                .map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
-            let p = Arc::new(p);
-            plans.put(run, p.clone());
-            p
-        }
-    };
+    let plan = plan_of(store, conn, run, plans).await?;
     if let Some(c) = states.get(&run).filter(|c| c.rev == row.rev) {
         return Ok(Some(Loaded { row, plan, state: c.state, leases: c.leases }));
     }

@@ -302,7 +302,8 @@ async fn execute(
         .and_then(|s| s.tasks.get(ti))
         .ok_or_else(|| anyhow::anyhow!("task {si}/{ti} not in the definition"))?;
     // Earlier tasks' outputs are read only for a task whose templates use them.
-    let rows: Vec<Outputs> = if uses_outputs(task) {
+    let refs = references(task);
+    let rows: Vec<Outputs> = if refs.iter().any(|r| matches!(r, template::Reference::TaskOutput { .. })) {
         store
             .query_all(
                 store.db(),
@@ -315,7 +316,7 @@ async fn execute(
     };
     let outputs: BTreeMap<String, BTreeMap<String, String>> =
         rows.into_iter().map(|r| (r.task_id, serde_json::from_str(&r.outputs).unwrap_or_default())).collect();
-    check_secret_references(task)?;
+    check_secret_references(task, &refs)?;
     let secrets = load_secrets(store, secrets_key, run.tenant, task).await?;
     let ctx = Ctx {
         params: &plan.params,
@@ -377,29 +378,27 @@ fn templates(task: &TaskSpec) -> Vec<&str> {
     templates
 }
 
-/// Whether any template of the task reads another task's outputs.
-fn uses_outputs(task: &TaskSpec) -> bool {
+/// What the task's rendered templates refer to. A template that does not parse is left out: it
+/// fails later, when it is rendered, with its own message.
+fn references(task: &TaskSpec) -> Vec<template::Reference> {
     templates(task)
         .into_iter()
         .filter_map(|t| Template::parse(t).ok())
-        .any(|t| t.references().into_iter().any(|r| matches!(r, template::Reference::TaskOutput { .. })))
+        .flat_map(|t| t.references().cloned().collect::<Vec<_>>())
+        .collect()
 }
 
 /// Every template of the task that is rendered (argv, environment values, HTTP fields) may only
 /// name secrets the task lists in `secrets:`; a task that names another fails before it starts.
-fn check_secret_references(task: &TaskSpec) -> anyhow::Result<()> {
-    for text in templates(task) {
-        // A template that does not parse fails later, when it is rendered, with its own message.
-        let Ok(t) = Template::parse(text) else { continue };
-        for r in t.references() {
-            if let template::Reference::Secret(name) = r
-                && !task.secrets.iter().any(|s| s == name)
-            {
-                anyhow::bail!(
-                    "task `{}` uses `{{{{ secrets.{name} }}}}` but does not list `{name}` in its `secrets:`",
-                    task.id
-                );
-            }
+fn check_secret_references(task: &TaskSpec, refs: &[template::Reference]) -> anyhow::Result<()> {
+    for r in refs {
+        if let template::Reference::Secret(name) = r
+            && !task.secrets.iter().any(|s| s == name)
+        {
+            anyhow::bail!(
+                "task `{}` uses `{{{{ secrets.{name} }}}}` but does not list `{name}` in its `secrets:`",
+                task.id
+            );
         }
     }
     Ok(())

@@ -3,7 +3,6 @@
 use chrono::Utc;
 use serde_json::{Map, Value};
 use sluice_domain::{
-    parse_definition,
     plan::{self, Event, RunStatus},
     spec::OnConflict,
     template::{MapContext, render_text},
@@ -130,20 +129,11 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     }
     let store = &state.store;
     let version = req.version.unwrap_or(req.pipeline.latest_version);
-    #[derive(sea_orm::FromQueryResult)]
-    struct Def {
-        definition: String,
+    // Versions run from 1 to the latest; each is parsed once per process (versions never change).
+    if !(1..=req.pipeline.latest_version).contains(&version) {
+        return Err(ApiError::NotFound("pipeline version"));
     }
-    let def: Def = store
-        .query_one(
-            store.db(),
-            "SELECT definition FROM pipeline_versions WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3",
-            vec![req.tenant.into(), req.pipeline.id.into(), version.into()],
-        )
-        .await?
-        .or_not_found("pipeline version")?;
-    let spec =
-        parse_definition(&def.definition).map_err(|e| anyhow::anyhow!("stored definition does not parse: {e}"))?;
+    let spec = state.engine.spec_of(req.pipeline.id, version).await?;
     let run_plan = plan::compile(&spec, req.params).map_err(|e| ApiError::Validation {
         detail: format!("the run cannot start: {e}"),
         errors: e.errors().iter().map(|x| FieldError::new(x.path.clone(), x.message.clone())).collect(),

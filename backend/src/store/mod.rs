@@ -135,6 +135,22 @@ impl Store {
         if self.backend == DbBackend::Postgres { " FOR UPDATE" } else { "" }
     }
 
+    /// The database's clock: PostgreSQL's `now()` (the transaction's start when `conn` is a
+    /// transaction); SQLite runs in this process, so its clock is ours. Leases and alarms are
+    /// measured on it, never on a worker's clock.
+    pub async fn now(&self, conn: &impl ConnectionTrait) -> Result<chrono::DateTime<chrono::Utc>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Now {
+            now: chrono::DateTime<chrono::Utc>,
+        }
+        if self.backend == DbBackend::Postgres {
+            let row: Option<Now> = self.query_one(conn, "SELECT now() AS now", vec![]).await?;
+            Ok(row.map_or_else(chrono::Utc::now, |r| r.now))
+        } else {
+            Ok(chrono::Utc::now())
+        }
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), DbErr> {
         self.db.ping().await

@@ -438,3 +438,17 @@ async fn outputs_work_with_a_relative_data_folder() {
     assert_eq!(task_of(&done, "out")["outputs"], json!({ "answer": "42" }));
     let _ = std::fs::remove_dir_all(target);
 }
+
+#[actix_web::test]
+async fn run_list_filters_with_unknown_values_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("runs")).await;
+    for (query, field) in [("status=finished", "status"), ("trigger=manual", "trigger")] {
+        let r = app.get(&format!("/api/v1/t/{}/runs?{query}", admin.tenant), &admin.token).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        let p = problem(r).await;
+        assert_eq!(p["errors"][0]["field"], field, "{p:#}");
+    }
+    let r = app.get(&format!("/api/v1/t/{}/runs?status=succeeded&trigger=cron", admin.tenant), &admin.token).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::dag;
 use crate::duration::Duration;
 use crate::ids::NodeId;
-use crate::spec::{Backoff, OnTimeout, ParamType, PipelineSpec, SpecError, SpecErrors, TaskSpec};
+use crate::spec::{Backoff, OnTimeout, PipelineSpec, SpecError, SpecErrors, TaskSpec};
 use crate::template::{Reference, Template};
 
 use super::{PlannedGate, PlannedStage, PlannedTask, RunPlan};
@@ -87,17 +87,6 @@ impl From<PlanErrors> for SpecErrors {
     }
 }
 
-fn type_name(kind: ParamType) -> &'static str {
-    match kind {
-        ParamType::String => "string",
-        ParamType::Number => "number",
-        ParamType::Integer => "integer",
-        ParamType::Boolean => "boolean",
-        ParamType::Array => "array",
-        ParamType::Object => "object",
-    }
-}
-
 fn value_kind(value: &serde_json::Value) -> &'static str {
     match value {
         serde_json::Value::Null => "null",
@@ -130,7 +119,7 @@ fn check_params(
             None => errors.push(PlanError::new(path, format!("unknown param `{name}` (not declared in `params`)"))),
             Some(param) if !param.kind.accepts(value) => errors.push(PlanError::new(
                 path,
-                format!("param `{name}` must be of type {}; got {}", type_name(param.kind), value_kind(value)),
+                format!("param `{name}` must be of type {}; got {}", param.kind.as_str(), value_kind(value)),
             )),
             Some(_) => {
                 values.insert(name.clone(), value.clone());
@@ -300,10 +289,13 @@ pub fn compile(
 
     // Task needs: every instance of every needed task of the same stage.
     for (si, (stage, stage_ranges)) in spec.stages.iter().zip(&ranges).enumerate() {
+        // The first task of an id, as a duplicate (refused by validation) would be looked up.
+        let index: HashMap<&str, usize> =
+            stage.tasks.iter().enumerate().rev().map(|(i, t)| (t.id.as_str(), i)).collect();
         for (ti, (task, range)) in stage.tasks.iter().zip(stage_ranges).enumerate() {
             let mut needs = Vec::new();
             for (k, need) in task.needs.iter().enumerate() {
-                match stage.tasks.iter().position(|t| t.id == *need).and_then(|i| stage_ranges.get(i)) {
+                match index.get(need.as_str()).and_then(|&i| stage_ranges.get(i)) {
                     Some(needed) => needs.extend(needed.clone()),
                     None => errors.push(PlanError::new(
                         format!("stages[{si}].tasks[{ti}].needs[{k}]"),

@@ -112,6 +112,8 @@ impl Machine<'_> {
         if !matches!(t.status, TaskStatus::Queued | TaskStatus::Running) || t.attempt != attempt {
             return false;
         }
+        // Failed attempts so far: lost ones (that used no retry) do not count.
+        let failures = attempt.saturating_sub(t.lost);
         match outcome {
             TaskOutcome::Succeeded => {
                 t.status = TaskStatus::Succeeded;
@@ -125,8 +127,7 @@ impl Machine<'_> {
                 t.not_before = Some(now);
             }
             TaskOutcome::Failed | TaskOutcome::TimedOut | TaskOutcome::Lost => match planned {
-                Some(planned) if attempt.saturating_sub(t.lost) <= planned.max_retries => {
-                    let failures = attempt.saturating_sub(t.lost);
+                Some(planned) if failures <= planned.max_retries => {
                     t.status = TaskStatus::Pending;
                     t.not_before = Some(now.saturating_add(retry_delay(planned, failures)));
                 }

@@ -91,6 +91,19 @@ pub enum ParamType {
 }
 
 impl ParamType {
+    /// The type's name as written in a definition.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ParamType::String => "string",
+            ParamType::Number => "number",
+            ParamType::Integer => "integer",
+            ParamType::Boolean => "boolean",
+            ParamType::Array => "array",
+            ParamType::Object => "object",
+        }
+    }
+
     /// Whether `value` has this type.
     #[must_use]
     pub fn accepts(self, value: &serde_json::Value) -> bool {

@@ -120,7 +120,7 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
         {
             out.add(
                 &root.key("params").key(name.as_str()).key("default"),
-                format!("default of param `{name}` must be of type {}", type_name(param.kind)),
+                format!("default of param `{name}` must be of type {}", param.kind.as_str()),
             );
         }
     }
@@ -161,7 +161,7 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
                     out.add_key(&pp, format!("unknown param `{name}` (not declared in `params`)"));
                 }
                 Some(param) if !param.kind.accepts(value) => {
-                    out.add(&pp, format!("param `{name}` must be of type {}", type_name(param.kind)))
+                    out.add(&pp, format!("param `{name}` must be of type {}", param.kind.as_str()))
                 }
                 Some(_) => {}
             }
@@ -182,18 +182,6 @@ fn check_root(spec: &PipelineSpec, root: &P, out: &mut Problems) {
     let tasks: usize = spec.stages.iter().map(|s| s.tasks.len()).sum();
     if tasks > MAX_TASKS {
         out.add(&stages, format!("{tasks} tasks in total; the limit is {MAX_TASKS}"));
-    }
-}
-
-fn type_name(kind: super::model::ParamType) -> &'static str {
-    use super::model::ParamType;
-    match kind {
-        ParamType::String => "string",
-        ParamType::Number => "number",
-        ParamType::Integer => "integer",
-        ParamType::Boolean => "boolean",
-        ParamType::Array => "array",
-        ParamType::Object => "object",
     }
 }
 
