@@ -118,7 +118,18 @@ fn bench() -> anyhow::Result<()> {
     status(Command::new(bin.join("examples").join("cedar_bench")), "Cedar decision latency")?;
     for mode in ["embedded", "redis"] {
         let mut engine = Command::new(bin.join("examples").join("engine_bench"));
-        engine.args(["--sluice", &bin.join("sluice").to_string_lossy(), "--mode", mode, "--postgres", &postgres_url()]);
+        let sluice = bin.join("sluice");
+        let redis = env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        engine.args([
+            "--sluice",
+            &sluice.to_string_lossy(),
+            "--mode",
+            mode,
+            "--postgres",
+            &postgres_url(),
+            "--redis",
+            &redis,
+        ]);
         status(engine, &format!("engine workloads ({mode})"))?;
     }
     for db in ["sqlite", "postgres"] {

@@ -84,11 +84,12 @@ async fn audit_webhook(
               (status = 409, description = "the pipeline is archived")))]
 async fn put_webhook(state: State, ctx: TenantCtx, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
     let p = runs::find_pipeline(&state, ctx.tenant.id, &path.1).await?;
+    let decision =
+        authorize(&state, &ctx, Action::PipelineUpdate, Resource::Pipeline { name: &p.name, archived: false }).await?;
+    // Only after the check: who may not change the pipeline does not learn it is archived.
     if p.archived_at.is_some() {
         return Err(ApiError::conflict("the pipeline is archived"));
     }
-    let decision =
-        authorize(&state, &ctx, Action::PipelineUpdate, Resource::Pipeline { name: &p.name, archived: false }).await?;
     let secret = webhook::generate_secret();
     let txn = state.store.write().await?;
     let rotated = webhook::put_secret(&state.store, &*txn, ctx.tenant.id, p.id, &secret, ctx.principal.user_id).await?;

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use chrono::{DateTime, Utc};
-use sea_orm::Value;
+use sea_orm::{ConnectionTrait, FromQueryResult, Value};
 use serde::{Deserialize, Serialize};
 use sluice_domain::{
     cedar::Action,
@@ -150,19 +150,21 @@ struct RunAuth {
 
 async fn run_view(state: &State, tenant: Uuid, id: Uuid) -> ApiResult<RunView> {
     let store = &state.store;
-    let run: RunSummary = store
-        .query_one(
-            store.db(),
-            &format!("{RUN_SELECT} WHERE tenant_id = $1 AND id = $2"),
+    // The run and its params in one read.
+    let row = store
+        .db()
+        .query_one_raw(store.stmt(
+            &format!("{} WHERE tenant_id = $1 AND id = $2", RUN_SELECT.replace(" FROM runs", ", params FROM runs")),
             vec![tenant.into(), id.into()],
-        )
+        ))
         .await?
         .or_not_found("run")?;
     #[derive(sea_orm::FromQueryResult)]
     struct P {
         params: String,
     }
-    let p: Option<P> = store.query_one(store.db(), "SELECT params FROM runs WHERE id = $1", vec![id.into()]).await?;
+    let run = RunSummary::from_query_result(&row, "")?;
+    let p = P::from_query_result(&row, "").ok();
     let stages: Vec<StageView> = store
         .query_all(
             store.db(),
