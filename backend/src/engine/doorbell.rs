@@ -42,9 +42,17 @@ impl Doorbell for ChannelDoorbell {
     }
 }
 
-/// Idle workers look for new dispatches this often (apalis-redis fetches on its heartbeat
-/// timer when the queue was empty).
-pub const REDIS_POLL: Duration = Duration::from_millis(10);
+/// Idle workers look for new dispatches this often even when no wake-up arrives
+/// (apalis-redis fetches on its heartbeat timer when the queue was empty). A push is normally
+/// announced on the wake channel, so this only bounds how long a dispatch waits when the
+/// announcement was lost.
+pub const REDIS_POLL: Duration = Duration::from_millis(25);
+
+/// The pub/sub channel on which pushes are announced: each message names the queue that has a
+/// new dispatch, and the workers consuming that queue fetch at once.
+pub fn wake_channel(prefix: &str) -> String {
+    format!("{prefix}:wake")
+}
 
 /// How long a fetched dispatch waits for a free slot and for its CPU and memory before it goes
 /// back to its queue for another worker.
@@ -166,11 +174,14 @@ impl RedisDoorbell {
         let (tx, mut rx) = mpsc::unbounded_channel::<Dispatch>();
         let router: Arc<OnceLock<Weak<Engine>>> = Arc::default();
         let (prefix, routes) = (prefix.to_owned(), router.clone());
+        let wakes = wake_channel(&prefix);
         tokio::spawn(async move {
             let mut queues: HashMap<String, RedisStorage<Dispatch>> = HashMap::new();
             queues.insert(queue_name(&prefix, &Route::default()), base.clone());
             let mut vacuum = tokio::time::interval(VACUUM_EVERY);
             vacuum.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Queues pushed to since their workers were last woken.
+            let mut pushed: Vec<String> = vec![];
             loop {
                 let d = tokio::select! {
                     d = rx.recv() => match d {
@@ -187,9 +198,29 @@ impl RedisDoorbell {
                     Some(engine) => route_queue(&engine, &prefix, d).await,
                     None => queue_name(&prefix, &Route::default()),
                 };
-                let storage = queues.entry(queue).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
-                if let Err(e) = storage.push(d).await {
-                    tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again");
+                let storage =
+                    queues.entry(queue.clone()).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
+                match storage.push(d).await {
+                    Ok(()) => {
+                        if !pushed.contains(&queue) {
+                            pushed.push(queue);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
+                    }
+                }
+                // Rings already waiting are pushed first; the workers are then woken once.
+                if rx.is_empty() && !pushed.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for q in pushed.drain(..) {
+                        pipe.cmd("PUBLISH").arg(&wakes).arg(q).ignore();
+                    }
+                    let mut conn = base.clone();
+                    if let Err(e) = pipe.query_async::<()>(conn.get_connection()).await {
+                        // The workers find the dispatch on their next poll.
+                        tracing::debug!(error = %e, "announcing dispatches failed");
+                    }
                 }
             }
         });
@@ -285,11 +316,24 @@ pub async fn consume_redis(
     // with its predecessor's registration in Redis.
     let tag = &Uuid::new_v4().simple().to_string()[..6];
     let mut consumers = tokio::task::JoinSet::new();
+    let mut wakers = HashMap::new();
     for (i, queue) in queues.into_iter().enumerate() {
         let apalis_name = format!("{}/{tag}/{i}", shared.engine.worker_name());
         let first = storage(&url, &queue).await?;
-        consumers.spawn(consume_queue(shared.clone(), url.clone(), queue, apalis_name, first, stopped.clone()));
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        wakers.insert(queue.clone(), wake_tx);
+        consumers.spawn(consume_queue(
+            shared.clone(),
+            url.clone(),
+            queue,
+            apalis_name,
+            first,
+            stopped.clone(),
+            wake_rx,
+        ));
     }
+    let listener = tokio::spawn(listen_for_wakes(url.clone(), wake_channel(&prefix), wakers));
+    let _listener = AbortOnDrop(listener);
     // Once stopping, the drain is over when every slot is free again (executions already
     // started have finished and recorded their completions); apalis's own workers are not
     // waited for beyond that, since with several executions in flight they can take until
@@ -317,7 +361,53 @@ pub async fn consume_redis(
     Ok(())
 }
 
-/// Consumes one queue until `stopped` turns true.
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows the wake channel and tells the consumer of each announced queue to fetch now. While
+/// Redis is unreachable the consumers still poll; the subscription is made again with backoff.
+async fn listen_for_wakes(url: String, channel: String, wakers: HashMap<String, mpsc::UnboundedSender<()>>) {
+    use futures_util::StreamExt;
+    let Ok(client) = redis::Client::open(url.as_str()) else { return };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let subscribed = async {
+            let mut pubsub = tokio::time::timeout(Duration::from_secs(5), client.get_async_pubsub())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))??;
+            pubsub.subscribe(&channel).await?;
+            anyhow::Ok(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(mut pubsub) => {
+                backoff = Duration::from_millis(250);
+                // A wake-up may have been missed while not subscribed: every consumer looks.
+                for w in wakers.values() {
+                    let _ = w.send(());
+                }
+                let mut messages = pubsub.on_message();
+                while let Some(m) = messages.next().await {
+                    if let Some(w) = std::str::from_utf8(m.get_payload_bytes()).ok().and_then(|q| wakers.get(q)) {
+                        let _ = w.send(());
+                    }
+                }
+                tracing::debug!("the wake-up subscription ended; subscribing again");
+            }
+            Err(e) => tracing::debug!(error = %e, "subscribing to wake-ups failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Consumes one queue until `stopped` turns true; a message on `wake` makes it fetch at once.
 async fn consume_queue(
     shared: Shared,
     url: String,
@@ -325,6 +415,7 @@ async fn consume_queue(
     apalis_name: String,
     first: RedisStorage<Dispatch>,
     stopped: watch::Receiver<bool>,
+    mut wake: mpsc::UnboundedReceiver<()>,
 ) {
     let mut storage = Some(first);
     // apalis-redis gives up for good on a fetch error, including "worker not registered" after
@@ -344,7 +435,7 @@ async fn consume_queue(
                 }
             },
         };
-        match consume_once(&apalis_name, backend, shared.clone(), stopped.clone()).await {
+        match consume_once(&apalis_name, backend, shared.clone(), stopped.clone(), &mut wake).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(queue, error = %e, "the Redis consumer stopped; starting it again");
@@ -370,6 +461,7 @@ async fn consume_once(
     backend: RedisStorage<Dispatch>,
     shared: Shared,
     stopped: watch::Receiver<bool>,
+    wake: &mut mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
     let slots = shared.gate.profile.slots.max(1);
     let worker = WorkerBuilder::new(name)
@@ -381,7 +473,7 @@ async fn consume_once(
     // apalis-redis polls: after an empty fetch the worker waits for its heartbeat timer to wake
     // it, and that wake-up is lost when the timer fires while a fetch is in flight (the worker
     // then never fetches again). Polling the worker on our own tick as well keeps it looking
-    // every `REDIS_POLL`.
+    // every `REDIS_POLL`; a wake-up (a push announced on the wake channel) polls it at once.
     let run = worker.run_with_ctx(move |ctx: WorkerContext| {
         let mut stopped = stopped.clone();
         async move {
@@ -391,20 +483,22 @@ async fn consume_once(
     });
     let mut tick = tokio::time::interval(REDIS_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    Nudged { inner: Box::pin(run), tick }.await.map_err(|e| anyhow::anyhow!("worker: {e}"))
+    Nudged { inner: Box::pin(run), tick, wake }.await.map_err(|e| anyhow::anyhow!("worker: {e}"))
 }
 
-/// Polls `inner` whenever it asks to be, and at every tick as well.
-struct Nudged<F> {
+/// Polls `inner` whenever it asks to be, at every tick, and at every wake-up.
+struct Nudged<'a, F> {
     inner: std::pin::Pin<Box<F>>,
     tick: tokio::time::Interval,
+    wake: &'a mut mpsc::UnboundedReceiver<()>,
 }
 
-impl<F: Future> Future for Nudged<F> {
+impl<F: Future> Future for Nudged<'_, F> {
     type Output = F::Output;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         while self.tick.poll_tick(cx).is_ready() {}
+        while let std::task::Poll::Ready(Some(())) = self.wake.poll_recv(cx) {}
         self.inner.as_mut().poll(cx)
     }
 }

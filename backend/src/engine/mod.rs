@@ -828,21 +828,11 @@ impl Core {
 
     /// Publishes events and rings dispatches after their transaction committed.
     pub fn after_commit(&self, applied: &mut Applied) {
+        // Events first: a task handed or rung now may end (and publish its own events) before
+        // this function returns.
         for e in &applied.events {
             // No subscribers is fine: nobody is watching.
             let _ = self.events.send(e.clone());
-        }
-        // The database keeps `cancel_requested` for workers elsewhere; attempts running here
-        // are told at once.
-        if let Ok(running) = self.running.lock() {
-            for k in &applied.kills {
-                if let Some(tx) = running.get(k) {
-                    let _ = tx.send(true);
-                }
-            }
-        }
-        for d in &applied.dispatched {
-            self.doorbell.ring(*d);
         }
         if let Some(h) = self.handoff.get() {
             for handed in applied.handed.drain(..) {
@@ -850,6 +840,18 @@ impl Core {
                 if h.tx.send(handed).is_err() {
                     // The worker stopped: the lease runs out and the reaper retries the task.
                     tracing::warn!(run = %d.run, task = d.task, "the local worker stopped; the task waits for its lease to expire");
+                }
+            }
+        }
+        for d in &applied.dispatched {
+            self.doorbell.ring(*d);
+        }
+        // The database keeps `cancel_requested` for workers elsewhere; attempts running here
+        // are told at once.
+        if let Ok(running) = self.running.lock() {
+            for k in &applied.kills {
+                if let Some(tx) = running.get(k) {
+                    let _ = tx.send(true);
                 }
             }
         }

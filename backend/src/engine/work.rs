@@ -336,8 +336,11 @@ async fn execute(
     let logs = tokio::spawn(write_logs(store.clone(), d, log_rx, tenant, engine.event_sender()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let exec = tokio::spawn(sluice_worker::execute(req, log_tx, stop_rx));
-    let mut beat = tokio::time::interval(engine.timings.heartbeat);
-    beat.tick().await;
+    // The first heartbeat is due one period from now. (`interval`'s immediate first tick would
+    // go through the timer, which rounds up to its next millisecond: a noop task would take a
+    // millisecond longer.)
+    let period = engine.timings.heartbeat;
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tokio::pin!(exec);
     let result = loop {
         tokio::select! {
