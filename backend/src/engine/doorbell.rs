@@ -143,8 +143,6 @@ async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
     queue_name(prefix, &Route::of(task, tenant))
 }
 
-/// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
-/// to the queue of its task's route.
 /// How often a process removes from Redis what apalis keeps of the dispatches that were handled.
 const VACUUM_EVERY: Duration = Duration::from_secs(10);
 
@@ -161,6 +159,9 @@ async fn vacuum_queues(queues: &mut HashMap<String, RedisStorage<Dispatch>>) {
     }
 }
 
+/// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
+/// to the queue of its task's route; the queues pushed to are then announced on the wake
+/// channel.
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
     router: Arc<OnceLock<Weak<Engine>>>,

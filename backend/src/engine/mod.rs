@@ -608,20 +608,21 @@ impl Core {
     /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
     /// write lock) and returns what to do after the commit ([`Core::after_commit`]).
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
-        let now = self.db_now(conn).await?;
         let mut applied = Applied::default();
-        self.steps(conn, run, &[&Step::Event(event)], now, &mut applied, &mut HashMap::new()).await?;
+        self.steps(conn, run, &[&Step::Event(event)], &mut None, &mut applied, &mut HashMap::new()).await?;
         Ok(applied)
     }
 
     /// Applies `steps`, in order, to one run inside `conn`: the run is loaded once, each step is
-    /// planned on the state the previous one left, and the difference is written once.
+    /// planned on the state the previous one left, and the difference is written once. `clock` is
+    /// the database clock when the transaction already read it (else it comes with the run, and
+    /// is left there for the next run of the transaction).
     async fn steps(
         &self,
         conn: &impl ConnectionTrait,
         run: Uuid,
         steps: &[&Step],
-        now: chrono::DateTime<Utc>,
+        clock: &mut Option<chrono::DateTime<Utc>>,
         applied: &mut Applied,
         running: &mut HashMap<Uuid, (i64, i64)>,
     ) -> Result<Vec<Done>, DbErr> {
@@ -634,6 +635,15 @@ impl Core {
             return Ok(steps.iter().map(none).collect());
         };
         let state::Loaded { row, plan: run_plan, state: old, mut leases } = loaded;
+        let now = match clock.or(row.db_now) {
+            Some(now) => now,
+            None => self.db_now(conn).await?,
+        };
+        *clock = Some(now);
+        running.entry(row.tenant_id).or_insert_with(|| {
+            let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
+            (row.tenant_running, row.tenant_max.unwrap_or(default))
+        });
         let now_ms = state::ms(now);
         let lease_until = now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default();
         let old_wake = row.next_wake_at.map(state::ms);
@@ -820,7 +830,8 @@ impl Core {
                 )
                 .await?;
             if let Some(next) = next {
-                Box::pin(self.steps(conn, next.id, &[&Step::Event(Event::Start)], now, applied, running)).await?;
+                Box::pin(self.steps(conn, next.id, &[&Step::Event(Event::Start)], &mut Some(now), applied, running))
+                    .await?;
             }
         }
         Ok(done)
@@ -876,7 +887,6 @@ impl Core {
     /// Applies a batch of steps in one transaction.
     async fn batch(&self, ops: &[(Uuid, &Step)]) -> Result<(Vec<Done>, Applied), DbErr> {
         let txn = self.store.write().await?;
-        let now = self.db_now(&*txn).await?;
         // Steps grouped by run, runs in order of first appearance, steps in arrival order.
         let mut runs: Vec<(Uuid, Vec<usize>)> = vec![];
         for (i, (run, _)) in ops.iter().enumerate() {
@@ -888,9 +898,12 @@ impl Core {
         let mut applied = Applied::default();
         let mut running = HashMap::new();
         let mut done = vec![Done::Event; ops.len()];
+        // The clock is read with the first run (PostgreSQL's `now()` is the transaction's start,
+        // the same for every statement in it).
+        let mut now = None;
         for (run, idx) in &runs {
             let steps: Vec<&Step> = idx.iter().map(|&i| ops[i].1).collect();
-            let results = self.steps(&*txn, *run, &steps, now, &mut applied, &mut running).await?;
+            let results = self.steps(&*txn, *run, &steps, &mut now, &mut applied, &mut running).await?;
             for (&i, r) in idx.iter().zip(results) {
                 done[i] = r;
             }

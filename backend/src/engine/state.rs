@@ -49,6 +49,13 @@ pub struct RunRow {
     pub rev: i64,
     /// The rendered key of the pipeline's concurrency limit, if it has one.
     pub concurrency_key: Option<String>,
+    /// PostgreSQL's clock for this transaction (read along, to spare a round trip); `None` on
+    /// SQLite, whose clock is this process's.
+    pub db_now: Option<DateTime<Utc>>,
+    /// How many tasks of the run's tenant are running, as this transaction sees it.
+    pub tenant_running: i64,
+    /// The operator's override of the tenant's running-task limit.
+    pub tenant_max: Option<i64>,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -172,9 +179,15 @@ pub async fn load(
     plans: &PlanCache,
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
+    // The tenant's load comes along for claims (the per-tenant limit), and PostgreSQL's clock
+    // for leases: one round trip instead of three.
     let sql = format!(
         "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
-         concurrency_key FROM runs WHERE id = $1{}",
+         concurrency_key, {} AS db_now, \
+         (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = runs.tenant_id AND t.status = 'running') AS tenant_running, \
+         (SELECT max_running_tasks FROM tenants WHERE tenants.id = runs.tenant_id) AS tenant_max \
+         FROM runs WHERE id = $1{}",
+        if store.backend() == sea_orm::DbBackend::Postgres { "now()" } else { "NULL" },
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
@@ -392,29 +405,29 @@ pub async fn save(
             break r;
         }
     };
-    store
-        .execute(
-            conn,
-            "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5, rev = $6 WHERE id = $1",
-            vec![
-                run.into(),
-                new.status.as_str().into(),
-                opt_at(new.started_at).into(),
-                opt_at(new.finished_at).into(),
-                opt_at(wake.new).into(),
-                next_rev.into(),
-            ],
-        )
-        .await?;
+    let mut writes_sql: Vec<Write> = vec![Write {
+        sql:
+            "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5, rev = $6 WHERE id = $1"
+                .into(),
+        values: vec![
+            run.into(),
+            new.status.as_str().into(),
+            opt_at(new.started_at).into(),
+            opt_at(new.finished_at).into(),
+            opt_at(wake.new).into(),
+            next_rev.into(),
+        ],
+        expect: Some(1),
+        what: format!("run {run}"),
+    }];
     for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
         if a != b {
-            store
-                .execute(
-                    conn,
-                    "UPDATE stage_runs SET status = $3, gate_deadline = $4 WHERE run_id = $1 AND idx = $2",
-                    vec![run.into(), (i as i32).into(), b.status.as_str().into(), opt_at(b.gate_deadline).into()],
-                )
-                .await?;
+            writes_sql.push(Write {
+                sql: "UPDATE stage_runs SET status = $3, gate_deadline = $4 WHERE run_id = $1 AND idx = $2".into(),
+                values: vec![run.into(), (i as i32).into(), b.status.as_str().into(), opt_at(b.gate_deadline).into()],
+                expect: Some(1),
+                what: format!("stage {i} of run {run}"),
+            });
         }
     }
     // Changed tasks without a lease or result of their own, grouped by (old, new) state.
@@ -426,7 +439,7 @@ pub async fn save(
             continue;
         }
         if write.is_some_and(|w| w.lease.is_some() || w.result.is_some()) {
-            write_task(store, conn, run, &[i as i32], a, b, write, now).await?;
+            writes_sql.push(write_task(run, &[i as i32], a, b, write, now));
         } else if let Some(g) = groups.iter_mut().find(|((ga, gb), _)| *ga == a && *gb == b) {
             g.1.push(i as i32);
         } else {
@@ -435,24 +448,101 @@ pub async fn save(
     }
     for ((a, b), idx) in groups {
         for chunk in idx.chunks(INSERT_CHUNK) {
-            write_task(store, conn, run, chunk, a, b, None, now).await?;
+            writes_sql.push(write_task(run, chunk, a, b, None, now));
         }
     }
+    execute_all(store, conn, writes_sql).await?;
     Ok(next_rev)
 }
 
+/// One conditional write of a change: a statement with its own `$1..` placeholders, and how
+/// many rows it must change (fewer means another writer changed them first).
+struct Write {
+    sql: String,
+    values: Vec<sea_orm::Value>,
+    expect: Option<u64>,
+    what: String,
+}
+
+/// Most statements combined into one round trip on PostgreSQL.
+const COMBINE: usize = 32;
+
+/// Executes the writes of one change. On PostgreSQL they travel together, as the
+/// data-modifying parts of one statement (they touch different rows, so none sees another's
+/// effect); each part reports how many rows it changed. On SQLite they run one by one.
+async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Write>) -> Result<(), DbErr> {
+    let check = |w: &Write, n: u64| match w.expect {
+        Some(e) if e != n => Err(DbErr::Custom(format!("{} changed concurrently", w.what))),
+        _ => Ok(()),
+    };
+    if store.backend() != sea_orm::DbBackend::Postgres || writes.len() == 1 {
+        for w in &writes {
+            let n = store.execute(conn, &w.sql, w.values.clone()).await?;
+            check(w, n)?;
+        }
+        return Ok(());
+    }
+    #[derive(FromQueryResult)]
+    struct Count {
+        i: i32,
+        n: i64,
+    }
+    for part in writes.chunks(COMBINE) {
+        let mut sql = String::from("WITH ");
+        let mut values: Vec<sea_orm::Value> = vec![];
+        let mut counts = String::new();
+        for (i, w) in part.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+                counts.push_str(" UNION ALL ");
+            }
+            sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&w.sql, values.len())));
+            values.extend(w.values.iter().cloned());
+            counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
+        }
+        sql.push(' ');
+        sql.push_str(&counts);
+        let rows: Vec<Count> = store.query_all(conn, &sql, values).await?;
+        for c in rows {
+            if let Some(w) = usize::try_from(c.i).ok().and_then(|i| part.get(i)) {
+                check(w, u64::try_from(c.n).unwrap_or_default())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `sql` with every placeholder `$n` renumbered `$(n + by)`.
+fn shift_placeholders(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            digits.push(*d);
+            chars.next();
+        }
+        match digits.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&digits),
+        }
+    }
+    out
+}
+
 /// Moves the tasks `idx` (all in state `a`) to state `b`.
-#[allow(clippy::too_many_arguments)]
-async fn write_task(
-    store: &Store,
-    conn: &impl ConnectionTrait,
+fn write_task(
     run: Uuid,
     idx: &[i32],
     a: &TaskState,
     b: &TaskState,
     write: Option<&TaskWrite>,
     now: DateTime<Utc>,
-) -> Result<(), DbErr> {
+) -> Write {
     let queued_now = b.status == TaskStatus::Queued && a.status != TaskStatus::Queued;
     let mut values: Vec<sea_orm::Value> = vec![
         run.into(),
@@ -500,9 +590,20 @@ async fn write_task(
         sql.push_str(&format!("{}${}", if n > 0 { ", " } else { "" }, values.len()));
     }
     sql.push(')');
-    let n = store.execute(conn, &sql, values).await?;
-    if n != idx.len() as u64 {
-        return Err(DbErr::Custom(format!("tasks {idx:?} of run {run} changed concurrently")));
+    Write { sql, values, expect: Some(idx.len() as u64), what: format!("tasks {idx:?} of run {run}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_and_nothing_else_changes() {
+        assert_eq!(
+            shift_placeholders("UPDATE t SET a = $1, b = $12 WHERE c IN ($3, $4)", 10),
+            "UPDATE t SET a = $11, b = $22 WHERE c IN ($13, $14)"
+        );
+        assert_eq!(shift_placeholders("SELECT '$' || x, $", 5), "SELECT '$' || x, $");
+        assert_eq!(shift_placeholders("$1", 0), "$1");
     }
-    Ok(())
 }
