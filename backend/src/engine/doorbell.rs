@@ -58,19 +58,24 @@ pub fn wake_channel(prefix: &str) -> String {
 /// back to its queue for another worker.
 pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 
-fn redis_config(queue: &str) -> apalis_redis::Config {
+/// Most dispatches one fetch takes.
+const MAX_FETCH: usize = 4;
+
+/// The configuration of `queue`, fetching up to `fetch` dispatches at a time.
+fn redis_config(queue: &str, fetch: usize) -> apalis_redis::Config {
     apalis_redis::Config::default()
         .queue(queue)
-        // One at a time: a worker never hoards dispatches another idle worker could take.
-        .batch_size(1)
+        .batch_size(fetch.max(1))
         .heartbeat_interval(REDIS_POLL)
         // Redis-side orphan detection after 5 s; the database lease is what really counts.
         .missed_heartbeats(500)
 }
 
-async fn storage(url: &str, queue: &str) -> anyhow::Result<RedisStorage<Dispatch>> {
+/// A connection to `queue`; a consumer fetches up to `fetch` dispatches at a time (a pusher's
+/// `fetch` does not matter).
+async fn storage(url: &str, queue: &str, fetch: usize) -> anyhow::Result<RedisStorage<Dispatch>> {
     let conn = apalis_redis::connect(url).await.with_context(|| format!("connecting to Redis at {url}"))?;
-    Ok(RedisStorage::new(conn).with_config(redis_config(queue)))
+    Ok(RedisStorage::new(conn).with_config(redis_config(queue, fetch)))
 }
 
 /// A label as it appears in a queue name: bytes other than `A-Z a-z 0-9 . _ -` are written
@@ -171,7 +176,7 @@ impl RedisDoorbell {
     /// Connects to Redis and starts the pusher. Until [`RedisDoorbell::route_with`] is called
     /// every dispatch goes to the default queue.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let base = storage(url, &queue_name(prefix, &Route::default())).await?;
+        let base = storage(url, &queue_name(prefix, &Route::default()), 1).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Dispatch>();
         let router: Arc<OnceLock<Weak<Engine>>> = Arc::default();
         let (prefix, routes) = (prefix.to_owned(), router.clone());
@@ -200,7 +205,7 @@ impl RedisDoorbell {
                     None => queue_name(&prefix, &Route::default()),
                 };
                 let storage =
-                    queues.entry(queue.clone()).or_insert_with_key(|q| base.clone().with_config(redis_config(q)));
+                    queues.entry(queue.clone()).or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
                 match storage.push(d).await {
                     Ok(()) => {
                         if !pushed.contains(&queue) {
@@ -280,6 +285,14 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     Ok(())
 }
 
+/// How many dispatches a worker with `slots` slots takes per fetch: a fetch is a round trip,
+/// so taking a few at once raises throughput under load, but what a worker takes and cannot
+/// start waits for its slots (up to [`WAIT_FOR_ROOM`], then goes back to its queue) while another
+/// worker may be idle. Half the slots, at most [`MAX_FETCH`], bounds that.
+fn fetch_size(slots: usize) -> usize {
+    (slots / 2).clamp(1, MAX_FETCH)
+}
+
 /// Consumes dispatches from Redis, from every queue `gate`'s worker serves, with its slots as
 /// concurrent executions, until `stop` is notified; then takes no new work and returns once the
 /// executions in flight have finished.
@@ -320,7 +333,7 @@ pub async fn consume_redis(
     let mut wakers = HashMap::new();
     for (i, queue) in queues.into_iter().enumerate() {
         let apalis_name = format!("{}/{tag}/{i}", shared.engine.worker_name());
-        let first = storage(&url, &queue).await?;
+        let first = storage(&url, &queue, fetch_size(slots)).await?;
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         wakers.insert(queue.clone(), wake_tx);
         consumers.spawn(consume_queue(
@@ -425,7 +438,7 @@ async fn consume_queue(
     loop {
         let backend = match storage.take() {
             Some(s) => s,
-            None => match self::storage(&url, &queue).await {
+            None => match self::storage(&url, &queue, fetch_size(shared.gate.profile.slots)).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(queue, error = %e, "reconnecting to Redis failed; retrying");
