@@ -269,19 +269,23 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     };
     // Room first (a slot, then CPU and memory), the claim after: a worker claims only what it
     // can start now. Without room soon, the dispatch goes back to its queue for another worker.
+    let priority = shared.engine.plan_of(d.run).await.ok().and_then(|p| p.tasks.get(d.task).map(|t| t.priority));
+    let waiting = shared.gate.waiting(priority.unwrap_or(0));
     let Ok(Ok(slot)) = tokio::time::timeout(WAIT_FOR_ROOM, shared.slots.clone().acquire_owned()).await else {
         shared.engine.doorbell.ring(d);
         return Ok(());
     };
+    drop(waiting);
     let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
         drop(slot);
         shared.engine.doorbell.ring(d);
         return Ok(());
     };
-    if let Err(e) = run_one(&shared.engine, &shared.store, d, shared.work_root.clone(), &shared.secrets_key).await {
+    let room = super::Room { slot, reserved };
+    if let Err(e) = run_one(&shared.engine, &shared.store, d, shared.work_root.clone(), &shared.secrets_key, room).await
+    {
         tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
     }
-    drop((reserved, slot));
     Ok(())
 }
 

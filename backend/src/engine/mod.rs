@@ -153,6 +153,12 @@ pub struct Room {
     pub reserved: registry::Reservation,
 }
 
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").finish_non_exhaustive()
+    }
+}
+
 /// A task claimed in the transaction that queued it, for this process's worker.
 pub struct Handed {
     /// The attempt.
@@ -182,8 +188,16 @@ struct Handoff {
 enum Step {
     /// A worker claims a queued attempt.
     Claim(Dispatch),
-    /// The lease holder reports an attempt's result.
-    Complete { d: Dispatch, outcome: TaskOutcome, exit_code: Option<i32>, message: Option<String>, outputs: String },
+    /// The lease holder reports an attempt's result. The slot (and room) it frees, when given,
+    /// takes another queued task of the run in the same transaction.
+    Complete {
+        d: Dispatch,
+        outcome: TaskOutcome,
+        exit_code: Option<i32>,
+        message: Option<String>,
+        outputs: String,
+        room: Mutex<Option<Room>>,
+    },
     /// Any other planner event (ticks, lost leases).
     Event(Event),
 }
@@ -308,7 +322,10 @@ impl Engine {
     }
 
     /// Records an attempt's result, if this worker still holds its lease; a late or foreign
-    /// completion is logged and ignored, never applied.
+    /// completion is logged and ignored, never applied. `room` is the slot (and CPU and memory)
+    /// the attempt held: in the same transaction it claims the next queued task of the run this
+    /// worker may execute (highest priority first), which is then handed over like a task
+    /// queued with a free slot (see [`Core::accept_handoffs`]); otherwise it is released.
     pub async fn complete(
         &self,
         d: Dispatch,
@@ -316,9 +333,11 @@ impl Engine {
         exit_code: Option<i32>,
         message: Option<String>,
         outputs: &std::collections::BTreeMap<String, String>,
+        room: Option<Room>,
     ) -> Result<bool, DbErr> {
         let outputs = serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into());
-        match self.submit(d.run, Step::Complete { d, outcome, exit_code, message, outputs }).await? {
+        let room = Mutex::new(room);
+        match self.submit(d.run, Step::Complete { d, outcome, exit_code, message, outputs, room }).await? {
             Done::Complete(ok) => Ok(ok),
             _ => Ok(false),
         }
@@ -564,6 +583,46 @@ impl Core {
         Ok(h.gate.capacity.try_reserve(need).map(|reserved| Room { slot, reserved }))
     }
 
+    /// The claim a slot freed by a completion makes: the queued task of the run (not claimed
+    /// already in this transaction) with the highest priority, lowest index first, that this
+    /// process's worker may execute and has room for once the finished attempt's room is
+    /// released, unless a dispatch of higher priority waits for a slot. `None` (and the slot
+    /// released) when there is none or handing over is off.
+    fn pass_on(
+        &self,
+        run_plan: &plan::RunPlan,
+        row: &state::RunRow,
+        state: &plan::RunState,
+        local: &VecDeque<(Step, Room)>,
+        room: Room,
+    ) -> Option<(Step, Room)> {
+        let h = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed))?;
+        let Room { slot, reserved } = room;
+        drop(reserved);
+        let taken = |i: usize| local.iter().any(|(s, _)| matches!(s, Step::Claim(c) if c.task == i));
+        let mut queued: Vec<(usize, &plan::PlannedTask, u32)> = state
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| t.status == plan::TaskStatus::Queued && !taken(*i))
+            .filter_map(|(i, t)| run_plan.tasks.get(i).map(|p| (i, p, t.attempt)))
+            .collect();
+        queued.sort_by_key(|(i, p, _)| (std::cmp::Reverse(p.priority), *i));
+        // A dispatch of higher priority waiting for a slot of this worker (of another run, or
+        // rung earlier) gets the slot instead.
+        let best_waiting = h.gate.best_waiting();
+        for (i, task, attempt) in queued {
+            if best_waiting.is_some_and(|w| w > task.priority) {
+                break;
+            }
+            let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { continue };
+            if let Some(reserved) = h.gate.capacity.try_reserve(need) {
+                return Some((Step::Claim(Dispatch { run: row.id, task: i, attempt }), Room { slot, reserved }));
+            }
+        }
+        None
+    }
+
     /// How many tasks of a tenant are running, and its limit (0: none): read from the database
     /// once per transaction (the count, and the operator's override of the configured limit),
     /// then kept up to date in `running` as claims succeed.
@@ -748,8 +807,13 @@ impl Core {
                         Done::Claim(None)
                     }
                 }
-                Step::Complete { d, exit_code, message, outputs, .. } => {
+                Step::Complete { d, exit_code, message, outputs, room: freed, .. } => {
                     writes.entry(d.task).or_default().result = Some((*exit_code, message.clone(), outputs.clone()));
+                    // The slot this attempt held takes the next queued task of the run.
+                    let freed = freed.lock().ok().and_then(|mut r| r.take());
+                    if let Some(next) = freed.and_then(|r| self.pass_on(&run_plan, &row, &new, &local, r)) {
+                        local.push_back(next);
+                    }
                     Done::Complete(true)
                 }
                 Step::Event(_) => Done::Event,

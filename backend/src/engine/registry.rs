@@ -633,13 +633,62 @@ pub struct Gate {
     pub capacity: Arc<Capacity>,
     /// Dispatches already reported as unsuitable (the reaper rings them again every second).
     reported: std::sync::Mutex<std::collections::HashSet<super::Dispatch>>,
+    /// Priorities of the dispatches waiting for a slot, with how many wait at each.
+    waiting: std::sync::Mutex<std::collections::BTreeMap<i32, usize>>,
+}
+
+/// A dispatch counted as waiting for a slot of its worker until this is dropped.
+pub struct Waiting<'a> {
+    gate: &'a Gate,
+    priority: i32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.gate.unwait(self.priority);
+    }
 }
 
 impl Gate {
     /// A gate over `profile`'s whole capacity.
     pub fn new(profile: WorkerProfile) -> Arc<Self> {
         let capacity = Capacity::new(&profile);
-        Arc::new(Self { profile, capacity, reported: std::sync::Mutex::default() })
+        Arc::new(Self {
+            profile,
+            capacity,
+            reported: std::sync::Mutex::default(),
+            waiting: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Counts a dispatch of `priority` as waiting for a slot, until [`Gate::unwait`].
+    pub fn wait(&self, priority: i32) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w.entry(priority).or_default() += 1;
+        }
+    }
+
+    /// A dispatch of `priority` no longer waits.
+    pub fn unwait(&self, priority: i32) {
+        if let Ok(mut w) = self.waiting.lock()
+            && let Some(n) = w.get_mut(&priority)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(&priority);
+            }
+        }
+    }
+
+    /// Counts a dispatch of `priority` as waiting for a slot while the guard lives.
+    pub fn waiting(&self, priority: i32) -> Waiting<'_> {
+        self.wait(priority);
+        Waiting { gate: self, priority }
+    }
+
+    /// The highest priority among the dispatches waiting for a slot.
+    pub fn best_waiting(&self) -> Option<i32> {
+        self.waiting.lock().ok().and_then(|w| w.keys().next_back().copied())
     }
 
     /// Logs why a dispatch was left queued (an unsuitable one once, then quietly).
@@ -777,5 +826,21 @@ mod tests {
                 .unwrap_or_else(|_| panic!("fits once the big one is done"));
         drop((small, after));
         assert_eq!(cap.load(), Load::default());
+    }
+
+    #[test]
+    fn the_best_waiting_priority_follows_waiters_as_they_come_and_go() {
+        let gate = Gate::new(profile(&[], None));
+        assert_eq!(gate.best_waiting(), None);
+        let low = gate.waiting(-5);
+        gate.wait(10);
+        gate.wait(10);
+        assert_eq!(gate.best_waiting(), Some(10));
+        gate.unwait(10);
+        assert_eq!(gate.best_waiting(), Some(10), "one of the two still waits");
+        gate.unwait(10);
+        assert_eq!(gate.best_waiting(), Some(-5));
+        drop(low);
+        assert_eq!(gate.best_waiting(), None);
     }
 }

@@ -51,12 +51,12 @@ pub fn spawn_local_workers(
         loop {
             if ready.is_empty() {
                 match rx.recv().await {
-                    Some(d) => ready.push(d, priority_of(&engine, d).await, now_ms()),
+                    Some(d) => enqueue(&mut ready, &gate, &engine, d).await,
                     None => break,
                 }
             }
             while let Ok(d) = rx.try_recv() {
-                ready.push(d, priority_of(&engine, d).await, now_ms());
+                enqueue(&mut ready, &gate, &engine, d).await;
             }
             // A slot, taking in new dispatches while none is free.
             let permit = tokio::select! {
@@ -67,16 +67,17 @@ pub fn spawn_local_workers(
                 },
                 d = rx.recv(), if open => {
                     match d {
-                        Some(d) => ready.push(d, priority_of(&engine, d).await, now_ms()),
+                        Some(d) => enqueue(&mut ready, &gate, &engine, d).await,
                         None => open = false,
                     }
                     continue;
                 }
             };
             while let Ok(d) = rx.try_recv() {
-                ready.push(d, priority_of(&engine, d).await, now_ms());
+                enqueue(&mut ready, &gate, &engine, d).await;
             }
-            let Some(d) = ready.pop() else { continue };
+            let Some((d, priority)) = ready.pop() else { continue };
+            gate.unwait(priority);
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
@@ -87,17 +88,24 @@ pub fn spawn_local_workers(
                         return;
                     }
                 };
-                let _reserved = gate.capacity.reserve(need).await;
-                if let Err(e) = run_one(&engine, &store, d, root, &key).await {
+                let reserved = gate.capacity.reserve(need).await;
+                let room = super::Room { slot: permit, reserved };
+                if let Err(e) = run_one(&engine, &store, d, root, &key, room).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
-                drop(permit);
             });
             if !open && ready.is_empty() {
                 break;
             }
         }
     });
+}
+
+/// Adds a dispatch to the ready queue, counted as waiting for a slot.
+async fn enqueue(ready: &mut ReadyQueue, gate: &super::registry::Gate, engine: &Engine, d: Dispatch) {
+    let priority = priority_of(engine, d).await;
+    gate.wait(priority);
+    ready.push(d, priority, now_ms());
 }
 
 /// A task's scheduling priority (the pipeline's plus its own); 0 when its plan cannot be read.
@@ -129,6 +137,7 @@ struct Ready {
     /// Earlier arrivals first among equal keys.
     order: std::cmp::Reverse<u64>,
     d: Dispatch,
+    priority: i32,
 }
 
 impl ReadyQueue {
@@ -136,12 +145,12 @@ impl ReadyQueue {
     pub fn push(&mut self, d: Dispatch, priority: i32, now_ms: i64) {
         self.seq += 1;
         let key = i64::from(priority).saturating_mul(AGING_MS).saturating_sub(now_ms);
-        self.heap.push(Ready { key, order: std::cmp::Reverse(self.seq), d });
+        self.heap.push(Ready { key, order: std::cmp::Reverse(self.seq), d, priority });
     }
 
-    /// The dispatch to start next.
-    pub fn pop(&mut self) -> Option<Dispatch> {
-        self.heap.pop().map(|r| r.d)
+    /// The dispatch to start next, with its priority.
+    pub fn pop(&mut self) -> Option<(Dispatch, i32)> {
+        self.heap.pop().map(|r| (r.d, r.priority))
     }
 
     /// Whether nothing waits.
@@ -166,10 +175,9 @@ pub(super) fn spawn_handed(
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             tokio::spawn(async move {
                 let super::Handed { d, claimed, room } = h;
-                if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key).await {
+                if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key, room).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
-                drop(room);
             });
         }
     });
@@ -254,14 +262,16 @@ pub(super) async fn run_one(
     d: Dispatch,
     work_root: PathBuf,
     secrets_key: &SecretsKey,
+    room: super::Room,
 ) -> anyhow::Result<()> {
     let Some(claimed) = engine.claim(d).await? else {
         return Ok(());
     };
-    run_claimed(engine, store, d, claimed, work_root, secrets_key).await
+    run_claimed(engine, store, d, claimed, work_root, secrets_key, room).await
 }
 
-/// Executes an attempt this worker holds the lease of, and records its result.
+/// Executes an attempt this worker holds the lease of, in `room` (its slot, CPU and memory),
+/// and records its result; the completion passes the room on (see [`Engine::complete`]).
 pub(super) async fn run_claimed(
     engine: &Engine,
     store: &Store,
@@ -269,6 +279,7 @@ pub(super) async fn run_claimed(
     claimed: super::Claimed,
     work_root: PathBuf,
     secrets_key: &SecretsKey,
+    room: super::Room,
 ) -> anyhow::Result<()> {
     let cancel = engine.track(d);
     let result = execute(engine, store, d, claimed, work_root, secrets_key, cancel).await;
@@ -277,7 +288,7 @@ pub(super) async fn run_claimed(
         Ok(r) => r,
         Err(e) => (TaskOutcome::Failed, None, Some(format!("{e:#}")), BTreeMap::new()),
     };
-    engine.complete(d, outcome, exit_code, message, &outputs).await?;
+    engine.complete(d, outcome, exit_code, message, &outputs, Some(room)).await?;
     Ok(())
 }
 
@@ -556,18 +567,18 @@ mod tests {
         q.push(d(1), 5, 1_000);
         q.push(d(2), 0, 1_000);
         q.push(d(3), -5, 1_000);
-        let order: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|d| d.task).collect();
+        let order: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|(d, _)| d.task).collect();
         assert_eq!(order, vec![1, 0, 2, 3]);
         // A low-priority task that has waited long enough goes before a later high one...
         q.push(d(4), 0, 0);
         q.push(d(5), 10, 11_000);
-        assert_eq!(q.pop().map(|d| d.task), Some(4));
+        assert_eq!(q.pop().map(|(d, _)| d.task), Some(4));
         // ...but not before it has waited (difference × 1 s).
         q.push(d(6), 0, 5_000);
         q.push(d(7), 10, 11_000);
-        assert_eq!(q.pop().map(|d| d.task), Some(5));
-        assert_eq!(q.pop().map(|d| d.task), Some(7));
-        assert_eq!(q.pop().map(|d| d.task), Some(6));
+        assert_eq!(q.pop().map(|(d, _)| d.task), Some(5));
+        assert_eq!(q.pop().map(|(d, _)| d.task), Some(7));
+        assert_eq!(q.pop().map(|(d, _)| d.task), Some(6));
         assert!(q.is_empty());
     }
 }
