@@ -128,6 +128,9 @@ pub struct Applied {
     pub freed: Vec<Uuid>,
     /// Tasks claimed for this process's own free slots, started after the commit.
     pub handed: Vec<Handed>,
+    /// Slots of this process's worker given back by this change, released after the commit
+    /// (a draining worker counts its free slots to know when its work is recorded).
+    pub spent: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Whether the run finished with this change.
     pub finished: bool,
     /// What changed, published once the change is committed.
@@ -586,8 +589,8 @@ impl Core {
     /// The claim a slot freed by a completion makes: the queued task of the run (not claimed
     /// already in this transaction) with the highest priority, lowest index first, that this
     /// process's worker may execute and has room for once the finished attempt's room is
-    /// released, unless a dispatch of higher priority waits for a slot. `None` (and the slot
-    /// released) when there is none or handing over is off.
+    /// released, unless a dispatch of higher priority waits for a slot. The slot comes back
+    /// (to be released after the commit) when there is none or handing over is off.
     fn pass_on(
         &self,
         run_plan: &plan::RunPlan,
@@ -595,10 +598,10 @@ impl Core {
         state: &plan::RunState,
         local: &VecDeque<(Step, Room)>,
         room: Room,
-    ) -> Option<(Step, Room)> {
-        let h = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed))?;
+    ) -> Result<(Step, Room), tokio::sync::OwnedSemaphorePermit> {
         let Room { slot, reserved } = room;
         drop(reserved);
+        let Some(h) = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed)) else { return Err(slot) };
         let taken = |i: usize| local.iter().any(|(s, _)| matches!(s, Step::Claim(c) if c.task == i));
         let mut queued: Vec<(usize, &plan::PlannedTask, u32)> = state
             .tasks
@@ -617,10 +620,10 @@ impl Core {
             }
             let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { continue };
             if let Some(reserved) = h.gate.capacity.try_reserve(need) {
-                return Some((Step::Claim(Dispatch { run: row.id, task: i, attempt }), Room { slot, reserved }));
+                return Ok((Step::Claim(Dispatch { run: row.id, task: i, attempt }), Room { slot, reserved }));
             }
         }
-        None
+        Err(slot)
     }
 
     /// How many tasks of a tenant are running, and its limit (0: none): read from the database
@@ -744,6 +747,7 @@ impl Core {
                             if given {
                                 done.push(Done::Claim(None));
                             }
+                            applied.spent.extend(room.take().map(|r| r.slot));
                             continue;
                         }
                     }
@@ -811,8 +815,10 @@ impl Core {
                     writes.entry(d.task).or_default().result = Some((*exit_code, message.clone(), outputs.clone()));
                     // The slot this attempt held takes the next queued task of the run.
                     let freed = freed.lock().ok().and_then(|mut r| r.take());
-                    if let Some(next) = freed.and_then(|r| self.pass_on(&run_plan, &row, &new, &local, r)) {
-                        local.push_back(next);
+                    match freed.map(|r| self.pass_on(&run_plan, &row, &new, &local, r)) {
+                        Some(Ok(next)) => local.push_back(next),
+                        Some(Err(slot)) => applied.spent.push(slot),
+                        None => {}
                     }
                     Done::Complete(true)
                 }
@@ -823,7 +829,10 @@ impl Core {
             } else if let (Step::Claim(d), Done::Claim(claimed)) = (step, result) {
                 match (claimed, room.take()) {
                     (Some(claimed), Some(room)) => applied.handed.push(Handed { d: *d, claimed, room }),
-                    _ => dispatched.push(*d),
+                    (_, room) => {
+                        applied.spent.extend(room.map(|r| r.slot));
+                        dispatched.push(*d);
+                    }
                 }
             }
             cur = new;
@@ -921,6 +930,7 @@ impl Core {
         for d in &applied.dispatched {
             self.doorbell.ring(*d);
         }
+        applied.spent.clear();
         // The database keeps `cancel_requested` for workers elsewhere; attempts running here
         // are told at once.
         if let Ok(running) = self.running.lock() {
