@@ -33,6 +33,30 @@ fn system() -> Actor {
     Actor { kind: "system", id: None, label: "sluice admin".into() }
 }
 
+/// Records an operator's change in `tenant`'s audit log, inside `conn`.
+async fn audit_operator(
+    store: &Store,
+    conn: &impl sea_orm::ConnectionTrait,
+    tenant: Uuid,
+    action: &str,
+    resource: (&str, &str),
+    details: serde_json::Value,
+) -> anyhow::Result<()> {
+    let event = NewEvent {
+        actor: &system(),
+        action,
+        resource_type: resource.0,
+        resource_id: Some(resource.1),
+        resource_version: None,
+        outcome: Outcome::Allow,
+        policy_ids: &[],
+        source: &Source::default(),
+        details,
+    };
+    audit::append(store, conn, tenant, &event).await?;
+    Ok(())
+}
+
 /// Creates a tenant with a first admin. Returns the admin's password if one was generated.
 pub async fn create_tenant(
     config: &Config,
@@ -73,23 +97,8 @@ pub async fn create_tenant(
             }
         })?;
     accounts::add_membership(&store, &*txn, tenant, user, &["admins".to_owned()]).await?;
-    audit::append(
-        &store,
-        &*txn,
-        tenant,
-        &NewEvent {
-            actor: &system(),
-            action: "tenant.create",
-            resource_type: "Tenant",
-            resource_id: Some(slug),
-            resource_version: None,
-            outcome: Outcome::Allow,
-            policy_ids: &[],
-            source: &Source::default(),
-            details: serde_json::json!({ "name": name, "admin": email, "policy_version": 1 }),
-        },
-    )
-    .await?;
+    let details = serde_json::json!({ "name": name, "admin": email, "policy_version": 1 });
+    audit_operator(&store, &*txn, tenant, "tenant.create", ("Tenant", slug), details).await?;
     txn.commit().await?;
     Ok(generated)
 }
@@ -115,23 +124,8 @@ pub async fn disable_user(config: &Config, email: &str) -> anyhow::Result<()> {
     let tenants: Vec<T> =
         store.query_all(&*txn, "SELECT tenant_id FROM memberships WHERE user_id = $1", vec![user.id.into()]).await?;
     for t in tenants {
-        audit::append(
-            &store,
-            &*txn,
-            t.tenant_id,
-            &NewEvent {
-                actor: &system(),
-                action: "user.disable",
-                resource_type: "User",
-                resource_id: Some(&user.id.to_string()),
-                resource_version: None,
-                outcome: Outcome::Allow,
-                policy_ids: &[],
-                source: &Source::default(),
-                details: serde_json::json!({ "email": email }),
-            },
-        )
-        .await?;
+        let details = serde_json::json!({ "email": email });
+        audit_operator(&store, &*txn, t.tenant_id, "user.disable", ("User", &user.id.to_string()), details).await?;
     }
     txn.commit().await?;
     Ok(())
@@ -154,23 +148,8 @@ pub async fn set_tenant_limit(config: &Config, slug: &str, max: Option<u32>) -> 
     store
         .execute(&*txn, "UPDATE tenants SET max_running_tasks = $2 WHERE id = $1", vec![t.id.into(), max.into()])
         .await?;
-    audit::append(
-        &store,
-        &*txn,
-        t.id,
-        &NewEvent {
-            actor: &system(),
-            action: "tenant.limits",
-            resource_type: "Tenant",
-            resource_id: Some(slug),
-            resource_version: None,
-            outcome: Outcome::Allow,
-            policy_ids: &[],
-            source: &Source::default(),
-            details: serde_json::json!({ "max_running_tasks": { "from": t.max_running_tasks, "to": max } }),
-        },
-    )
-    .await?;
+    let details = serde_json::json!({ "max_running_tasks": { "from": t.max_running_tasks, "to": max } });
+    audit_operator(&store, &*txn, t.id, "tenant.limits", ("Tenant", slug), details).await?;
     txn.commit().await?;
     Ok(t.max_running_tasks)
 }
