@@ -567,23 +567,21 @@ impl Core {
 
     /// A free slot and room of this process's worker for a task just queued, if it has them,
     /// may execute the task, and its tenant is under its limit.
-    async fn room_for(
+    fn room_for(
         &self,
         run_plan: &plan::RunPlan,
         row: &state::RunRow,
         d: Dispatch,
-        conn: &impl ConnectionTrait,
         running: &mut HashMap<Uuid, (i64, i64)>,
-    ) -> Result<Option<Room>, DbErr> {
-        let Some(h) = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed)) else { return Ok(None) };
-        let Some(task) = run_plan.tasks.get(d.task) else { return Ok(None) };
-        let Ok(need) = h.gate.profile.judge(task, row.tenant_id) else { return Ok(None) };
-        let (n, limit) = self.tenant_load(conn, row.tenant_id, running).await?;
+    ) -> Option<Room> {
+        let h = self.handoff.get().filter(|h| h.open.load(Ordering::Relaxed))?;
+        let need = h.gate.profile.judge(run_plan.tasks.get(d.task)?, row.tenant_id).ok()?;
+        let (n, limit) = self.tenant_load(row, running);
         if limit > 0 && n >= limit {
-            return Ok(None);
+            return None;
         }
-        let Ok(slot) = h.slots.clone().try_acquire_owned() else { return Ok(None) };
-        Ok(h.gate.capacity.try_reserve(need).map(|reserved| Room { slot, reserved }))
+        let slot = h.slots.clone().try_acquire_owned().ok()?;
+        h.gate.capacity.try_reserve(need).map(|reserved| Room { slot, reserved })
     }
 
     /// The claim a slot freed by a completion makes: the queued task of the run (not claimed
@@ -626,36 +624,15 @@ impl Core {
         Err(slot)
     }
 
-    /// How many tasks of a tenant are running, and its limit (0: none): read from the database
-    /// once per transaction (the count, and the operator's override of the configured limit),
-    /// then kept up to date in `running` as claims succeed.
-    async fn tenant_load(
-        &self,
-        conn: &impl ConnectionTrait,
-        tenant: Uuid,
-        running: &mut HashMap<Uuid, (i64, i64)>,
-    ) -> Result<(i64, i64), DbErr> {
-        if let Some(load) = running.get(&tenant) {
-            return Ok(*load);
-        }
-        let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
-        #[derive(FromQueryResult)]
-        struct L {
-            n: i64,
-            max: Option<i64>,
-        }
-        let l: Option<L> = self
-            .store
-            .query_one(
-                conn,
-                "SELECT (SELECT COUNT(*) FROM task_runs WHERE tenant_id = $1 AND status = 'running') AS n, \
-                 (SELECT max_running_tasks FROM tenants WHERE id = $1) AS max",
-                vec![tenant.into()],
-            )
-            .await?;
-        let load = l.map_or((0, default), |l| (l.n, l.max.unwrap_or(default)));
-        running.insert(tenant, load);
-        Ok(load)
+    /// How many tasks of the run's tenant are running, and its limit (0: none): as the run's
+    /// load read them (the count, and the operator's override of the configured limit) for the
+    /// first run of the tenant in this transaction, then kept up to date in `running` as claims
+    /// succeed.
+    fn tenant_load(&self, row: &state::RunRow, running: &mut HashMap<Uuid, (i64, i64)>) -> (i64, i64) {
+        *running.entry(row.tenant_id).or_insert_with(|| {
+            let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
+            (row.tenant_running, row.tenant_max.unwrap_or(default))
+        })
     }
 
     /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
@@ -702,10 +679,6 @@ impl Core {
             None => self.db_now(conn).await?,
         };
         *clock = Some(now);
-        running.entry(row.tenant_id).or_insert_with(|| {
-            let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
-            (row.tenant_running, row.tenant_max.unwrap_or(default))
-        });
         let now_ms = state::ms(now);
         let lease_until = now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default();
         let old_wake = row.next_wake_at.map(state::ms);
@@ -734,7 +707,7 @@ impl Core {
             i += 1;
             let event = match step {
                 Step::Claim(d) => {
-                    let (n, limit) = self.tenant_load(conn, row.tenant_id, running).await?;
+                    let (n, limit) = self.tenant_load(&row, running);
                     if limit > 0 {
                         let queued = cur
                             .tasks
@@ -784,7 +757,7 @@ impl Core {
                 }
             }
             for d in fresh {
-                match self.room_for(&run_plan, &row, d, conn, running).await? {
+                match self.room_for(&run_plan, &row, d, running) {
                     Some(room) => local.push_back((Step::Claim(d), room)),
                     None => dispatched.push(d),
                 }
