@@ -118,7 +118,8 @@ impl EventBus {
         let origin = Uuid::new_v4();
         let (subscribed_tx, subscribed) = watch::channel(false);
         let publisher = tokio::spawn(publish(client.clone(), channel.clone(), origin, events.subscribe()));
-        let subscriber = tokio::spawn(subscribe(client, channel, origin, events.downgrade(), subscribed_tx));
+        let mut relay = Relay { origin, events: events.downgrade(), subscribed: subscribed_tx };
+        let subscriber = tokio::spawn(async move { follow(client, channel, "event bus", &mut relay).await });
         Ok(Self { origin, subscribed, tasks: [publisher, subscriber] })
     }
 
@@ -232,28 +233,33 @@ async fn publish(client: redis::Client, channel: String, origin: Uuid, mut rx: b
     }
 }
 
-/// Delivers other processes' events into the local channel, reconnecting whenever the
-/// subscription ends; returns when the local channel is gone.
-async fn subscribe(
-    client: redis::Client,
-    channel: String,
-    origin: Uuid,
-    events: broadcast::WeakSender<RunEvent>,
-    subscribed: watch::Sender<bool>,
-) {
+/// Someone following a Redis pub/sub channel through [`follow`].
+pub(super) trait Follower {
+    /// Whether anybody still wants the messages (checked between messages and reconnections).
+    fn alive(&self) -> bool;
+    /// The subscription is (again) in place, or lost.
+    fn subscribed(&mut self, yes: bool);
+    /// One message; `false` ends following for good.
+    fn message(&mut self, payload: &[u8]) -> bool;
+}
+
+/// Follows `channel` until `f` is no longer alive (or refuses a message): subscribes, hands
+/// over every message, pings after a quiet while, and subscribes again with a growing pause
+/// whenever Redis goes away. `what` names the follower in the logs.
+pub(super) async fn follow(client: redis::Client, channel: String, what: &'static str, f: &mut impl Follower) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        if events.strong_count() == 0 {
+        if !f.alive() {
             return;
         }
-        match relay_once(&client, &channel, origin, &events, &subscribed).await {
+        let mut subscribed = false;
+        match follow_once(&client, &channel, f, &mut subscribed).await {
             Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "event bus: Redis subscription lost; events from other processes are missed until it is back")
-            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "{what}: Redis subscription lost"),
         }
+        f.subscribed(false);
         // A subscription that worked starts the backoff over.
-        if subscribed.send_replace(false) {
+        if subscribed {
             backoff = MIN_BACKOFF;
         }
         tokio::time::sleep(backoff).await;
@@ -261,26 +267,26 @@ async fn subscribe(
     }
 }
 
-/// One subscription: relays until Redis goes away (an error) or the local channel is gone (Ok).
-async fn relay_once(
+/// One subscription: until Redis goes away (an error) or the follower is done (Ok).
+async fn follow_once(
     client: &redis::Client,
     channel: &str,
-    origin: Uuid,
-    events: &broadcast::WeakSender<RunEvent>,
-    subscribed: &watch::Sender<bool>,
+    f: &mut impl Follower,
+    subscribed: &mut bool,
 ) -> anyhow::Result<()> {
     let pubsub = timeout(IO_TIMEOUT, client.get_async_pubsub()).await.map_err(|_| anyhow::anyhow!("timed out"))??;
     let (mut sink, mut stream) = pubsub.split();
     timeout(IO_TIMEOUT, sink.subscribe(channel)).await.map_err(|_| anyhow::anyhow!("subscribing timed out"))??;
-    subscribed.send_replace(true);
-    tracing::debug!(channel, "event bus subscribed");
+    *subscribed = true;
+    f.subscribed(true);
+    tracing::debug!(channel, "subscribed");
     loop {
         let msg = match timeout(IDLE_PING, stream.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => anyhow::bail!("Redis closed the connection"),
             Err(_) => {
                 // Quiet for a while: make sure the connection is still there.
-                if events.strong_count() == 0 {
+                if !f.alive() {
                     return Ok(());
                 }
                 timeout(IO_TIMEOUT, sink.ping::<redis::Value>())
@@ -289,26 +295,50 @@ async fn relay_once(
                 continue;
             }
         };
-        let wire: Wire = match serde_json::from_slice(msg.get_payload_bytes()) {
+        if !f.message(msg.get_payload_bytes()) {
+            return Ok(());
+        }
+    }
+}
+
+/// Delivers other processes' events into the local channel.
+struct Relay {
+    origin: Uuid,
+    events: broadcast::WeakSender<RunEvent>,
+    subscribed: watch::Sender<bool>,
+}
+
+impl Follower for Relay {
+    fn alive(&self) -> bool {
+        self.events.strong_count() > 0
+    }
+
+    fn subscribed(&mut self, yes: bool) {
+        self.subscribed.send_replace(yes);
+    }
+
+    fn message(&mut self, payload: &[u8]) -> bool {
+        let wire: Wire = match serde_json::from_slice(payload) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "event bus: ignoring a malformed message");
-                continue;
+                return true;
             }
         };
-        if wire.origin == origin {
-            continue;
+        if wire.origin == self.origin {
+            return true;
         }
         let event = match wire.into_event() {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "event bus: ignoring an event this version does not know");
-                continue;
+                return true;
             }
         };
-        let Some(tx) = events.upgrade() else { return Ok(()) };
+        let Some(tx) = self.events.upgrade() else { return false };
         // No local subscribers is fine: nobody here is watching.
         let _ = tx.send(event);
+        true
     }
 }
 

@@ -388,41 +388,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Follows the wake channel and tells the consumer of each announced queue to fetch now. While
-/// Redis is unreachable the consumers still poll; the subscription is made again with backoff.
-async fn listen_for_wakes(url: String, channel: String, wakers: HashMap<String, mpsc::UnboundedSender<()>>) {
-    use futures_util::StreamExt;
-    let Ok(client) = redis::Client::open(url.as_str()) else { return };
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        let subscribed = async {
-            let mut pubsub = tokio::time::timeout(Duration::from_secs(5), client.get_async_pubsub())
-                .await
-                .map_err(|_| anyhow::anyhow!("timed out"))??;
-            pubsub.subscribe(&channel).await?;
-            anyhow::Ok(pubsub)
-        }
-        .await;
-        match subscribed {
-            Ok(mut pubsub) => {
-                backoff = Duration::from_millis(250);
-                // A wake-up may have been missed while not subscribed: every consumer looks.
-                for w in wakers.values() {
-                    let _ = w.send(());
-                }
-                let mut messages = pubsub.on_message();
-                while let Some(m) = messages.next().await {
-                    if let Some(w) = std::str::from_utf8(m.get_payload_bytes()).ok().and_then(|q| wakers.get(q)) {
-                        let _ = w.send(());
-                    }
-                }
-                tracing::debug!("the wake-up subscription ended; subscribing again");
-            }
-            Err(e) => tracing::debug!(error = %e, "subscribing to wake-ups failed; retrying"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+/// Tells the consumer of each queue announced on the wake channel to fetch now.
+struct WakeListener(HashMap<String, mpsc::UnboundedSender<()>>);
+
+impl super::bus::Follower for WakeListener {
+    fn alive(&self) -> bool {
+        self.0.values().any(|w| !w.is_closed())
     }
+
+    fn subscribed(&mut self, yes: bool) {
+        // A wake-up may have been missed while not subscribed: every consumer looks.
+        if yes {
+            for w in self.0.values() {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn message(&mut self, payload: &[u8]) -> bool {
+        if let Some(w) = std::str::from_utf8(payload).ok().and_then(|q| self.0.get(q)) {
+            let _ = w.send(());
+        }
+        true
+    }
+}
+
+/// Follows the wake channel for `wakers`' queues. While Redis is unreachable the consumers
+/// still poll.
+async fn listen_for_wakes(url: String, channel: String, wakers: HashMap<String, mpsc::UnboundedSender<()>>) {
+    let Ok(client) = redis::Client::open(url.as_str()) else { return };
+    super::bus::follow(client, channel, "wake-ups", &mut WakeListener(wakers)).await;
 }
 
 /// Consumes one queue until `stopped` turns true; a message on `wake` makes it fetch at once.
