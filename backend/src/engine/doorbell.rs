@@ -260,6 +260,9 @@ struct Shared {
 
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
+    if shared.engine.answered(&d) {
+        return Ok(());
+    }
     let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
         Ok(need) => need,
         Err(skip) => {
@@ -276,6 +279,10 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
         return Ok(());
     };
     drop(waiting);
+    // Claimed meanwhile by a slot passed on.
+    if shared.engine.answered(&d) {
+        return Ok(());
+    }
     let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
         drop(slot);
         shared.engine.doorbell.ring(d);

@@ -107,6 +107,40 @@ pub struct Core {
     throttled: Mutex<HashMap<Uuid, VecDeque<Dispatch>>>,
     /// This process's worker, when it takes newly queued tasks directly.
     handoff: OnceLock<Handoff>,
+    /// Rung attempts this process claimed without their ring, whose rings are dropped on arrival.
+    answered: Mutex<Answered>,
+}
+
+/// Most answered rings remembered.
+const ANSWERED_CAP: usize = 8192;
+
+/// Attempts this process claimed without taking their ring (a completion passed its slot on
+/// to a task that had been rung): when such a ring arrives, it is dropped without a claim. A
+/// claimed attempt is never queued again (a retry is a new attempt), so the ring can only be
+/// stale. An attempt is recorded once its claim committed; the oldest are forgotten first,
+/// and a forgotten one only costs its ring a claim that finds the task taken.
+#[derive(Default)]
+struct Answered {
+    set: std::collections::HashSet<Dispatch>,
+    order: VecDeque<Dispatch>,
+}
+
+impl Answered {
+    fn insert(&mut self, d: Dispatch) {
+        if self.set.insert(d) {
+            self.order.push_back(d);
+        }
+        while self.order.len() > ANSWERED_CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `d` was answered; it is forgotten then (one ring per dispatch is expected).
+    fn take(&mut self, d: &Dispatch) -> bool {
+        self.set.remove(d)
+    }
 }
 
 impl std::ops::Deref for Engine {
@@ -166,6 +200,9 @@ impl std::fmt::Debug for Room {
 pub struct Handed {
     /// The attempt.
     pub d: Dispatch,
+    /// Whether the attempt was queued before the change that claimed it, so that a ring for it
+    /// is out (or will be) and is answered already.
+    pub rung: bool,
     /// What the claim returned.
     pub claimed: Claimed,
     /// Its slot and resources, held until it ends.
@@ -285,6 +322,7 @@ impl Engine {
             tenant_task_limit: AtomicUsize::new(0),
             throttled: Mutex::new(HashMap::new()),
             handoff: OnceLock::new(),
+            answered: Mutex::default(),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -558,6 +596,12 @@ impl Core {
         rx
     }
 
+    /// Whether a ring for `d` is stale because this process claimed the attempt without it (see
+    /// [`Answered`]); a ring answered so is forgotten, as one ring is expected.
+    pub fn answered(&self, d: &Dispatch) -> bool {
+        self.answered.lock().is_ok_and(|mut a| a.take(d))
+    }
+
     /// Stops handing tasks to this process's worker (it is draining).
     pub fn close_handoffs(&self) {
         if let Some(h) = self.handoff.get() {
@@ -801,7 +845,13 @@ impl Core {
                 done.push(result);
             } else if let (Step::Claim(d), Done::Claim(claimed)) = (step, result) {
                 match (claimed, room.take()) {
-                    (Some(claimed), Some(room)) => applied.handed.push(Handed { d: *d, claimed, room }),
+                    (Some(claimed), Some(room)) => {
+                        let rung = old
+                            .tasks
+                            .get(d.task)
+                            .is_some_and(|t| t.status == plan::TaskStatus::Queued && t.attempt == d.attempt);
+                        applied.handed.push(Handed { d: *d, rung, claimed, room });
+                    }
                     (_, room) => {
                         applied.spent.extend(room.map(|r| r.slot));
                         dispatched.push(*d);
@@ -892,6 +942,11 @@ impl Core {
             let _ = self.events.send(e.clone());
         }
         if let Some(h) = self.handoff.get() {
+            if let Ok(mut answered) = self.answered.lock() {
+                for handed in applied.handed.iter().filter(|h| h.rung) {
+                    answered.insert(handed.d);
+                }
+            }
             for handed in applied.handed.drain(..) {
                 let d = handed.d;
                 if h.tx.send(handed).is_err() {

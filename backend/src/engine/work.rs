@@ -78,6 +78,10 @@ pub fn spawn_local_workers(
             }
             let Some((d, priority)) = ready.pop() else { continue };
             gate.unwait(priority);
+            // Claimed meanwhile by a slot passed on.
+            if engine.answered(&d) {
+                continue;
+            }
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
@@ -101,8 +105,12 @@ pub fn spawn_local_workers(
     });
 }
 
-/// Adds a dispatch to the ready queue, counted as waiting for a slot.
+/// Adds a dispatch to the ready queue, counted as waiting for a slot, unless it was answered
+/// already (see [`Engine::answered`]).
 async fn enqueue(ready: &mut ReadyQueue, gate: &super::registry::Gate, engine: &Engine, d: Dispatch) {
+    if engine.answered(&d) {
+        return;
+    }
     let priority = priority_of(engine, d).await;
     gate.wait(priority);
     ready.push(d, priority, now_ms());
@@ -174,7 +182,7 @@ pub(super) fn spawn_handed(
         while let Some(h) = handed.recv().await {
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             tokio::spawn(async move {
-                let super::Handed { d, claimed, room } = h;
+                let super::Handed { d, claimed, room, .. } = h;
                 if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key, room).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
