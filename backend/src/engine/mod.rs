@@ -536,7 +536,7 @@ impl Core {
     }
 
     /// A run's compiled plan (cached: plans never change).
-    pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::RunPlan>> {
+    pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::Prepared>> {
         Ok(state::plan_of(&self.store, self.store.db(), run, &self.plans).await?)
     }
 
@@ -681,7 +681,7 @@ impl Core {
 
     /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
     /// starting it reads nothing back.
-    pub fn prime(&self, run: Uuid, run_plan: Arc<plan::RunPlan>) {
+    pub fn prime(&self, run: Uuid, run_plan: Arc<plan::Prepared>) {
         let state = plan::RunState::new(&run_plan);
         let leases = vec![None; run_plan.tasks.len()];
         self.plans.put(run, run_plan);
@@ -785,7 +785,7 @@ impl Core {
                 }
                 Step::Event(e) => *e,
             };
-            let (new, effects) = plan::plan(&run_plan, &cur, event, now_ms);
+            let (new, effects) = plan::plan_prepared(&run_plan, &cur, event, now_ms);
             // An ignored event (stale or late) changes nothing, the alarm included; any other
             // event ends with the run's one alarm, or none when nothing is due.
             if !(new == cur && effects.is_empty()) {

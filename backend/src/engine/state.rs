@@ -7,7 +7,9 @@ use std::{
 
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult};
-use sluice_domain::plan::{Millis, RunPlan, RunState, RunStatus, StageState, StageStatus, TaskState, TaskStatus};
+use sluice_domain::plan::{
+    Millis, Prepared, RunPlan, RunState, RunStatus, StageState, StageStatus, TaskState, TaskStatus,
+};
 use uuid::Uuid;
 
 use crate::store::Store;
@@ -116,8 +118,8 @@ impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
     }
 }
 
-/// Parsed plans of runs, by run id. A run's plan never changes.
-pub type PlanCache = Memo<Uuid, Arc<RunPlan>>;
+/// Parsed plans of runs, with their planning order, by run id. A run's plan never changes.
+pub type PlanCache = Memo<Uuid, Arc<Prepared>>;
 
 /// A run's compiled plan, read and parsed once per process (a run's plan never changes).
 pub async fn plan_of(
@@ -125,7 +127,7 @@ pub async fn plan_of(
     conn: &impl ConnectionTrait,
     run: Uuid,
     plans: &PlanCache,
-) -> Result<Arc<RunPlan>, DbErr> {
+) -> Result<Arc<Prepared>, DbErr> {
     if let Some(p) = plans.get(&run) {
         return Ok(p);
     }
@@ -139,7 +141,7 @@ pub async fn plan_of(
         .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
     let p: RunPlan =
         serde_json::from_str(&text.plan).map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
-    let p = Arc::new(p);
+    let p = Arc::new(Prepared::new(p));
     plans.put(run, p.clone());
     Ok(p)
 }
@@ -163,7 +165,7 @@ pub struct Loaded {
     /// The run row.
     pub row: RunRow,
     /// The compiled plan.
-    pub plan: Arc<RunPlan>,
+    pub plan: Arc<Prepared>,
     /// The state.
     pub state: RunState,
     /// Each task's lease holder.

@@ -205,7 +205,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     insert_rows(store, &*txn, req.tenant, id, &run_plan).await?;
     match &req.retry {
         Some(r) => carry_over(store, &*txn, id, &run_plan, r.carry_over).await?,
-        None => state.engine.prime(id, std::sync::Arc::new(run_plan.clone())),
+        None => state.engine.prime(id, std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan.clone()))),
     }
     let mut details = serde_json::json!({
         "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,

@@ -9,9 +9,79 @@ use super::{
 
 /// Applies `event` at time `now` to `state` and returns the new state and the effects to carry
 /// out, in order. See the [module documentation](super) for the rules. Ignored events return
-/// `state` unchanged and no effects.
+/// `state` unchanged and no effects. The plan's [`Order`] is worked out on every call; a caller
+/// that plans many events of one run keeps a [`Prepared`] plan and calls [`plan_prepared`].
 #[must_use]
 pub fn plan(plan: &RunPlan, state: &RunState, event: Event, now: Millis) -> (RunState, Vec<Effect>) {
+    apply(plan, &Order::of(plan), state, event, now)
+}
+
+/// [`plan`] with the plan's order worked out once, in advance.
+#[must_use]
+pub fn plan_prepared(prepared: &Prepared, state: &RunState, event: Event, now: Millis) -> (RunState, Vec<Effect>) {
+    apply(&prepared.plan, &prepared.order, state, event, now)
+}
+
+/// The order in which the planner visits a plan: the stages, and each stage's tasks, needs
+/// first (index order where a cycle leaves no such order). It depends on the plan alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    stages: Vec<usize>,
+    stage_tasks: Vec<Vec<usize>>,
+}
+
+impl Order {
+    /// The order of `plan`.
+    #[must_use]
+    pub fn of(plan: &RunPlan) -> Self {
+        let stage_count = plan.stages.len();
+        let task_count = plan.tasks.len();
+        let in_range = |needs: &[usize], count: usize| needs.iter().copied().filter(|&n| n < count).collect::<Vec<_>>();
+        let stages = order(stage_count, |s| in_range(&plan.stages[s].needs, stage_count));
+        let task_order = order(task_count, |t| in_range(&plan.tasks[t].needs, task_count));
+        let mut rank = vec![0usize; task_count];
+        for (position, &task) in task_order.iter().enumerate() {
+            rank[task] = position;
+        }
+        let stage_tasks = plan
+            .stages
+            .iter()
+            .map(|s| {
+                let mut tasks: Vec<usize> = s.tasks.iter().copied().filter(|&t| t < task_count).collect();
+                tasks.sort_by_key(|&t| rank[t]);
+                tasks
+            })
+            .collect();
+        Self { stages, stage_tasks }
+    }
+}
+
+/// A run's plan with its [`Order`] worked out once (a run's plan never changes). It reads as
+/// the plan it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    plan: RunPlan,
+    order: Order,
+}
+
+impl Prepared {
+    /// Works out `plan`'s order.
+    #[must_use]
+    pub fn new(plan: RunPlan) -> Self {
+        let order = Order::of(&plan);
+        Self { plan, order }
+    }
+}
+
+impl std::ops::Deref for Prepared {
+    type Target = RunPlan;
+
+    fn deref(&self) -> &RunPlan {
+        &self.plan
+    }
+}
+
+fn apply(plan: &RunPlan, order: &Order, state: &RunState, event: Event, now: Millis) -> (RunState, Vec<Effect>) {
     if state.status.is_terminal() {
         return (state.clone(), Vec::new());
     }
@@ -34,7 +104,7 @@ pub fn plan(plan: &RunPlan, state: &RunState, event: Event, now: Millis) -> (Run
     if !handled {
         return (state.clone(), Vec::new());
     }
-    machine.settle();
+    machine.settle(order);
     machine.conclude();
     (machine.st, machine.fx)
 }
@@ -247,38 +317,18 @@ impl Machine<'_> {
     }
 
     /// Starts, evaluates and ends stages and tasks until nothing more changes.
-    fn settle(&mut self) {
+    fn settle(&mut self, order: &Order) {
         if self.st.status.is_terminal() {
             return;
         }
-        let plan = self.plan;
-        let stage_count = plan.stages.len();
-        let task_count = plan.tasks.len();
-        let in_range = |needs: &[usize], count: usize| needs.iter().copied().filter(|&n| n < count).collect::<Vec<_>>();
-        let stage_order = order(stage_count, |s| in_range(&plan.stages[s].needs, stage_count));
-        let task_order = order(task_count, |t| in_range(&plan.tasks[t].needs, task_count));
-        let mut rank = vec![0usize; task_count];
-        for (position, &task) in task_order.iter().enumerate() {
-            rank[task] = position;
-        }
-        let stage_tasks: Vec<Vec<usize>> = plan
-            .stages
-            .iter()
-            .map(|s| {
-                let mut tasks: Vec<usize> = s.tasks.iter().copied().filter(|&t| t < task_count).collect();
-                tasks.sort_by_key(|&t| rank[t]);
-                tasks
-            })
-            .collect();
-
         loop {
             let mut progressed = false;
-            for &stage in &stage_order {
+            for &stage in &order.stages {
                 if self.stage_status(stage) == Some(StageStatus::Pending) {
                     progressed |= self.try_start_stage(stage);
                 }
                 if self.stage_status(stage) == Some(StageStatus::Running) {
-                    let tasks = stage_tasks.get(stage).map_or(&[][..], Vec::as_slice);
+                    let tasks = order.stage_tasks.get(stage).map_or(&[][..], Vec::as_slice);
                     for &task in tasks {
                         progressed |= self.try_evaluate_task(task);
                     }
@@ -324,14 +374,14 @@ impl Machine<'_> {
         if t.status != TaskStatus::Pending || t.attempt > 0 {
             return false;
         }
-        let needs: Vec<TaskStatus> = self.task_needs(task).iter().filter_map(|&n| self.task_status(n)).collect();
-        if !needs.iter().all(|s| s.is_terminal()) {
+        let mut needs = self.task_needs(task).iter().filter_map(|&n| self.task_status(n));
+        if !needs.clone().all(|s| s.is_terminal()) {
             return false;
         }
         let when = self.plan.tasks.get(task).map_or(When::OnSuccess, |t| t.when);
         let run = match when {
-            When::OnSuccess => needs.iter().all(|&s| s == TaskStatus::Succeeded),
-            When::OnFailure => needs.contains(&TaskStatus::Failed),
+            When::OnSuccess => needs.all(|s| s == TaskStatus::Succeeded),
+            When::OnFailure => needs.any(|s| s == TaskStatus::Failed),
             When::Always => true,
         };
         if run {
@@ -344,11 +394,11 @@ impl Machine<'_> {
     }
 
     fn try_end_stage(&mut self, tasks: &[usize], stage: usize) -> bool {
-        let statuses: Vec<TaskStatus> = tasks.iter().filter_map(|&t| self.task_status(t)).collect();
-        if !statuses.iter().all(|s| s.is_terminal()) {
+        let mut statuses = tasks.iter().filter_map(|&t| self.task_status(t));
+        if !statuses.clone().all(|s| s.is_terminal()) {
             return false;
         }
-        let failed = statuses.contains(&TaskStatus::Failed);
+        let failed = statuses.any(|s| s == TaskStatus::Failed);
         if let Some(s) = self.st.stages.get_mut(stage) {
             s.status = if failed { StageStatus::Failed } else { StageStatus::Succeeded };
         }

@@ -127,6 +127,8 @@ fn pipeline(rng: &mut Rng) -> (PipelineSpec, serde_json::Map<String, serde_json:
 /// The simulated world around the planner.
 struct Sim<'p> {
     plan: &'p RunPlan,
+    /// The same plan, prepared once, as the engine keeps it.
+    prepared: &'p Prepared,
     state: RunState,
     now: Millis,
     /// Attempts dispatched and not yet reported finished or killed: (task, attempt, started).
@@ -142,6 +144,7 @@ impl Sim<'_> {
     fn apply(&mut self, event: Event) -> Vec<Effect> {
         let before = self.state.clone();
         let (state, effects) = plan(self.plan, &self.state, event, self.now);
+        assert_eq!(plan_prepared(self.prepared, &self.state, event, self.now), (state.clone(), effects.clone()));
         self.state = state;
         self.check(&before, &effects, event);
         effects
@@ -258,8 +261,10 @@ fn simulate(seed: u64) -> (RunStatus, usize, usize, usize) {
     let (spec, given) = pipeline(&mut rng);
     assert_eq!(spec.validate(), Ok(()));
     let plan = compile(&spec, &given).unwrap();
+    let prepared = Prepared::new(plan.clone());
     let mut sim = Sim {
         plan: &plan,
+        prepared: &prepared,
         state: RunState::new(&plan),
         now: 0,
         outstanding: Vec::new(),
