@@ -1100,3 +1100,35 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(task: usize, attempt: u32) -> Dispatch {
+        Dispatch { run: Uuid::nil(), task, attempt }
+    }
+
+    #[test]
+    fn an_answered_ring_is_dropped_once_and_only_for_its_attempt() {
+        let mut a = Answered::default();
+        a.insert(d(3, 1));
+        assert!(!a.take(&d(3, 2)), "a later attempt of the task is a real ring");
+        assert!(!a.take(&d(4, 1)));
+        assert!(a.take(&d(3, 1)));
+        assert!(!a.take(&d(3, 1)), "a second ring of the attempt costs a claim, as before");
+    }
+
+    #[test]
+    fn answered_rings_are_forgotten_oldest_first_beyond_the_cap() {
+        let mut a = Answered::default();
+        for i in 0..ANSWERED_CAP + 10 {
+            a.insert(d(i, 1));
+        }
+        assert_eq!(a.set.len(), ANSWERED_CAP);
+        assert_eq!(a.order.len(), ANSWERED_CAP);
+        assert!(!a.take(&d(9, 1)));
+        assert!(a.take(&d(10, 1)));
+        assert!(a.take(&d(ANSWERED_CAP + 9, 1)));
+    }
+}
