@@ -109,6 +109,8 @@ pub struct Core {
     handoff: OnceLock<Handoff>,
     /// Rung attempts this process claimed without their ring, whose rings are dropped on arrival.
     answered: Mutex<Answered>,
+    /// Attempts this process claimed that have not reported their result yet, with when.
+    unreported: Mutex<HashMap<Dispatch, std::time::Instant>>,
 }
 
 /// Most answered rings remembered.
@@ -260,6 +262,12 @@ struct Op {
 /// Most steps applied in one transaction.
 const MAX_BATCH: usize = 256;
 
+/// How long after claiming an attempt the committer expects its result soon: while attempts
+/// claimed that recently have not reported, a batch is held open for them (for at most this
+/// long), so short tasks that run side by side report in one commit rather than in a stream
+/// of small ones. An attempt that takes longer delays a commit by at most this once.
+const LINGER: Duration = Duration::from_millis(1);
+
 /// A change of a run, a stage or a task, or new log lines, as streamed to clients.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunEvent {
@@ -323,6 +331,7 @@ impl Engine {
             throttled: Mutex::new(HashMap::new()),
             handoff: OnceLock::new(),
             answered: Mutex::default(),
+            unreported: Mutex::default(),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -378,6 +387,10 @@ impl Engine {
     ) -> Result<bool, DbErr> {
         let outputs = serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into());
         let room = Mutex::new(room);
+        // Before the step reaches the committer, which may be holding its batch open for it.
+        if let Ok(mut u) = self.unreported.lock() {
+            u.remove(&d);
+        }
         match self.submit(d.run, Step::Complete { d, outcome, exit_code, message, outputs, room }).await? {
             Done::Complete(ok) => Ok(ok),
             _ => Ok(false),
@@ -600,6 +613,24 @@ impl Core {
     /// [`Answered`]); a ring answered so is forgotten, as one ring is expected.
     pub fn answered(&self, d: &Dispatch) -> bool {
         self.answered.lock().is_ok_and(|mut a| a.take(d))
+    }
+
+    /// Records attempts this process just claimed; each is forgotten when it reports its result
+    /// ([`Engine::complete`]).
+    fn claimed(&self, claims: impl IntoIterator<Item = Dispatch>) {
+        if let Ok(mut u) = self.unreported.lock() {
+            let now = std::time::Instant::now();
+            u.extend(claims.into_iter().map(|d| (d, now)));
+            // An attempt whose result never comes (its execution was lost) is let go here.
+            if u.len() > 4 * MAX_BATCH {
+                u.retain(|_, at| now.duration_since(*at) < LINGER);
+            }
+        }
+    }
+
+    /// Whether an attempt claimed here within [`LINGER`] has not reported its result yet.
+    fn expecting(&self) -> bool {
+        self.unreported.lock().is_ok_and(|u| u.values().any(|at| at.elapsed() < LINGER))
     }
 
     /// Stops handing tasks to this process's worker (it is draining).
@@ -947,6 +978,7 @@ impl Core {
                     answered.insert(handed.d);
                 }
             }
+            self.claimed(applied.handed.iter().map(|h| h.d));
             for handed in applied.handed.drain(..) {
                 let d = handed.d;
                 if h.tx.send(handed).is_err() {
@@ -1058,17 +1090,35 @@ impl Core {
 /// When a batch fails as a whole, its steps are applied one by one, so one bad step fails
 /// alone.
 async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
-    while let Some(first) = rx.recv().await {
-        let mut ops = vec![first];
+    let drain = |rx: &mut mpsc::UnboundedReceiver<Op>, ops: &mut Vec<Op>| {
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => ops.push(op),
                 Err(_) => break,
             }
         }
+    };
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        drain(&mut rx, &mut ops);
+        let until = tokio::time::Instant::now() + LINGER;
+        while ops.len() < MAX_BATCH && core.expecting() {
+            tokio::select! {
+                op = rx.recv() => match op {
+                    Some(op) => ops.push(op),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(until) => break,
+            }
+            drain(&mut rx, &mut ops);
+        }
         let steps: Vec<(Uuid, &Step)> = ops.iter().map(|o| (o.run, &o.step)).collect();
         match core.batch(&steps).await {
             Ok((done, mut applied)) => {
+                core.claimed(ops.iter().zip(&done).filter_map(|(op, d)| match (&op.step, d) {
+                    (Step::Claim(c), Done::Claim(Some(_))) => Some(*c),
+                    _ => None,
+                }));
                 core.after_commit(&mut applied);
                 for (op, d) in ops.into_iter().zip(done) {
                     let _ = op.reply.send(Ok(d));
@@ -1091,6 +1141,9 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
                         core.states.forget(&op.run);
                     }
                     let r = r.map(|(done, mut applied)| {
+                        if let (Step::Claim(c), Some(Done::Claim(Some(_)))) = (&op.step, done.first()) {
+                            core.claimed([*c]);
+                        }
                         core.after_commit(&mut applied);
                         done.first().copied().unwrap_or(Done::Event)
                     });
