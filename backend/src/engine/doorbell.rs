@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::{
     Dispatch, Engine,
     registry::{self, Gate, Route, WorkerProfile, run_tenant},
-    work::run_one,
+    work::{priority_of, run_one},
 };
 use crate::{Config, secrets::SecretsKey, store::Store};
 
@@ -272,8 +272,7 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     };
     // Room first (a slot, then CPU and memory), the claim after: a worker claims only what it
     // can start now. Without room soon, the dispatch goes back to its queue for another worker.
-    let priority = shared.engine.plan_of(d.run).await.ok().and_then(|p| p.tasks.get(d.task).map(|t| t.priority));
-    let waiting = shared.gate.waiting(priority.unwrap_or(0));
+    let waiting = shared.gate.waiting(priority_of(&shared.engine, d).await);
     let Ok(Ok(slot)) = tokio::time::timeout(WAIT_FOR_ROOM, shared.slots.clone().acquire_owned()).await else {
         shared.engine.doorbell.ring(d);
         return Ok(());

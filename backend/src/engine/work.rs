@@ -117,7 +117,7 @@ async fn enqueue(ready: &mut ReadyQueue, gate: &super::registry::Gate, engine: &
 }
 
 /// A task's scheduling priority (the pipeline's plus its own); 0 when its plan cannot be read.
-async fn priority_of(engine: &Engine, d: Dispatch) -> i32 {
+pub(super) async fn priority_of(engine: &Engine, d: Dispatch) -> i32 {
     engine.plan_of(d.run).await.ok().and_then(|p| p.tasks.get(d.task).map(|t| t.priority)).unwrap_or(0)
 }
 
