@@ -615,12 +615,13 @@ impl Core {
         self.answered.lock().is_ok_and(|mut a| a.take(d))
     }
 
-    /// Records attempts this process just claimed; each is forgotten when it reports its result
-    /// ([`Engine::complete`]).
-    fn claimed(&self, claims: impl IntoIterator<Item = Dispatch>) {
+    /// Records an attempt this process claims; it is forgotten when it reports its result
+    /// ([`Engine::complete`]). Recorded as the claim is made: should the transaction roll back,
+    /// the entry only holds one batch open for at most [`LINGER`].
+    fn claimed(&self, d: Dispatch) {
         if let Ok(mut u) = self.unreported.lock() {
             let now = std::time::Instant::now();
-            u.extend(claims.into_iter().map(|d| (d, now)));
+            u.insert(d, now);
             // An attempt whose result never comes (its execution was lost) is let go here.
             if u.len() > 4 * MAX_BATCH {
                 u.retain(|_, at| now.duration_since(*at) < LINGER);
@@ -849,6 +850,7 @@ impl Core {
                             *n += 1;
                         }
                         leases[d.task] = Some(self.worker_name.clone());
+                        self.claimed(*d);
                         writes.entry(d.task).or_default().lease = Some((self.worker_name.clone(), lease_until));
                         Done::Claim(Some(Claimed {
                             tenant: row.tenant_id,
@@ -978,7 +980,6 @@ impl Core {
                     answered.insert(handed.d);
                 }
             }
-            self.claimed(applied.handed.iter().map(|h| h.d));
             for handed in applied.handed.drain(..) {
                 let d = handed.d;
                 if h.tx.send(handed).is_err() {
@@ -1115,10 +1116,6 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
         let steps: Vec<(Uuid, &Step)> = ops.iter().map(|o| (o.run, &o.step)).collect();
         match core.batch(&steps).await {
             Ok((done, mut applied)) => {
-                core.claimed(ops.iter().zip(&done).filter_map(|(op, d)| match (&op.step, d) {
-                    (Step::Claim(c), Done::Claim(Some(_))) => Some(*c),
-                    _ => None,
-                }));
                 core.after_commit(&mut applied);
                 for (op, d) in ops.into_iter().zip(done) {
                     let _ = op.reply.send(Ok(d));
@@ -1141,9 +1138,6 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
                         core.states.forget(&op.run);
                     }
                     let r = r.map(|(done, mut applied)| {
-                        if let (Step::Claim(c), Some(Done::Claim(Some(_)))) = (&op.step, done.first()) {
-                            core.claimed([*c]);
-                        }
                         core.after_commit(&mut applied);
                         done.first().copied().unwrap_or(Done::Event)
                     });
