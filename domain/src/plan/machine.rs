@@ -9,7 +9,7 @@ use super::{
 
 /// Applies `event` at time `now` to `state` and returns the new state and the effects to carry
 /// out, in order. See the [module documentation](super) for the rules. Ignored events return
-/// `state` unchanged and no effects. The plan's [`Order`] is worked out on every call; a caller
+/// `state` unchanged and no effects. The plan's visiting order is worked out on every call; a caller
 /// that plans many events of one run keeps a [`Prepared`] plan and calls [`plan_prepared`].
 #[must_use]
 pub fn plan(plan: &RunPlan, state: &RunState, event: Event, now: Millis) -> (RunState, Vec<Effect>) {
@@ -25,7 +25,7 @@ pub fn plan_prepared(prepared: &Prepared, state: &RunState, event: Event, now: M
 /// The order in which the planner visits a plan: the stages, and each stage's tasks, needs
 /// first (index order where a cycle leaves no such order). It depends on the plan alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Order {
+pub(crate) struct Order {
     stages: Vec<usize>,
     stage_tasks: Vec<Vec<usize>>,
 }
@@ -56,7 +56,7 @@ impl Order {
     }
 }
 
-/// A run's plan with its [`Order`] worked out once (a run's plan never changes). It reads as
+/// A run's plan with its visiting order worked out once (a run's plan never changes). It reads as
 /// the plan it holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepared {

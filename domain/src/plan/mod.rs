@@ -77,7 +77,7 @@ use serde::{Deserialize, Serialize};
 use crate::spec::When;
 
 pub use compile::{MAX_PLANNED_TASKS, PlanError, PlanErrors, compile};
-pub use machine::{Order, Prepared, plan, plan_prepared};
+pub use machine::{Prepared, plan, plan_prepared};
 pub use status::{ParseStatusError, RunStatus, StageStatus, TaskStatus};
 
 /// Lost attempts (the worker died) a task is run again for without using a retry.
