@@ -420,7 +420,7 @@ pub async fn save(
             next_rev.into(),
         ],
         expect: Some(1),
-        what: format!("run {run}"),
+        what: Target::Run(run),
     }];
     for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
         if a != b {
@@ -428,7 +428,7 @@ pub async fn save(
                 sql: "UPDATE stage_runs SET status = $3, gate_deadline = $4 WHERE run_id = $1 AND idx = $2".into(),
                 values: vec![run.into(), (i as i32).into(), b.status.as_str().into(), opt_at(b.gate_deadline).into()],
                 expect: Some(1),
-                what: format!("stage {i} of run {run}"),
+                what: Target::Stage(run, i),
             });
         }
     }
@@ -463,7 +463,26 @@ struct Write {
     sql: String,
     values: Vec<sea_orm::Value>,
     expect: Option<u64>,
-    what: String,
+    what: Target,
+}
+
+/// What a write changes, named only when it found rows changed by another writer.
+#[derive(Clone, Copy)]
+enum Target {
+    Run(Uuid),
+    Stage(Uuid, usize),
+    /// The first task index and how many tasks.
+    Tasks(Uuid, i32, usize),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Run(run) => write!(f, "run {run}"),
+            Self::Stage(run, i) => write!(f, "stage {i} of run {run}"),
+            Self::Tasks(run, first, n) => write!(f, "{n} task(s) from index {first} of run {run}"),
+        }
+    }
 }
 
 /// Most statements combined into one round trip on PostgreSQL.
@@ -473,14 +492,14 @@ const COMBINE: usize = 32;
 /// data-modifying parts of one statement (they touch different rows, so none sees another's
 /// effect); each part reports how many rows it changed. On SQLite they run one by one.
 async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Write>) -> Result<(), DbErr> {
-    let check = |w: &Write, n: u64| match w.expect {
-        Some(e) if e != n => Err(DbErr::Custom(format!("{} changed concurrently", w.what))),
+    let check = |expect: Option<u64>, what: Target, n: u64| match expect {
+        Some(e) if e != n => Err(DbErr::Custom(format!("{what} changed concurrently"))),
         _ => Ok(()),
     };
     if store.backend() != sea_orm::DbBackend::Postgres || writes.len() == 1 {
-        for w in &writes {
-            let n = store.execute(conn, &w.sql, w.values.clone()).await?;
-            check(w, n)?;
+        for Write { sql, values, expect, what } in writes {
+            let n = store.execute(conn, &sql, values).await?;
+            check(expect, what, n)?;
         }
         return Ok(());
     }
@@ -489,25 +508,28 @@ async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Wri
         i: i32,
         n: i64,
     }
-    for part in writes.chunks(COMBINE) {
+    let mut writes = writes.into_iter().peekable();
+    while writes.peek().is_some() {
         let mut sql = String::from("WITH ");
         let mut values: Vec<sea_orm::Value> = vec![];
         let mut counts = String::new();
-        for (i, w) in part.iter().enumerate() {
+        let mut part: Vec<(Option<u64>, Target)> = Vec::with_capacity(COMBINE);
+        for (i, w) in writes.by_ref().take(COMBINE).enumerate() {
             if i > 0 {
                 sql.push_str(", ");
                 counts.push_str(" UNION ALL ");
             }
             sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&w.sql, values.len())));
-            values.extend(w.values.iter().cloned());
+            values.extend(w.values);
             counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
+            part.push((w.expect, w.what));
         }
         sql.push(' ');
         sql.push_str(&counts);
         let rows: Vec<Count> = store.query_all(conn, &sql, values).await?;
         for c in rows {
-            if let Some(w) = usize::try_from(c.i).ok().and_then(|i| part.get(i)) {
-                check(w, u64::try_from(c.n).unwrap_or_default())?;
+            if let Some((expect, what)) = usize::try_from(c.i).ok().and_then(|i| part.get(i)) {
+                check(*expect, *what, u64::try_from(c.n).unwrap_or_default())?;
             }
         }
     }
@@ -592,7 +614,12 @@ fn write_task(
         sql.push_str(&format!("{}${}", if n > 0 { ", " } else { "" }, values.len()));
     }
     sql.push(')');
-    Write { sql, values, expect: Some(idx.len() as u64), what: format!("tasks {idx:?} of run {run}") }
+    Write {
+        sql,
+        values,
+        expect: Some(idx.len() as u64),
+        what: Target::Tasks(run, idx.first().copied().unwrap_or_default(), idx.len()),
+    }
 }
 
 #[cfg(test)]
