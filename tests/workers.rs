@@ -200,3 +200,49 @@ async fn runs_finish_after_redis_loses_its_keys() {
     assert_eq!(db.unfinished_tasks().await, 0, "tasks left non-terminal");
     db.close().await;
 }
+
+/// Priorities hold across runs over Redis: with the worker's one slot busy, runs queued behind
+/// it start by priority (the pipeline's plus the task's), not in the order they were rung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_runs_start_by_priority_over_redis() {
+    let Setup { cluster, api, .. } = start(Options {
+        name: "priority",
+        workers: 1,
+        env: vec![("SLUICE_WORKER_SLOTS".into(), "1".into())],
+        ..Options::default()
+    })
+    .await;
+    api.create_pipeline("hold", "stages:\n  - id: s\n    tasks:\n      - id: hold\n        sleep: 1s\n").await;
+    let three = "stages:\n  - id: s\n    tasks:\n      - id: a\n        sleep: 50ms\n      - id: b\n        sleep: 50ms\n      - id: c\n        sleep: 50ms\n";
+    api.create_pipeline("low", &format!("priority: -10\n{three}")).await;
+    api.create_pipeline("mid", "stages:\n  - id: s\n    tasks:\n      - id: m\n        sleep: 50ms\n").await;
+    api.create_pipeline(
+        "high",
+        "priority: 5\nstages:\n  - id: s\n    tasks:\n      - id: h\n        priority: 5\n        sleep: 50ms\n",
+    )
+    .await;
+    let hold = api.start("hold", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.run(&hold).await["tasks"][0]["status"] != "running" {
+        assert!(Instant::now() < deadline, "the holding task did not start\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Rung in the opposite order of their priorities while the slot is taken.
+    let low = api.start("low", json!({})).await;
+    let mid = api.start("mid", json!({})).await;
+    let high = api.start("high", json!({})).await;
+    let started = |v: &serde_json::Value, key: &str| {
+        chrono::DateTime::parse_from_rfc3339(task_of(v, key)["started_at"].as_str().unwrap()).unwrap()
+    };
+    let mut done = vec![];
+    for id in [&hold, &low, &mid, &high] {
+        let v = api.wait(&cluster, id, 60).await;
+        assert_eq!(v["status"], "succeeded", "{v:#}\n{}", cluster.logs());
+        done.push(v);
+    }
+    let (low, mid, high) = (&done[1], &done[2], &done[3]);
+    assert!(started(high, "h") < started(mid, "m"), "high after mid\n{high:#}\n{mid:#}");
+    for key in ["a", "b", "c"] {
+        assert!(started(mid, "m") < started(low, key), "mid after low's {key}\n{mid:#}\n{low:#}");
+    }
+}

@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use super::{
     Dispatch, Engine,
+    backlog::Backlog,
     registry::{self, Gate, Route, WorkerProfile, run_tenant},
-    work::{priority_of, run_one},
+    work::{priority_of, run_claimed},
 };
 use crate::{Config, secrets::SecretsKey, store::Store};
 
@@ -120,32 +121,33 @@ pub fn worker_queues(prefix: &str, profile: &WorkerProfile) -> Vec<String> {
         .collect()
 }
 
-/// The queue of a dispatch, from its task's `runs_on` (and, for `self-hosted`, its run's tenant).
-async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> String {
+/// The queue of a dispatch, from its task's `runs_on` (and, for `self-hosted`, its run's
+/// tenant), with its task's priority.
+async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> (String, i32) {
     let default = || queue_name(prefix, &Route::default());
     let plan = match engine.plan_of(d.run).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(run = %d.run, error = %e, "cannot route the dispatch; using the default queue");
-            return default();
+            return (default(), 0);
         }
     };
-    let Some(task) = plan.tasks.get(d.task) else { return default() };
+    let Some(task) = plan.tasks.get(d.task) else { return (default(), 0) };
     if task.runs_on.is_empty() {
-        return default();
+        return (default(), task.priority);
     }
     let tenant = if Route::is_self_hosted(task) {
         match run_tenant(&engine.store, d.run).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(run = %d.run, error = %e, "cannot route the dispatch; using the default queue");
-                return default();
+                return (default(), task.priority);
             }
         }
     } else {
         Uuid::nil()
     };
-    queue_name(prefix, &Route::of(task, tenant))
+    (queue_name(prefix, &Route::of(task, tenant)), task.priority)
 }
 
 /// How often a process removes from Redis what apalis keeps of the dispatches that were handled.
@@ -165,12 +167,15 @@ async fn vacuum_queues(queues: &mut HashMap<String, RedisStorage<Dispatch>>) {
 }
 
 /// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
-/// to the queue of its task's route; the queues pushed to are then announced on the wake
-/// channel.
+/// to the queue of its task's route, after their dispatches joined the queues' backlogs (see
+/// [`super::backlog`]); the queues pushed to are then announced on the wake channel.
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,
     router: Arc<OnceLock<Weak<Engine>>>,
 }
+
+/// Most rings pushed per batch (one backlog round trip for all of them).
+const PUSH_BATCH: usize = 256;
 
 impl RedisDoorbell {
     /// Connects to Redis and starts the pusher. Until [`RedisDoorbell::route_with`] is called
@@ -186,8 +191,8 @@ impl RedisDoorbell {
             queues.insert(queue_name(&prefix, &Route::default()), base.clone());
             let mut vacuum = tokio::time::interval(VACUUM_EVERY);
             vacuum.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Queues pushed to since their workers were last woken.
-            let mut pushed: Vec<String> = vec![];
+            let mut conn = base.clone();
+            let mut batch: Vec<(String, Dispatch, f64)> = vec![];
             loop {
                 let d = tokio::select! {
                     d = rx.recv() => match d {
@@ -199,30 +204,45 @@ impl RedisDoorbell {
                         continue;
                     }
                 };
+                // Rings already waiting go in the same batch.
                 let engine = routes.get().and_then(Weak::upgrade);
-                let queue = match engine {
-                    Some(engine) => route_queue(&engine, &prefix, d).await,
-                    None => queue_name(&prefix, &Route::default()),
-                };
-                let storage =
-                    queues.entry(queue.clone()).or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
-                match storage.push(d).await {
-                    Ok(()) => {
-                        if !pushed.contains(&queue) {
-                            pushed.push(queue);
+                let now = chrono::Utc::now().timestamp_millis();
+                let mut next = Some(d);
+                while let Some(d) = next {
+                    let (queue, priority) = match &engine {
+                        Some(engine) => route_queue(engine, &prefix, d).await,
+                        None => (queue_name(&prefix, &Route::default()), 0),
+                    };
+                    batch.push((queue, d, super::backlog::score(priority, now)));
+                    next = if batch.len() < PUSH_BATCH { rx.try_recv().ok() } else { None };
+                }
+                if let Err(e) = super::backlog::add(conn.get_connection(), &batch).await {
+                    // Their rings still go out: a worker with no backlog entry claims the
+                    // ring's own dispatch.
+                    tracing::warn!(error = %e, "adding dispatches to the Redis backlog failed");
+                }
+                // Queues pushed to, woken once every ring is out.
+                let mut pushed: Vec<String> = vec![];
+                for (queue, d, _) in batch.drain(..) {
+                    let storage = queues
+                        .entry(queue.clone())
+                        .or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
+                    match storage.push(d).await {
+                        Ok(()) => {
+                            if !pushed.contains(&queue) {
+                                pushed.push(queue);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
-                    }
                 }
-                // Rings already waiting are pushed first; the workers are then woken once.
-                if rx.is_empty() && !pushed.is_empty() {
+                if !pushed.is_empty() {
                     let mut pipe = redis::pipe();
-                    for q in pushed.drain(..) {
+                    for q in pushed {
                         pipe.cmd("PUBLISH").arg(&wakes).arg(q).ignore();
                     }
-                    let mut conn = base.clone();
                     if let Err(e) = pipe.query_async::<()>(conn.get_connection()).await {
                         // The workers find the dispatch on their next poll.
                         tracing::debug!(error = %e, "announcing dispatches failed");
@@ -256,11 +276,21 @@ struct Shared {
     gate: Arc<Gate>,
     /// One permit per slot, held for a whole execution: shutdown waits for every permit.
     slots: Arc<Semaphore>,
+    /// The backlog of the queue consumed (each consumer has its own).
+    backlog: Arc<Backlog>,
 }
 
+/// Most backlog entries one ring looks at before it gives up its slot (each is a dispatch found
+/// claimed already, by a completion of another worker that passed its slot on).
+const MAX_POPS: usize = 16;
+
+/// A ring: once this worker has a free slot, it claims the best dispatch of the queue's backlog
+/// (the ring's own when the backlog has none) and executes it.
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
+    let backlog = shared.backlog.clone();
     if shared.engine.answered(&d) {
+        backlog.forget(d);
         return Ok(());
     }
     let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
@@ -270,27 +300,103 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
             return Ok(());
         }
     };
-    // Room first (a slot, then CPU and memory), the claim after: a worker claims only what it
-    // can start now. Without room soon, the dispatch goes back to its queue for another worker.
-    let waiting = shared.gate.waiting(priority_of(&shared.engine, d).await);
-    let Ok(Ok(slot)) = tokio::time::timeout(WAIT_FOR_ROOM, shared.slots.clone().acquire_owned()).await else {
-        shared.engine.doorbell.ring(d);
-        return Ok(());
+    // A slot first, the claim after: a worker claims only what it can start now. Without a slot
+    // soon, the ring goes back to its queue for another worker. While it waits, the best of the
+    // backlog counts as waiting for this worker, so that a completion passing its slot on steps
+    // aside for a dispatch of higher priority.
+    let slot = match shared.slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            let own = priority_of(&shared.engine, d).await;
+            let best = match backlog.top().await {
+                Some(top) if top != d => own.max(priority_of(&shared.engine, top).await),
+                _ => own,
+            };
+            let waiting = shared.gate.waiting(best);
+            let Ok(Ok(slot)) = tokio::time::timeout(WAIT_FOR_ROOM, shared.slots.clone().acquire_owned()).await else {
+                shared.engine.doorbell.ring(d);
+                return Ok(());
+            };
+            drop(waiting);
+            slot
+        }
     };
-    drop(waiting);
-    // Claimed meanwhile by a slot passed on.
-    if shared.engine.answered(&d) {
+    let mut slot = Some(slot);
+    let mut own = Some(need);
+    for _ in 0..MAX_POPS {
+        let Some(held) = slot.take() else { break };
+        // The best waiting dispatch this worker may execute, and the score to return it with.
+        let (x, need, score) = match backlog.pop().await {
+            Some((x, _)) if x == d => match own.take() {
+                Some(need) => (d, need, None),
+                None => {
+                    slot = Some(held);
+                    continue;
+                }
+            },
+            Some((x, score)) => {
+                if shared.engine.answered(&x) {
+                    slot = Some(held);
+                    continue;
+                }
+                match shared.gate.judge(&shared.engine, &shared.store, x).await {
+                    Ok(need) => (x, need, Some(score)),
+                    Err(skip) => {
+                        // Not for this worker (too big for it): back for another, and this ring
+                        // claims its own dispatch instead.
+                        if matches!(skip, registry::Skip::Unsuitable(_)) {
+                            backlog.put_back(x, score).await;
+                        }
+                        shared.gate.skipped(x, skip);
+                        match own.take() {
+                            Some(need) if backlog.take(d).await => (d, need, None),
+                            _ => return Ok(()),
+                        }
+                    }
+                }
+            }
+            // An empty backlog (or none reachable): the ring's own dispatch, unless another
+            // worker took its entry.
+            None => match own.take() {
+                Some(need) if backlog.take(d).await && !shared.engine.answered(&d) => (d, need, None),
+                _ => return Ok(()),
+            },
+        };
+        let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
+            // No room for it here soon: back to the queue, rung again for another worker.
+            if let Some(score) = score {
+                backlog.put_back(x, score).await;
+            }
+            drop(held);
+            shared.engine.doorbell.ring(x);
+            return Ok(());
+        };
+        let claimed = match shared.engine.claim(x).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(run = %x.run, task = x.task, attempt = x.attempt, error = %e, "claiming a task failed; the reaper will ring it again");
+                return Ok(());
+            }
+        };
+        let Some(claimed) = claimed else {
+            // Claimed already, or no longer queued: the next one.
+            drop(reserved);
+            slot = Some(held);
+            continue;
+        };
+        let room = super::Room { slot: held, reserved };
+        if let Err(e) =
+            run_claimed(&shared.engine, &shared.store, x, claimed, shared.work_root.clone(), &shared.secrets_key, room)
+                .await
+        {
+            tracing::warn!(run = %x.run, task = x.task, attempt = x.attempt, error = %e, "task execution failed");
+        }
         return Ok(());
     }
-    let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
-        drop(slot);
+    // Every entry looked at was claimed already: the ring goes out again for its own dispatch,
+    // should that still wait.
+    if own.is_some() {
         shared.engine.doorbell.ring(d);
-        return Ok(());
-    };
-    let room = super::Room { slot, reserved };
-    if let Err(e) = run_one(&shared.engine, &shared.store, d, shared.work_root.clone(), &shared.secrets_key, room).await
-    {
-        tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
     }
     Ok(())
 }
@@ -319,18 +425,18 @@ pub async fn consume_redis(
 ) -> anyhow::Result<()> {
     let slots = gate.profile.slots.max(1);
     let queues = worker_queues(&prefix, &gate.profile);
-    let shared = Shared { engine, store, work_root, secrets_key, gate, slots: Arc::new(Semaphore::new(slots)) };
+    let slots_held = Arc::new(Semaphore::new(slots));
     super::work::spawn_handed(
-        shared.engine.clone(),
-        shared.store.clone(),
-        shared.gate.clone(),
-        shared.slots.clone(),
-        shared.work_root.clone(),
-        shared.secrets_key.clone(),
+        engine.clone(),
+        store.clone(),
+        gate.clone(),
+        slots_held.clone(),
+        work_root.clone(),
+        secrets_key.clone(),
     );
     // One notification stops every queue's consumer, and the tasks handed to this worker.
     let (stopped_tx, stopped) = watch::channel(false);
-    let closing = shared.engine.clone();
+    let closing = engine.clone();
     tokio::spawn(async move {
         stop.notified().await;
         closing.close_handoffs();
@@ -342,19 +448,20 @@ pub async fn consume_redis(
     let mut consumers = tokio::task::JoinSet::new();
     let mut wakers = HashMap::new();
     for (i, queue) in queues.into_iter().enumerate() {
-        let apalis_name = format!("{}/{tag}/{i}", shared.engine.worker_name());
-        let first = storage(&url, &queue, fetch_size(slots)).await?;
+        let apalis_name = format!("{}/{tag}/{i}", engine.worker_name());
+        let mut first = storage(&url, &queue, fetch_size(slots)).await?;
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         wakers.insert(queue.clone(), wake_tx);
-        consumers.spawn(consume_queue(
-            shared.clone(),
-            url.clone(),
-            queue,
-            apalis_name,
-            first,
-            stopped.clone(),
-            wake_rx,
-        ));
+        let shared = Shared {
+            engine: engine.clone(),
+            store: store.clone(),
+            work_root: work_root.clone(),
+            secrets_key: secrets_key.clone(),
+            gate: gate.clone(),
+            slots: slots_held.clone(),
+            backlog: Arc::new(Backlog::new(&queue, first.get_connection().clone())),
+        };
+        consumers.spawn(consume_queue(shared, url.clone(), queue, apalis_name, first, stopped.clone(), wake_rx));
     }
     let listener = tokio::spawn(listen_for_wakes(url.clone(), wake_channel(&prefix), wakers));
     let _listener = AbortOnDrop(listener);
@@ -365,7 +472,7 @@ pub async fn consume_redis(
     let mut stopping = stopped.clone();
     let drained = async {
         let _ = stopping.wait_for(|s| *s).await;
-        shared.slots.acquire_many(slots as u32).await
+        slots_held.acquire_many(slots as u32).await
     };
     tokio::pin!(drained);
     loop {
@@ -381,7 +488,7 @@ pub async fn consume_redis(
         }
     }
     // Executions already started finish; their completions still reach the database.
-    let _ = shared.slots.acquire_many(slots as u32).await;
+    let _ = slots_held.acquire_many(slots as u32).await;
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! run's revision (a new random value on every write), so the stage and task rows are read
 //! again only when another process (or a rolled-back transaction) changed them.
 
+mod backlog;
 pub mod bus;
 mod doorbell;
 pub mod registry;

@@ -126,7 +126,7 @@ fn now_ms() -> i64 {
 }
 
 /// How long a waiting dispatch takes to gain one point of priority.
-const AGING_MS: i64 = 1_000;
+pub(super) const AGING_MS: i64 = 1_000;
 
 /// Dispatches waiting for a slot of the embedded worker: highest priority first, and among
 /// equals the oldest first. Every second of waiting counts as one point of priority, so a task
