@@ -419,7 +419,7 @@ pub async fn save(
             opt_at(wake.new).into(),
             next_rev.into(),
         ],
-        expect: Some(1),
+        expect: 1,
         what: Target::Run(run),
     }];
     for (i, (a, b)) in old.stages.iter().zip(&new.stages).enumerate() {
@@ -427,7 +427,7 @@ pub async fn save(
             writes_sql.push(Write {
                 sql: "UPDATE stage_runs SET status = $3, gate_deadline = $4 WHERE run_id = $1 AND idx = $2".into(),
                 values: vec![run.into(), (i as i32).into(), b.status.as_str().into(), opt_at(b.gate_deadline).into()],
-                expect: Some(1),
+                expect: 1,
                 what: Target::Stage(run, i),
             });
         }
@@ -462,7 +462,7 @@ pub async fn save(
 struct Write {
     sql: String,
     values: Vec<sea_orm::Value>,
-    expect: Option<u64>,
+    expect: u64,
     what: Target,
 }
 
@@ -485,55 +485,95 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Most statements combined into one round trip on PostgreSQL.
+/// Most statements combined into one round trip.
 const COMBINE: usize = 32;
 
-/// Executes the writes of one change. On PostgreSQL they travel together, as the
-/// data-modifying parts of one statement (they touch different rows, so none sees another's
-/// effect); each part reports how many rows it changed. On SQLite they run one by one.
-async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Write>) -> Result<(), DbErr> {
-    let check = |expect: Option<u64>, what: Target, n: u64| match expect {
-        Some(e) if e != n => Err(DbErr::Custom(format!("{what} changed concurrently"))),
-        _ => Ok(()),
-    };
-    if store.backend() != sea_orm::DbBackend::Postgres || writes.len() == 1 {
-        for Write { sql, values, expect, what } in writes {
-            let n = store.execute(conn, &sql, values).await?;
-            check(expect, what, n)?;
-        }
-        return Ok(());
-    }
+/// Executes the writes of one change, up to [`COMBINE`] of them per round trip. On PostgreSQL
+/// they travel as the data-modifying parts of one statement (they touch different rows, so none
+/// sees another's effect), each part reporting how many rows it changed. On SQLite they travel
+/// as one string of statements, whose changes are counted together: each write changes at most
+/// the rows it expects, so the total falls short exactly when one of them does.
+async fn execute_all(store: &Store, conn: &impl ConnectionTrait, mut writes: Vec<Write>) -> Result<(), DbErr> {
+    let changed = |what: &dyn std::fmt::Display| Err(DbErr::Custom(format!("{what} changed concurrently")));
     #[derive(FromQueryResult)]
     struct Count {
         i: i32,
         n: i64,
     }
+    if writes.len() == 1
+        && let Some(w) = writes.pop()
+    {
+        let n = store.execute(conn, &w.sql, w.values).await?;
+        return if n == w.expect { Ok(()) } else { changed(&w.what) };
+    }
+    let postgres = store.backend() == sea_orm::DbBackend::Postgres;
     let mut writes = writes.into_iter().peekable();
     while writes.peek().is_some() {
-        let mut sql = String::from("WITH ");
+        let mut sql = String::new();
         let mut values: Vec<sea_orm::Value> = vec![];
         let mut counts = String::new();
-        let mut part: Vec<(Option<u64>, Target)> = Vec::with_capacity(COMBINE);
+        let mut part: Vec<(u64, Target)> = Vec::with_capacity(COMBINE);
         for (i, w) in writes.by_ref().take(COMBINE).enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-                counts.push_str(" UNION ALL ");
+            if postgres {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&w.sql, values.len())));
+                if i > 0 {
+                    counts.push_str(" UNION ALL ");
+                }
+                counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
+                values.extend(w.values);
+            } else {
+                // Placeholders in order of appearance: the SQLite driver numbers unnamed
+                // placeholders across the statements of a string (numbered ones it does not).
+                sql.push_str(&positional(&w.sql, &w.values, &mut values));
+                sql.push_str(";\n");
             }
-            sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&w.sql, values.len())));
-            values.extend(w.values);
-            counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
             part.push((w.expect, w.what));
+        }
+        if !postgres {
+            let n = store.execute(conn, &sql, values).await?;
+            if n != part.iter().map(|(expect, _)| expect).sum::<u64>() {
+                let targets: Vec<String> = part.iter().map(|(_, what)| what.to_string()).collect();
+                return changed(&format!("one of {}", targets.join(", ")));
+            }
+            continue;
         }
         sql.push(' ');
         sql.push_str(&counts);
         let rows: Vec<Count> = store.query_all(conn, &sql, values).await?;
         for c in rows {
-            if let Some((expect, what)) = usize::try_from(c.i).ok().and_then(|i| part.get(i)) {
-                check(*expect, *what, u64::try_from(c.n).unwrap_or_default())?;
+            if let Some((expect, what)) = usize::try_from(c.i).ok().and_then(|i| part.get(i))
+                && u64::try_from(c.n).ok() != Some(*expect)
+            {
+                return changed(what);
             }
         }
     }
     Ok(())
+}
+
+/// `sql` with every placeholder `$n` written `$` (unnumbered), and the values in the order the
+/// placeholders appear appended to `out` (a value used twice is appended twice).
+fn positional(sql: &str, values: &[sea_orm::Value], out: &mut Vec<sea_orm::Value>) -> String {
+    let mut text = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        text.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = false;
+        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+            n = n * 10 + d as usize;
+            digits = true;
+            chars.next();
+        }
+        if let Some(v) = digits.then(|| n.checked_sub(1).and_then(|i| values.get(i))).flatten() {
+            out.push(v.clone());
+        }
+    }
+    text
 }
 
 /// `sql` with every placeholder `$n` renumbered `$(n + by)`.
@@ -617,7 +657,7 @@ fn write_task(
     Write {
         sql,
         values,
-        expect: Some(idx.len() as u64),
+        expect: idx.len() as u64,
         what: Target::Tasks(run, idx.first().copied().unwrap_or_default(), idx.len()),
     }
 }
@@ -634,5 +674,15 @@ mod tests {
         );
         assert_eq!(shift_placeholders("SELECT '$' || x, $", 5), "SELECT '$' || x, $");
         assert_eq!(shift_placeholders("$1", 0), "$1");
+    }
+
+    #[test]
+    fn placeholders_become_positional_with_their_values_in_order() {
+        let values: Vec<sea_orm::Value> = vec![1i32.into(), "a".into(), 3i32.into()];
+        let mut out = vec![sea_orm::Value::from(0i32)];
+        let sql = positional("UPDATE t SET a = $2 WHERE id = $1 AND b IN ($3, $1)", &values, &mut out);
+        assert_eq!(sql, "UPDATE t SET a = $ WHERE id = $ AND b IN ($, $)");
+        let expected: Vec<sea_orm::Value> = vec![0i32.into(), "a".into(), 1i32.into(), 3i32.into(), 1i32.into()];
+        assert_eq!(out, expected);
     }
 }
