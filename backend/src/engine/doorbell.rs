@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::{
     Dispatch, Engine,
     backlog::Backlog,
-    registry::{self, Gate, Route, WorkerProfile, run_tenant},
+    registry::{self, Gate, Route, WorkerProfile},
     work::{priority_of, run_claimed},
 };
 use crate::{Config, secrets::SecretsKey, store::Store};
@@ -137,7 +137,7 @@ async fn route_queue(engine: &Engine, prefix: &str, d: Dispatch) -> (String, i32
         return (default(), task.priority);
     }
     let tenant = if Route::is_self_hosted(task) {
-        match run_tenant(&engine.store, d.run).await {
+        match engine.tenant_of(d.run).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(run = %d.run, error = %e, "cannot route the dispatch; using the default queue");
@@ -293,7 +293,7 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
         backlog.forget(d);
         return Ok(());
     }
-    let need = match shared.gate.judge(&shared.engine, &shared.store, d).await {
+    let need = match shared.gate.judge(&shared.engine, d).await {
         Ok(need) => need,
         Err(skip) => {
             shared.gate.skipped(d, skip);
@@ -339,7 +339,7 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
                     slot = Some(held);
                     continue;
                 }
-                match shared.gate.judge(&shared.engine, &shared.store, x).await {
+                match shared.gate.judge(&shared.engine, x).await {
                     Ok(need) => (x, need, Some(score)),
                     Err(skip) => {
                         // Not for this worker (too big for it): back for another, and this ring

@@ -101,6 +101,8 @@ pub struct Core {
     events: broadcast::Sender<RunEvent>,
     plans: state::PlanCache,
     specs: state::Memo<(Uuid, i64), Arc<sluice_domain::PipelineSpec>>,
+    /// Runs' tenants (a run's tenant never changes).
+    tenants: state::Memo<Uuid, Uuid>,
     states: state::StateCache,
     /// Most tasks of one tenant running at once (0: no limit).
     tenant_task_limit: AtomicUsize,
@@ -327,6 +329,7 @@ impl Engine {
             events,
             plans: state::PlanCache::new(4096),
             specs: state::Memo::new(1024),
+            tenants: state::Memo::new(4096),
             states: state::StateCache::new(4096),
             tenant_task_limit: AtomicUsize::new(0),
             throttled: Mutex::new(HashMap::new()),
@@ -552,6 +555,16 @@ impl Core {
     /// A run's compiled plan (cached: plans never change).
     pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::Prepared>> {
         Ok(state::plan_of(&self.store, self.store.db(), run, &self.plans).await?)
+    }
+
+    /// The tenant of a run (cached: it never changes).
+    pub async fn tenant_of(&self, run: Uuid) -> anyhow::Result<Uuid> {
+        if let Some(t) = self.tenants.get(&run) {
+            return Ok(t);
+        }
+        let tenant = registry::run_tenant(&self.store, run).await?;
+        self.tenants.put(run, tenant);
+        Ok(tenant)
     }
 
     /// A pipeline version's parsed definition (cached: versions never change).

@@ -714,13 +714,13 @@ impl Gate {
     }
 
     /// Checks that this worker may execute the dispatched task and returns what it reserves.
-    pub async fn judge(&self, engine: &Engine, store: &Store, d: super::Dispatch) -> Result<Need, Skip> {
+    pub async fn judge(&self, engine: &Engine, d: super::Dispatch) -> Result<Need, Skip> {
         let plan = engine.plan_of(d.run).await.map_err(Skip::Error)?;
         let task =
             plan.tasks.get(d.task).ok_or_else(|| Skip::Error(anyhow::anyhow!("no task {} in the plan", d.task)))?;
         // The run's tenant matters only to tenants' own workers and to self-hosted tasks.
         let tenant = if self.profile.tenant.is_some() || Route::is_self_hosted(task) {
-            run_tenant(store, d.run).await.map_err(Skip::Error)?
+            engine.tenant_of(d.run).await.map_err(Skip::Error)?
         } else {
             Uuid::nil()
         };

@@ -85,7 +85,7 @@ pub fn spawn_local_workers(
             let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
-                let need = match gate.judge(&engine, &store, d).await {
+                let need = match gate.judge(&engine, d).await {
                     Ok(need) => need,
                     Err(skip) => {
                         gate.skipped(d, skip);
