@@ -29,8 +29,10 @@ fn frame(name: &str, data: &str) -> web::Bytes {
 }
 
 /// Turns the engine's broadcast into an SSE body: events that pass `keep`, a keep-alive comment
-/// when idle, a `lagged` event when this client fell behind (it should re-read the run), and the
-/// end of the stream after `stop` says so.
+/// when idle, a `lagged` event when events may have been missed (this client fell behind:
+/// `{"reason": "slow_client", "missed": n}`; or the relay between server processes was
+/// interrupted: `{"reason": "relay_interrupted"}`), after which the client should re-read what
+/// it shows, and the end of the stream after `stop` says so.
 fn sse(
     first: Option<web::Bytes>,
     rx: broadcast::Receiver<RunEvent>,
@@ -51,6 +53,9 @@ fn sse(
             loop {
                 match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
                     Err(_) => return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, false))),
+                    Ok(Ok(e)) if e.kind == "gap" => {
+                        return Some((Ok(frame("lagged", r#"{"reason":"relay_interrupted"}"#)), (None, rx, false)));
+                    }
                     Ok(Ok(e)) if keep(&e) => {
                         let data = serde_json::to_string(&e).unwrap_or_default();
                         let end = stop(&e);
@@ -58,7 +63,8 @@ fn sse(
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(RecvError::Lagged(n))) => {
-                        return Some((Ok(frame("lagged", &format!("{{\"missed\":{n}}}"))), (None, rx, false)));
+                        let data = format!(r#"{{"reason":"slow_client","missed":{n}}}"#);
+                        return Some((Ok(frame("lagged", &data)), (None, rx, false)));
                     }
                     Ok(Err(RecvError::Closed)) => return None,
                 }
@@ -81,7 +87,7 @@ struct RunRow {
 
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/runs/{run_id}/events", tag = "runs", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("run_id" = Uuid, Path, description = "run id")),
-    responses((status = 200, description = "server-sent events: first `snapshot` (the run's status), then `run`, `stage`, `task` and `log` events until the run ends", content_type = "text/event-stream"),
+    responses((status = 200, description = "server-sent events: first `snapshot` (the run's status), then `run`, `stage`, `task` and `log` events until the run ends; a `lagged` event says events may have been missed (re-read the run)", content_type = "text/event-stream"),
               (status = 403, description = "not permitted"), (status = 404, description = "no such run")))]
 async fn run_events(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)>) -> ApiResult<HttpResponse> {
     let id = path.1;
@@ -116,7 +122,7 @@ async fn run_events(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)
 
 #[utoipa::path(get, path = "/api/v1/t/{tenant}/events", tag = "runs", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug")),
-    responses((status = 200, description = "server-sent events of every run of the tenant: `run`, `stage`, `task` and `log` events", content_type = "text/event-stream"),
+    responses((status = 200, description = "server-sent events of every run of the tenant: `run`, `stage`, `task` and `log` events; a `lagged` event says events may have been missed (re-read the runs)", content_type = "text/event-stream"),
               (status = 403, description = "not permitted"), (status = 404, description = "no such tenant")))]
 async fn tenant_events(state: State, ctx: TenantCtx) -> ApiResult<HttpResponse> {
     authorize(&state, &ctx, Action::RunList, Resource::Tenant).await?;

@@ -8,7 +8,10 @@
 //!
 //! The bus is best effort, like the events themselves: while Redis is unreachable, events are
 //! not relayed (clients of other processes miss them; the run's state in the database is
-//! unaffected) and the bus reconnects with backoff. It never stops the process.
+//! unaffected) and the bus reconnects with backoff. It never stops the process. What may have
+//! been missed is announced, so watchers know to re-read: a process whose subscription came
+//! back delivers a `gap` event locally, and a publisher that had to drop events publishes a
+//! `gap` once it reaches Redis again, which every other process delivers.
 
 use std::time::Duration;
 
@@ -78,6 +81,7 @@ impl Wire {
             "stage" => "stage",
             "task" => "task",
             "log" => "log",
+            "gap" => return Ok(RunEvent::gap()),
             other => return Err(format!("unknown event kind `{other}`")),
         };
         let status: Option<&'static str> = match (kind, self.status.as_deref()) {
@@ -118,7 +122,7 @@ impl EventBus {
         let origin = Uuid::new_v4();
         let (subscribed_tx, subscribed) = watch::channel(false);
         let publisher = tokio::spawn(publish(client.clone(), channel.clone(), origin, events.subscribe()));
-        let mut relay = Relay { origin, events: events.downgrade(), subscribed: subscribed_tx };
+        let mut relay = Relay { origin, events: events.downgrade(), subscribed: subscribed_tx, lost: false };
         let subscriber = tokio::spawn(async move { follow(client, channel, "event bus", &mut relay).await });
         Ok(Self { origin, subscribed, tasks: [publisher, subscriber] })
     }
@@ -198,6 +202,8 @@ async fn publish(client: redis::Client, channel: String, origin: Uuid, mut rx: b
                 Ok(Ok(c)) => {
                     if dropped > 0 {
                         tracing::info!(dropped, "event bus reconnected to Redis for publishing");
+                        // The other processes' watchers learn that events went missing.
+                        batch.insert(0, serde_json::to_string(&Wire::of(origin, &RunEvent::gap())).unwrap_or_default());
                     }
                     conn = Some(c);
                     backoff = MIN_BACKOFF;
@@ -306,6 +312,8 @@ struct Relay {
     origin: Uuid,
     events: broadcast::WeakSender<RunEvent>,
     subscribed: watch::Sender<bool>,
+    /// The subscription was lost since it was first made: events may have been missed.
+    lost: bool,
 }
 
 impl Follower for Relay {
@@ -315,6 +323,13 @@ impl Follower for Relay {
 
     fn subscribed(&mut self, yes: bool) {
         self.subscribed.send_replace(yes);
+        if !yes {
+            self.lost = true;
+        } else if std::mem::take(&mut self.lost)
+            && let Some(tx) = self.events.upgrade()
+        {
+            let _ = tx.send(RunEvent::gap());
+        }
     }
 
     fn message(&mut self, payload: &[u8]) -> bool {

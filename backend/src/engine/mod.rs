@@ -279,7 +279,8 @@ pub struct RunEvent {
     pub tenant: Uuid,
     /// Run id.
     pub run_id: Uuid,
-    /// `run`, `stage`, `task` or `log`.
+    /// `run`, `stage`, `task` or `log`; or `gap`: events of any run may have been missed
+    /// (the relay between processes was interrupted), so watchers should re-read what they show.
     pub kind: &'static str,
     /// For stages and tasks: the index; for logs: the task index.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -300,6 +301,20 @@ pub struct RunEvent {
 }
 
 impl RunEvent {
+    /// The notice that events may have been lost on their way between processes.
+    pub fn gap() -> Self {
+        Self {
+            tenant: Uuid::nil(),
+            run_id: Uuid::nil(),
+            kind: "gap",
+            index: None,
+            status: None,
+            attempt: None,
+            lines: vec![],
+            relayed: true,
+        }
+    }
+
     fn status(tenant: Uuid, run_id: Uuid, kind: &'static str, index: Option<usize>, status: &'static str) -> Self {
         Self { tenant, run_id, kind, index, status: Some(status), attempt: None, lines: vec![], relayed: false }
     }

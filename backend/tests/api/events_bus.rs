@@ -208,3 +208,52 @@ async fn the_bus_survives_losing_redis_and_relays_again_once_it_is_back() {
     until_relayed(&direct, &mut at_proxied, tenant).await;
     until_relayed(&proxied, &mut at_direct, tenant).await;
 }
+
+/// Waits until a `gap` notice arrives on `rx` (other events pass by), or fails after `secs`.
+async fn until_gap(rx: &mut broadcast::Receiver<RunEvent>, secs: u64, what: &str) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        match timeout(left, rx.recv()).await {
+            Ok(Ok(e)) if e.kind == "gap" => {
+                assert!(e.relayed, "a gap notice is never published as an event of this process");
+                return;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no gap notice {what}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn what_may_have_been_missed_while_redis_was_away_is_announced_on_both_sides() {
+    let proxy = Proxy::start().await;
+    let prefix = prefix();
+    let direct = Process::start(&redis_url(), &prefix).await;
+    let proxied = Process::start(&proxy.url(), &prefix).await;
+    let mut at_direct = direct.events.subscribe();
+    let mut at_proxied = proxied.events.subscribe();
+    let tenant = Uuid::new_v4();
+    until_relayed(&direct, &mut at_proxied, tenant).await;
+    until_relayed(&proxied, &mut at_direct, tenant).await;
+    // While connected, nothing announces a gap.
+    assert!(drain(&mut at_direct, Duration::from_millis(300)).await.iter().all(|e| e.kind != "gap"));
+
+    proxy.cut();
+    // The proxied process's subscription comes back: its own watchers hear of the gap.
+    until_gap(&mut at_proxied, 20, "where the subscription was lost").await;
+    // Its events published meanwhile were dropped; once it publishes again, the other process
+    // hears of the gap.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(tokio::time::Instant::now() < give_up, "no gap notice reached the other process");
+        let _ = proxied.events.send(event(tenant, "after the outage"));
+        let got = drain(&mut at_direct, Duration::from_millis(200)).await;
+        if got.iter().any(|e| e.kind == "gap") {
+            break;
+        }
+    }
+    // A gap notice is never sent on by the process that received it.
+    let again = drain(&mut at_proxied, Duration::from_millis(300)).await;
+    assert!(again.iter().all(|e| e.kind != "gap"), "{again:?}");
+}

@@ -452,3 +452,53 @@ async fn run_list_filters_with_unknown_values_are_refused_naming_the_field() {
     let r = app.get(&format!("/api/v1/t/{}/runs?status=succeeded&trigger=cron", admin.tenant), &admin.token).await;
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[actix_web::test]
+async fn watchers_are_told_when_events_may_have_been_missed() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("gaps")).await;
+    let t = admin.tenant.clone();
+    #[derive(sea_orm::FromQueryResult)]
+    struct Id {
+        id: uuid::Uuid,
+    }
+    let store = &app.state.store;
+    let tenant: Id = store
+        .query_one(store.db(), "SELECT id FROM tenants WHERE slug = $1", vec![t.clone().into()])
+        .await
+        .unwrap()
+        .unwrap();
+    let open = || app.client.get(app.url(&format!("/api/v1/t/{t}/events"))).bearer_auth(&admin.token).send();
+    let events = app.state.engine.event_sender();
+
+    // The relay between server processes was interrupted.
+    let r = open().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    events.send(sluice_backend::engine::RunEvent::gap()).unwrap();
+    let got = read_events(r, |name, _| name == "lagged").await;
+    assert_eq!(
+        got.last().map(|(n, d)| (n.as_str(), d["reason"].as_str())),
+        Some(("lagged", Some("relay_interrupted")))
+    );
+
+    // This client fell behind: more events than the server keeps for a slow reader.
+    let r = open().await.unwrap();
+    let event = sluice_backend::engine::RunEvent {
+        lines: vec![json!({ "at": "2026-01-01T00:00:00Z", "stream": "out", "text": "x" })],
+        index: Some(0),
+        attempt: Some(1),
+        ..sluice_backend::engine::RunEvent::gap()
+    };
+    for _ in 0..10_000 {
+        let _ = events.send(sluice_backend::engine::RunEvent {
+            tenant: tenant.id,
+            kind: "log",
+            relayed: false,
+            ..event.clone()
+        });
+    }
+    let got = read_events(r, |name, _| name == "lagged").await;
+    let (name, data) = got.last().unwrap();
+    assert_eq!((name.as_str(), data["reason"].as_str()), ("lagged", Some("slow_client")), "{got:?}");
+    assert!(data["missed"].as_u64().is_some_and(|n| n > 0), "{data}");
+}
