@@ -132,8 +132,8 @@ impl Backlog {
         }
     }
 
-    /// Takes `d` itself out of the set: false when another worker took it first. When Redis
-    /// cannot be reached the answer is true: the claim, made in the database, decides.
+    /// Takes `d` itself out of the set, if it is there: false when it was not (another worker
+    /// took it, or it was never added). When Redis cannot be reached the answer is true.
     pub(super) async fn take(&self, d: Dispatch) -> bool {
         let r: redis::RedisResult<i64> =
             redis::cmd("ZREM").arg(&self.key).arg(member(&d)).query_async(&mut self.conn.clone()).await;

@@ -216,28 +216,38 @@ impl RedisDoorbell {
                     batch.push((queue, d, super::backlog::score(priority, now)));
                     next = if batch.len() < PUSH_BATCH { rx.try_recv().ok() } else { None };
                 }
-                if let Err(e) = super::backlog::add(conn.get_connection(), &batch).await {
-                    // Their rings still go out: a worker with no backlog entry claims the
-                    // ring's own dispatch.
-                    tracing::warn!(error = %e, "adding dispatches to the Redis backlog failed");
-                }
-                // Queues pushed to, woken once every ring is out.
-                let mut pushed: Vec<String> = vec![];
-                for (queue, d, _) in batch.drain(..) {
-                    let storage = queues
-                        .entry(queue.clone())
-                        .or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
-                    match storage.push(d).await {
-                        Ok(()) => {
-                            if !pushed.contains(&queue) {
-                                pushed.push(queue);
+                // The entries and the rings go out side by side on the one connection (the
+                // entries are sent first; a ring that still arrives first claims its own
+                // dispatch, see `handle`).
+                let mut entries = conn.clone();
+                let add = async {
+                    if let Err(e) = super::backlog::add(entries.get_connection(), &batch).await {
+                        // Their rings still go out: each claims its own dispatch.
+                        tracing::warn!(error = %e, "adding dispatches to the Redis backlog failed");
+                    }
+                };
+                let push = async {
+                    // Queues pushed to, woken once every ring is out.
+                    let mut pushed: Vec<String> = vec![];
+                    for (queue, d, _) in &batch {
+                        let storage = queues
+                            .entry(queue.clone())
+                            .or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
+                        match storage.push(*d).await {
+                            Ok(()) => {
+                                if !pushed.contains(queue) {
+                                    pushed.push(queue.clone());
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
                             }
                         }
-                        Err(e) => {
-                            tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
-                        }
                     }
-                }
+                    pushed
+                };
+                let ((), pushed) = tokio::join!(add, push);
+                batch.clear();
                 if !pushed.is_empty() {
                     let mut pipe = redis::pipe();
                     for q in pushed {
@@ -349,16 +359,23 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
                         }
                         shared.gate.skipped(x, skip);
                         match own.take() {
-                            Some(need) if backlog.take(d).await => (d, need, None),
-                            _ => return Ok(()),
+                            Some(need) => {
+                                backlog.take(d).await;
+                                (d, need, None)
+                            }
+                            None => return Ok(()),
                         }
                     }
                 }
             }
-            // An empty backlog (or none reachable): the ring's own dispatch, unless another
-            // worker took its entry.
+            // An empty backlog (or none reachable): the ring's own dispatch. Its entry is
+            // normally gone with another worker, who claims it; but the ring may also have
+            // overtaken its entry, so the claim (in the database) decides.
             None => match own.take() {
-                Some(need) if backlog.take(d).await && !shared.engine.answered(&d) => (d, need, None),
+                Some(need) if !shared.engine.answered(&d) => {
+                    backlog.take(d).await;
+                    (d, need, None)
+                }
                 _ => return Ok(()),
             },
         };
