@@ -7,7 +7,7 @@
 //! tenant (a failed login for an unknown email) go to the platform chain, tenant id nil.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IntoActiveModel};
+use sea_orm::{ConnectionTrait, DbErr, FromQueryResult};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -242,15 +242,41 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
     };
     m.hash = event_hash(&m);
     let seq = m.seq;
-    let hash = m.hash.clone();
-    audit_event::Entity::insert(m.into_active_model()).exec(conn).await?;
-    store
-        .execute(
-            conn,
-            "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1",
-            vec![tenant.into(), seq.into(), hash.into()],
-        )
-        .await?;
+    // The event and the chain's new head go in one round trip.
+    let insert = (
+        "INSERT INTO audit_events (tenant_id, seq, occurred_at, actor_type, actor_id, actor_label, action, \
+         resource_type, resource_id, resource_version, outcome, policy_ids, source_ip, user_agent, request_id, \
+         details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+            .to_owned(),
+        vec![
+            m.tenant_id.into(),
+            m.seq.into(),
+            m.occurred_at.into(),
+            m.actor_type.into(),
+            m.actor_id.into(),
+            m.actor_label.into(),
+            m.action.into(),
+            m.resource_type.into(),
+            m.resource_id.into(),
+            m.resource_version.into(),
+            m.outcome.into(),
+            m.policy_ids.into(),
+            m.source_ip.into(),
+            m.user_agent.into(),
+            m.request_id.into(),
+            m.details.into(),
+            m.prev_hash.into(),
+            m.hash.clone().into(),
+        ],
+    );
+    let head = (
+        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1".to_owned(),
+        vec![tenant.into(), seq.into(), m.hash.into()],
+    );
+    let changed = store.execute_together(conn, vec![insert, head]).await?;
+    if changed != 2 {
+        return Err(DbErr::Custom(format!("audit chain of tenant {tenant}: the head changed concurrently")));
+    }
     Ok(seq)
 }
 

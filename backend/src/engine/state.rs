@@ -256,14 +256,10 @@ pub async fn load(
 /// Rows per multi-row `INSERT`.
 const INSERT_CHUNK: usize = 100;
 
-/// Inserts the rows of a new run's stages and tasks, many rows per statement.
-pub async fn insert_rows(
-    store: &Store,
-    conn: &impl ConnectionTrait,
-    tenant: Uuid,
-    run: Uuid,
-    plan: &RunPlan,
-) -> Result<(), DbErr> {
+/// The statements that insert the rows of a new run's stages and tasks, many rows per
+/// statement (to be executed with [`Store::execute_together`], after the run's own row).
+pub fn row_inserts(tenant: Uuid, run: Uuid, plan: &RunPlan) -> Vec<(String, Vec<sea_orm::Value>)> {
+    let mut parts = vec![];
     let stages: Vec<(usize, &sluice_domain::plan::PlannedStage)> = plan.stages.iter().enumerate().collect();
     for chunk in stages.chunks(INSERT_CHUNK) {
         let mut sql =
@@ -280,7 +276,7 @@ pub async fn insert_rows(
             values.push((*i as i32).into());
             values.push(s.id.clone().into());
         }
-        store.execute(conn, &sql, values).await?;
+        parts.push((sql, values));
     }
     let tasks: Vec<(usize, &sluice_domain::plan::PlannedTask)> = plan.tasks.iter().enumerate().collect();
     for chunk in tasks.chunks(INSERT_CHUNK) {
@@ -303,9 +299,9 @@ pub async fn insert_rows(
             values.push(t.task_id.clone().into());
             values.push((t.stage as i32).into());
         }
-        store.execute(conn, &sql, values).await?;
+        parts.push((sql, values));
     }
-    Ok(())
+    parts
 }
 
 /// A task of an earlier run that succeeded and is carried over, as succeeded, into a retry.
@@ -516,7 +512,10 @@ async fn execute_all(store: &Store, conn: &impl ConnectionTrait, mut writes: Vec
         for (i, w) in writes.by_ref().take(COMBINE).enumerate() {
             if postgres {
                 sql.push_str(if i == 0 { "WITH " } else { ", " });
-                sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&w.sql, values.len())));
+                sql.push_str(&format!(
+                    "w{i} AS ({} RETURNING 1)",
+                    crate::store::shift_placeholders(&w.sql, values.len())
+                ));
                 if i > 0 {
                     counts.push_str(" UNION ALL ");
                 }
@@ -525,7 +524,7 @@ async fn execute_all(store: &Store, conn: &impl ConnectionTrait, mut writes: Vec
             } else {
                 // Placeholders in order of appearance: the SQLite driver numbers unnamed
                 // placeholders across the statements of a string (numbered ones it does not).
-                sql.push_str(&positional(&w.sql, &w.values, &mut values));
+                sql.push_str(&crate::store::positional(&w.sql, &w.values, &mut values));
                 sql.push_str(";\n");
             }
             part.push((w.expect, w.what));
@@ -550,52 +549,6 @@ async fn execute_all(store: &Store, conn: &impl ConnectionTrait, mut writes: Vec
         }
     }
     Ok(())
-}
-
-/// `sql` with every placeholder `$n` written `$` (unnumbered), and the values in the order the
-/// placeholders appear appended to `out` (a value used twice is appended twice).
-fn positional(sql: &str, values: &[sea_orm::Value], out: &mut Vec<sea_orm::Value>) -> String {
-    let mut text = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        text.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut n = 0usize;
-        let mut digits = false;
-        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
-            n = n * 10 + d as usize;
-            digits = true;
-            chars.next();
-        }
-        if let Some(v) = digits.then(|| n.checked_sub(1).and_then(|i| values.get(i))).flatten() {
-            out.push(v.clone());
-        }
-    }
-    text
-}
-
-/// `sql` with every placeholder `$n` renumbered `$(n + by)`.
-fn shift_placeholders(sql: &str, by: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut digits = String::new();
-        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-            digits.push(*d);
-            chars.next();
-        }
-        match digits.parse::<usize>() {
-            Ok(n) => out.push_str(&(n + by).to_string()),
-            Err(_) => out.push_str(&digits),
-        }
-    }
-    out
 }
 
 /// Moves the tasks `idx` (all in state `a`) to state `b`.
@@ -659,30 +612,5 @@ fn write_task(
         values,
         expect: idx.len() as u64,
         what: Target::Tasks(run, idx.first().copied().unwrap_or_default(), idx.len()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_renumbered_and_nothing_else_changes() {
-        assert_eq!(
-            shift_placeholders("UPDATE t SET a = $1, b = $12 WHERE c IN ($3, $4)", 10),
-            "UPDATE t SET a = $11, b = $22 WHERE c IN ($13, $14)"
-        );
-        assert_eq!(shift_placeholders("SELECT '$' || x, $", 5), "SELECT '$' || x, $");
-        assert_eq!(shift_placeholders("$1", 0), "$1");
-    }
-
-    #[test]
-    fn placeholders_become_positional_with_their_values_in_order() {
-        let values: Vec<sea_orm::Value> = vec![1i32.into(), "a".into(), 3i32.into()];
-        let mut out = vec![sea_orm::Value::from(0i32)];
-        let sql = positional("UPDATE t SET a = $2 WHERE id = $1 AND b IN ($3, $1)", &values, &mut out);
-        assert_eq!(sql, "UPDATE t SET a = $ WHERE id = $ AND b IN ($, $)");
-        let expected: Vec<sea_orm::Value> = vec![0i32.into(), "a".into(), 1i32.into(), 3i32.into(), 1i32.into()];
-        assert_eq!(out, expected);
     }
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::{CarriedTask, carry_over, insert_rows},
+    engine::state::{CarriedTask, carry_over, row_inserts},
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -167,13 +167,13 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             };
         }
     }
-    let inserted = store
-        .execute(
-            &*txn,
-            "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
+    // The run's row, its stages' and its tasks' go in one round trip.
+    let mut inserts = vec![(
+        "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
              params, plan, idempotency_key, retry_of, created_at, concurrency_key) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            vec![
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            .to_owned(),
+        vec![
                 id.into(),
                 req.tenant.into(),
                 req.pipeline.id.into(),
@@ -188,9 +188,10 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
                 req.retry.as_ref().map(|r| r.of).into(),
                 Utc::now().into(),
                 concurrency.as_ref().map(|c| c.0.clone()).into(),
-            ],
-        )
-        .await;
+        ],
+    )];
+    inserts.extend(row_inserts(req.tenant, id, &run_plan));
+    let inserted = store.execute_together(&*txn, inserts).await;
     match inserted {
         Ok(_) => {}
         Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
@@ -202,7 +203,6 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         }
         Err(e) => return Err(e.into()),
     }
-    insert_rows(store, &*txn, req.tenant, id, &run_plan).await?;
     match &req.retry {
         Some(r) => carry_over(store, &*txn, id, &run_plan, r.carry_over).await?,
         None => state.engine.prime(id, std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan.clone()))),

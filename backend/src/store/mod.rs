@@ -130,6 +130,44 @@ impl Store {
         Ok(conn.execute_raw(self.stmt(sql, values)).await?.rows_affected())
     }
 
+    /// Executes several statements (each with its own `$1..` placeholders) in one round trip and
+    /// returns how many rows they changed in all: on PostgreSQL as the data-modifying parts of
+    /// one statement (they must not depend on one another's effects, except through foreign
+    /// keys, which are checked at its end), on SQLite as one string of statements.
+    pub async fn execute_together(
+        &self,
+        conn: &impl ConnectionTrait,
+        mut parts: Vec<(String, Vec<Value>)>,
+    ) -> Result<u64, DbErr> {
+        if parts.len() == 1
+            && let Some((sql, values)) = parts.pop()
+        {
+            return self.execute(conn, &sql, values).await;
+        }
+        let mut sql = String::new();
+        let mut values: Vec<Value> = vec![];
+        if self.backend == DbBackend::Postgres {
+            let mut total = String::new();
+            for (i, (part, part_values)) in parts.into_iter().enumerate() {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&part, values.len())));
+                values.extend(part_values);
+                total.push_str(&format!("{}(SELECT COUNT(*) FROM w{i})", if i == 0 { "" } else { " + " }));
+            }
+            #[derive(FromQueryResult)]
+            struct N {
+                n: i64,
+            }
+            let n: Option<N> = self.query_one(conn, &format!("{sql} SELECT {total} AS n"), values).await?;
+            return Ok(n.map_or(0, |n| u64::try_from(n.n).unwrap_or_default()));
+        }
+        for (part, part_values) in parts {
+            sql.push_str(&positional(&part, &part_values, &mut values));
+            sql.push_str(";\n");
+        }
+        self.execute(conn, &sql, values).await
+    }
+
     /// `FOR UPDATE` on PostgreSQL; nothing on SQLite, where the write lock serializes writers.
     pub fn for_update(&self) -> &'static str {
         if self.backend == DbBackend::Postgres { " FOR UPDATE" } else { "" }
@@ -166,7 +204,78 @@ pub fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     }
 }
 
+/// `sql` with every placeholder `$n` written `$` (unnumbered), and the values in the order the
+/// placeholders appear appended to `out` (a value used twice is appended twice).
+pub fn positional(sql: &str, values: &[sea_orm::Value], out: &mut Vec<sea_orm::Value>) -> String {
+    let mut text = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        text.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = false;
+        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+            n = n * 10 + d as usize;
+            digits = true;
+            chars.next();
+        }
+        if let Some(v) = digits.then(|| n.checked_sub(1).and_then(|i| values.get(i))).flatten() {
+            out.push(v.clone());
+        }
+    }
+    text
+}
+
+/// `sql` with every placeholder `$n` renumbered `$(n + by)`.
+pub fn shift_placeholders(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            digits.push(*d);
+            chars.next();
+        }
+        match digits.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&digits),
+        }
+    }
+    out
+}
+
 /// Whether a database error is a unique-key violation.
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_and_nothing_else_changes() {
+        assert_eq!(
+            shift_placeholders("UPDATE t SET a = $1, b = $12 WHERE c IN ($3, $4)", 10),
+            "UPDATE t SET a = $11, b = $22 WHERE c IN ($13, $14)"
+        );
+        assert_eq!(shift_placeholders("SELECT '$' || x, $", 5), "SELECT '$' || x, $");
+        assert_eq!(shift_placeholders("$1", 0), "$1");
+    }
+
+    #[test]
+    fn placeholders_become_positional_with_their_values_in_order() {
+        let values: Vec<sea_orm::Value> = vec![1i32.into(), "a".into(), 3i32.into()];
+        let mut out = vec![sea_orm::Value::from(0i32)];
+        let sql = positional("UPDATE t SET a = $2 WHERE id = $1 AND b IN ($3, $1)", &values, &mut out);
+        assert_eq!(sql, "UPDATE t SET a = $ WHERE id = $ AND b IN ($, $)");
+        let expected: Vec<sea_orm::Value> = vec![0i32.into(), "a".into(), 1i32.into(), 3i32.into(), 1i32.into()];
+        assert_eq!(out, expected);
+    }
 }

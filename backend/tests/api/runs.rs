@@ -502,3 +502,37 @@ async fn watchers_are_told_when_events_may_have_been_missed() {
     assert_eq!((name.as_str(), data["reason"].as_str()), ("lagged", Some("slow_client")), "{got:?}");
     assert!(data["missed"].as_u64().is_some_and(|n| n > 0), "{data}");
 }
+
+#[actix_web::test]
+async fn concurrent_starts_with_one_idempotency_key_make_one_run() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("idem")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: t\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "pp", yaml).await.status(), StatusCode::CREATED);
+    let path = format!("/api/v1/t/{}/pipelines/pp/runs", admin.tenant);
+    let send = || {
+        app.client
+            .post(app.url(&path))
+            .bearer_auth(&admin.token)
+            .header("Idempotency-Key", "same")
+            .json(&json!({}))
+            .send()
+    };
+    let answers = futures_util::future::join_all((0..8).map(|_| send())).await;
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for r in answers {
+        let r = r.unwrap();
+        match r.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+        }
+        let v: Value = r.json().await.unwrap();
+        ids.insert(v["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!((created, ids.len()), (1, 1), "{ids:?}");
+    let list: Value =
+        app.get(&format!("/api/v1/t/{}/runs?pipeline=pp", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
