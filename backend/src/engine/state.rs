@@ -61,20 +61,17 @@ pub struct RunRow {
 }
 
 #[derive(Debug, FromQueryResult)]
-struct StageRow {
+struct StateRow {
+    /// 0: a stage, 1: a task.
+    kind: i32,
     status: String,
-    gate_deadline: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, FromQueryResult)]
-struct TaskRow {
-    status: String,
-    attempt: i32,
-    not_before: Option<DateTime<Utc>>,
+    attempt: Option<i32>,
+    /// A stage's gate deadline, a task's `not_before`.
+    at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
-    lost: i32,
+    lost: Option<i32>,
 }
 
 fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, DbErr> {
@@ -199,21 +196,18 @@ pub async fn load(
     if let Some(c) = states.get(&run).filter(|c| c.rev == row.rev) {
         return Ok(Some(Loaded { row, plan, state: c.state, leases: c.leases }));
     }
-    let stages: Vec<StageRow> = store
+    // The stage and task rows in one round trip: stages first, each in index order.
+    let rows: Vec<StateRow> = store
         .query_all(
             conn,
-            "SELECT status, gate_deadline FROM stage_runs WHERE run_id = $1 ORDER BY idx",
+            "SELECT 0 AS kind, idx, status, NULL AS attempt, gate_deadline AS at, NULL AS started_at, \
+             NULL AS finished_at, NULL AS lease_owner, NULL AS lost FROM stage_runs WHERE run_id = $1 \
+             UNION ALL SELECT 1, idx, status, attempt, not_before, started_at, finished_at, lease_owner, lost \
+             FROM task_runs WHERE run_id = $1 ORDER BY 1, 2",
             vec![run.into()],
         )
         .await?;
-    let tasks: Vec<TaskRow> = store
-        .query_all(
-            conn,
-            "SELECT status, attempt, not_before, started_at, finished_at, lease_owner, lost FROM task_runs \
-             WHERE run_id = $1 ORDER BY idx",
-            vec![run.into()],
-        )
-        .await?;
+    let (stages, tasks): (Vec<StateRow>, Vec<StateRow>) = rows.into_iter().partition(|r| r.kind == 0);
     let started_at = row.started_at.map(ms);
     let state = RunState {
         status: parse::<RunStatus>(&row.status, "run")?,
@@ -225,23 +219,18 @@ pub async fn load(
         finished_at: row.finished_at.map(ms),
         stages: stages
             .iter()
-            .map(|s| {
-                Ok(StageState {
-                    status: parse::<StageStatus>(&s.status, "stage")?,
-                    gate_deadline: s.gate_deadline.map(ms),
-                })
-            })
+            .map(|s| Ok(StageState { status: parse::<StageStatus>(&s.status, "stage")?, gate_deadline: s.at.map(ms) }))
             .collect::<Result<_, DbErr>>()?,
         tasks: tasks
             .iter()
             .map(|t| {
                 Ok(TaskState {
                     status: parse::<TaskStatus>(&t.status, "task")?,
-                    attempt: u32::try_from(t.attempt).unwrap_or_default(),
-                    not_before: t.not_before.map(ms),
+                    attempt: t.attempt.and_then(|a| u32::try_from(a).ok()).unwrap_or_default(),
+                    not_before: t.at.map(ms),
                     started_at: t.started_at.map(ms),
                     finished_at: t.finished_at.map(ms),
-                    lost: u32::try_from(t.lost).unwrap_or_default(),
+                    lost: t.lost.and_then(|l| u32::try_from(l).ok()).unwrap_or_default(),
                 })
             })
             .collect::<Result<_, DbErr>>()?,
