@@ -12,7 +12,7 @@ use sluice_domain::plan::{
 };
 use uuid::Uuid;
 
-use crate::store::Store;
+use crate::store::{Changed, Store};
 
 /// Milliseconds since the epoch.
 pub fn ms(t: DateTime<Utc>) -> Millis {
@@ -473,67 +473,30 @@ impl std::fmt::Display for Target {
 /// Most statements combined into one round trip.
 const COMBINE: usize = 32;
 
-/// Executes the writes of one change, up to [`COMBINE`] of them per round trip. On PostgreSQL
-/// they travel as the data-modifying parts of one statement (they touch different rows, so none
-/// sees another's effect), each part reporting how many rows it changed. On SQLite they travel
-/// as one string of statements, whose changes are counted together: each write changes at most
-/// the rows it expects, so the total falls short exactly when one of them does.
-async fn execute_all(store: &Store, conn: &impl ConnectionTrait, mut writes: Vec<Write>) -> Result<(), DbErr> {
-    let changed = |what: &dyn std::fmt::Display| Err(DbErr::Custom(format!("{what} changed concurrently")));
-    #[derive(FromQueryResult)]
-    struct Count {
-        i: i32,
-        n: i64,
-    }
-    if writes.len() == 1
-        && let Some(w) = writes.pop()
-    {
-        let n = store.execute(conn, &w.sql, w.values).await?;
-        return if n == w.expect { Ok(()) } else { changed(&w.what) };
-    }
-    let postgres = store.backend() == sea_orm::DbBackend::Postgres;
+/// Executes the writes of one change, up to [`COMBINE`] of them per round trip
+/// ([`Store::execute_each`]). Each write must change exactly the rows it expects; on SQLite only
+/// the total is known, but each write changes at most the rows it expects, so the total falls
+/// short exactly when one of them does.
+async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Write>) -> Result<(), DbErr> {
     let mut writes = writes.into_iter().peekable();
     while writes.peek().is_some() {
-        let mut sql = String::new();
-        let mut values: Vec<sea_orm::Value> = vec![];
-        let mut counts = String::new();
-        let mut part: Vec<(u64, Target)> = Vec::with_capacity(COMBINE);
-        for (i, w) in writes.by_ref().take(COMBINE).enumerate() {
-            if postgres {
-                sql.push_str(if i == 0 { "WITH " } else { ", " });
-                sql.push_str(&format!(
-                    "w{i} AS ({} RETURNING 1)",
-                    crate::store::shift_placeholders(&w.sql, values.len())
-                ));
-                if i > 0 {
-                    counts.push_str(" UNION ALL ");
+        let mut parts = Vec::with_capacity(COMBINE);
+        let mut expected: Vec<(u64, Target)> = Vec::with_capacity(COMBINE);
+        for w in writes.by_ref().take(COMBINE) {
+            parts.push((w.sql, w.values));
+            expected.push((w.expect, w.what));
+        }
+        match store.execute_each(conn, parts).await? {
+            Changed::Each(each) => {
+                if let Some((_, what)) = expected.iter().zip(&each).find(|((e, _), n)| e != *n).map(|(w, _)| w) {
+                    return Err(DbErr::Custom(format!("{what} changed concurrently")));
                 }
-                counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
-                values.extend(w.values);
-            } else {
-                // Placeholders in order of appearance: the SQLite driver numbers unnamed
-                // placeholders across the statements of a string (numbered ones it does not).
-                sql.push_str(&crate::store::positional(&w.sql, &w.values, &mut values));
-                sql.push_str(";\n");
             }
-            part.push((w.expect, w.what));
-        }
-        if !postgres {
-            let n = store.execute(conn, &sql, values).await?;
-            if n != part.iter().map(|(expect, _)| expect).sum::<u64>() {
-                let targets: Vec<String> = part.iter().map(|(_, what)| what.to_string()).collect();
-                return changed(&format!("one of {}", targets.join(", ")));
-            }
-            continue;
-        }
-        sql.push(' ');
-        sql.push_str(&counts);
-        let rows: Vec<Count> = store.query_all(conn, &sql, values).await?;
-        for c in rows {
-            if let Some((expect, what)) = usize::try_from(c.i).ok().and_then(|i| part.get(i))
-                && u64::try_from(c.n).ok() != Some(*expect)
-            {
-                return changed(what);
+            Changed::Total(n) => {
+                if n != expected.iter().map(|(e, _)| e).sum::<u64>() {
+                    let targets: Vec<String> = expected.iter().map(|(_, what)| what.to_string()).collect();
+                    return Err(DbErr::Custom(format!("one of {} changed concurrently", targets.join(", "))));
+                }
             }
         }
     }

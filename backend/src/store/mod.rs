@@ -131,41 +131,65 @@ impl Store {
     }
 
     /// Executes several statements (each with its own `$1..` placeholders) in one round trip and
-    /// returns how many rows they changed in all: on PostgreSQL as the data-modifying parts of
-    /// one statement (they must not depend on one another's effects, except through foreign
-    /// keys, which are checked at its end), on SQLite as one string of statements.
+    /// returns how many rows they changed in all (see [`Store::execute_each`]).
     pub async fn execute_together(
         &self,
         conn: &impl ConnectionTrait,
-        mut parts: Vec<(String, Vec<Value>)>,
+        parts: Vec<(String, Vec<Value>)>,
     ) -> Result<u64, DbErr> {
+        Ok(self.execute_each(conn, parts).await?.total())
+    }
+
+    /// Executes several statements (each with its own `$1..` placeholders) in one round trip:
+    /// on PostgreSQL as the data-modifying parts of one statement (they must not depend on one
+    /// another's effects, except through foreign keys, which are checked at its end), each
+    /// reporting how many rows it changed; on SQLite as one string of statements, whose changes
+    /// are only counted together.
+    pub async fn execute_each(
+        &self,
+        conn: &impl ConnectionTrait,
+        mut parts: Vec<(String, Vec<Value>)>,
+    ) -> Result<Changed, DbErr> {
         if parts.len() == 1
             && let Some((sql, values)) = parts.pop()
         {
-            return self.execute(conn, &sql, values).await;
+            return Ok(Changed::Each(vec![self.execute(conn, &sql, values).await?]));
         }
         let mut sql = String::new();
         let mut values: Vec<Value> = vec![];
         if self.backend == DbBackend::Postgres {
-            let mut total = String::new();
+            let n = parts.len();
+            let mut counts = String::new();
             for (i, (part, part_values)) in parts.into_iter().enumerate() {
                 sql.push_str(if i == 0 { "WITH " } else { ", " });
                 sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&part, values.len())));
                 values.extend(part_values);
-                total.push_str(&format!("{}(SELECT COUNT(*) FROM w{i})", if i == 0 { "" } else { " + " }));
+                if i > 0 {
+                    counts.push_str(" UNION ALL ");
+                }
+                counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
             }
             #[derive(FromQueryResult)]
-            struct N {
+            struct Count {
+                i: i32,
                 n: i64,
             }
-            let n: Option<N> = self.query_one(conn, &format!("{sql} SELECT {total} AS n"), values).await?;
-            return Ok(n.map_or(0, |n| u64::try_from(n.n).unwrap_or_default()));
+            let rows: Vec<Count> = self.query_all(conn, &format!("{sql} {counts}"), values).await?;
+            let mut each = vec![0; n];
+            for c in rows {
+                if let Some(slot) = usize::try_from(c.i).ok().and_then(|i| each.get_mut(i)) {
+                    *slot = u64::try_from(c.n).unwrap_or_default();
+                }
+            }
+            return Ok(Changed::Each(each));
         }
+        // Placeholders in order of appearance: the SQLite driver numbers unnamed placeholders
+        // across the statements of a string (numbered ones it does not).
         for (part, part_values) in parts {
             sql.push_str(&positional(&part, &part_values, &mut values));
             sql.push_str(";\n");
         }
-        self.execute(conn, &sql, values).await
+        Ok(Changed::Total(self.execute(conn, &sql, values).await?))
     }
 
     /// `FOR UPDATE` on PostgreSQL; nothing on SQLite, where the write lock serializes writers.
@@ -248,6 +272,25 @@ pub fn shift_placeholders(sql: &str, by: usize) -> String {
         }
     }
     out
+}
+
+/// How many rows statements executed together changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Each statement's count, in order.
+    Each(Vec<u64>),
+    /// Only the total is known.
+    Total(u64),
+}
+
+impl Changed {
+    /// The rows changed in all.
+    pub fn total(&self) -> u64 {
+        match self {
+            Self::Each(each) => each.iter().sum(),
+            Self::Total(n) => *n,
+        }
+    }
 }
 
 /// Whether a database error is a unique-key violation.

@@ -16,6 +16,7 @@ mod pipelines;
 mod runs;
 mod scheduling;
 mod secrets;
+mod store;
 mod tenant_settings;
 mod tokens;
 mod triggers;
