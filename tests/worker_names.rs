@@ -40,6 +40,7 @@ struct Procs {
     database: String,
     data_dir: PathBuf,
     base: String,
+    redis_prefix: String,
 }
 
 impl Drop for Procs {
@@ -49,13 +50,23 @@ impl Drop for Procs {
             let _ = c.wait();
         }
         let name = self.database.clone();
+        let prefix = self.redis_prefix.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
                 let admin = Database::connect(format!("{}/postgres", postgres_base())).await.ok()?;
                 let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
                 admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await.ok()?;
-                admin.close().await.ok()
+                admin.close().await.ok()?;
+                // This test's Redis keys.
+                let client = redis::Client::open(redis_url()).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.ok()?;
+                if !keys.is_empty() {
+                    redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.ok()?;
+                }
+                Some(())
             })
         })
         .join();
@@ -80,10 +91,11 @@ impl Procs {
         std::fs::create_dir_all(&data_dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let base = format!("http://127.0.0.1:{port}");
+        let redis_prefix = format!("sluice-test-{}", Uuid::new_v4().simple());
         let env = [
             ("SLUICE_DATABASE_URL", format!("{}/{database}", postgres_base())),
             ("SLUICE_REDIS_URL", redis_url()),
-            ("SLUICE_REDIS_PREFIX", format!("sluice-test-{}", Uuid::new_v4().simple())),
+            ("SLUICE_REDIS_PREFIX", redis_prefix.clone()),
             ("SLUICE_SECRETS_KEY", SECRETS_KEY.into()),
             ("SLUICE_BIND", format!("127.0.0.1:{port}")),
             ("SLUICE_PUBLIC_URL", base.clone()),
@@ -95,7 +107,7 @@ impl Procs {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let mut p = Self { children: vec![], logs: vec![], env, database, data_dir, base };
+        let mut p = Self { children: vec![], logs: vec![], env, database, data_dir, base, redis_prefix };
         // The schema, as an operator would create it.
         let i = p.spawn("migrate", &[]);
         let status = p.wait_exit(i, Duration::from_secs(60)).await.expect("sluice migrate finishes");

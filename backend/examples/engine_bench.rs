@@ -267,6 +267,34 @@ async fn main() {
     if let Some((admin, name)) = pg_db {
         let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
         let _ = admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await;
+        remove_redis_keys(&redis, &format!("sluice-bench-{}", std::process::id())).await;
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Deletes the keys this benchmark left in Redis (every key under `prefix`).
+async fn remove_redis_keys(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _ = redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
 }
