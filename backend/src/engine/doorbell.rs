@@ -393,6 +393,9 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(run = %x.run, task = x.task, attempt = x.attempt, error = %e, "claiming a task failed; the reaper will ring it again");
+                if let Some(score) = score {
+                    backlog.put_back(x, score).await;
+                }
                 return Ok(());
             }
         };
