@@ -228,20 +228,25 @@ impl RedisDoorbell {
                     }
                 };
                 let push = async {
-                    // Queues pushed to, woken once every ring is out.
-                    let mut pushed: Vec<String> = vec![];
+                    // Each queue's rings in one round trip, in order; the queues pushed to are
+                    // woken once their rings are out.
+                    let mut by_queue: Vec<(&String, Vec<Dispatch>)> = vec![];
                     for (queue, d, _) in &batch {
+                        match by_queue.iter_mut().find(|(q, _)| *q == queue) {
+                            Some((_, rings)) => rings.push(*d),
+                            None => by_queue.push((queue, vec![*d])),
+                        }
+                    }
+                    let mut pushed: Vec<String> = vec![];
+                    for (queue, rings) in by_queue {
                         let storage = queues
                             .entry(queue.clone())
                             .or_insert_with_key(|q| base.clone().with_config(redis_config(q, 1)));
-                        match storage.push(*d).await {
-                            Ok(()) => {
-                                if !pushed.contains(queue) {
-                                    pushed.push(queue.clone());
-                                }
-                            }
+                        let n = rings.len();
+                        match storage.push_bulk(rings).await {
+                            Ok(()) => pushed.push(queue.clone()),
                             Err(e) => {
-                                tracing::warn!(run = %d.run, task = d.task, error = %e, "pushing a dispatch to Redis failed; the reaper will push it again")
+                                tracing::warn!(queue = %queue, rings = n, error = %e, "pushing dispatches to Redis failed; the reaper will push them again")
                             }
                         }
                     }
