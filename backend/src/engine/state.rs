@@ -417,25 +417,32 @@ pub async fn save(
             });
         }
     }
-    // Changed tasks without a lease or result of their own, grouped by (old, new) state.
+    // Changed tasks without a result of their own, grouped by (old, new) state and new lease
+    // (claims made together share their lease), one statement per group.
     let now = Utc::now();
-    let mut groups: Vec<((&TaskState, &TaskState), Vec<i32>)> = vec![];
+    type Group<'a> = ((&'a TaskState, &'a TaskState, Option<&'a TaskWrite>), Vec<i32>);
+    fn lease(w: Option<&TaskWrite>) -> Option<&(String, DateTime<Utc>)> {
+        w.and_then(|w| w.lease.as_ref())
+    }
+    let mut groups: Vec<Group<'_>> = vec![];
     for (i, (a, b)) in old.tasks.iter().zip(&new.tasks).enumerate() {
         let write = writes.get(&i);
         if a == b && write.is_none() {
             continue;
         }
-        if write.is_some_and(|w| w.lease.is_some() || w.result.is_some()) {
+        if write.is_some_and(|w| w.result.is_some()) {
             writes_sql.push(write_task(run, &[i as i32], a, b, write, now));
-        } else if let Some(g) = groups.iter_mut().find(|((ga, gb), _)| *ga == a && *gb == b) {
+        } else if let Some(g) =
+            groups.iter_mut().find(|((ga, gb, gw), _)| *ga == a && *gb == b && lease(*gw) == lease(write))
+        {
             g.1.push(i as i32);
         } else {
-            groups.push(((a, b), vec![i as i32]));
+            groups.push(((a, b, write), vec![i as i32]));
         }
     }
-    for ((a, b), idx) in groups {
+    for ((a, b, write), idx) in groups {
         for chunk in idx.chunks(INSERT_CHUNK) {
-            writes_sql.push(write_task(run, chunk, a, b, None, now));
+            writes_sql.push(write_task(run, chunk, a, b, write, now));
         }
     }
     execute_all(store, conn, writes_sql).await?;
