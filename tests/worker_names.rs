@@ -10,26 +10,20 @@
 //! name over.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
+use common::{SECRETS_KEY, postgres_base, redis_url};
 use reqwest::{Client, StatusCode};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, FromQueryResult, Statement};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn postgres_base() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-const SECRETS_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const LEASE_SECS: u64 = 3;
 
 /// The processes and database of one test, cleaned up however it ends.
@@ -49,27 +43,7 @@ impl Drop for Procs {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let name = self.database.clone();
-        let prefix = self.redis_prefix.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                let admin = Database::connect(format!("{}/postgres", postgres_base())).await.ok()?;
-                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await.ok()?;
-                admin.close().await.ok()?;
-                // This test's Redis keys.
-                let client = redis::Client::open(redis_url()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let keys: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.ok()?;
-                if !keys.is_empty() {
-                    redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.ok()?;
-                }
-                Some(())
-            })
-        })
-        .join();
+        common::remove_database_and_keys(&self.database, &self.redis_prefix);
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.data_dir.display());
         } else {

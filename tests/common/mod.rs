@@ -26,6 +26,29 @@ pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Drops a test's database and deletes its Redis keys (everything under `prefix`). Called from
+/// `Drop`, which runs inside the test's runtime: the work is done on a thread of its own.
+pub fn remove_database_and_keys(database: &str, prefix: &str) {
+    let (name, prefix) = (database.to_owned(), prefix.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async {
+            let admin = Database::connect(format!("{}/postgres", postgres_base())).await.ok()?;
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await.ok()?;
+            admin.close().await.ok()?;
+            let client = redis::Client::open(redis_url()).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.ok()?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.ok()?;
+            }
+            Some(())
+        })
+    })
+    .join();
+}
+
 /// Base64 of 32 bytes: the test's key for tenant secrets (required on PostgreSQL).
 pub const SECRETS_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -88,28 +111,7 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let name = self.database.clone();
-        let prefix = self.redis_prefix.clone();
-        // Drop runs inside the test's runtime: drop the database from a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                let admin = Database::connect(format!("{}/postgres", postgres_base())).await.ok()?;
-                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await.ok()?;
-                admin.close().await.ok()?;
-                // This test's Redis keys.
-                let client = redis::Client::open(redis_url()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let keys: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.ok()?;
-                if !keys.is_empty() {
-                    redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.ok()?;
-                }
-                Some(())
-            })
-        })
-        .join();
+        remove_database_and_keys(&self.database, &self.redis_prefix);
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.data_dir.display());
         } else {
