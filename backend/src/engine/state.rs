@@ -477,33 +477,22 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Most statements combined into one round trip.
-const COMBINE: usize = 32;
-
-/// Executes the writes of one change, up to [`COMBINE`] of them per round trip
-/// ([`Store::execute_each`]). Each write must change exactly the rows it expects; on SQLite only
-/// the total is known, but each write changes at most the rows it expects, so the total falls
-/// short exactly when one of them does.
+/// Executes the writes of one change, many per round trip ([`Store::execute_each`]). Each write
+/// must change exactly the rows it expects; on SQLite only the total is known, but each write
+/// changes at most the rows it expects, so the total falls short exactly when one of them does.
 async fn execute_all(store: &Store, conn: &impl ConnectionTrait, writes: Vec<Write>) -> Result<(), DbErr> {
-    let mut writes = writes.into_iter().peekable();
-    while writes.peek().is_some() {
-        let mut parts = Vec::with_capacity(COMBINE);
-        let mut expected: Vec<(u64, Target)> = Vec::with_capacity(COMBINE);
-        for w in writes.by_ref().take(COMBINE) {
-            parts.push((w.sql, w.values));
-            expected.push((w.expect, w.what));
-        }
-        match store.execute_each(conn, parts).await? {
-            Changed::Each(each) => {
-                if let Some((_, what)) = expected.iter().zip(&each).find(|((e, _), n)| e != *n).map(|(w, _)| w) {
-                    return Err(DbErr::Custom(format!("{what} changed concurrently")));
-                }
+    let (parts, expected): (Vec<_>, Vec<_>) =
+        writes.into_iter().map(|w| ((w.sql, w.values), (w.expect, w.what))).unzip();
+    match store.execute_each(conn, parts).await? {
+        Changed::Each(each) => {
+            if let Some((_, what)) = expected.iter().zip(&each).find(|((e, _), n)| e != *n).map(|(w, _)| w) {
+                return Err(DbErr::Custom(format!("{what} changed concurrently")));
             }
-            Changed::Total(n) => {
-                if n != expected.iter().map(|(e, _)| e).sum::<u64>() {
-                    let targets: Vec<String> = expected.iter().map(|(_, what)| what.to_string()).collect();
-                    return Err(DbErr::Custom(format!("one of {} changed concurrently", targets.join(", "))));
-                }
+        }
+        Changed::Total(n) => {
+            if n != expected.iter().map(|(e, _)| e).sum::<u64>() {
+                let targets: Vec<String> = expected.iter().map(|(_, what)| what.to_string()).collect();
+                return Err(DbErr::Custom(format!("one of {} changed concurrently", targets.join(", "))));
             }
         }
     }

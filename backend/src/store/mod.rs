@@ -130,8 +130,8 @@ impl Store {
         Ok(conn.execute_raw(self.stmt(sql, values)).await?.rows_affected())
     }
 
-    /// Executes several statements (each with its own `$1..` placeholders) in one round trip and
-    /// returns how many rows they changed in all (see [`Store::execute_each`]).
+    /// Executes several statements (each with its own `$1..` placeholders) in as few round trips
+    /// as [`Store::execute_each`] and returns how many rows they changed in all.
     pub async fn execute_together(
         &self,
         conn: &impl ConnectionTrait,
@@ -140,11 +140,12 @@ impl Store {
         Ok(self.execute_each(conn, parts).await?.total())
     }
 
-    /// Executes several statements (each with its own `$1..` placeholders) in one round trip:
-    /// on PostgreSQL as the data-modifying parts of one statement (they must not depend on one
-    /// another's effects, except through foreign keys, which are checked at its end), each
-    /// reporting how many rows it changed; on SQLite as one string of statements, whose changes
-    /// are only counted together.
+    /// Executes several statements (each with its own `$1..` placeholders), up to [`COMBINE`] per
+    /// round trip: on PostgreSQL as the data-modifying parts of one statement (they must not
+    /// depend on one another's effects, except through foreign keys, which are checked at its
+    /// end, and no two may change the same row: PostgreSQL would apply only one), each reporting
+    /// how many rows it changed; on SQLite as one string of statements, whose changes are only
+    /// counted together.
     pub async fn execute_each(
         &self,
         conn: &impl ConnectionTrait,
@@ -155,41 +156,51 @@ impl Store {
         {
             return Ok(Changed::Each(vec![self.execute(conn, &sql, values).await?]));
         }
-        let mut sql = String::new();
-        let mut values: Vec<Value> = vec![];
-        if self.backend == DbBackend::Postgres {
-            let n = parts.len();
-            let mut counts = String::new();
-            for (i, (part, part_values)) in parts.into_iter().enumerate() {
-                sql.push_str(if i == 0 { "WITH " } else { ", " });
-                sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&part, values.len())));
-                values.extend(part_values);
-                if i > 0 {
-                    counts.push_str(" UNION ALL ");
+        let postgres = self.backend == DbBackend::Postgres;
+        let mut each: Vec<u64> = Vec::with_capacity(parts.len());
+        let mut total = 0;
+        let mut parts = parts.into_iter().peekable();
+        while parts.peek().is_some() {
+            let chunk = parts.by_ref().take(COMBINE);
+            let mut sql = String::new();
+            let mut values: Vec<Value> = vec![];
+            if postgres {
+                let mut counts = String::new();
+                let mut n = 0;
+                for (i, (part, part_values)) in chunk.enumerate() {
+                    sql.push_str(if i == 0 { "WITH " } else { ", " });
+                    sql.push_str(&format!("w{i} AS ({} RETURNING 1)", shift_placeholders(&part, values.len())));
+                    values.extend(part_values);
+                    if i > 0 {
+                        counts.push_str(" UNION ALL ");
+                    }
+                    counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
+                    n += 1;
                 }
-                counts.push_str(&format!("SELECT {i} AS i, COUNT(*) AS n FROM w{i}"));
-            }
-            #[derive(FromQueryResult)]
-            struct Count {
-                i: i32,
-                n: i64,
-            }
-            let rows: Vec<Count> = self.query_all(conn, &format!("{sql} {counts}"), values).await?;
-            let mut each = vec![0; n];
-            for c in rows {
-                if let Some(slot) = usize::try_from(c.i).ok().and_then(|i| each.get_mut(i)) {
-                    *slot = u64::try_from(c.n).unwrap_or_default();
+                #[derive(FromQueryResult)]
+                struct Count {
+                    i: i32,
+                    n: i64,
                 }
+                let rows: Vec<Count> = self.query_all(conn, &format!("{sql} {counts}"), values).await?;
+                let start = each.len();
+                each.resize(start + n, 0);
+                for c in rows {
+                    if let Some(slot) = usize::try_from(c.i).ok().and_then(|i| each.get_mut(start + i)) {
+                        *slot = u64::try_from(c.n).unwrap_or_default();
+                    }
+                }
+            } else {
+                // Placeholders in order of appearance: the SQLite driver numbers unnamed
+                // placeholders across the statements of a string (numbered ones it does not).
+                for (part, part_values) in chunk {
+                    sql.push_str(&positional(&part, &part_values, &mut values));
+                    sql.push_str(";\n");
+                }
+                total += self.execute(conn, &sql, values).await?;
             }
-            return Ok(Changed::Each(each));
         }
-        // Placeholders in order of appearance: the SQLite driver numbers unnamed placeholders
-        // across the statements of a string (numbered ones it does not).
-        for (part, part_values) in parts {
-            sql.push_str(&positional(&part, &part_values, &mut values));
-            sql.push_str(";\n");
-        }
-        Ok(Changed::Total(self.execute(conn, &sql, values).await?))
+        Ok(if postgres { Changed::Each(each) } else { Changed::Total(total) })
     }
 
     /// `FOR UPDATE` on PostgreSQL; nothing on SQLite, where the write lock serializes writers.
@@ -228,37 +239,14 @@ pub fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     }
 }
 
-/// `sql` with every placeholder `$n` written `$` (unnumbered), and the values in the order the
-/// placeholders appear appended to `out` (a value used twice is appended twice).
-pub fn positional(sql: &str, values: &[sea_orm::Value], out: &mut Vec<sea_orm::Value>) -> String {
-    let mut text = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        text.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut n = 0usize;
-        let mut digits = false;
-        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
-            n = n * 10 + d as usize;
-            digits = true;
-            chars.next();
-        }
-        if let Some(v) = digits.then(|| n.checked_sub(1).and_then(|i| values.get(i))).flatten() {
-            out.push(v.clone());
-        }
-    }
-    text
-}
-
-/// `sql` with every placeholder `$n` renumbered `$(n + by)`.
-pub fn shift_placeholders(sql: &str, by: usize) -> String {
+/// `sql` with every placeholder `$n` replaced by what `f` makes of `n` (a `$` without digits
+/// is left as it is).
+fn map_placeholders(sql: &str, mut f: impl FnMut(usize) -> String) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
-        out.push(c);
         if c != '$' {
+            out.push(c);
             continue;
         }
         let mut digits = String::new();
@@ -267,12 +255,34 @@ pub fn shift_placeholders(sql: &str, by: usize) -> String {
             chars.next();
         }
         match digits.parse::<usize>() {
-            Ok(n) => out.push_str(&(n + by).to_string()),
-            Err(_) => out.push_str(&digits),
+            Ok(n) => out.push_str(&f(n)),
+            Err(_) => {
+                out.push('$');
+                out.push_str(&digits);
+            }
         }
     }
     out
 }
+
+/// `sql` with every placeholder `$n` written `$` (unnumbered), and the values in the order the
+/// placeholders appear appended to `out` (a value used twice is appended twice).
+pub fn positional(sql: &str, values: &[Value], out: &mut Vec<Value>) -> String {
+    map_placeholders(sql, |n| {
+        if let Some(v) = n.checked_sub(1).and_then(|i| values.get(i)) {
+            out.push(v.clone());
+        }
+        "$".to_owned()
+    })
+}
+
+/// `sql` with every placeholder `$n` renumbered `$(n + by)`.
+pub fn shift_placeholders(sql: &str, by: usize) -> String {
+    map_placeholders(sql, |n| format!("${}", n + by))
+}
+
+/// Most statements sent in one round trip by [`Store::execute_each`].
+pub const COMBINE: usize = 32;
 
 /// How many rows statements executed together changed.
 #[derive(Debug, Clone, PartialEq, Eq)]

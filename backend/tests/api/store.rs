@@ -22,6 +22,22 @@ async fn statements_executed_together_report_what_they_changed_and_fail_as_one()
         Changed::Total(n) => assert_eq!(*n, 1),
     }
     assert_eq!(changed.total(), 1);
+    // More statements than go in one round trip (each on a row of its own): each still counted.
+    let n = sluice_backend::store::COMBINE * 2 + 3;
+    let many: Vec<_> = (0..n)
+        .map(|i| {
+            (
+                "INSERT INTO login_throttle (key, failures, last_failure_at) VALUES ($1, $2, $3)".to_owned(),
+                vec![format!("together-{i}").into(), 1i64.into(), chrono::Utc::now().into()],
+            )
+        })
+        .collect();
+    match store.execute_each(&*txn, many).await.unwrap() {
+        Changed::Each(each) => assert_eq!(each, vec![1; n]),
+        Changed::Total(total) => assert_eq!(total, n as u64),
+    }
+    let last = rename(&admin.tenant, "Renamed");
+    assert_eq!(store.execute_together(&*txn, vec![last]).await.unwrap(), 1);
     txn.commit().await.unwrap();
     #[derive(sea_orm::FromQueryResult)]
     struct Name {
