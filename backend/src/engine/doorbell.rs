@@ -304,7 +304,7 @@ const MAX_POPS: usize = 16;
 /// (the ring's own when the backlog has none) and executes it.
 async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
     tracing::debug!(run = %d.run, task = d.task, attempt = d.attempt, "dispatch received");
-    let backlog = shared.backlog.clone();
+    let backlog = &shared.backlog;
     if shared.engine.answered(&d) {
         backlog.forget(d);
         return Ok(());
@@ -364,25 +364,17 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
                             backlog.put_back(x, score).await;
                         }
                         shared.gate.skipped(x, skip);
-                        match own.take() {
-                            Some(need) => {
-                                backlog.take(d).await;
-                                (d, need, None)
-                            }
+                        match own_turn(&shared, d, &mut own).await {
+                            Some(need) => (d, need, None),
                             None => return Ok(()),
                         }
                     }
                 }
             }
-            // An empty backlog (or none reachable): the ring's own dispatch. Its entry is
-            // normally gone with another worker, who claims it; but the ring may also have
-            // overtaken its entry, so the claim (in the database) decides.
-            None => match own.take() {
-                Some(need) if !shared.engine.answered(&d) => {
-                    backlog.take(d).await;
-                    (d, need, None)
-                }
-                _ => return Ok(()),
+            // An empty backlog (or none reachable).
+            None => match own_turn(&shared, d, &mut own).await {
+                Some(need) => (d, need, None),
+                None => return Ok(()),
             },
         };
         let Ok(reserved) = tokio::time::timeout(WAIT_FOR_ROOM, shared.gate.capacity.reserve(need)).await else {
@@ -425,6 +417,19 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
         shared.engine.doorbell.ring(d);
     }
     Ok(())
+}
+
+/// The ring's own dispatch `d`, once (`own` holds what it needs until then), unless it was
+/// claimed meanwhile by a slot passed on. Its entry is normally gone with another worker, who
+/// claims it; but the ring may also have overtaken its entry, so the claim (in the database)
+/// decides. The entry, if there, is taken out.
+async fn own_turn(shared: &Shared, d: Dispatch, own: &mut Option<registry::Need>) -> Option<registry::Need> {
+    let need = own.take()?;
+    if shared.engine.answered(&d) {
+        return None;
+    }
+    shared.backlog.take(d).await;
+    Some(need)
 }
 
 /// How many dispatches a worker with `slots` slots takes per fetch: a fetch is a round trip,
