@@ -659,22 +659,5 @@ async fn a_backlog_does_not_multiply_dispatches() {
 
 /// How many Redis keys start with `prefix:`.
 async fn keys_under(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> usize {
-    let mut cursor: u64 = 0;
-    let mut n = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        n += keys.len();
-        if next == 0 {
-            return n;
-        }
-        cursor = next;
-    }
+    redis_keys(conn, prefix).await.len()
 }

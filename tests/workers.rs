@@ -116,36 +116,9 @@ async fn two_workers_over_redis_survive_a_killed_worker() {
     assert_eq!(done["tasks"][0]["attempt"], 1, "{done:#}");
 }
 
-/// Deletes every Redis key under `prefix` (SCAN + DEL), as an empty Redis restart would for this
-/// test (the shared server itself keeps running for the other tests). Returns how many went.
-async fn wipe_redis_prefix(prefix: &str) -> usize {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            deleted += keys.len();
-            redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.unwrap();
-        }
-        if next == 0 {
-            return deleted;
-        }
-        cursor = next;
-    }
-}
-
-/// A05: Redis restarted empty mid-run (simulated by deleting every key under this test's prefix,
-/// twice, while sleeps are in flight and queued): the reaper re-dispatches from the database, the
+/// A05: Redis restarted empty mid-run, simulated by deleting every key under this test's prefix
+/// twice while sleeps are in flight and queued (the shared server itself keeps running for the
+/// other tests): the reaper re-dispatches from the database, the
 /// workers keep fetching, and every run still finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_finish_after_redis_loses_its_keys() {
@@ -172,13 +145,13 @@ async fn runs_finish_after_redis_loses_its_keys() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let wiped = Instant::now();
-    let n = wipe_redis_prefix(&cluster.redis_prefix).await;
+    let n = delete_redis_keys(&cluster.redis_prefix).await;
     eprintln!("first wipe: {n} Redis key(s) deleted");
     // The second as soon as keys are back (workers registered again, dispatches pushed again).
     let deadline = Instant::now() + Duration::from_secs(30);
     let n = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let n = wipe_redis_prefix(&cluster.redis_prefix).await;
+        let n = delete_redis_keys(&cluster.redis_prefix).await;
         if n > 0 {
             break n;
         }

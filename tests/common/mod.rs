@@ -26,6 +26,40 @@ pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Every Redis key under `prefix` (`prefix:*`), found with SCAN.
+pub async fn redis_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut cursor: u64 = 0;
+    let mut all = vec![];
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        all.extend(keys);
+        if next == 0 {
+            return all;
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every Redis key under `prefix`; returns how many went.
+pub async fn delete_redis_keys(prefix: &str) -> usize {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = redis_keys(&mut conn, prefix).await;
+    let n = keys.len();
+    if n > 0 {
+        redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.unwrap();
+    }
+    n
+}
+
 /// Drops a test's database and deletes its Redis keys (everything under `prefix`). Called from
 /// `Drop`, which runs inside the test's runtime: the work is done on a thread of its own.
 pub fn remove_database_and_keys(database: &str, prefix: &str) {
@@ -37,12 +71,7 @@ pub fn remove_database_and_keys(database: &str, prefix: &str) {
             let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
             admin.execute_raw(Statement::from_string(admin.get_database_backend(), sql)).await.ok()?;
             admin.close().await.ok()?;
-            let client = redis::Client::open(redis_url()).ok()?;
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.ok()?;
-            if !keys.is_empty() {
-                redis::cmd("DEL").arg(keys).query_async::<i64>(&mut conn).await.ok()?;
-            }
+            delete_redis_keys(&prefix).await;
             Some(())
         })
     })
