@@ -22,7 +22,7 @@ use super::{Dispatch, work::AGING_MS};
 const FORGET_BATCH: usize = 64;
 
 /// The sorted set beside `queue`.
-pub(super) fn key(queue: &str) -> String {
+fn key(queue: &str) -> String {
     format!("{queue}:by-priority")
 }
 
