@@ -192,9 +192,13 @@ async fn a01_sigkill_random_workers_loses_no_run() {
         let killed_at = Instant::now();
         last_kill = killed_at;
         workers[slot] = cluster.spawn_worker();
-        // The rows the dead worker held: they can only change through the reaper now.
+        // The rows the dead worker held: they can only change through the reaper once PostgreSQL
+        // has run what the worker sent before it died (a completion's commit, say).
         let orphans = match &name {
-            Some(name) => running_under(&db, name).await,
+            Some(name) => {
+                db.wait_disconnected(name).await;
+                running_under(&db, name).await
+            }
             None => vec![],
         };
         eprintln!(
@@ -555,8 +559,12 @@ async fn a14_worker_dead_before_first_heartbeat() {
         assert!(Instant::now() < deadline, "the task never ran: {r}\n{}", cluster.logs());
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let name = cluster.worker_name(workers[0]).unwrap();
+    // The worker's connections carry its name, which is how the wait below knows them.
+    assert!(db.connections_of(&name).await > 0, "no connection named {name}");
     cluster.kill(workers[0]);
     let killed = Instant::now();
+    db.wait_disconnected(&name).await;
     // The lease was never extended: the worker died before its first heartbeat.
     let r = db.rows(&query).await[0].clone();
     assert_eq!(r["status"], "running", "{r}");

@@ -19,7 +19,7 @@ async fn store(config: &Config) -> anyhow::Result<Store> {
     if config.is_embedded() {
         std::fs::create_dir_all(&config.data_dir)?;
     }
-    let store = Store::connect(&config.database_url, 2).await.context("connecting to the database")?;
+    let store = Store::connect(&config.database_url, 2, "sluice admin").await.context("connecting to the database")?;
     store.migrate().await.context("applying migrations")?;
     Ok(store)
 }

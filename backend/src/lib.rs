@@ -49,7 +49,12 @@ impl AppState {
                 .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
         }
         let secrets_key = secrets::SecretsKey::load(&config).context("loading the key for tenant secrets")?;
-        let store = store::Store::connect(&config.database_url, config.db_max_connections)
+        // The name under which this process holds leases (its database connections carry it).
+        let name = match (&config.worker.name, config.with_worker) {
+            (Some(name), true) => name.clone(),
+            _ => engine::worker_name(),
+        };
+        let store = store::Store::connect(&config.database_url, config.db_max_connections, &name)
             .await
             .context("connecting to the database")?;
         store.migrate().await.context("applying database migrations")?;
@@ -65,15 +70,13 @@ impl AppState {
                 config.worker.tenant.is_none(),
                 "SLUICE_WORKER_TENANT applies to `sluice worker` only; the worker inside `sluice serve` is shared"
             );
-            let name = config.worker.name.clone().unwrap_or_else(engine::worker_name);
             let profile =
-                engine::registry::WorkerProfile::new(&config.worker, name, None, config.worker_slots, "serve");
+                engine::registry::WorkerProfile::new(&config.worker, name.clone(), None, config.worker_slots, "serve");
             let registration = engine::registry::register(&store, &profile, None, engine::Timings::from_env()).await?;
             Some((engine::registry::Gate::new(profile), std::sync::Arc::new(registration)))
         } else {
             None
         };
-        let name = worker.as_ref().map_or_else(engine::worker_name, |(gate, _)| gate.profile.name.clone());
         let engine = match &config.redis_url {
             // Distributed: dispatches go to Redis; `sluice worker` processes take them, and this
             // process too with `--with-worker`.

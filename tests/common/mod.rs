@@ -324,6 +324,31 @@ impl Db {
         .await
     }
 
+    /// How many connections the process named `name` holds (its connections carry the name as
+    /// `application_name`; PostgreSQL keeps the first 63 bytes of it).
+    pub async fn connections_of(&self, name: &str) -> i64 {
+        let mut end = name.len().min(63);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.count(&format!(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE application_name = '{}'",
+            name[..end].replace('\'', "''")
+        ))
+        .await
+    }
+
+    /// Waits until PostgreSQL has closed every connection of the process named `name`. A process
+    /// killed with SIGKILL may have sent statements PostgreSQL has not run yet: its rows are
+    /// settled only after this.
+    pub async fn wait_disconnected(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.connections_of(name).await > 0 {
+            assert!(Instant::now() < deadline, "the connections of {name} stayed open 30 s after it exited");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub async fn close(self) {
         self.0.close().await.ok();
     }

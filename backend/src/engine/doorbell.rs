@@ -678,14 +678,14 @@ async fn shutdown_signal() {
 /// Time in-flight executions get to finish after SIGTERM or Ctrl-C.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// The profile of this process's worker from the configuration: its name (configured, or a
-/// unique generated one) and, for a tenant's own worker, the tenant its token may register for.
+/// The profile of this process's worker, named `name`, from the configuration and, for a
+/// tenant's own worker, the tenant its token may register for.
 pub async fn worker_profile(
     config: &Config,
     store: &Store,
+    name: String,
     mode: &'static str,
 ) -> anyhow::Result<(WorkerProfile, Option<registry::TenantGrant>)> {
-    let name = config.worker.name.clone().unwrap_or_else(super::worker_name);
     let grant = match (&config.worker.tenant, &config.worker.token) {
         (Some(slug), Some(token)) => Some(registry::authorize_tenant_worker(store, slug, token, &name).await?),
         _ => None,
@@ -700,9 +700,11 @@ pub async fn worker_profile(
 pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let url = config.redis_url.clone().context("`sluice worker` needs SLUICE_REDIS_URL")?;
     let secrets_key = SecretsKey::load(&config).context("loading the key for tenant secrets")?;
-    let store =
-        Store::connect(&config.database_url, config.db_max_connections).await.context("connecting to the database")?;
-    let (profile, grant) = worker_profile(&config, &store, "worker").await?;
+    let name = config.worker.name.clone().unwrap_or_else(super::worker_name);
+    let store = Store::connect(&config.database_url, config.db_max_connections, &name)
+        .await
+        .context("connecting to the database")?;
+    let (profile, grant) = worker_profile(&config, &store, name, "worker").await?;
     let registration =
         Arc::new(registry::register(&store, &profile, grant.as_ref(), super::Timings::from_env()).await?);
     let result = serve_as_worker(&config, url, store, secrets_key, profile, &registration).await;

@@ -49,8 +49,12 @@ pub fn sqlite_url(data_dir: &Path) -> String {
 }
 
 impl Store {
-    /// Connects to `url` (`postgres://...` or `sqlite://...`).
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, DbErr> {
+    /// Connects to `url` (`postgres://...` or `sqlite://...`). On PostgreSQL the connections
+    /// carry `application_name` (unless the URL sets one), so `pg_stat_activity` tells which
+    /// process holds which connection: a process that holds leases passes its worker name,
+    /// the `lease_owner` of the tasks it runs.
+    pub async fn connect(url: &str, max_connections: u32, application_name: &str) -> Result<Self, DbErr> {
+        let application_name = application_name.to_owned();
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.max_connections(max_connections)
             .min_connections(1)
@@ -61,6 +65,9 @@ impl Store {
             // every checkout would add a round trip to every query and transaction.
             .test_before_acquire_if_idle_for(Duration::from_secs(30))
             .sqlx_logging(false)
+            .map_sqlx_postgres_opts(move |o| {
+                if o.get_application_name().is_some() { o } else { o.application_name(&application_name) }
+            })
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
