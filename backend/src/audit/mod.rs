@@ -199,9 +199,16 @@ pub async fn init_chain(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid
     Ok(())
 }
 
+/// The statement that reads, and on PostgreSQL locks until the transaction ends, the chain head
+/// (`seq`, `hash`) of the tenant whose id is `$1`, along with `extra` columns (which may use `$1`).
+pub fn head_sql(store: &Store, extra: &str) -> String {
+    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    format!("SELECT seq, hash{extra} FROM audit_heads WHERE tenant_id = $1{}", store.for_update())
+}
+
 /// Appends an event to a tenant's chain, inside the caller's transaction. Returns its seq.
 pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev: &NewEvent<'_>) -> Result<i64, DbErr> {
-    let sql = format!("SELECT seq, hash FROM audit_heads WHERE tenant_id = $1{}", store.for_update());
+    let sql = head_sql(store, "");
     let head: Head = match store.query_one(conn, &sql, vec![tenant.into()]).await? {
         Some(h) => h,
         None if tenant == PLATFORM => {
@@ -220,9 +227,25 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
         }
         None => return Err(DbErr::Custom(format!("audit chain of tenant {tenant} missing"))),
     };
+    let (seq, statements) = append_statements(tenant, head.seq, head.hash, ev);
+    let changed = store.execute_together(conn, statements).await?;
+    check_appended(tenant, changed, 0)?;
+    Ok(seq)
+}
+
+/// The two statements that append `ev` to the chain of `tenant`, whose head (read with
+/// [`head_sql`], in the same transaction) is `head_seq` and `head_hash`: the event, and the
+/// chain's new head. They go in one round trip; [`check_appended`] checks what they changed.
+/// Returns the event's seq and the statements.
+pub fn append_statements(
+    tenant: Uuid,
+    head_seq: i64,
+    head_hash: String,
+    ev: &NewEvent<'_>,
+) -> (i64, Vec<(String, Vec<sea_orm::Value>)>) {
     let mut m = audit_event::Model {
         tenant_id: tenant,
-        seq: head.seq + 1,
+        seq: head_seq + 1,
         occurred_at: Utc::now().trunc_subsecs(6),
         actor_type: ev.actor.kind.to_owned(),
         actor_id: ev.actor.id.clone(),
@@ -237,7 +260,7 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
         user_agent: clip(ev.source.user_agent.as_deref(), 512),
         request_id: clip(ev.source.request_id.as_deref(), 64),
         details: ev.details.to_string(),
-        prev_hash: head.hash,
+        prev_hash: head_hash,
         hash: String::new(),
     };
     m.hash = event_hash(&m);
@@ -273,11 +296,16 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
         "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1".to_owned(),
         vec![tenant.into(), seq.into(), m.hash.into()],
     );
-    let changed = store.execute_together(conn, vec![insert, head]).await?;
-    if changed != 2 {
+    (seq, vec![insert, head])
+}
+
+/// Checks the rows changed by [`append_statements`] run together with statements that must
+/// change `others` rows: `changed` counts them all.
+pub fn check_appended(tenant: Uuid, changed: u64, others: u64) -> Result<(), DbErr> {
+    if changed != others + 2 {
         return Err(DbErr::Custom(format!("audit chain of tenant {tenant}: the head changed concurrently")));
     }
-    Ok(seq)
+    Ok(())
 }
 
 /// The result of verifying a chain.

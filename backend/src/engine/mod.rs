@@ -753,6 +753,21 @@ impl Core {
     /// write lock) and returns what to do after the commit ([`Core::after_commit`]).
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
         let mut applied = Applied::default();
+        let run = state::RunRef::Id(run);
+        self.steps(conn, run, &[&Step::Event(event)], &mut None, &mut applied, &mut HashMap::new()).await?;
+        Ok(applied)
+    }
+
+    /// Applies the first event to a run inserted and [primed](Self::prime) by the caller's
+    /// transaction, whose row the caller passes: the run is not read back.
+    pub async fn apply_to_new(
+        &self,
+        conn: &impl ConnectionTrait,
+        row: state::RunRow,
+        event: Event,
+    ) -> Result<Applied, DbErr> {
+        let mut applied = Applied::default();
+        let run = state::RunRef::Row(Box::new(row));
         self.steps(conn, run, &[&Step::Event(event)], &mut None, &mut applied, &mut HashMap::new()).await?;
         Ok(applied)
     }
@@ -764,7 +779,7 @@ impl Core {
     async fn steps(
         &self,
         conn: &impl ConnectionTrait,
-        run: Uuid,
+        run: state::RunRef,
         steps: &[&Step],
         clock: &mut Option<chrono::DateTime<Utc>>,
         applied: &mut Applied,
@@ -779,6 +794,7 @@ impl Core {
             return Ok(steps.iter().map(none).collect());
         };
         let state::Loaded { row, plan: run_plan, state: old, mut leases } = loaded;
+        let run = row.id;
         let now = match clock.or(row.db_now) {
             Some(now) => now,
             None => self.db_now(conn).await?,
@@ -988,8 +1004,15 @@ impl Core {
                 )
                 .await?;
             if let Some(next) = next {
-                Box::pin(self.steps(conn, next.id, &[&Step::Event(Event::Start)], &mut Some(now), applied, running))
-                    .await?;
+                Box::pin(self.steps(
+                    conn,
+                    state::RunRef::Id(next.id),
+                    &[&Step::Event(Event::Start)],
+                    &mut Some(now),
+                    applied,
+                    running,
+                ))
+                .await?;
             }
         }
         Ok(done)
@@ -1067,7 +1090,8 @@ impl Core {
         let mut now = None;
         for (run, idx) in &runs {
             let steps: Vec<&Step> = idx.iter().map(|&i| ops[i].1).collect();
-            let results = self.steps(&*txn, *run, &steps, &mut now, &mut applied, &mut running).await?;
+            let results =
+                self.steps(&*txn, state::RunRef::Id(*run), &steps, &mut now, &mut applied, &mut running).await?;
             for (&i, r) in idx.iter().zip(results) {
                 done[i] = r;
             }

@@ -60,6 +60,34 @@ pub struct RunRow {
     pub tenant_max: Option<i64>,
 }
 
+impl RunRow {
+    /// The row of a run just inserted (pending, revision 0), as the inserting transaction knows it.
+    pub fn new(
+        id: Uuid,
+        tenant_id: Uuid,
+        pipeline_id: Uuid,
+        version: i64,
+        concurrency_key: Option<String>,
+        load: TenantLoad,
+    ) -> Self {
+        Self {
+            id,
+            tenant_id,
+            pipeline_id,
+            version,
+            status: "pending".into(),
+            next_wake_at: None,
+            started_at: None,
+            finished_at: None,
+            rev: 0,
+            concurrency_key,
+            db_now: load.db_now,
+            tenant_running: load.tenant_running,
+            tenant_max: load.tenant_max,
+        }
+    }
+}
+
 #[derive(Debug, FromQueryResult)]
 struct StateRow {
     /// 0: a stage, 1: a task.
@@ -169,32 +197,87 @@ pub struct Loaded {
     pub leases: Vec<Option<String>>,
 }
 
+/// The columns `db_now`, `tenant_running` and `tenant_max` of [`RunRow`] (and [`TenantLoad`]):
+/// PostgreSQL's clock, and the load of the tenant whose id is `tenant` (an SQL expression).
+pub fn tenant_load_columns(store: &Store, tenant: &str) -> String {
+    format!(
+        "{} AS db_now, \
+         (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running') AS tenant_running, \
+         (SELECT max_running_tasks FROM tenants WHERE tenants.id = {tenant}) AS tenant_max",
+        if store.backend() == sea_orm::DbBackend::Postgres { "now()" } else { "NULL" },
+    )
+}
+
+/// What [`tenant_load_columns`] reads.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct TenantLoad {
+    /// PostgreSQL's clock for this transaction; `None` on SQLite.
+    pub db_now: Option<DateTime<Utc>>,
+    /// How many tasks of the tenant are running, as this transaction sees it.
+    pub tenant_running: i64,
+    /// The operator's override of the tenant's running-task limit.
+    pub tenant_max: Option<i64>,
+}
+
+/// A run to load: by its id, or with its row when the caller has it (a run inserted by the very
+/// transaction that loads it).
+pub enum RunRef {
+    /// Read the row.
+    Id(Uuid),
+    /// The row is known.
+    Row(Box<RunRow>),
+}
+
+impl RunRef {
+    /// The run's id.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Self::Id(id) => *id,
+            Self::Row(row) => row.id,
+        }
+    }
+}
+
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
-/// read only when `states` holds no state of the run at its current revision.
+/// read only when `states` holds no state of the run at its current revision; for a run whose
+/// row is known, nothing is read that the caches hold.
 pub async fn load(
     store: &Store,
     conn: &impl ConnectionTrait,
-    run: Uuid,
+    run: RunRef,
     plans: &PlanCache,
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
+    let run = match run {
+        RunRef::Row(row) => return load_state(store, conn, *row, plans, states).await.map(Some),
+        RunRef::Id(run) => run,
+    };
     // The tenant's load comes along for claims (the per-tenant limit), and PostgreSQL's clock
     // for leases: one round trip instead of three.
     let sql = format!(
         "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
-         concurrency_key, {} AS db_now, \
-         (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = runs.tenant_id AND t.status = 'running') AS tenant_running, \
-         (SELECT max_running_tasks FROM tenants WHERE tenants.id = runs.tenant_id) AS tenant_max \
-         FROM runs WHERE id = $1{}",
-        if store.backend() == sea_orm::DbBackend::Postgres { "now()" } else { "NULL" },
+         concurrency_key, {} FROM runs WHERE id = $1{}",
+        tenant_load_columns(store, "runs.tenant_id"),
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
+    load_state(store, conn, row, plans, states).await.map(Some)
+}
+
+/// The plan and state of the run whose row is `row`.
+async fn load_state(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    row: RunRow,
+    plans: &PlanCache,
+    states: &StateCache,
+) -> Result<Loaded, DbErr> {
+    let run = row.id;
     let plan = plan_of(store, conn, run, plans).await?;
     if let Some(c) = states.get(&run).filter(|c| c.rev == row.rev) {
-        return Ok(Some(Loaded { row, plan, state: c.state, leases: c.leases }));
+        return Ok(Loaded { row, plan, state: c.state, leases: c.leases });
     }
     // The stage and task rows in one round trip: stages first, each in index order.
     let rows: Vec<StateRow> = store
@@ -239,7 +322,7 @@ pub async fn load(
         return Err(DbErr::Custom(format!("run {run}: rows do not match its plan")));
     }
     let leases = tasks.into_iter().map(|t| t.lease_owner).collect();
-    Ok(Some(Loaded { row, plan, state, leases }))
+    Ok(Loaded { row, plan, state, leases })
 }
 
 /// Rows per multi-row `INSERT`.

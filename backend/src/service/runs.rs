@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::{CarriedTask, carry_over, row_inserts},
+    engine::state::{CarriedTask, RunRow, TenantLoad, carry_over, row_inserts, tenant_load_columns},
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -167,7 +167,38 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             };
         }
     }
-    // The run's row, its stages' and its tasks' go in one round trip.
+    // The tenant's audit chain head (locked until the commit), with what the engine needs to
+    // start the run without reading it back: the database clock and the tenant's load.
+    #[derive(sea_orm::FromQueryResult)]
+    struct Context {
+        seq: i64,
+        hash: String,
+        #[sea_orm(nested)]
+        load: TenantLoad,
+    }
+    let head = audit::head_sql(store, &tenant_load_columns(store, "$1"));
+    let ctx: Context = store
+        .query_one(&*txn, &head, vec![req.tenant.into()])
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("audit chain of tenant {} missing", req.tenant))?;
+    let mut details = serde_json::json!({
+        "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
+    });
+    if let Some((key, max, on_conflict)) = &concurrency {
+        details["concurrency"] = serde_json::json!({
+            "key": key, "max": max,
+            "outcome": match (limited, on_conflict) {
+                (false, _) => "started",
+                (true, OnConflict::Queue) => "queued",
+                (true, OnConflict::CancelNew) => "cancelled",
+            },
+        });
+    }
+    if let Some(r) = &req.retry {
+        details["retry_of"] = r.of.to_string().into();
+        details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
+    }
+    // The run's row, its stages' and its tasks', and its audit event go in one round trip.
     let mut inserts = vec![(
         "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
              params, plan, idempotency_key, retry_of, created_at, concurrency_key) \
@@ -191,43 +222,11 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         ],
     )];
     inserts.extend(row_inserts(req.tenant, id, &run_plan));
-    let inserted = store.execute_together(&*txn, inserts).await;
-    match inserted {
-        Ok(_) => {}
-        Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
-            // The same key won a race: that run is the answer.
-            drop(txn);
-            let key = req.idempotency_key.unwrap_or_default();
-            let existing = existing_run(state, req.tenant, key).await?.or_not_found("run")?;
-            return Ok(Started { id: existing, created: false });
-        }
-        Err(e) => return Err(e.into()),
-    }
-    match &req.retry {
-        Some(r) => carry_over(store, &*txn, id, &run_plan, r.carry_over).await?,
-        None => state.engine.prime(id, std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan.clone()))),
-    }
-    let mut details = serde_json::json!({
-        "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
-    });
-    if let Some((key, max, on_conflict)) = &concurrency {
-        details["concurrency"] = serde_json::json!({
-            "key": key, "max": max,
-            "outcome": match (limited, on_conflict) {
-                (false, _) => "started",
-                (true, OnConflict::Queue) => "queued",
-                (true, OnConflict::CancelNew) => "cancelled",
-            },
-        });
-    }
-    if let Some(r) = &req.retry {
-        details["retry_of"] = r.of.to_string().into();
-        details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
-    }
-    audit::append(
-        store,
-        &*txn,
+    let rows = 1 + (run_plan.stages.len() + run_plan.tasks.len()) as u64;
+    let (_, audited) = audit::append_statements(
         req.tenant,
+        ctx.seq,
+        ctx.hash,
         &NewEvent {
             actor: req.actor,
             action: if req.retry.is_some() { "run.retry" } else { "run.create" },
@@ -239,10 +238,32 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             source: req.source,
             details,
         },
-    )
-    .await?;
+    );
+    inserts.extend(audited);
+    match store.execute_together(&*txn, inserts).await {
+        Ok(changed) => audit::check_appended(req.tenant, changed, rows)?,
+        Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
+            // The same key won a race: that run is the answer.
+            drop(txn);
+            let key = req.idempotency_key.unwrap_or_default();
+            let existing = existing_run(state, req.tenant, key).await?.or_not_found("run")?;
+            return Ok(Started { id: existing, created: false });
+        }
+        Err(e) => return Err(e.into()),
+    }
     // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
-    let mut applied = state.engine.apply_in(&*txn, id, start).await?;
+    let mut applied = match &req.retry {
+        Some(r) => {
+            carry_over(store, &*txn, id, &run_plan, r.carry_over).await?;
+            state.engine.apply_in(&*txn, id, start).await?
+        }
+        None => {
+            let concurrency_key = concurrency.map(|c| c.0);
+            state.engine.prime(id, std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan)));
+            let row = RunRow::new(id, req.tenant, req.pipeline.id, version, concurrency_key, ctx.load);
+            state.engine.apply_to_new(&*txn, row, start).await?
+        }
+    };
     txn.commit().await?;
     state.engine.after_commit(&mut applied);
     Ok(Started { id, created: true })
