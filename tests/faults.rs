@@ -75,14 +75,17 @@ async fn wait_redispatched(db: Db, orphans: Vec<TaskRow>, since: Instant, secs: 
     let deadline = since + Duration::from_secs(secs);
     while !left.is_empty() {
         let list: Vec<String> = left.keys().map(|(r, i)| format!("('{r}'::uuid, {i})")).collect();
-        let rows = db
+        let rows: Vec<TaskRow> = db
             .rows(&format!(
                 "SELECT run_id::text AS run_id, idx::int8 AS idx, attempt::int8 AS attempt, status FROM task_runs \
                  WHERE (run_id, idx) IN ({})",
                 list.join(", ")
             ))
-            .await;
-        for r in rows.iter().map(task_row) {
+            .await
+            .iter()
+            .map(task_row)
+            .collect();
+        for r in &rows {
             let key = (r.run.clone(), r.idx);
             if let Some(&was) = left.get(&key)
                 && r.attempt > was
@@ -92,8 +95,8 @@ async fn wait_redispatched(db: Db, orphans: Vec<TaskRow>, since: Instant, secs: 
                 took.push(since.elapsed());
             }
         }
-        if Instant::now() > deadline {
-            panic!("orphans not re-dispatched {secs} s after the kill: {left:?}");
+        if !left.is_empty() && Instant::now() > deadline {
+            panic!("orphans not re-dispatched {secs} s after the kill: {left:?}; their rows now: {rows:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
