@@ -11,6 +11,7 @@ mod m20261127_000004_create_triggers;
 mod m20261127_000005_create_workers;
 mod m20261127_000006_tenant_http_allow;
 mod m20261127_000007_run_scheduling;
+mod m20261202_000008_pending_runs;
 mod util;
 
 /// The ordered list of Sluice's migrations.
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000005_create_workers::Migration),
             Box::new(m20261127_000006_tenant_http_allow::Migration),
             Box::new(m20261127_000007_run_scheduling::Migration),
+            Box::new(m20261202_000008_pending_runs::Migration),
         ]
     }
 }

@@ -370,8 +370,8 @@ impl Engine {
     /// Limits how many tasks of one tenant run at once (0: no limit). A claim over the limit is
     /// refused and the task stays queued; it is rung again when a task of its tenant ends here,
     /// or by the reaper. Each process counts the tenant's running tasks in the database when it
-    /// claims, so with several processes claiming at the same instant the limit can be passed
-    /// by at most one task per process.
+    /// claims, so processes claiming at the same instant, which do not see each other's claims,
+    /// can together pass the limit by what the others claim at that instant.
     pub fn set_tenant_task_limit(&self, limit: usize) {
         self.tenant_task_limit.store(limit, Ordering::Relaxed);
     }
@@ -549,8 +549,75 @@ impl Engine {
             r?;
         }
         self.ring_unclaimed(now).await?;
+        self.start_queued_runs().await?;
         if let Some(guard) = guard {
             guard.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts runs queued behind a pipeline's concurrency limit while their key has room. A run
+    /// that ends hands its slot to the oldest waiting run in its own transaction, which leaves
+    /// room unused in two races on PostgreSQL: a start that counts a run as active while that
+    /// run's end is being committed queues itself after the end looked for waiting runs, and
+    /// two runs that end at once both hand their slot to the same waiting run. This pass decides
+    /// as a start does, under the pipeline's row lock, so it never admits more than the limit.
+    async fn start_queued_runs(&self) -> Result<(), DbErr> {
+        #[derive(FromQueryResult)]
+        struct Key {
+            pipeline_id: Uuid,
+            concurrency_key: String,
+        }
+        #[derive(FromQueryResult)]
+        struct Waiting {
+            id: Uuid,
+            version: i64,
+        }
+        let keys: Vec<Key> = self
+            .store
+            .query_all(
+                self.store.db(),
+                "SELECT DISTINCT pipeline_id, concurrency_key FROM runs \
+                 WHERE status = 'pending' AND concurrency_key IS NOT NULL",
+                vec![],
+            )
+            .await?;
+        for key in keys {
+            let txn = self.store.write().await?;
+            let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", self.store.for_update());
+            self.store.execute(&*txn, &lock, vec![key.pipeline_id.into()]).await?;
+            let waiting: Vec<Waiting> = self
+                .store
+                .query_all(
+                    &*txn,
+                    "SELECT id, version FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 \
+                     AND status = 'pending' ORDER BY created_at, id",
+                    vec![key.pipeline_id.into(), key.concurrency_key.clone().into()],
+                )
+                .await?;
+            let Some(first) = waiting.first() else { continue };
+            // The limit of the oldest waiting run's version, as its start judged it.
+            let max = match self.spec_of(key.pipeline_id, first.version).await {
+                Ok(spec) => spec.concurrency.as_ref().map_or(0, |c| i64::from(c.max)),
+                Err(e) => {
+                    tracing::warn!(pipeline = %key.pipeline_id, error = %e, "cannot read a waiting run's concurrency limit");
+                    continue;
+                }
+            };
+            let active = state::active_runs(&self.store, &*txn, key.pipeline_id, &key.concurrency_key).await?;
+            let room = usize::try_from(max - active).unwrap_or(0);
+            if room == 0 {
+                continue;
+            }
+            let mut applied = Applied::default();
+            let mut running = HashMap::new();
+            for w in waiting.iter().take(room) {
+                tracing::info!(run = %w.id, key = %key.concurrency_key, "starting a run that waited while its concurrency key had room");
+                let start = [&Step::Event(Event::Start)];
+                self.steps(&*txn, state::RunRef::Id(w.id), &start, &mut None, &mut applied, &mut running).await?;
+            }
+            txn.commit().await?;
+            self.after_commit(&mut applied);
         }
         Ok(())
     }
@@ -732,11 +799,11 @@ impl Core {
     /// How many tasks of the run's tenant are running, and its limit (0: none): as the run's
     /// load read them (the count, and the operator's override of the configured limit) for the
     /// first run of the tenant in this transaction, then kept up to date in `running` as claims
-    /// succeed.
+    /// succeed. (`steps` reads the count before any claim when the row came without it.)
     fn tenant_load(&self, row: &state::RunRow, running: &mut HashMap<Uuid, (i64, i64)>) -> (i64, i64) {
         *running.entry(row.tenant_id).or_insert_with(|| {
             let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
-            (row.tenant_running, row.tenant_max.unwrap_or(default))
+            (row.tenant_running.unwrap_or_default(), row.tenant_max.unwrap_or(default))
         })
     }
 
@@ -793,8 +860,14 @@ impl Core {
         let Some(loaded) = state::load(&self.store, conn, run, &self.plans, &self.states).await? else {
             return Ok(steps.iter().map(none).collect());
         };
-        let state::Loaded { row, plan: run_plan, state: old, mut leases } = loaded;
+        let state::Loaded { mut row, plan: run_plan, state: old, mut leases } = loaded;
         let run = row.id;
+        // A row passed in may come without the tenant's running tasks (see `service::runs`):
+        // they are counted now, in a statement of their own, if this transaction may claim.
+        let may_claim = self.handoff.get().is_some() || steps.iter().any(|s| matches!(s, Step::Claim(_)));
+        if row.tenant_running.is_none() && may_claim && !running.contains_key(&row.tenant_id) {
+            row.tenant_running = Some(state::tenant_running(&self.store, conn, row.tenant_id).await?);
+        }
         let now = match clock.or(row.db_now) {
             Some(now) => now,
             None => self.db_now(conn).await?,

@@ -54,8 +54,9 @@ pub struct RunRow {
     /// PostgreSQL's clock for this transaction (read along, to spare a round trip); `None` on
     /// SQLite, whose clock is this process's.
     pub db_now: Option<DateTime<Utc>>,
-    /// How many tasks of the run's tenant are running, as this transaction sees it.
-    pub tenant_running: i64,
+    /// How many tasks of the run's tenant are running, as this transaction sees it (`None`: not
+    /// read yet).
+    pub tenant_running: Option<i64>,
     /// The operator's override of the tenant's running-task limit.
     pub tenant_max: Option<i64>,
 }
@@ -198,14 +199,54 @@ pub struct Loaded {
 }
 
 /// The columns `db_now`, `tenant_running` and `tenant_max` of [`RunRow`] (and [`TenantLoad`]):
-/// PostgreSQL's clock, and the load of the tenant whose id is `tenant` (an SQL expression).
-pub fn tenant_load_columns(store: &Store, tenant: &str) -> String {
+/// PostgreSQL's clock, and the load of the tenant whose id is `tenant` (an SQL expression);
+/// without `count`, the running tasks are left unread (`NULL`).
+pub fn tenant_load_columns(store: &Store, tenant: &str, count: bool) -> String {
+    let running = if count {
+        format!("(SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running')")
+    } else {
+        "CAST(NULL AS BIGINT)".to_owned()
+    };
     format!(
-        "{} AS db_now, \
-         (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running') AS tenant_running, \
+        "{} AS db_now, {running} AS tenant_running, \
          (SELECT max_running_tasks FROM tenants WHERE tenants.id = {tenant}) AS tenant_max",
         if store.backend() == sea_orm::DbBackend::Postgres { "now()" } else { "NULL" },
     )
+}
+
+/// How many tasks of `tenant` are running, as a new statement of `conn` sees it.
+pub async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<i64, DbErr> {
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    let n: Option<N> = store
+        .query_one(
+            conn,
+            "SELECT COUNT(*) AS n FROM task_runs WHERE tenant_id = $1 AND status = 'running'",
+            vec![tenant.into()],
+        )
+        .await?;
+    Ok(n.map_or(0, |n| n.n))
+}
+
+/// Runs of a pipeline with a concurrency key that hold a slot: started and not ended.
+pub async fn active_runs(store: &Store, conn: &impl ConnectionTrait, pipeline: Uuid, key: &str) -> Result<i64, DbErr> {
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    let active: Vec<String> = RunStatus::ALL
+        .iter()
+        .filter(|s| **s != RunStatus::Pending && !s.is_terminal())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status IN ({})",
+        active.join(", ")
+    );
+    let n: Option<N> = store.query_one(conn, &sql, vec![pipeline.into(), key.into()]).await?;
+    Ok(n.map_or(0, |n| n.n))
 }
 
 /// What [`tenant_load_columns`] reads.
@@ -213,8 +254,8 @@ pub fn tenant_load_columns(store: &Store, tenant: &str) -> String {
 pub struct TenantLoad {
     /// PostgreSQL's clock for this transaction; `None` on SQLite.
     pub db_now: Option<DateTime<Utc>>,
-    /// How many tasks of the tenant are running, as this transaction sees it.
-    pub tenant_running: i64,
+    /// How many tasks of the tenant are running, as this transaction sees it, if it was read.
+    pub tenant_running: Option<i64>,
     /// The operator's override of the tenant's running-task limit.
     pub tenant_max: Option<i64>,
 }
@@ -257,7 +298,7 @@ pub async fn load(
     let sql = format!(
         "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
          concurrency_key, {} FROM runs WHERE id = $1{}",
-        tenant_load_columns(store, "runs.tenant_id"),
+        tenant_load_columns(store, "runs.tenant_id", true),
         store.for_update()
     );
     let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {

@@ -3,7 +3,7 @@
 use chrono::Utc;
 use serde_json::{Map, Value};
 use sluice_domain::{
-    plan::{self, Event, RunStatus},
+    plan::{self, Event},
     spec::OnConflict,
     template::{MapContext, render_text},
 };
@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::{CarriedTask, RunRow, TenantLoad, carry_over, row_inserts, tenant_load_columns},
+    engine::state::{CarriedTask, RunRow, TenantLoad, active_runs, carry_over, row_inserts, tenant_load_columns},
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -158,7 +158,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     if let Some((key, max, on_conflict)) = &concurrency {
         let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", store.for_update());
         store.execute(&*txn, &lock, vec![req.pipeline.id.into()]).await?;
-        let active = active_runs(state, &*txn, req.pipeline.id, key).await?;
+        let active = active_runs(store, &*txn, req.pipeline.id, key).await?;
         if active >= i64::from(*max) {
             limited = true;
             start = match on_conflict {
@@ -168,7 +168,11 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         }
     }
     // The tenant's audit chain head (locked until the commit), with what the engine needs to
-    // start the run without reading it back: the database clock and the tenant's load.
+    // start the run without reading it back: the database clock and the tenant's load. On
+    // PostgreSQL the statement's snapshot predates the wait for the lock, so a count of the
+    // tenant's running tasks read here could miss the claims of a start that held the lock
+    // before: the engine counts them itself, after the lock, if the start claims anything.
+    // SQLite's write lock is held by the whole transaction, so its count here is current.
     #[derive(sea_orm::FromQueryResult)]
     struct Context {
         seq: i64,
@@ -176,7 +180,8 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         #[sea_orm(nested)]
         load: TenantLoad,
     }
-    let head = audit::head_sql(store, &tenant_load_columns(store, "$1"));
+    let count = store.backend() == sea_orm::DbBackend::Sqlite;
+    let head = audit::head_sql(store, &tenant_load_columns(store, "$1", count));
     let ctx: Context = store
         .query_one(&*txn, &head, vec![req.tenant.into()])
         .await?
@@ -267,28 +272,4 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     txn.commit().await?;
     state.engine.after_commit(&mut applied);
     Ok(Started { id, created: true })
-}
-
-/// Runs of a pipeline with a concurrency key that hold a slot: started and not ended.
-pub async fn active_runs(
-    state: &AppState,
-    conn: &impl sea_orm::ConnectionTrait,
-    pipeline: Uuid,
-    key: &str,
-) -> Result<i64, sea_orm::DbErr> {
-    #[derive(sea_orm::FromQueryResult)]
-    struct N {
-        n: i64,
-    }
-    let active: Vec<String> = RunStatus::ALL
-        .iter()
-        .filter(|s| **s != RunStatus::Pending && !s.is_terminal())
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
-    let sql = format!(
-        "SELECT COUNT(*) AS n FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status IN ({})",
-        active.join(", ")
-    );
-    let n: Option<N> = state.store.query_one(conn, &sql, vec![pipeline.into(), key.into()]).await?;
-    Ok(n.map_or(0, |n| n.n))
 }

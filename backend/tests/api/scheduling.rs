@@ -60,6 +60,42 @@ async fn peak_running(app: &TestApp, runs: &[(&Member, &str)], bound: &[usize]) 
 
 const LIMITED: &str = "params:\n  env: { type: string, required: true }\nconcurrency: { key: \"deploy-{{ params.env }}\", max: 1 }\nstages:\n  - id: s\n    tasks:\n      - id: t\n        sleep: 1s\n";
 
+/// The outcome of a start that queued itself while the last active run's end was being
+/// committed (or of two runs ending at once, both handing their slot to the same waiting run):
+/// the key has room and a run waits. The reaper starts the oldest waiting run, and only as
+/// many as the limit allows.
+#[actix_web::test]
+async fn the_reaper_starts_a_run_left_waiting_while_its_key_has_room() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("room")).await;
+    assert_eq!(app.create_pipeline(&admin, "deploy", LIMITED).await.status(), StatusCode::CREATED);
+    let a = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let b = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    let c = start(&app, &admin, "deploy", json!({ "env": "prod" })).await;
+    assert_eq!(view(&app, &admin, &b).await["status"], "pending");
+    // `a` ends without handing its slot on (its task's completion is then refused as late).
+    let a_id = uuid::Uuid::parse_str(&a).unwrap();
+    app.sql("UPDATE task_runs SET status = 'cancelled' WHERE run_id = $1", vec![a_id.into()]).await;
+    app.sql("UPDATE runs SET status = 'cancelled', rev = rev + 1 WHERE id = $1", vec![a_id.into()]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = view(&app, &admin, &b).await;
+        if v["status"] != "pending" {
+            assert_eq!(v["status"], "running", "{v:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiting run never started: {v:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The limit is 1: `c` waits for `b`, then starts when `b` ends.
+    let vc = view(&app, &admin, &c).await;
+    assert_eq!(vc["status"], "pending", "{vc:#}");
+    let (vb, vc) = (wait_run(&app, &admin, &b, 30).await, wait_run(&app, &admin, &c, 30).await);
+    assert_eq!(vb["status"], "succeeded", "{vb:#}");
+    assert_eq!(vc["status"], "succeeded", "{vc:#}");
+    assert!(time(&vc, "started_at") >= time(&vb, "finished_at"), "{vb:#} {vc:#}");
+}
+
 #[actix_web::test]
 async fn runs_with_the_same_concurrency_key_queue_and_start_in_order() {
     let app = spawn_app().await;
