@@ -1,7 +1,7 @@
 //! The embedded worker: takes dispatches from the in-process queue, claims them, executes them
 //! with `sluice-worker`, streams their logs into the database, heartbeats, and completes them.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use sea_orm::FromQueryResult;
 use serde_json::Value;
@@ -296,8 +296,24 @@ pub(super) async fn run_claimed(
         Ok(r) => r,
         Err(e) => (TaskOutcome::Failed, None, Some(format!("{e:#}")), BTreeMap::new()),
     };
-    engine.complete(d, outcome, exit_code, message, &outputs, Some(room)).await?;
-    Ok(())
+    // A database that fails for a moment (a restart, a failover, a dropped connection) does
+    // not cost the attempt: the completion is tried again, with backoff, for one heartbeat
+    // period. The lease, extended a period ago at most, outlasts that; a completion that did
+    // commit before its error is answered as late the second time, and changes nothing.
+    let give_up = tokio::time::Instant::now() + engine.timings.heartbeat;
+    let mut room = Some(room);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match engine.complete(d, outcome, exit_code, message.clone(), &outputs, room.take()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() + delay < give_up => {
+                tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "recording the task's result failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 type Finished = (TaskOutcome, Option<i32>, Option<String>, BTreeMap<String, String>);

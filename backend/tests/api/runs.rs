@@ -536,3 +536,62 @@ async fn concurrent_starts_with_one_idempotency_key_make_one_run() {
         app.get(&format!("/api/v1/t/{}/runs?pipeline=pp", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 }
+
+/// A database that refuses writes for a moment as a task ends (a restart, a failover) does not
+/// cost the attempt: the worker records the result once the database answers again, and the
+/// task is not executed a second time.
+#[actix_web::test]
+async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answers() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("blip")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: t\n        sleep: 1s\n";
+    assert_eq!(app.create_pipeline(&admin, "blip", yaml).await.status(), StatusCode::CREATED);
+    // While `refusing` has a row, no task may be recorded as succeeded.
+    app.sql("CREATE TABLE refusing (x INTEGER)", vec![]).await;
+    if app.store().backend() == sea_orm::DbBackend::Postgres {
+        app.sql(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+             IF EXISTS (SELECT 1 FROM refusing) THEN RAISE EXCEPTION 'the database refuses writes'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            vec![],
+        )
+        .await;
+        app.sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON task_runs FOR EACH ROW WHEN (NEW.status = 'succeeded') \
+             EXECUTE FUNCTION refuse()",
+            vec![],
+        )
+        .await;
+    } else {
+        app.sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON task_runs \
+             WHEN NEW.status = 'succeeded' AND EXISTS (SELECT 1 FROM refusing) \
+             BEGIN SELECT RAISE(ABORT, 'the database refuses writes'); END",
+            vec![],
+        )
+        .await;
+    }
+    let run = start(&app, &admin, "blip", json!({})).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value =
+            app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+        if task_of(&v, "t")["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never ran: {v:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Refused from before the task ends (after 1 s) until 0.5 s after.
+    app.sql("INSERT INTO refusing (x) VALUES (1)", vec![]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.sql("DELETE FROM refusing", vec![]).await;
+    let v = wait_run(&app, &admin, &id, 30).await;
+    assert_eq!(v["status"], "succeeded", "{v:#}");
+    let t = task_of(&v, "t");
+    assert_eq!(t["attempt"], 1, "the task ran again: {v:#}");
+    // Recorded after the refusal ended, so the first tries were indeed refused.
+    let at = |f: &str| chrono::DateTime::parse_from_rfc3339(t[f].as_str().unwrap()).unwrap();
+    assert!(at("finished_at") - at("started_at") >= chrono::Duration::milliseconds(1300), "{v:#}");
+}
