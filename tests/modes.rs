@@ -371,7 +371,7 @@ async fn webhook_signatures(c: &Cluster, api: &Api) {
             .post(&url)
             .header("content-type", "application/json")
             .header("X-Sluice-Timestamp", &ts)
-            .header("X-Sluice-Signature", webhook::sign(&key, &ts, signed.as_bytes()))
+            .header("X-Sluice-Signature", webhook::sign(&key, &ts, Some(delivery), signed.as_bytes()))
             .header("X-Sluice-Delivery", delivery)
             .body(body)
             .send()

@@ -158,7 +158,7 @@ fn unauthorized() -> HttpResponse {
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name"),
            ("X-Sluice-Timestamp" = String, Header, description = "unix seconds when the call was signed; at most 5 minutes away from the server's clock"),
            ("X-Sluice-Signature" = String, Header, description = "`sha256=` and the hex HMAC-SHA256, keyed with the webhook secret, of `<X-Sluice-Timestamp>.<raw body>`"),
-           ("X-Sluice-Delivery" = Option<String>, Header, description = "the sender's delivery id (1 to 100 visible ASCII characters): a repeated id returns the run of the first")),
+           ("X-Sluice-Delivery" = Option<String>, Header, description = "the sender's delivery id (1 to 100 visible ASCII characters), signed with the call (`<unix time>.<delivery id>.<body>`): a repeated id returns the run of the first")),
     request_body(content = WebhookCall, description = "optional; `params` for the run"),
     responses((status = 202, description = "the run started (or, for a repeated delivery, the run started before)", body = WebhookAccepted),
               (status = 400, description = "not a JSON object, or a bad delivery id", body = crate::error::Problem),
@@ -183,6 +183,9 @@ async fn receive(
             let checked = webhook::verify(
                 &secret,
                 header(&req, TIMESTAMP_HEADER),
+                // Signed as sent: an id that is not visible ASCII is refused below, once the
+                // caller is known to be the sender.
+                req.headers().get(DELIVERY_HEADER).map(|v| v.as_bytes()),
                 header(&req, SIGNATURE_HEADER),
                 body.bytes(),
                 chrono::Utc::now().timestamp(),
@@ -214,8 +217,9 @@ async fn receive(
         serde_json::from_slice(body.bytes())
             .map_err(|e| ApiError::bad_request("body", format!("must be a JSON object with optional `params`: {e}")))?
     };
-    // A repeated delivery returns the first run. Without a delivery id, the signature itself is
-    // the key: a captured call replayed within the timestamp window starts nothing new.
+    // A repeated delivery returns the first run (the id is signed, so a captured call cannot be
+    // replayed under a new one). Without a delivery id, the signature itself is the key: a
+    // captured call replayed within the timestamp window starts nothing new.
     let key = match delivery {
         Some(d) => format!("webhook:{}:{d}", pipeline.id),
         None => {

@@ -31,18 +31,25 @@ pub fn generate_secret() -> String {
     format!("{SECRET_PREFIX}{random}")
 }
 
-fn mac(secret: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
+/// The MAC over `"<timestamp>.<body>"`, or `"<timestamp>.<delivery>.<body>"` when the call
+/// carries a delivery id: the id decides which run a call returns, so it must be signed too (a
+/// captured call replayed with a new id would otherwise start a new run).
+fn mac(secret: &str, timestamp: &str, delivery: Option<&[u8]>, body: &[u8]) -> Hmac<Sha256> {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!());
     m.update(timestamp.as_bytes());
     m.update(b".");
+    if let Some(d) = delivery {
+        m.update(d);
+        m.update(b".");
+    }
     m.update(body);
     m
 }
 
 /// The signature header value a sender computes: `sha256=<hex>`.
-pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(mac(secret, timestamp, body).finalize().into_bytes()))
+pub fn sign(secret: &str, timestamp: &str, delivery: Option<&str>, body: &[u8]) -> String {
+    format!("sha256={}", hex::encode(mac(secret, timestamp, delivery.map(str::as_bytes), body).finalize().into_bytes()))
 }
 
 /// Why a call was refused (recorded in the audit log; the caller only ever sees 401).
@@ -85,11 +92,12 @@ impl Refusal {
     }
 }
 
-/// Checks a call: the signature over the timestamp and raw body (in constant time), then the
-/// timestamp's freshness against `now` (unix seconds).
+/// Checks a call: the signature over the timestamp, the delivery id if there is one, and the
+/// raw body (in constant time), then the timestamp's freshness against `now` (unix seconds).
 pub fn verify(
     secret: &str,
     timestamp: Option<&str>,
+    delivery: Option<&[u8]>,
     signature: Option<&str>,
     body: &[u8],
     now: i64,
@@ -103,7 +111,7 @@ pub fn verify(
         .ok_or(Refusal::MalformedTimestamp)?;
     let hex_sig = signature.strip_prefix("sha256=").ok_or(Refusal::MalformedSignature)?;
     let given = hex::decode(hex_sig).ok().filter(|b| b.len() == 32).ok_or(Refusal::MalformedSignature)?;
-    mac(secret, timestamp, body).verify_slice(&given).map_err(|_| Refusal::BadSignature)?;
+    mac(secret, timestamp, delivery, body).verify_slice(&given).map_err(|_| Refusal::BadSignature)?;
     if ts < now - TOLERANCE_SECS {
         return Err(Refusal::TimestampTooOld);
     }
@@ -218,28 +226,35 @@ mod tests {
         assert_ne!(secret, generate_secret());
         let ts = NOW.to_string();
         let body = br#"{"params":{}}"#;
-        let sig = sign(&secret, &ts, body);
-        assert_eq!(verify(&secret, Some(&ts), Some(&sig), body, NOW), Ok(()));
-        assert_eq!(verify(&secret, Some(&ts), Some(&sig), body, NOW + TOLERANCE_SECS), Ok(()));
+        let sig = sign(&secret, &ts, None, body);
+        assert_eq!(verify(&secret, Some(&ts), None, Some(&sig), body, NOW), Ok(()));
+        assert_eq!(verify(&secret, Some(&ts), None, Some(&sig), body, NOW + TOLERANCE_SECS), Ok(()));
         assert_eq!(
-            verify(&secret, Some(&ts), Some(&sig), body, NOW + TOLERANCE_SECS + 1),
+            verify(&secret, Some(&ts), None, Some(&sig), body, NOW + TOLERANCE_SECS + 1),
             Err(Refusal::TimestampTooOld)
         );
         assert_eq!(
-            verify(&secret, Some(&ts), Some(&sig), body, NOW - TOLERANCE_SECS - 1),
+            verify(&secret, Some(&ts), None, Some(&sig), body, NOW - TOLERANCE_SECS - 1),
             Err(Refusal::TimestampInFuture)
         );
-        assert_eq!(verify(&secret, Some(&ts), Some(&sig), b"{}", NOW), Err(Refusal::BadSignature));
-        assert_eq!(verify("whsec_other", Some(&ts), Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify(&secret, Some(&ts), None, Some(&sig), b"{}", NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify("whsec_other", Some(&ts), None, Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        // A delivery id is signed with the call: adding, changing or dropping it breaks the
+        // signature.
+        assert_eq!(verify(&secret, Some(&ts), Some(b"d-1"), Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        let with_id = sign(&secret, &ts, Some("d-1"), body);
+        assert_eq!(verify(&secret, Some(&ts), Some(b"d-1"), Some(&with_id), body, NOW), Ok(()));
+        assert_eq!(verify(&secret, Some(&ts), Some(b"d-2"), Some(&with_id), body, NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify(&secret, Some(&ts), None, Some(&with_id), body, NOW), Err(Refusal::BadSignature));
         let other_ts = (NOW + 1).to_string();
-        assert_eq!(verify(&secret, Some(&other_ts), Some(&sig), body, NOW), Err(Refusal::BadSignature));
-        assert_eq!(verify(&secret, None, Some(&sig), body, NOW), Err(Refusal::MissingTimestamp));
-        assert_eq!(verify(&secret, Some(&ts), None, body, NOW), Err(Refusal::MissingSignature));
-        assert_eq!(verify(&secret, Some("+1"), Some(&sig), body, NOW), Err(Refusal::MalformedTimestamp));
-        assert_eq!(verify(&secret, Some(&ts), Some(&sig[7..]), body, NOW), Err(Refusal::MalformedSignature));
-        assert_eq!(verify(&secret, Some(&ts), Some("sha256=abcd"), body, NOW), Err(Refusal::MalformedSignature));
+        assert_eq!(verify(&secret, Some(&other_ts), None, Some(&sig), body, NOW), Err(Refusal::BadSignature));
+        assert_eq!(verify(&secret, None, None, Some(&sig), body, NOW), Err(Refusal::MissingTimestamp));
+        assert_eq!(verify(&secret, Some(&ts), None, None, body, NOW), Err(Refusal::MissingSignature));
+        assert_eq!(verify(&secret, Some("+1"), None, Some(&sig), body, NOW), Err(Refusal::MalformedTimestamp));
+        assert_eq!(verify(&secret, Some(&ts), None, Some(&sig[7..]), body, NOW), Err(Refusal::MalformedSignature));
+        assert_eq!(verify(&secret, Some(&ts), None, Some("sha256=abcd"), body, NOW), Err(Refusal::MalformedSignature));
         assert_eq!(
-            verify(&secret, Some(&ts), Some(&sig.to_uppercase().replace("SHA256", "sha256")), body, NOW),
+            verify(&secret, Some(&ts), None, Some(&sig.to_uppercase().replace("SHA256", "sha256")), body, NOW),
             Ok(())
         );
     }

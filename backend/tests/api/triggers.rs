@@ -55,7 +55,7 @@ async fn send(app: &TestApp, c: Call<'_>) -> Response {
         req = req.header("X-Sluice-Timestamp", &ts);
     }
     if let Some(s) = c.secret {
-        req = req.header("X-Sluice-Signature", webhook::sign(s, &ts, c.body.as_bytes()));
+        req = req.header("X-Sluice-Signature", webhook::sign(s, &ts, c.delivery, c.body.as_bytes()));
     }
     if let Some(d) = c.delivery {
         req = req.header("X-Sluice-Delivery", d);
@@ -121,7 +121,7 @@ async fn a_signed_call_starts_a_run_and_a_repeated_delivery_returns_it() {
 
     // Without a delivery id, the very same signed call replayed is the same run.
     let ts = Utc::now().timestamp().to_string();
-    let sig = webhook::sign(&secret, &ts, body.as_bytes());
+    let sig = webhook::sign(&secret, &ts, None, body.as_bytes());
     let mut ids = vec![];
     for _ in 0..2 {
         let r = app
@@ -136,6 +136,21 @@ async fn a_signed_call_starts_a_run_and_a_repeated_delivery_returns_it() {
         ids.push(accepted(r).await);
     }
     assert_eq!(ids[0], ids[1]);
+    // Nor does the captured call replayed under a delivery id of the attacker's choosing: the id
+    // is signed with the call.
+    for delivery in ["replay-1", "replay-2"] {
+        let r = app
+            .client
+            .post(&url)
+            .header("X-Sluice-Timestamp", &ts)
+            .header("X-Sluice-Signature", &sig)
+            .header("X-Sluice-Delivery", delivery)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
     assert_eq!(runs_of(&app, &admin, "deploy").await.len(), 3);
 
     // The secret appears in no audit event; the configuration and the runs are recorded.
@@ -186,7 +201,7 @@ async fn refused_calls_answer_401_alike_and_are_audited() {
         .client
         .post(&url)
         .header("X-Sluice-Timestamp", &ts)
-        .header("X-Sluice-Signature", webhook::sign(&secret, &ts, br#"{"params":{"who":"y"}}"#))
+        .header("X-Sluice-Signature", webhook::sign(&secret, &ts, None, br#"{"params":{"who":"y"}}"#))
         .body(body)
         .send()
         .await
