@@ -45,7 +45,7 @@ impl AppState {
     /// Connects to the database, applies migrations and loads keys and policies' schema.
     pub async fn init(config: Config) -> anyhow::Result<Self> {
         if config.is_embedded() {
-            std::fs::create_dir_all(&config.data_dir)
+            engine::create_folder(&config.data_dir)
                 .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
         }
         let secrets_key = secrets::SecretsKey::load(&config).context("loading the key for tenant secrets")?;

@@ -24,12 +24,32 @@ use crate::{
 pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
 
 /// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
-/// directory, so a relative path would point nowhere from there).
+/// directory, so a relative path would point nowhere from there). A data folder this creates
+/// and the work root are mode 0711: tasks running as another user can reach their own work
+/// directory but list neither folder.
 pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     use anyhow::Context as _;
     let work_root = data_dir.join("work");
-    std::fs::create_dir_all(&work_root).with_context(|| format!("creating {}", work_root.display()))?;
+    create_folder(data_dir)?;
+    create_folder(&work_root)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&work_root, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("securing {}", work_root.display()))?;
+    }
     std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
+}
+
+/// Creates a folder (and its parents) that does not exist yet, mode 0711 on Unix: other users
+/// may pass through it but not list it. An existing folder is left as it is.
+pub fn create_folder(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o711);
+    builder.create(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Starts `slots` concurrent executions fed by `rx`, highest priority first (see [`ReadyQueue`]).

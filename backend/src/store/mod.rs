@@ -43,6 +43,30 @@ impl WriteTxn {
     }
 }
 
+/// The file of a SQLite URL (`sqlite://path?options`), if it names one.
+fn sqlite_file(url: &str) -> Option<&str> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(":memory:")).then_some(path)
+}
+
+/// Makes the database file readable and writable by this process's user only, creating it so if
+/// it does not exist yet. SQLite gives its `-wal` and `-shm` files the database file's
+/// permissions; tasks, which may run as another user, must read none of them.
+fn owner_only(path: &str) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(false).mode(0o600);
+        drop(options.open(path)?);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// The SQLite URL of the embedded database inside `data_dir`.
 pub fn sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}?mode=rwc", data_dir.join("sluice.db").display())
@@ -55,6 +79,9 @@ impl Store {
     /// the `lease_owner` of the tasks it runs.
     pub async fn connect(url: &str, max_connections: u32, application_name: &str) -> Result<Self, DbErr> {
         let application_name = application_name.to_owned();
+        if let Some(path) = sqlite_file(url) {
+            owner_only(path).map_err(|e| DbErr::Custom(format!("securing the database file {path}: {e}")))?;
+        }
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.max_connections(max_connections)
             .min_connections(1)

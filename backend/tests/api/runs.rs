@@ -595,3 +595,21 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
     let at = |f: &str| chrono::DateTime::parse_from_rfc3339(t[f].as_str().unwrap()).unwrap();
     assert!(at("finished_at") - at("started_at") >= chrono::Duration::milliseconds(1300), "{v:#}");
 }
+
+/// Tasks may run as another user (`nobody`, when the worker runs as root): the database file
+/// with its WAL, and the listing of the work root, are closed to other users.
+#[cfg(unix)]
+#[actix_web::test]
+async fn the_database_and_the_work_root_are_closed_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app().await;
+    // Something written, so that the WAL exists.
+    app.signup(&slug("files")).await;
+    let mode = |name: &str| std::fs::metadata(app.data_dir.join(name)).unwrap().permissions().mode() & 0o777;
+    if app.store().backend() == sea_orm::DbBackend::Sqlite {
+        for file in ["sluice.db", "sluice.db-wal", "sluice.db-shm"] {
+            assert_eq!(mode(file), 0o600, "{file}");
+        }
+    }
+    assert_eq!(mode("work"), 0o711);
+}
