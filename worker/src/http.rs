@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -152,7 +152,7 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
     let mut hop = 0usize;
     loop {
         if let Err(msg) = check_url(&url, &allow).await {
-            return failed(format!("{msg}: {url}"));
+            return failed(format!("{msg}: {}", shown(&url)));
         }
         let mut rb = client.request(method.clone(), url.clone()).headers(headers.clone());
         if let Some(b) = &body {
@@ -161,10 +161,10 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
         let mut resp = match rb.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return ExecOutcome::TimedOut,
-            Err(e) => return failed(format!("{method} {url}: {}", error_chain(&e))),
+            Err(e) => return failed(format!("{method} {}: {}", shown(&url), error_chain(&e.without_url()))),
         };
         let status = resp.status();
-        sink.system(&format!("HTTP {method} {url} -> {}", status.as_u16())).await;
+        sink.system(&format!("HTTP {method} {} -> {}", shown(&url), status.as_u16())).await;
 
         if status.is_redirection()
             && let Some(location) = resp.headers().get(LOCATION)
@@ -174,7 +174,7 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
             }
             let next = match location.to_str().ok().and_then(|l| url.join(l).ok()) {
                 Some(n) => n,
-                None => return failed(format!("invalid redirect location from {url}")),
+                None => return failed(format!("invalid redirect location from {}", shown(&url))),
             };
             if status == StatusCode::SEE_OTHER
                 || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND) && method == Method::POST)
@@ -185,9 +185,18 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
                 headers.remove(reqwest::header::CONTENT_LENGTH);
             }
             if next.origin() != url.origin() {
-                for h in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
-                    headers.remove(h);
+                // What the task sends (credentials in any header, a body) is meant for the origin
+                // it named: another origin gets none of it, and never over plain HTTP after HTTPS.
+                if url.scheme() == "https" && next.scheme() != "https" {
+                    return failed(format!("refused a redirect from https to {}", shown(&next)));
                 }
+                if body.is_some() {
+                    return failed(format!(
+                        "refused a redirect to another origin that would send the request body again: {}",
+                        shown(&next)
+                    ));
+                }
+                headers.clear();
             }
             url = next;
             hop += 1;
@@ -229,6 +238,18 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
             failed(format!("unexpected HTTP status {}", status.as_u16()))
         };
     }
+}
+
+/// A URL as logs and messages show it: without user name, password, query and fragment, which
+/// may carry a secret in an encoded form that the masking of logs does not know.
+fn shown(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    if query { format!("{u}?…") } else { u.to_string() }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

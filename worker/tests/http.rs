@@ -60,6 +60,9 @@ async fn serve(mut stream: TcpStream) {
         "/big" => ("200 OK", String::new(), vec![b'z'; 100_000]),
         "/status500" => ("500 Internal Server Error", String::new(), b"boom".to_vec()),
         "/redirect" => ("302 Found", format!("Location: {query}\r\n"), Vec::new()),
+        "/redirect307" => ("307 Temporary Redirect", format!("Location: {query}\r\n"), Vec::new()),
+        // The request's header lines, lower-cased, one per body line.
+        "/headers" => ("200 OK", String::new(), head.to_ascii_lowercase().into_bytes()),
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(60)).await;
             return;
@@ -264,7 +267,7 @@ async fn body_cap_status_check_timeout_and_masking() {
     assert_eq!(res.outcome, ExecOutcome::TimedOut);
     assert!(start.elapsed() < Duration::from_secs(3));
 
-    // Secrets in the URL are masked in the log line.
+    // A URL's query (where secrets often go) is not logged at all.
     let secret = "tok-9f8e7d6c5b4a";
     let mut req = TaskRequest::new(ExecAction::Http(call(&server.url(&format!("/ok?key={secret}")))), root.path());
     req.http.allow = loopback_allowed();
@@ -272,10 +275,49 @@ async fn body_cap_status_check_timeout_and_masking() {
     let (res, lines) = run(req).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded);
     assert!(!dump(&lines).contains(secret));
-    assert!(texts(&lines, Stream::System).iter().any(|l| l.contains("key=***")), "{}", dump(&lines));
+    assert!(texts(&lines, Stream::System).iter().any(|l| l.contains("/ok?… -> 200")), "{}", dump(&lines));
 
     let mut c = call(&server.url("/ok"));
     c.method = "BAD METHOD".into();
     let (res, _) = http(c, loopback_allowed(), &root).await;
     assert!(failure(&res).contains("method"));
+}
+
+/// A redirect to another origin gets none of what the task sends: no header of its own (API
+/// keys in any header) and no body; the same origin gets them all. URLs are logged without
+/// credentials or query.
+#[tokio::test]
+async fn another_origin_gets_no_header_or_body_of_the_task() {
+    let root = TempDir::new("origin");
+    let first = Server::start(IpAddr::V4(Ipv4Addr::LOCALHOST)).await.expect("server");
+    let second = Server::start(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await.expect("second loopback server");
+    let keyed = |url: String| HttpCall { headers: vec![("X-Api-Key".into(), "k-123".into())], ..call(&url) };
+
+    let (res, lines) = http(keyed(first.url("/redirect?/headers")), loopback_allowed(), &root).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert!(texts(&lines, Stream::Stdout).iter().any(|l| l.starts_with("x-api-key: k-123")), "{}", dump(&lines));
+
+    let elsewhere = first.url(&format!("/redirect?{}", second.url("/headers")));
+    let (res, lines) = http(keyed(elsewhere), loopback_allowed(), &root).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let received = texts(&lines, Stream::Stdout);
+    assert!(received.iter().any(|l| l.starts_with("get /headers")), "{}", dump(&lines));
+    assert!(!received.iter().any(|l| l.contains("k-123")), "the key went to another origin: {}", dump(&lines));
+    // The log shows each hop without its query.
+    let system = texts(&lines, Stream::System);
+    assert!(system.contains(&format!("HTTP GET {} -> 302", first.url("/redirect?…"))), "{system:?}");
+
+    // A body would be sent again by a 307: refused for another origin, before connecting to it.
+    let posted = |url: String| HttpCall { method: "POST".into(), body: Some("secret body".into()), ..keyed(url) };
+    let before = second.accepts();
+    let elsewhere = first.url(&format!("/redirect307?{}", second.url("/headers")));
+    let (res, _) = http(posted(elsewhere), loopback_allowed(), &root).await;
+    assert!(failure(&res).contains("another origin"), "{}", failure(&res));
+    assert_eq!(second.accepts(), before);
+
+    // User name and password in the URL are not logged.
+    let url = first.url("/ok").replace("http://", "http://user:p%40ss@");
+    let (res, lines) = http(call(&url), loopback_allowed(), &root).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert!(!dump(&lines).contains("p%40ss") && !dump(&lines).contains("user:"), "{}", dump(&lines));
 }
