@@ -34,6 +34,16 @@ pub(crate) fn read_file(path: &Path, owner: u32) -> Result<(Vec<u8>, bool), Stri
     Ok((data, truncated))
 }
 
+/// How much of a problem [`parse`] reports is shown, after masking.
+pub(crate) const SHOWN_PROBLEM_CHARS: usize = 240;
+
+/// Drops the last line of a file that was cut at [`MAX_OUTPUT_FILE`] when it has no newline:
+/// its value is cut short, and a cut value must not reach later tasks as if it were whole.
+pub(crate) fn drop_cut_line(data: &mut Vec<u8>) {
+    let end = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    data.truncate(end);
+}
+
 /// Parses `key=value` lines (key `[A-Za-z_][A-Za-z0-9_]*`, value up to the end of the line, a final `\r`
 /// dropped; later keys win). Empty lines are skipped; invalid ones are returned as problems.
 pub(crate) fn parse(data: &[u8]) -> (BTreeMap<String, String>, Vec<String>) {
@@ -52,8 +62,12 @@ pub(crate) fn parse(data: &[u8]) -> (BTreeMap<String, String>, Vec<String>) {
             None => {
                 invalid += 1;
                 if invalid <= MAX_REPORTED {
-                    let shown: String = String::from_utf8_lossy(raw).chars().take(200).collect();
-                    problems.push(format!("outputs file line {}: invalid, ignored: {shown}", i + 1));
+                    // Whole: the caller masks secrets in it before shortening it.
+                    problems.push(format!(
+                        "outputs file line {}: invalid, ignored: {}",
+                        i + 1,
+                        String::from_utf8_lossy(raw)
+                    ));
                 }
             }
         }
@@ -81,6 +95,19 @@ fn parse_line(raw: &[u8]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_last_line_is_dropped_and_problems_are_whole() {
+        let mut data = b"a=1\nb=2\ndigest=sha256:12".to_vec();
+        drop_cut_line(&mut data);
+        assert_eq!(data, b"a=1\nb=2\n");
+        let mut data = b"digest=sha256:12".to_vec();
+        drop_cut_line(&mut data);
+        assert!(data.is_empty());
+        let long = format!("export TOKEN={}", "x".repeat(300));
+        let (_, problems) = parse(long.as_bytes());
+        assert!(problems[0].ends_with(&long), "{problems:?}");
+    }
 
     #[test]
     fn parses_valid_and_reports_invalid() {

@@ -129,17 +129,20 @@ pub(crate) async fn run(
 
     let owner = req.run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
     let outputs = match outputs::read_file(&output_path, owner) {
-        Ok((data, truncated)) => {
+        Ok((mut data, truncated)) => {
             if truncated {
+                outputs::drop_cut_line(&mut data);
                 sink.system(&format!(
-                    "outputs file larger than {} bytes; the rest is ignored",
+                    "outputs file larger than {} bytes; the rest is ignored, from the line it cuts",
                     outputs::MAX_OUTPUT_FILE
                 ))
                 .await;
             }
             let (parsed, problems) = outputs::parse(&data);
             for p in problems {
-                sink.system(&p).await;
+                // Masked whole, then shortened: a secret cut in two would not be recognised.
+                let shown: String = sink.mask(&p).chars().take(outputs::SHOWN_PROBLEM_CHARS).collect();
+                sink.system(&shown).await;
             }
             parsed.into_iter().map(|(k, v)| (k, sink.mask(&v))).collect()
         }

@@ -277,6 +277,25 @@ async fn outputs_file_is_parsed() {
     assert_eq!(system.iter().filter(|l| l.contains("invalid, ignored")).count(), 2, "{system:?}");
 }
 
+/// An invalid line is reported masked, though the secret in it lies past what is shown of it.
+#[tokio::test]
+async fn an_invalid_outputs_line_never_shows_part_of_a_secret() {
+    let root = TempDir::new("outmask");
+    let secret = format!("tok-{}", "s".repeat(300));
+    let script = r#"printf 'export TOKEN=%s
+' "$TOKEN" > "$SLUICE_OUTPUT""#;
+    let mut req = shell(script, &root);
+    req.env = vec![("TOKEN".into(), secret.clone())];
+    req.secrets = vec![secret.clone()];
+    req.run_as = sluice_worker::unprivileged_user();
+    let (res, lines) = run(req).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let system = texts(&lines, Stream::System);
+    let line = system.iter().find(|l| l.contains("invalid, ignored")).expect("the line is reported");
+    assert!(line.ends_with("export TOKEN=***"), "{line}");
+    assert!(!dump(&lines).contains("tok-sss"), "{}", dump(&lines));
+}
+
 /// The outputs file is task-controlled: a symlink to a file the task cannot read is not followed.
 #[tokio::test]
 async fn outputs_symlink_not_followed() {
