@@ -214,9 +214,9 @@ fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
 
 #[utoipa::path(post, path = "/api/v1/t/{tenant}/pipelines/{pipeline}/runs", tag = "runs", security(("bearer" = [])),
     params(("tenant" = String, Path, description = "tenant slug"), ("pipeline" = String, Path, description = "pipeline name"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a retried request with the same key returns the same run")),
+           ("Idempotency-Key" = Option<String>, Header, description = "a retried request with the same key (by the same user, for the same pipeline) returns the same run")),
     request_body = CreateRun,
-    responses((status = 201, body = RunView), (status = 200, description = "the run created earlier with this Idempotency-Key", body = RunView),
+    responses((status = 201, body = RunView), (status = 200, description = "the run this user created earlier for this pipeline with this Idempotency-Key", body = RunView),
               (status = 403, description = "not permitted"), (status = 404, description = "no such pipeline or version"),
               (status = 409, description = "the pipeline is archived"), (status = 422, description = "invalid params", body = crate::error::Problem)))]
 async fn create_run(
@@ -233,7 +233,11 @@ async fn create_run(
     let decision =
         authorize(&state, &ctx, Action::RunCreate, Resource::Pipeline { name: &p.name, archived: false }).await?;
     let body: CreateRun = body.json_or_default()?;
-    let key = idempotency_key(&req)?;
+    // A key answers for the pipeline and the caller that used it, nobody else: another
+    // pipeline's run (which the caller may not be allowed to read) is never the answer, and the
+    // keys of triggers (`cron:`, `webhook:`) cannot be taken in advance. Hashed, to fit the column.
+    let key = idempotency_key(&req)?
+        .map(|k| format!("api:{}:{}:{}", p.id, ctx.principal.user_id, crate::auth::api_token::sha256_hex(&k)));
     let started = runs::start_run(
         &state,
         runs::StartRun {

@@ -89,6 +89,25 @@ async fn params_are_checked_and_idempotency_keys_return_the_same_run() {
     let list: Value =
         app.get(&format!("/api/v1/t/{}/runs?pipeline=pp", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    // The key answers for that pipeline and that user only: the same key on another pipeline,
+    // or from another member, starts a run of its own (never hands back somebody else's).
+    assert_eq!(app.create_pipeline(&admin, "other", yaml).await.status(), StatusCode::CREATED);
+    let editor = app.add_member(&admin, &["editors"]).await;
+    let keyed = |m: &Member, pipeline: &str| {
+        app.client
+            .post(app.url(&format!("/api/v1/t/{}/pipelines/{pipeline}/runs", m.tenant)))
+            .bearer_auth(&m.token)
+            .header("Idempotency-Key", "deploy-42")
+            .json(&json!({ "params": { "version": "9" } }))
+            .send()
+    };
+    for (m, pipeline) in [(&admin, "other"), (&editor, "pp")] {
+        let r = keyed(m, pipeline).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "{pipeline}");
+        let v: Value = r.json().await.unwrap();
+        assert_ne!(v["id"], first["id"], "{pipeline}");
+    }
 }
 
 #[actix_web::test]
