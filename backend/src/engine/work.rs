@@ -362,8 +362,8 @@ async fn execute(
         store
             .query_all(
                 store.db(),
-                "SELECT task_id, outputs FROM task_runs WHERE run_id = $1 AND status = 'succeeded'",
-                vec![d.run.into()],
+                "SELECT task_id, outputs FROM task_runs WHERE tenant_id = $1 AND run_id = $2 AND status = 'succeeded'",
+                vec![run.tenant.into(), d.run.into()],
             )
             .await?
     } else {

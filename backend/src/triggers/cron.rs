@@ -157,7 +157,17 @@ impl Scheduler {
         let mut due = vec![];
         let mut seen = HashSet::new();
         for p in &pipelines {
-            let triggers = self.triggers_of(state, p).await?;
+            let triggers = match self.triggers_of(state, p).await {
+                Ok(t) => t,
+                Err(e) => {
+                    // Only this pipeline waits for the next pass; its schedule is kept as it is.
+                    tracing::warn!(pipeline = %p.id, error = %e, "cannot read the pipeline's triggers; trying again");
+                    if let Ok(entries) = self.entries.lock() {
+                        seen.extend(entries.keys().filter(|(id, _)| *id == p.id).copied());
+                    }
+                    continue;
+                }
+            };
             let Ok(mut entries) = self.entries.lock() else { continue };
             for (i, t) in triggers.iter().enumerate() {
                 let Some(schedule) = &t.schedule else { continue };
@@ -169,19 +179,21 @@ impl Scheduler {
                     continue;
                 }
                 let Some(at) = e.next.filter(|at| *at <= now) else { continue };
-                e.next = schedule.next_after(now);
+                let next = schedule.next_after(now);
                 if now - at > MISFIRE_GRACE {
+                    e.next = next;
                     tracing::warn!(pipeline = %p.id, trigger = i, scheduled = %at, "schedule time missed; not replayed");
                     continue;
                 }
-                due.push((p, i, at, t.params.clone()));
+                // The time moves on once its run is started (or refused for good), below.
+                due.push((p, i, at, next, t.params.clone()));
             }
         }
         if let Ok(mut entries) = self.entries.lock() {
             entries.retain(|k, _| seen.contains(k));
         }
         let mut fired = vec![];
-        for (p, i, at, params) in due {
+        for (p, i, at, next, params) in due {
             let pipeline =
                 PipelineRef { id: p.id, name: p.name.clone(), latest_version: p.latest_version, archived_at: None };
             let key = idempotency_key(p.id, i, at);
@@ -203,6 +215,15 @@ impl Scheduler {
                 },
             )
             .await;
+            // A server-side failure (the database restarting, say) leaves the time due: the next
+            // pass tries again, within the grace period; the idempotency key keeps it to one run.
+            let retry = matches!(&started, Err(e) if actix_web::ResponseError::status_code(e).is_server_error());
+            if !retry
+                && let Ok(mut entries) = self.entries.lock()
+                && let Some(e) = entries.get_mut(&(p.id, i)).filter(|e| e.next == Some(at))
+            {
+                e.next = next;
+            }
             match started {
                 Ok(s) => {
                     if s.created {
@@ -218,6 +239,9 @@ impl Scheduler {
                     });
                 }
                 // One pipeline's failure (archived meanwhile, a database error) does not stop the others.
+                Err(e) if retry => {
+                    tracing::warn!(pipeline = %p.id, trigger = i, scheduled = %at, error = %e, "scheduled run not started; trying again")
+                }
                 Err(e) => {
                     tracing::warn!(pipeline = %p.id, trigger = i, scheduled = %at, error = %e, "scheduled run not started")
                 }

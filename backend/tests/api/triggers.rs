@@ -461,3 +461,45 @@ async fn bad_schedules_are_refused_when_saved() {
     let p = problem(r).await;
     assert_eq!(p["errors"][0]["field"], "definition.triggers[0].timezone", "{p:#}");
 }
+
+/// A database that refuses the scheduled run's start for a moment does not cost the firing: the
+/// next pass, within the grace period, starts it for the time it was due.
+#[actix_web::test]
+async fn a_scheduled_run_the_database_refuses_for_a_moment_fires_on_the_next_pass() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("cronblip")).await;
+    let r = app.create_pipeline(&admin, "leap", LEAP_DAY).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    // While `refusing` has a row, no run may be inserted.
+    app.sql("CREATE TABLE refusing (x INTEGER)", vec![]).await;
+    if app.store().backend() == sea_orm::DbBackend::Postgres {
+        app.sql(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+             IF EXISTS (SELECT 1 FROM refusing) THEN RAISE EXCEPTION 'the database refuses writes'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            vec![],
+        )
+        .await;
+        app.sql("CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW EXECUTE FUNCTION refuse()", vec![]).await;
+    } else {
+        app.sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON runs WHEN EXISTS (SELECT 1 FROM refusing) \
+             BEGIN SELECT RAISE(ABORT, 'the database refuses writes'); END",
+            vec![],
+        )
+        .await;
+    }
+    let state = &app.state;
+    let s = Scheduler::new();
+    assert!(s.fire_due(state, at("2028-01-01T00:00:00Z")).await.unwrap().is_empty());
+    app.sql("INSERT INTO refusing (x) VALUES (1)", vec![]).await;
+    assert!(s.fire_due(state, at("2028-02-28T19:30:01Z")).await.unwrap().is_empty());
+    app.sql("DELETE FROM refusing", vec![]).await;
+    let fired = s.fire_due(state, at("2028-02-28T19:30:06Z")).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert!(fired[0].created);
+    assert_eq!(fired[0].scheduled, at("2028-02-28T19:30:00Z"));
+    // Once started, the time is done.
+    assert!(s.fire_due(state, at("2028-02-28T19:30:11Z")).await.unwrap().is_empty());
+    assert_eq!(keys(&app).await.len(), 1);
+}
