@@ -742,6 +742,7 @@ async fn serve_as_worker(
         tenant = gate.profile.tenant.as_ref().map(|t| t.slug.as_str()),
         "worker started"
     );
+    super::work::warn_if_tasks_run_as_this_user();
     let stop = Arc::new(Notify::new());
     let mut consumer = tokio::spawn(consume_redis(
         engine,

@@ -41,6 +41,19 @@ pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> 
     std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
 }
 
+/// Says so at start when tasks will run as this process's own user (it is not root, so it cannot
+/// switch them to `nobody`): they can then read whatever this process can, its data folder, keys
+/// and environment included.
+pub fn warn_if_tasks_run_as_this_user() {
+    if sluice_worker::unprivileged_user().is_none() {
+        tracing::warn!(
+            "this worker is not running as root, so tasks run as its own user and can read what it can \
+             (data folder, keys, environment): run workers as root (tasks then run as `nobody`), or only \
+             trusted pipelines"
+        );
+    }
+}
+
 /// Creates a folder (and its parents) that does not exist yet, mode 0711 on Unix: other users
 /// may pass through it but not list it. An existing folder is left as it is.
 pub fn create_folder(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -63,6 +76,7 @@ pub fn spawn_local_workers(
     work_root: PathBuf,
     secrets_key: SecretsKey,
 ) {
+    warn_if_tasks_run_as_this_user();
     let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
     spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), work_root.clone(), secrets_key.clone());
     tokio::spawn(async move {
