@@ -207,6 +207,38 @@ impl TestApp {
     pub async fn sql(&self, sql: &str, values: Vec<sea_orm::Value>) -> u64 {
         self.store().execute(self.store().db(), sql, values).await.unwrap()
     }
+
+    /// Prepares a database that fails for a moment: while [`Self::refusing`] is on, the writes
+    /// `event` names (`INSERT ON runs`, say), those matching `when` (a condition on `NEW`) if
+    /// given, fail with an error.
+    pub async fn refuse_writes(&self, event: &str, when: Option<&str>) {
+        self.sql("CREATE TABLE refusing (x INTEGER)", vec![]).await;
+        if self.store().backend() == sea_orm::DbBackend::Postgres {
+            self.sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+                 IF EXISTS (SELECT 1 FROM refusing) THEN RAISE EXCEPTION 'the database refuses writes'; END IF; \
+                 RETURN NEW; END $$ LANGUAGE plpgsql",
+                vec![],
+            )
+            .await;
+            let when = when.map(|w| format!(" WHEN ({w})")).unwrap_or_default();
+            let sql = format!("CREATE TRIGGER refuse BEFORE {event} FOR EACH ROW{when} EXECUTE FUNCTION refuse()");
+            self.sql(&sql, vec![]).await;
+        } else {
+            let when = when.map(|w| format!("{w} AND ")).unwrap_or_default();
+            let sql = format!(
+                "CREATE TRIGGER refuse BEFORE {event} WHEN {when}EXISTS (SELECT 1 FROM refusing) \
+                 BEGIN SELECT RAISE(ABORT, 'the database refuses writes'); END"
+            );
+            self.sql(&sql, vec![]).await;
+        }
+    }
+
+    /// Turns the refusal prepared by [`Self::refuse_writes`] on or off.
+    pub async fn refusing(&self, on: bool) {
+        let sql = if on { "INSERT INTO refusing (x) VALUES (1)" } else { "DELETE FROM refusing" };
+        self.sql(sql, vec![]).await;
+    }
 }
 
 /// A small valid pipeline.

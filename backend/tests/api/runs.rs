@@ -565,31 +565,8 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
     let admin = app.signup(&slug("blip")).await;
     let yaml = "stages:\n  - id: s\n    tasks:\n      - id: t\n        sleep: 1s\n";
     assert_eq!(app.create_pipeline(&admin, "blip", yaml).await.status(), StatusCode::CREATED);
-    // While `refusing` has a row, no task may be recorded as succeeded.
-    app.sql("CREATE TABLE refusing (x INTEGER)", vec![]).await;
-    if app.store().backend() == sea_orm::DbBackend::Postgres {
-        app.sql(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
-             IF EXISTS (SELECT 1 FROM refusing) THEN RAISE EXCEPTION 'the database refuses writes'; END IF; \
-             RETURN NEW; END $$ LANGUAGE plpgsql",
-            vec![],
-        )
-        .await;
-        app.sql(
-            "CREATE TRIGGER refuse BEFORE UPDATE ON task_runs FOR EACH ROW WHEN (NEW.status = 'succeeded') \
-             EXECUTE FUNCTION refuse()",
-            vec![],
-        )
-        .await;
-    } else {
-        app.sql(
-            "CREATE TRIGGER refuse BEFORE UPDATE ON task_runs \
-             WHEN NEW.status = 'succeeded' AND EXISTS (SELECT 1 FROM refusing) \
-             BEGIN SELECT RAISE(ABORT, 'the database refuses writes'); END",
-            vec![],
-        )
-        .await;
-    }
+    // While refusing, no task may be recorded as succeeded.
+    app.refuse_writes("UPDATE ON task_runs", Some("NEW.status = 'succeeded'")).await;
     let run = start(&app, &admin, "blip", json!({})).await;
     let id = run["id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -603,9 +580,9 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Refused from before the task ends (after 1 s) until 0.5 s after.
-    app.sql("INSERT INTO refusing (x) VALUES (1)", vec![]).await;
+    app.refusing(true).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    app.sql("DELETE FROM refusing", vec![]).await;
+    app.refusing(false).await;
     let v = wait_run(&app, &admin, &id, 30).await;
     assert_eq!(v["status"], "succeeded", "{v:#}");
     let t = task_of(&v, "t");

@@ -470,31 +470,13 @@ async fn a_scheduled_run_the_database_refuses_for_a_moment_fires_on_the_next_pas
     let admin = app.signup(&slug("cronblip")).await;
     let r = app.create_pipeline(&admin, "leap", LEAP_DAY).await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
-    // While `refusing` has a row, no run may be inserted.
-    app.sql("CREATE TABLE refusing (x INTEGER)", vec![]).await;
-    if app.store().backend() == sea_orm::DbBackend::Postgres {
-        app.sql(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
-             IF EXISTS (SELECT 1 FROM refusing) THEN RAISE EXCEPTION 'the database refuses writes'; END IF; \
-             RETURN NEW; END $$ LANGUAGE plpgsql",
-            vec![],
-        )
-        .await;
-        app.sql("CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW EXECUTE FUNCTION refuse()", vec![]).await;
-    } else {
-        app.sql(
-            "CREATE TRIGGER refuse BEFORE INSERT ON runs WHEN EXISTS (SELECT 1 FROM refusing) \
-             BEGIN SELECT RAISE(ABORT, 'the database refuses writes'); END",
-            vec![],
-        )
-        .await;
-    }
+    app.refuse_writes("INSERT ON runs", None).await;
     let state = &app.state;
     let s = Scheduler::new();
     assert!(s.fire_due(state, at("2028-01-01T00:00:00Z")).await.unwrap().is_empty());
-    app.sql("INSERT INTO refusing (x) VALUES (1)", vec![]).await;
+    app.refusing(true).await;
     assert!(s.fire_due(state, at("2028-02-28T19:30:01Z")).await.unwrap().is_empty());
-    app.sql("DELETE FROM refusing", vec![]).await;
+    app.refusing(false).await;
     let fired = s.fire_due(state, at("2028-02-28T19:30:06Z")).await.unwrap();
     assert_eq!(fired.len(), 1, "{fired:?}");
     assert!(fired[0].created);
