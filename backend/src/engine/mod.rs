@@ -584,8 +584,7 @@ impl Engine {
             .await?;
         for key in keys {
             let txn = self.store.write().await?;
-            let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", self.store.for_update());
-            self.store.execute(&*txn, &lock, vec![key.pipeline_id.into()]).await?;
+            let active = state::active_runs(&self.store, &*txn, key.pipeline_id, &key.concurrency_key).await?;
             let waiting: Vec<Waiting> = self
                 .store
                 .query_all(
@@ -604,7 +603,6 @@ impl Engine {
                     continue;
                 }
             };
-            let active = state::active_runs(&self.store, &*txn, key.pipeline_id, &key.concurrency_key).await?;
             let room = usize::try_from(max - active).unwrap_or(0);
             if room == 0 {
                 continue;
@@ -803,7 +801,7 @@ impl Core {
     fn tenant_load(&self, row: &state::RunRow, running: &mut HashMap<Uuid, (i64, i64)>) -> (i64, i64) {
         *running.entry(row.tenant_id).or_insert_with(|| {
             let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
-            (row.tenant_running.unwrap_or_default(), row.tenant_max.unwrap_or(default))
+            (row.load.tenant_running.unwrap_or_default(), row.load.tenant_max.unwrap_or(default))
         })
     }
 
@@ -865,10 +863,10 @@ impl Core {
         // A row passed in may come without the tenant's running tasks (see `service::runs`):
         // they are counted now, in a statement of their own, if this transaction may claim.
         let may_claim = self.handoff.get().is_some() || steps.iter().any(|s| matches!(s, Step::Claim(_)));
-        if row.tenant_running.is_none() && may_claim && !running.contains_key(&row.tenant_id) {
-            row.tenant_running = Some(state::tenant_running(&self.store, conn, row.tenant_id).await?);
+        if row.load.tenant_running.is_none() && may_claim && !running.contains_key(&row.tenant_id) {
+            row.load.tenant_running = Some(state::tenant_running(&self.store, conn, row.tenant_id).await?);
         }
-        let now = match clock.or(row.db_now) {
+        let now = match clock.or(row.load.db_now) {
             Some(now) => now,
             None => self.db_now(conn).await?,
         };

@@ -51,14 +51,9 @@ pub struct RunRow {
     pub rev: i64,
     /// The rendered key of the pipeline's concurrency limit, if it has one.
     pub concurrency_key: Option<String>,
-    /// PostgreSQL's clock for this transaction (read along, to spare a round trip); `None` on
-    /// SQLite, whose clock is this process's.
-    pub db_now: Option<DateTime<Utc>>,
-    /// How many tasks of the run's tenant are running, as this transaction sees it (`None`: not
-    /// read yet).
-    pub tenant_running: Option<i64>,
-    /// The operator's override of the tenant's running-task limit.
-    pub tenant_max: Option<i64>,
+    /// The database clock and the tenant's load, read along to spare round trips.
+    #[sea_orm(nested)]
+    pub load: TenantLoad,
 }
 
 impl RunRow {
@@ -82,9 +77,7 @@ impl RunRow {
             finished_at: None,
             rev: 0,
             concurrency_key,
-            db_now: load.db_now,
-            tenant_running: load.tenant_running,
-            tenant_max: load.tenant_max,
+            load,
         }
     }
 }
@@ -198,7 +191,7 @@ pub struct Loaded {
     pub leases: Vec<Option<String>>,
 }
 
-/// The columns `db_now`, `tenant_running` and `tenant_max` of [`RunRow`] (and [`TenantLoad`]):
+/// The columns of [`TenantLoad`] (`db_now`, `tenant_running`, `tenant_max`):
 /// PostgreSQL's clock, and the load of the tenant whose id is `tenant` (an SQL expression);
 /// without `count`, the running tasks are left unread (`NULL`).
 pub fn tenant_load_columns(store: &Store, tenant: &str, count: bool) -> String {
@@ -230,8 +223,12 @@ pub async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: 
     Ok(n.map_or(0, |n| n.n))
 }
 
-/// Runs of a pipeline with a concurrency key that hold a slot: started and not ended.
+/// Runs of a pipeline with a concurrency key that hold a slot (started and not ended), counted
+/// after taking the pipeline's row lock (on PostgreSQL; SQLite has one writer), which serializes
+/// every decision to start a run of the pipeline that waits for its key.
 pub async fn active_runs(store: &Store, conn: &impl ConnectionTrait, pipeline: Uuid, key: &str) -> Result<i64, DbErr> {
+    let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", store.for_update());
+    store.execute(conn, &lock, vec![pipeline.into()]).await?;
     #[derive(FromQueryResult)]
     struct N {
         n: i64,
@@ -252,9 +249,9 @@ pub async fn active_runs(store: &Store, conn: &impl ConnectionTrait, pipeline: U
 /// What [`tenant_load_columns`] reads.
 #[derive(Debug, Clone, FromQueryResult)]
 pub struct TenantLoad {
-    /// PostgreSQL's clock for this transaction; `None` on SQLite.
+    /// PostgreSQL's clock for this transaction; `None` on SQLite, whose clock is this process's.
     pub db_now: Option<DateTime<Utc>>,
-    /// How many tasks of the tenant are running, as this transaction sees it, if it was read.
+    /// How many tasks of the tenant are running, as this transaction sees it (`None`: not read).
     pub tenant_running: Option<i64>,
     /// The operator's override of the tenant's running-task limit.
     pub tenant_max: Option<i64>,
@@ -267,16 +264,6 @@ pub enum RunRef {
     Id(Uuid),
     /// The row is known.
     Row(Box<RunRow>),
-}
-
-impl RunRef {
-    /// The run's id.
-    pub fn id(&self) -> Uuid {
-        match self {
-            Self::Id(id) => *id,
-            Self::Row(row) => row.id,
-        }
-    }
 }
 
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are

@@ -156,8 +156,6 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     let mut start = Event::Start;
     let mut limited = false;
     if let Some((key, max, on_conflict)) = &concurrency {
-        let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", store.for_update());
-        store.execute(&*txn, &lock, vec![req.pipeline.id.into()]).await?;
         let active = active_runs(store, &*txn, req.pipeline.id, key).await?;
         if active >= i64::from(*max) {
             limited = true;
