@@ -30,7 +30,6 @@ pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
 pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     use anyhow::Context as _;
     let work_root = data_dir.join("work");
-    create_folder(data_dir)?;
     create_folder(&work_root)?;
     #[cfg(unix)]
     {
