@@ -11,7 +11,8 @@ pub(crate) const MAX_OUTPUT_FILE: usize = 64 * 1024;
 /// Invalid lines reported individually at most (then one summary).
 const MAX_REPORTED: usize = 20;
 
-/// Reads the outputs file written by the task. The task controls the file, so it is opened without
+/// Reads the outputs file written by the task: at most [`MAX_OUTPUT_FILE`] bytes, whole lines
+/// only, and whether anything was left out. The task controls the file, so it is opened without
 /// following symlinks and accepted only when it is a regular file with one link owned by `owner`
 /// (a task must not make the worker read e.g. `/etc/shadow` through a link).
 pub(crate) fn read_file(path: &Path, owner: u32) -> Result<(Vec<u8>, bool), String> {
@@ -30,7 +31,10 @@ pub(crate) fn read_file(path: &Path, owner: u32) -> Result<(Vec<u8>, bool), Stri
     let cap = u64::try_from(MAX_OUTPUT_FILE).unwrap_or(u64::MAX) + 1;
     file.take(cap).read_to_end(&mut data).map_err(|e| format!("cannot read the outputs file: {e}"))?;
     let truncated = data.len() > MAX_OUTPUT_FILE;
-    data.truncate(MAX_OUTPUT_FILE);
+    if truncated {
+        data.truncate(MAX_OUTPUT_FILE);
+        drop_cut_line(&mut data);
+    }
     Ok((data, truncated))
 }
 
@@ -39,7 +43,7 @@ pub(crate) const SHOWN_PROBLEM_CHARS: usize = 240;
 
 /// Drops the last line of a file that was cut at [`MAX_OUTPUT_FILE`] when it has no newline:
 /// its value is cut short, and a cut value must not reach later tasks as if it were whole.
-pub(crate) fn drop_cut_line(data: &mut Vec<u8>) {
+fn drop_cut_line(data: &mut Vec<u8>) {
     let end = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     data.truncate(end);
 }

@@ -129,9 +129,8 @@ pub(crate) async fn run(
 
     let owner = req.run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
     let outputs = match outputs::read_file(&output_path, owner) {
-        Ok((mut data, truncated)) => {
+        Ok((data, truncated)) => {
             if truncated {
-                outputs::drop_cut_line(&mut data);
                 sink.system(&format!(
                     "outputs file larger than {} bytes; the rest is ignored, from the line it cuts",
                     outputs::MAX_OUTPUT_FILE
