@@ -87,6 +87,15 @@ pub struct ConfigArgs {
     /// start with the embedded database; required with PostgreSQL].
     #[arg(long, env = "SLUICE_SECRETS_KEY", global = true, hide_env_values = true)]
     pub secrets_key: Option<String>,
+    /// Uids a worker running as root gives its process tasks, one each, as `FIRST-LAST`: no other
+    /// user of the machine may have one, since every process of a uid is killed around each task
+    /// [default: 1600000000-1600000999].
+    #[arg(long, env = "SLUICE_TASK_UIDS", global = true)]
+    pub task_uids: Option<String>,
+    /// Folder of the locks through which the workers of one machine share `SLUICE_TASK_UIDS`
+    /// [default: /run/sluice/task-uids].
+    #[arg(long, env = "SLUICE_TASK_UID_LOCKS", global = true)]
+    pub task_uid_locks: Option<PathBuf>,
 }
 
 /// The same keys, as read from `sluice.toml`.
@@ -115,6 +124,8 @@ struct FileConfig {
     worker_tenant: Option<String>,
     worker_token: Option<String>,
     secrets_key: Option<String>,
+    task_uids: Option<String>,
+    task_uid_locks: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -154,6 +165,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Base64 key for tenant secrets, if configured (else the key file in the data folder).
     pub secrets_key: Option<String>,
+    /// First uid and number of uids process tasks run as (when the worker is root).
+    pub task_uids: (u32, u32),
+    /// Folder of the locks that hold task uids.
+    pub task_uid_locks: PathBuf,
 }
 
 impl Config {
@@ -199,6 +214,13 @@ impl Config {
             .filter(|s| !s.trim().is_empty())
             .unwrap_or_else(|| "sluice".into());
         let with_worker = args.with_worker.or(file.with_worker).unwrap_or(redis_url.is_none());
+        let worker_slots = args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1);
+        let task_uids = parse_task_uids(args.task_uids.as_deref().or(file.task_uids.as_deref()))?;
+        anyhow::ensure!(
+            u64::from(task_uids.1) >= worker_slots as u64,
+            "SLUICE_TASK_UIDS holds {} uids, fewer than the worker's {worker_slots} slots",
+            task_uids.1
+        );
         Ok(Self {
             jwt_keys_file: args
                 .jwt_keys_file
@@ -217,7 +239,7 @@ impl Config {
             db_max_connections: args.db_max_connections.or(file.db_max_connections).unwrap_or(16).max(1),
             log_format,
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
-            worker_slots: args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1),
+            worker_slots,
             tenant_max_running_tasks: args.tenant_max_running_tasks.or(file.tenant_max_running_tasks).unwrap_or(64),
             worker: WorkerConfig::resolve(
                 args.worker_name.clone().or(file.worker_name),
@@ -228,8 +250,33 @@ impl Config {
                 args.worker_token.clone().or(file.worker_token),
             )?,
             secrets_key: args.secrets_key.clone().or(file.secrets_key).filter(|s| !s.trim().is_empty()),
+            task_uids,
+            task_uid_locks: args
+                .task_uid_locks
+                .clone()
+                .or(file.task_uid_locks)
+                .unwrap_or_else(|| sluice_worker::DEFAULT_LOCK_DIR.into()),
         })
     }
+}
+
+/// The uids tasks run as by default: far above those distributions give people and services.
+pub const DEFAULT_TASK_UIDS: (u32, u32) = (1_600_000_000, 1000);
+
+/// Parses `FIRST-LAST` into the first uid and the number of uids.
+fn parse_task_uids(value: Option<&str>) -> anyhow::Result<(u32, u32)> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(DEFAULT_TASK_UIDS) };
+    let bad = || anyhow::anyhow!("SLUICE_TASK_UIDS must be FIRST-LAST, two uids with FIRST <= LAST, not {value:?}");
+    let (first, last) = value.split_once('-').ok_or_else(bad)?;
+    let first: u32 = first.trim().parse().map_err(|_| bad())?;
+    let last: u32 = last.trim().parse().map_err(|_| bad())?;
+    anyhow::ensure!(first <= last, bad());
+    anyhow::ensure!(
+        first >= 1000 && !(first..=last).contains(&65534) && last < u32::MAX,
+        "SLUICE_TASK_UIDS {first}-{last} holds a system uid (below 1000, 65534 `nobody`, or {})",
+        u32::MAX
+    );
+    Ok((first, last - first + 1))
 }
 
 /// Most labels one worker may have: it consumes one queue per subset of its labels (16 at 4).
@@ -380,4 +427,29 @@ fn machine_memory() -> u64 {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_uids_are_a_range_clear_of_system_uids() {
+        assert_eq!(parse_task_uids(None).expect("valid"), DEFAULT_TASK_UIDS);
+        assert_eq!(parse_task_uids(Some(" ")).expect("valid"), DEFAULT_TASK_UIDS);
+        assert_eq!(parse_task_uids(Some("200000-200009")).expect("valid"), (200_000, 10));
+        assert_eq!(parse_task_uids(Some("70000-70000")).expect("valid"), (70_000, 1));
+        for (value, says) in [
+            ("200000", "FIRST-LAST"),
+            ("b-c", "FIRST-LAST"),
+            ("200009-200000", "FIRST-LAST"),
+            ("-1-5", "FIRST-LAST"),
+            ("500-2000", "system uid"),
+            ("60000-70000", "system uid"),
+            ("4294967290-4294967295", "system uid"),
+        ] {
+            let e = parse_task_uids(Some(value)).expect_err(value).to_string();
+            assert!(e.contains(says), "{value}: {e}");
+        }
+    }
 }

@@ -62,7 +62,7 @@ impl AppState {
         let key_file = auth::jwt::load_or_generate(&config.jwt_keys_file, generate)?;
         let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
         let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
-        let work_root = engine::prepare_work_root(&config.data_dir)?;
+        let sandbox = engine::prepare_sandbox(&config)?;
         // The embedded worker registers like any worker; it is a shared one (a tenant's own
         // workers run as `sluice worker --tenant`).
         let worker = if config.with_worker {
@@ -101,7 +101,7 @@ impl AppState {
                     let never = std::sync::Arc::new(tokio::sync::Notify::new());
                     tokio::spawn(async move {
                         if let Err(e) =
-                            engine::consume_redis(engine, store, url, prefix, gate, work_root, key, never).await
+                            engine::consume_redis(engine, store, url, prefix, gate, sandbox, key, never).await
                         {
                             tracing::error!(error = %e, "the embedded Redis worker stopped");
                         }
@@ -123,7 +123,7 @@ impl AppState {
                         store.clone(),
                         rx,
                         gate.clone(),
-                        work_root,
+                        sandbox,
                         secrets_key.clone(),
                     );
                 }

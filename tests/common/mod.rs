@@ -552,7 +552,7 @@ pub async fn start(opts: Options) -> Setup {
     Setup { cluster, api, workers }
 }
 
-/// A directory every user may write (tasks run as `nobody` when the tests run as root), removed
+/// A directory every user may write (tasks run as task users when the tests run as root), removed
 /// when dropped.
 pub struct SharedDir(pub PathBuf);
 

@@ -14,20 +14,26 @@
 //! * own process group, killed as a whole (`kill(-pgid, SIGKILL)`) on timeout, cancel, and after the
 //!   main process exits (no left-over background processes);
 //! * rlimits: CPU, address space, file size, processes, open files, core dumps = 0;
-//! * when [`TaskRequest::run_as`] is set (the worker runs as root), setgid/setuid to it and supplementary
-//!   groups dropped.
+//! * `no_new_privs`: no set-user-id program or file capability raises the task's privileges;
+//! * when [`TaskRequest::users`] is set (the worker runs as root), a uid of that range held by this attempt
+//!   alone (its own gid, supplementary groups dropped): tasks cannot read each other's `/proc/<pid>/environ`
+//!   or files, `RLIMIT_NPROC` counts this task's processes only, and once the attempt ends every process
+//!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
+//!   top of `/tmp`, `/var/tmp`, `/dev/shm` and `/run/lock` is removed (see [`TaskUsers`]);
+//! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped.
 //!
 //! Known limits of this sandbox (there is no namespace, seccomp, landlock or cgroup isolation yet): the
-//! task can open sockets, write to world-writable places such as `/tmp`, and a process that calls
-//! `setsid` (leaving its process group) escapes the group kill. `RLIMIT_NPROC` counts all processes of
-//! the task uid and is not enforced for root, so it only works with `run_as` set, and tasks of different
-//! tenants should get distinct uids (test plan D22).
+//! task can open sockets and read what the machine lets every user read, `/proc/<pid>/cmdline` of other
+//! processes included (so secrets belong in the environment, not in argv), and files it leaves deeper in
+//! other world-writable folders stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
+//! task user.
 
 mod http;
 mod logs;
 mod outputs;
 mod process;
 mod ssrf;
+mod users;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +48,7 @@ use tokio::time::Instant;
 pub use logs::MIN_SECRET_LEN;
 pub use process::live_group_members;
 pub use ssrf::{ip_is_public, ip_permitted};
+pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 
 /// What a task does.
 #[derive(Clone, Debug)]
@@ -158,6 +165,9 @@ pub struct TaskRequest {
     pub http: HttpPolicy,
     /// `(uid, gid)` the task runs as (the worker must be root); `None` = the worker's own user.
     pub run_as: Option<(u32, u32)>,
+    /// Uids a process task takes one of for its attempt alone (the worker must be root); overrides
+    /// `run_as`. See [`TaskUsers`].
+    pub users: Option<Arc<TaskUsers>>,
 }
 
 impl TaskRequest {
@@ -174,6 +184,7 @@ impl TaskRequest {
             max_log_bytes: 10 << 20,
             http: HttpPolicy::default(),
             run_as: None,
+            users: None,
         }
     }
 }
@@ -191,6 +202,7 @@ impl fmt::Debug for TaskRequest {
             .field("max_log_bytes", &self.max_log_bytes)
             .field("http", &self.http)
             .field("run_as", &self.run_as)
+            .field("users", &self.users.as_ref().map(|u| u.range()))
             .finish()
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::logs::{LogSink, pump};
+use crate::users::{TaskUser, TaskUsers};
 use crate::{ExecOutcome, Limits, Stream, TaskRequest, cancelled, deadline_reached, outputs};
 
 /// `PATH` of every task (the worker's own is never passed on).
@@ -49,13 +50,25 @@ pub(crate) async fn run(
     let Some((program, args)) = argv.split_first() else {
         return failed("nothing to run: empty argv".to_owned());
     };
-    let workdir = match create_workdir(&req.work_root, req.run_as) {
+    let mut cleanup = Cleanup { pgid: None, user: None, workdir: None };
+    if let Some(users) = &req.users {
+        match take_user(users, &sink, deadline, cancel).await {
+            Ok(user) => cleanup.user = Some(user),
+            Err(ended) => return ended,
+        }
+    }
+    // A uid of the range, held for this attempt alone, else the one given.
+    let run_as = cleanup.user.as_ref().map(|u| (u.uid, u.uid)).or(req.run_as);
+    let workdir = match create_workdir(&req.work_root, run_as) {
         Ok(w) => w,
-        Err(e) => return failed(format!("cannot create the work directory in {}: {e}", req.work_root.display())),
+        Err(e) => {
+            cleanup.finish().await;
+            return failed(format!("cannot create the work directory in {}: {e}", req.work_root.display()));
+        }
     };
-    let mut cleanup = Cleanup { pgid: None, workdir: Some(workdir.clone()) };
+    cleanup.workdir = Some(workdir.clone());
     let output_path = workdir.join(OUTPUT_FILE);
-    if let Err(e) = create_output_file(&output_path, req.run_as) {
+    if let Err(e) = create_output_file(&output_path, run_as) {
         cleanup.finish().await;
         return failed(format!("cannot create the outputs file: {e}"));
     }
@@ -79,7 +92,7 @@ pub(crate) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some((uid, gid)) = req.run_as {
+    if let Some((uid, gid)) = run_as {
         // std also drops the supplementary groups (setgroups(0)) when switching from root.
         cmd.uid(uid).gid(gid);
     }
@@ -89,7 +102,7 @@ pub(crate) async fn run(
         Ok(c) => c,
         Err(e) => {
             cleanup.finish().await;
-            let hint = if req.run_as.is_some() && e.kind() == io::ErrorKind::PermissionDenied {
+            let hint = if run_as.is_some() && e.kind() == io::ErrorKind::PermissionDenied {
                 " (the work root must be traversable by the task user, e.g. mode 0711)"
             } else {
                 ""
@@ -119,6 +132,9 @@ pub(crate) async fn run(
     if let Some(pgid) = cleanup.pgid.take() {
         kill_group(pgid).await;
     }
+    if let Some(user) = &cleanup.user {
+        user.kill_processes().await;
+    }
     let _ = child.wait().await;
     for mut r in readers {
         if tokio::time::timeout(READER_GRACE, &mut r).await.is_err() {
@@ -127,7 +143,7 @@ pub(crate) async fn run(
         }
     }
 
-    let owner = req.run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
+    let owner = run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
     let outputs = match outputs::read_file(&output_path, owner) {
         Ok((data, truncated)) => {
             if truncated {
@@ -171,7 +187,7 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
     }
 }
 
-/// Sets the rlimits in the child, after fork and the uid switch, before exec.
+/// Sets the rlimits and `no_new_privs` in the child, after fork and the uid switch, before exec.
 #[allow(unsafe_code)]
 fn set_limits(cmd: &mut Command, limits: Limits) {
     let wanted: [(Resource, Option<u64>); 6] = [
@@ -183,7 +199,7 @@ fn set_limits(cmd: &mut Command, limits: Limits) {
         (Resource::RLIMIT_CORE, Some(0)),
     ];
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe functions may
-    // be called. It calls only getrlimit(2) and setrlimit(2) (async-signal-safe system calls, no locks),
+    // be called. It calls only getrlimit(2), setrlimit(2) and prctl(2) (system calls, no locks),
     // allocates nothing (the captured array is plain data, errors are raw errno values) and touches no
     // state shared with the parent.
     unsafe {
@@ -199,6 +215,8 @@ fn apply_limits(wanted: &[(Resource, Option<u64>)]) -> io::Result<()> {
             setrlimit(resource, value, value)?;
         }
     }
+    // No set-user-id program or file capability lifts the task above its user (sudo, su, ...).
+    nix::sys::prctl::set_no_new_privs()?;
     Ok(())
 }
 
@@ -258,10 +276,12 @@ fn remove_workdir(dir: &Path) {
     }
 }
 
-/// Kills the process group and removes the work directory: thoroughly in [`Cleanup::finish`], best effort
-/// when dropped (the `execute` future was dropped mid-task).
+/// Kills the process group, gives the task user back (killing whatever else runs as it) and removes the
+/// work directory, in that order, so nothing of the task can still write there: thoroughly in
+/// [`Cleanup::finish`], in place when dropped (the `execute` future was dropped mid-task).
 struct Cleanup {
     pgid: Option<i32>,
+    user: Option<TaskUser>,
     workdir: Option<PathBuf>,
 }
 
@@ -269,6 +289,9 @@ impl Cleanup {
     async fn finish(&mut self) {
         if let Some(pgid) = self.pgid.take() {
             kill_group(pgid).await;
+        }
+        if let Some(user) = self.user.take() {
+            user.release().await;
         }
         if let Some(dir) = self.workdir.take() {
             let _ = tokio::task::spawn_blocking(move || remove_workdir(&dir)).await;
@@ -281,8 +304,37 @@ impl Drop for Cleanup {
         if let Some(pgid) = self.pgid.take() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
+        drop(self.user.take());
         if let Some(dir) = self.workdir.take() {
             remove_workdir(&dir);
+        }
+    }
+}
+
+/// A uid of `users` for this attempt; while all are held, waits for one (saying so once), until the
+/// deadline or a cancel.
+async fn take_user(
+    users: &TaskUsers,
+    sink: &LogSink,
+    deadline: Option<Instant>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<TaskUser, (ExecOutcome, BTreeMap<String, String>)> {
+    let mut said = false;
+    loop {
+        match users.try_acquire().await {
+            Ok(Some(user)) => return Ok(user),
+            Ok(None) => {}
+            Err(e) => return Err(failed(format!("cannot take a task user: {e}"))),
+        }
+        if !said {
+            let (first, last) = users.range();
+            sink.system(&format!("waiting for a free task user: all of uids {first}-{last} are in use")).await;
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = deadline_reached(deadline) => return Err((ExecOutcome::TimedOut, BTreeMap::new())),
+            _ = cancelled(cancel) => return Err((ExecOutcome::Cancelled, BTreeMap::new())),
         }
     }
 }

@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{Arc, OnceLock, Weak},
     time::Duration,
 };
@@ -22,7 +21,7 @@ use super::{
     Dispatch, Engine,
     backlog::Backlog,
     registry::{self, Gate, Route, WorkerProfile},
-    work::{priority_of, run_claimed},
+    work::{Sandbox, priority_of, run_claimed},
 };
 use crate::{Config, secrets::SecretsKey, store::Store};
 
@@ -287,7 +286,7 @@ impl Doorbell for RedisDoorbell {
 struct Shared {
     engine: Arc<Engine>,
     store: Store,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: SecretsKey,
     gate: Arc<Gate>,
     /// One permit per slot, held for a whole execution: shutdown waits for every permit.
@@ -404,7 +403,7 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
         };
         let room = super::Room { slot: held, reserved };
         if let Err(e) =
-            run_claimed(&shared.engine, &shared.store, x, claimed, shared.work_root.clone(), &shared.secrets_key, room)
+            run_claimed(&shared.engine, &shared.store, x, claimed, shared.sandbox.clone(), &shared.secrets_key, room)
                 .await
         {
             tracing::warn!(run = %x.run, task = x.task, attempt = x.attempt, error = %e, "task execution failed");
@@ -450,7 +449,7 @@ pub async fn consume_redis(
     url: String,
     prefix: String,
     gate: Arc<Gate>,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: SecretsKey,
     stop: Arc<Notify>,
 ) -> anyhow::Result<()> {
@@ -462,7 +461,7 @@ pub async fn consume_redis(
         store.clone(),
         gate.clone(),
         slots_held.clone(),
-        work_root.clone(),
+        sandbox.clone(),
         secrets_key.clone(),
     );
     // One notification stops every queue's consumer, and the tasks handed to this worker.
@@ -486,7 +485,7 @@ pub async fn consume_redis(
         let shared = Shared {
             engine: engine.clone(),
             store: store.clone(),
-            work_root: work_root.clone(),
+            sandbox: sandbox.clone(),
             secrets_key: secrets_key.clone(),
             gate: gate.clone(),
             slots: slots_held.clone(),
@@ -722,7 +721,7 @@ async fn serve_as_worker(
     profile: WorkerProfile,
     registration: &Arc<registry::Registration>,
 ) -> anyhow::Result<()> {
-    let work_root = super::work::prepare_work_root(&config.data_dir)?;
+    let sandbox = super::work::prepare_sandbox(config)?;
     // Completions queue the next tasks: this process rings the same doorbell.
     let doorbell = Arc::new(RedisDoorbell::connect(&url, &config.redis_prefix).await?);
     let engine = Arc::new(Engine::named(store.clone(), doorbell.clone(), profile.name.clone()));
@@ -742,7 +741,7 @@ async fn serve_as_worker(
         tenant = gate.profile.tenant.as_ref().map(|t| t.slug.as_str()),
         "worker started"
     );
-    super::work::warn_if_tasks_run_as_this_user();
+    super::work::announce_task_users(&sandbox);
     let stop = Arc::new(Notify::new());
     let mut consumer = tokio::spawn(consume_redis(
         engine,
@@ -750,7 +749,7 @@ async fn serve_as_worker(
         url.clone(),
         config.redis_prefix.clone(),
         gate,
-        work_root,
+        sandbox,
         secrets_key,
         stop.clone(),
     ));

@@ -39,7 +39,7 @@ use uuid::Uuid;
 
 use crate::store::Store;
 pub use doorbell::{ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, run_worker};
-pub use work::{create_folder, prepare_work_root, spawn_local_workers};
+pub use work::{Sandbox, create_folder, prepare_sandbox, prepare_work_root, spawn_local_workers};
 
 /// How long a claim lasts without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(15);

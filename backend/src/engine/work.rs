@@ -10,7 +10,7 @@ use sluice_domain::{
     spec::{TaskAction, TaskSpec},
     template::{self, Context, Template},
 };
-use sluice_worker::{ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskRequest};
+use sluice_worker::{ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskRequest, TaskUsers};
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
@@ -22,6 +22,32 @@ use crate::{
 
 /// Most log text kept per task attempt.
 pub const MAX_LOG_BYTES: usize = 10 * 1024 * 1024;
+
+/// Where and as whom this process's tasks run.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// The folder each attempt's work directory is made in.
+    pub work_root: PathBuf,
+    /// The uids process tasks run as, one each (`None`: this process is not root, and tasks run
+    /// as its own user).
+    pub users: Option<Arc<TaskUsers>>,
+}
+
+/// Prepares the work root (see [`prepare_work_root`]) and, when this process is root, the task
+/// users of `SLUICE_TASK_UIDS`.
+pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<Sandbox>> {
+    use anyhow::Context as _;
+    let work_root = prepare_work_root(&config.data_dir)?;
+    let users = if sluice_worker::unprivileged_user().is_some() {
+        let (first, count) = config.task_uids;
+        let users = TaskUsers::new(first, count, &config.task_uid_locks)
+            .context("preparing the task users (SLUICE_TASK_UIDS, SLUICE_TASK_UID_LOCKS)")?;
+        Some(Arc::new(users))
+    } else {
+        None
+    };
+    Ok(Arc::new(Sandbox { work_root, users }))
+}
 
 /// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
 /// directory, so a relative path would point nowhere from there). A data folder this creates
@@ -40,16 +66,20 @@ pub fn prepare_work_root(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> 
     std::fs::canonicalize(&work_root).with_context(|| format!("resolving {}", work_root.display()))
 }
 
-/// Says so at start when tasks will run as this process's own user (it is not root, so it cannot
-/// switch them to `nobody`): they can then read whatever this process can, its data folder, keys
-/// and environment included.
-pub fn warn_if_tasks_run_as_this_user() {
-    if sluice_worker::unprivileged_user().is_none() {
-        tracing::warn!(
+/// Says at start as whom tasks run: when this process is not root it cannot switch users, so
+/// tasks run as its own user and can read whatever it can, its data folder, keys and environment
+/// included.
+pub fn announce_task_users(sandbox: &Sandbox) {
+    match &sandbox.users {
+        Some(users) => {
+            let (first, last) = users.range();
+            tracing::info!(first, last, "process tasks run as task users, one uid each");
+        }
+        None => tracing::warn!(
             "this worker is not running as root, so tasks run as its own user and can read what it can \
-             (data folder, keys, environment): run workers as root (tasks then run as `nobody`), or only \
-             trusted pipelines"
-        );
+             (data folder, keys, environment): run workers as root (each task then runs as a uid of \
+             SLUICE_TASK_UIDS of its own), or only trusted pipelines"
+        ),
     }
 }
 
@@ -72,12 +102,12 @@ pub fn spawn_local_workers(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<Dispatch>,
     gate: Arc<super::registry::Gate>,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: SecretsKey,
 ) {
-    warn_if_tasks_run_as_this_user();
+    announce_task_users(&sandbox);
     let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
-    spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), work_root.clone(), secrets_key.clone());
+    spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), sandbox.clone(), secrets_key.clone());
     tokio::spawn(async move {
         let mut ready = ReadyQueue::default();
         let mut open = true;
@@ -115,7 +145,7 @@ pub fn spawn_local_workers(
             if engine.answered(&d) {
                 continue;
             }
-            let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
+            let (engine, store, root, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
                 let need = match gate.judge(&engine, d).await {
@@ -207,13 +237,13 @@ pub(super) fn spawn_handed(
     store: Store,
     gate: Arc<super::registry::Gate>,
     slots: Arc<Semaphore>,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: SecretsKey,
 ) {
     let mut handed = engine.accept_handoffs(gate, slots);
     tokio::spawn(async move {
         while let Some(h) = handed.recv().await {
-            let (engine, store, root, key) = (engine.clone(), store.clone(), work_root.clone(), secrets_key.clone());
+            let (engine, store, root, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
             tokio::spawn(async move {
                 let super::Handed { d, claimed, room, .. } = h;
                 if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key, room).await {
@@ -263,7 +293,7 @@ fn render(text: &str, ctx: &Ctx<'_>) -> anyhow::Result<String> {
 
 /// Builds what to execute from the task's definition; templates are rendered into argv
 /// elements, environment values, and HTTP fields — never into a shell script.
-fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attempt: u32) -> anyhow::Result<TaskRequest> {
+fn request(spec: &TaskSpec, ctx: &Ctx<'_>, sandbox: &Sandbox, run: Uuid, attempt: u32) -> anyhow::Result<TaskRequest> {
     let action = match &spec.action {
         TaskAction::Run(argv) => ExecAction::Run(template::render_argv(argv, ctx).map_err(|e| anyhow::anyhow!("{e}"))?),
         TaskAction::Shell(script) => ExecAction::Shell(script.clone()),
@@ -287,13 +317,14 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, work_root: PathBuf, run: Uuid, attemp
         action,
         env,
         timeout: spec.timeout.map(|d| d.to_std()),
-        work_root,
+        work_root: sandbox.work_root.clone(),
         // The declared memory is also the task's limit (its address space).
         limits: Limits { memory_bytes: spec.resources.and_then(|r| r.memory).map(|m| m.bytes()), ..Limits::default() },
         secrets: ctx.secrets.values().cloned().collect(),
         max_log_bytes: MAX_LOG_BYTES,
         http: HttpPolicy::default(),
-        run_as: sluice_worker::unprivileged_user(),
+        run_as: None,
+        users: sandbox.users.clone(),
     })
 }
 
@@ -301,14 +332,14 @@ pub(super) async fn run_one(
     engine: &Engine,
     store: &Store,
     d: Dispatch,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: &SecretsKey,
     room: super::Room,
 ) -> anyhow::Result<()> {
     let Some(claimed) = engine.claim(d).await? else {
         return Ok(());
     };
-    run_claimed(engine, store, d, claimed, work_root, secrets_key, room).await
+    run_claimed(engine, store, d, claimed, sandbox, secrets_key, room).await
 }
 
 /// Executes an attempt this worker holds the lease of, in `room` (its slot, CPU and memory),
@@ -318,12 +349,12 @@ pub(super) async fn run_claimed(
     store: &Store,
     d: Dispatch,
     claimed: super::Claimed,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: &SecretsKey,
     room: super::Room,
 ) -> anyhow::Result<()> {
     let cancel = engine.track(d);
-    let result = execute(engine, store, d, claimed, work_root, secrets_key, cancel).await;
+    let result = execute(engine, store, d, claimed, sandbox, secrets_key, cancel).await;
     engine.untrack(d);
     let (outcome, exit_code, message, outputs) = match result {
         Ok(r) => r,
@@ -356,7 +387,7 @@ async fn execute(
     store: &Store,
     d: Dispatch,
     run: super::Claimed,
-    work_root: PathBuf,
+    sandbox: Arc<Sandbox>,
     secrets_key: &SecretsKey,
     mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Finished> {
@@ -393,7 +424,7 @@ async fn execute(
         item: planned.item.as_ref(),
         secrets: &secrets,
     };
-    let mut req = request(task, &ctx, work_root, d.run, d.attempt)?;
+    let mut req = request(task, &ctx, &sandbox, d.run, d.attempt)?;
     // Only HTTP tasks connect anywhere: the tenant's allow-list is read for them alone.
     if matches!(task.action, TaskAction::Http(_)) {
         req.http.allow = crate::service::settings::http_allow_networks(store, run.tenant).await?;

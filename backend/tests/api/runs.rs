@@ -309,11 +309,25 @@ async fn retry(app: &TestApp, m: &Member, id: &str) -> reqwest::Response {
 }
 
 /// Removes a marker file when dropped, however the test ends.
+/// A file path in a folder of its own that every user may write: tasks run as task users when
+/// the tests run as root, and what those leave at the top of `/tmp` goes with them.
 struct Marker(std::path::PathBuf);
+
+impl Marker {
+    fn new(name: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        Self(dir.join("marker"))
+    }
+}
 
 impl Drop for Marker {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -321,7 +335,7 @@ impl Drop for Marker {
 async fn retrying_a_failed_run_carries_over_what_succeeded_and_runs_the_rest() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("retry")).await;
-    let marker = Marker(std::env::temp_dir().join(format!("sluice-retry-{}", uuid::Uuid::new_v4().simple())));
+    let marker = Marker::new("retry");
     let m = marker.0.display();
     // `b` fails the first time (leaving the marker behind) and succeeds the second; templates are
     // rendered into argv elements only, so the shell reads them as positional parameters.
@@ -592,7 +606,49 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
     assert!(at("finished_at") - at("started_at") >= chrono::Duration::milliseconds(1300), "{v:#}");
 }
 
-/// Tasks may run as another user (`nobody`, when the worker runs as root): the database file
+/// When the worker runs as root, each process task runs as a uid of the task range of its own,
+/// and nothing it started outlives it, a process that left its process group included.
+#[actix_web::test]
+async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running() {
+    if sluice_worker::unprivileged_user().is_none() {
+        eprintln!("note: skipped: the worker switches users only when it runs as root");
+        return;
+    }
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("uids")).await;
+    let marker = format!("98{}", rand_digits());
+    let task = |id: &str| {
+        format!(
+            "      - id: {id}\n        shell: 'setsid sleep {marker} & sleep 0.5; echo \"uid=$(id -u)\" >> \"$SLUICE_OUTPUT\"'\n"
+        )
+    };
+    let yaml = format!("stages:\n  - id: s\n    tasks:\n{}{}", task("a"), task("b"));
+    assert_eq!(app.create_pipeline(&admin, "uids", &yaml).await.status(), StatusCode::CREATED);
+    let run = start(&app, &admin, "uids", json!({})).await;
+    let done = wait_run(&app, &admin, run["id"].as_str().unwrap(), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    let uid = |t: &str| task_of(&done, t)["outputs"]["uid"].as_str().unwrap().parse::<u32>().unwrap();
+    let (a, b) = (uid("a"), uid("b"));
+    let (first, count) = sluice_backend::config::DEFAULT_TASK_UIDS;
+    for u in [a, b] {
+        assert!((first..first + count).contains(&u), "uid {u} is outside the task range");
+    }
+    // The two ran at the same time (0.5 s each, 4 slots), each as its own user.
+    assert_ne!(a, b);
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == format!("sleep\0{marker}\0").as_bytes()))
+        .collect();
+    assert!(left.is_empty(), "{} processes a task started still run", left.len());
+}
+
+/// A few random digits, for a command line no other test uses.
+fn rand_digits() -> String {
+    format!("{:06}", uuid::Uuid::new_v4().as_u128() % 1_000_000)
+}
+
+/// Tasks may run as another user (a task user, when the worker runs as root): the database file
 /// with its WAL, and the listing of the work root, are closed to other users.
 #[cfg(unix)]
 #[actix_web::test]

@@ -1,0 +1,189 @@
+//! Task users (test plan D21, D22): each process task holds a uid of the range for its attempt alone,
+//! and nothing that ran as that uid outlives the attempt. Its own test binary: each test uses uids no
+//! other test uses, held through its own lock folder. They need root, as a worker that switches users.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TempDir, dump, run, task_user, texts};
+use sluice_worker::{ExecAction, ExecOutcome, LogLine, Stream, TaskRequest, TaskUsers, execute};
+use tokio::sync::{mpsc, watch};
+
+/// A range of `count` uids from `first` (distinct per test), locked in a folder of the test's own.
+fn users(first: u32, count: u32, root: &TempDir) -> Arc<TaskUsers> {
+    Arc::new(TaskUsers::new(first, count, root.path().join("locks")).expect("task users"))
+}
+
+fn shell(script: &str, root: &TempDir, users: &Arc<TaskUsers>) -> TaskRequest {
+    let mut req = TaskRequest::new(ExecAction::Shell(script.to_owned()), root.path().join("work"));
+    req.users = Some(users.clone());
+    req
+}
+
+/// Waits for a line starting with `prefix` and returns the rest.
+async fn line_after(rx: &mut mpsc::Receiver<LogLine>, prefix: &str) -> String {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("line in time").expect("line");
+        if let Some(rest) = line.text.strip_prefix(prefix) {
+            return rest.to_owned();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_process_that_left_the_task_group_dies_with_its_task() {
+    let Some(_) = task_user("a_process_that_left_the_task_group_dies_with_its_task") else { return };
+    let root = TempDir::new("escape");
+    let pool = users(1_650_000_100, 1, &root);
+    let marker = "987661";
+    let started = std::time::Instant::now();
+    let (res, lines) = run(shell(&format!("setsid sleep {marker} & sleep 0.2; id -u"), &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), vec!["1650000100".to_owned()]);
+    assert!(common::processes_with_cmdline(&["sleep", marker]).is_empty(), "the setsid process outlived its task");
+    // Killed at once, it no longer holds the log pipes open (the readers would wait 5 s for it).
+    assert!(texts(&lines, Stream::System).is_empty(), "{}", dump(&lines));
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn concurrent_tasks_hold_distinct_users_and_cannot_read_each_other() {
+    let Some(_) = task_user("concurrent_tasks_hold_distinct_users_and_cannot_read_each_other") else { return };
+    let root = TempDir::new("distinct");
+    let pool = users(1_650_000_200, 4, &root);
+    let mut b = shell(
+        r#"echo "$SECRET_B" > "$SLUICE_WORKDIR/data"; echo "who=$$ $(id -u) $SLUICE_WORKDIR"; sleep 30"#,
+        &root,
+        &pool,
+    );
+    b.env = vec![("SECRET_B".into(), "b-secret-value".into())];
+    let (tx, mut rx) = mpsc::channel(64);
+    let (cancel_b, cancel_rx) = watch::channel(false);
+    let b = tokio::spawn(execute(b, tx, cancel_rx));
+    let who = line_after(&mut rx, "who=").await;
+    let mut who = who.split(' ');
+    let (b_pid, b_uid, b_dir) = (who.next().expect("pid"), who.next().expect("uid"), who.next().expect("dir"));
+
+    let script = format!("id -u; cat /proc/{b_pid}/environ; cat '{b_dir}/data'; kill -9 {b_pid}; echo end");
+    let (res, lines) = run(shell(&script, &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    let a_uid = out.first().expect("uid").clone();
+    assert_ne!(a_uid, b_uid, "two running tasks share a uid");
+    for uid in [&a_uid, b_uid] {
+        let uid: u32 = uid.parse().expect("uid");
+        assert!((1_650_000_200..1_650_000_204).contains(&uid), "{uid} is outside the range");
+    }
+    assert!(!dump(&lines).contains("b-secret-value"), "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stderr).iter().filter(|l| l.contains("ermission denied")).count(), 2);
+    assert_eq!(texts(&lines, Stream::Stderr).iter().filter(|l| l.contains("not permitted")).count(), 1);
+
+    cancel_b.send(true).expect("cancel");
+    assert_eq!(b.await.expect("task B").outcome, ExecOutcome::Cancelled);
+}
+
+#[tokio::test]
+async fn what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it() {
+    let Some(_) = task_user("what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it") else { return };
+    let root = TempDir::new("tmpfiles");
+    let pool = users(1_650_000_300, 1, &root);
+    let tag = format!("sluice-left-{}", std::process::id());
+    // Someone else's file in /tmp stays.
+    let other = std::path::PathBuf::from(format!("/tmp/{tag}-root"));
+    std::fs::write(&other, "root's").expect("write");
+    let script = format!(
+        "echo x > /tmp/{tag}; mkdir -p /var/tmp/{tag}/deep; echo y > /var/tmp/{tag}/deep/f; \
+         echo z > /dev/shm/{tag}; ln -s /etc/passwd /tmp/{tag}-link; ls -d /tmp/{tag} /var/tmp/{tag} /dev/shm/{tag}"
+    );
+    let (res, lines) = run(shell(&script, &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout).len(), 3, "{}", dump(&lines));
+    for left in
+        [format!("/tmp/{tag}"), format!("/var/tmp/{tag}"), format!("/dev/shm/{tag}"), format!("/tmp/{tag}-link")]
+    {
+        assert!(std::fs::symlink_metadata(&left).is_err(), "{left} is still there");
+    }
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    assert_eq!(std::fs::read_to_string(&other).expect("read"), "root's");
+    std::fs::remove_file(&other).expect("remove");
+}
+
+#[tokio::test]
+async fn a_uid_left_running_by_a_dead_worker_is_cleared_before_it_is_given_out() {
+    let Some(_) = task_user("a_uid_left_running_by_a_dead_worker_is_cleared_before_it_is_given_out") else { return };
+    let root = TempDir::new("leftover");
+    let uid = 1_650_000_400;
+    // What a worker killed mid-task leaves: a process of the uid nobody holds any more.
+    let mut stray = std::process::Command::new("sleep")
+        .arg("987663")
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(stray.try_wait().expect("try_wait").is_none());
+    let pool = users(uid, 1, &root);
+    let (res, lines) = run(shell("echo ran", &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let status = stray.wait().expect("wait");
+    assert!(!status.success(), "the stray process ended on its own: {status}");
+    assert!(common::processes_with_cmdline(&["sleep", "987663"]).is_empty());
+}
+
+#[tokio::test]
+async fn a_task_waits_while_every_task_user_is_held() {
+    let Some(_) = task_user("a_task_waits_while_every_task_user_is_held") else { return };
+    let root = TempDir::new("wait");
+    let pool = users(1_650_000_500, 1, &root);
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_cancel, cancel_rx) = watch::channel(false);
+    let first = tokio::spawn(execute(shell("echo started; sleep 1", &root, &pool), tx, cancel_rx));
+    line_after(&mut rx, "started").await;
+
+    // While the only uid is held: a task with a short timeout times out waiting, one without waits.
+    let mut hurried = shell("echo never", &root, &pool);
+    hurried.timeout = Some(Duration::from_millis(200));
+    let (res, lines) = run(hurried).await;
+    assert_eq!(res.outcome, ExecOutcome::TimedOut, "{}", dump(&lines));
+    assert!(!dump(&lines).contains("never"));
+    let waited = std::time::Instant::now();
+    let (res, lines) = run(shell("echo second", &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let system = texts(&lines, Stream::System);
+    assert!(system.iter().any(|l| l.contains("waiting for a free task user")), "{system:?}");
+    // The first task sleeps 1 s; the second started only once the first gave its uid back.
+    assert!(waited.elapsed() >= Duration::from_millis(400), "ran after {:?}", waited.elapsed());
+    assert_eq!(first.await.expect("first").outcome, ExecOutcome::Succeeded);
+}
+
+#[tokio::test]
+async fn a_range_that_holds_a_system_uid_or_nothing_is_refused() {
+    let root = TempDir::new("range");
+    let locks = root.path().join("locks");
+    for (first, count, says) in [
+        (1_650_000_600, 0, "empty"),
+        (0, 10, "system uid"),
+        (65_000, 1000, "system uid"),
+        (u32::MAX - 5, 10, "largest uid"),
+    ] {
+        let e = TaskUsers::new(first, count, &locks).expect_err("refused");
+        assert!(e.to_string().contains(says), "{first}+{count}: {e}");
+    }
+    let ok = TaskUsers::new(1_650_000_600, 10, &locks).expect("accepted");
+    assert_eq!(ok.range(), (1_650_000_600, 1_650_000_609));
+}
+
+/// `no_new_privs` is set, whatever user the task runs as.
+#[tokio::test]
+async fn set_user_id_programs_do_not_raise_a_tasks_privileges() {
+    let root = TempDir::new("nnp");
+    let (res, lines) =
+        run(TaskRequest::new(ExecAction::Shell("grep NoNewPrivs /proc/self/status".into()), root.path())).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), vec!["NoNewPrivs:\t1".to_owned()]);
+}
