@@ -39,6 +39,8 @@ pub struct AppState {
     pub secrets_key: secrets::SecretsKey,
     /// The embedded worker's registration, if this process executes tasks.
     pub worker: Option<std::sync::Arc<engine::registry::Registration>>,
+    /// How many refused webhook calls each tenant's audit log records.
+    pub webhook_refusals: triggers::webhook::RefusalLimiter,
 }
 
 impl AppState {
@@ -136,7 +138,7 @@ impl AppState {
             registration.spawn_heartbeat(gate.capacity.clone());
             registration
         });
-        Ok(Self { config, store, authz, jwt, engine, secrets_key, worker })
+        Ok(Self { config, store, authz, jwt, engine, secrets_key, worker, webhook_refusals: Default::default() })
     }
 }
 

@@ -162,7 +162,7 @@ fn unauthorized() -> HttpResponse {
     request_body(content = WebhookCall, description = "optional; `params` for the run"),
     responses((status = 202, description = "the run started (or, for a repeated delivery, the run started before)", body = WebhookAccepted),
               (status = 400, description = "not a JSON object, or a bad delivery id", body = crate::error::Problem),
-              (status = 401, description = "missing, stale or wrong signature, or no such webhook (not told apart)", body = crate::error::Problem),
+              (status = 401, description = "missing, stale or wrong signature, or no such webhook (not told apart); audited as `webhook.refused`, at most 20 a minute per tenant and server process, the next recorded event counting the others in `unrecorded_before`", body = crate::error::Problem),
               (status = 409, description = "the pipeline is archived", body = crate::error::Problem),
               (status = 413, description = "body over 1 MiB", body = crate::error::Problem),
               (status = 422, description = "invalid params", body = crate::error::Problem)))]
@@ -248,7 +248,9 @@ async fn receive(
     Ok(HttpResponse::Accepted().json(WebhookAccepted { run_id: started.id }))
 }
 
-/// Records a refused call in the tenant's audit log and answers 401.
+/// Records a refused call in the tenant's audit log (at most
+/// [`webhook::REFUSALS_RECORDED_PER_MINUTE`] a minute per tenant: the calls are unauthenticated;
+/// the next event recorded counts those that were not) and answers 401.
 async fn refuse(
     state: &State,
     tenant: Uuid,
@@ -256,6 +258,13 @@ async fn refuse(
     reason: Refusal,
     source: &audit::Source,
 ) -> ApiResult<HttpResponse> {
+    let Some(unrecorded) = state.webhook_refusals.admit(tenant, std::time::Instant::now()) else {
+        return Ok(unauthorized());
+    };
+    let mut details = serde_json::json!({ "reason": reason.as_str() });
+    if unrecorded > 0 {
+        details["unrecorded_before"] = unrecorded.into();
+    }
     let recorded = async {
         let txn = state.store.write().await?;
         audit::append(
@@ -271,15 +280,16 @@ async fn refuse(
                 outcome: Outcome::Deny,
                 policy_ids: &[],
                 source,
-                details: serde_json::json!({ "reason": reason.as_str() }),
+                details,
             },
         )
         .await?;
         txn.commit().await
     };
-    // A failure to record is logged, and the answer stays the same 401.
+    // A failure to record is logged and counted, and the answer stays the same 401.
     if let Err(e) = recorded.await {
         tracing::error!(error = %e, "recording a refused webhook call failed");
+        state.webhook_refusals.unrecorded(tenant, unrecorded + 1);
     }
     Ok(unauthorized())
 }

@@ -213,11 +213,81 @@ pub async fn delete(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, pi
     Ok(n > 0)
 }
 
+/// Refused calls recorded one by one per tenant and minute, in each server process; those over
+/// it are counted, and the count goes into the next refusal that is recorded.
+pub const REFUSALS_RECORDED_PER_MINUTE: u32 = 20;
+
+/// Whether a refused call is recorded: anyone may call a webhook URL, and without a cap every
+/// unauthenticated call would add an event to the tenant's audit chain.
+#[derive(Debug, Default)]
+pub struct RefusalLimiter {
+    tenants: std::sync::Mutex<std::collections::HashMap<Uuid, Window>>,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: std::time::Instant,
+    recorded: u32,
+    unrecorded: u64,
+}
+
+impl RefusalLimiter {
+    /// `Some(n)` when this refusal is to be recorded, `n` being the refusals of the tenant not
+    /// recorded since the last one that was; `None` when it is only counted.
+    pub fn admit(&self, tenant: Uuid, now: std::time::Instant) -> Option<u64> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let w = tenants.entry(tenant).or_insert(Window { started: now, recorded: 0, unrecorded: 0 });
+        if now.duration_since(w.started) >= std::time::Duration::from_secs(60) {
+            w.started = now;
+            w.recorded = 0;
+        }
+        if w.recorded >= REFUSALS_RECORDED_PER_MINUTE {
+            if w.unrecorded == 0 {
+                tracing::warn!(%tenant, "refused webhook calls over the recorded rate: counting the rest");
+            }
+            w.unrecorded += 1;
+            return None;
+        }
+        w.recorded += 1;
+        Some(std::mem::take(&mut w.unrecorded))
+    }
+
+    /// Counts a refusal back that was admitted but could not be recorded.
+    pub fn unrecorded(&self, tenant: Uuid, count: u64) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = tenants.get_mut(&tenant) {
+            w.unrecorded += count;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn refusals_over_the_rate_are_counted_into_the_next_recorded_one() {
+        let limiter = RefusalLimiter::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let t0 = std::time::Instant::now();
+        for _ in 0..REFUSALS_RECORDED_PER_MINUTE {
+            assert_eq!(limiter.admit(a, t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(limiter.admit(a, t0 + std::time::Duration::from_secs(30)), None);
+        }
+        // Another tenant has its own allowance.
+        assert_eq!(limiter.admit(b, t0), Some(0));
+        // A minute on, the first recorded refusal carries the count of those not recorded.
+        let later = t0 + std::time::Duration::from_secs(60);
+        assert_eq!(limiter.admit(a, later), Some(5));
+        assert_eq!(limiter.admit(a, later), Some(0));
+        // One that could not be written is counted in the next.
+        limiter.unrecorded(a, 1 + 7);
+        assert_eq!(limiter.admit(a, later), Some(8));
+    }
 
     #[test]
     fn signatures_verify_and_refusals_are_precise() {

@@ -166,6 +166,27 @@ async fn a_signed_call_starts_a_run_and_a_repeated_delivery_returns_it() {
     audit_ok(&app, &admin).await;
 }
 
+/// Anyone may call a webhook URL: a flood of refused calls adds a bounded number of events to
+/// the tenant's audit log, and signed calls still go through meanwhile.
+#[actix_web::test]
+async fn a_flood_of_refused_calls_records_a_bounded_number_of_events() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("hookflood")).await;
+    assert_eq!(app.create_pipeline(&admin, "deploy", HOOKED).await.status(), StatusCode::CREATED);
+    let (url, secret) = configure(&app, &admin, "deploy", StatusCode::CREATED).await;
+    let body = r#"{"params":{"who":"x"}}"#;
+    let limit = webhook::REFUSALS_RECORDED_PER_MINUTE as usize;
+    for i in 0..limit + 15 {
+        let r = send(&app, Call { secret: Some("whsec_guess"), ..Call::new(&url, &secret, body) }).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "call {i}");
+    }
+    accepted(send(&app, Call::new(&url, &secret, body)).await).await;
+    let events = audit(&app, &admin, "webhook.refused").await;
+    assert_eq!(events.len(), limit, "{events:#?}");
+    assert!(events.iter().all(|e| e["details"].get("unrecorded_before").is_none()));
+    audit_ok(&app, &admin).await;
+}
+
 #[actix_web::test]
 async fn refused_calls_answer_401_alike_and_are_audited() {
     let app = spawn_app().await;
