@@ -129,7 +129,7 @@ async fn a01_sigkill_random_workers_loses_no_run() {
     // a → (b, c, d) → e; each execution appends its attempt to a file of its own.
     let task = |id: &str, needs: &str| {
         format!(
-            "      - id: {id}\n{needs}        shell: 'echo \"$SLUICE_ATTEMPT\" >> \"{d}/$SLUICE_RUN_ID.$SLUICE_TASK_ID\"; echo \"attempt=$SLUICE_ATTEMPT\" >> \"$SLUICE_OUTPUT\"'\n        retries: {{ max: 10, backoff: fixed, initial: 100ms }}\n"
+            "      - id: {id}\n{needs}        shell: 'umask 0; echo \"$SLUICE_ATTEMPT\" >> \"{d}/$SLUICE_RUN_ID.$SLUICE_TASK_ID\"; echo \"attempt=$SLUICE_ATTEMPT\" >> \"$SLUICE_OUTPUT\"'\n        retries: {{ max: 10, backoff: fixed, initial: 100ms }}\n"
         )
     };
     let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
@@ -462,7 +462,7 @@ async fn sigterm_drain(name: &'static str, total: usize, in_flight: usize, slots
     let mut yaml = String::from("stages:\n  - id: s\n    tasks:\n");
     for i in 0..total {
         yaml.push_str(&format!(
-            "      - id: t{i}\n        shell: 'echo \"$PPID $SLUICE_ATTEMPT start\" >> \"{d}/$SLUICE_TASK_ID\"; sleep 4; echo \"$PPID $SLUICE_ATTEMPT end\" >> \"{d}/$SLUICE_TASK_ID\"'\n        retries: {{ max: 2, backoff: fixed, initial: 100ms }}\n"
+            "      - id: t{i}\n        shell: 'umask 0; echo \"$PPID $SLUICE_ATTEMPT start\" >> \"{d}/$SLUICE_TASK_ID\"; sleep 4; echo \"$PPID $SLUICE_ATTEMPT end\" >> \"{d}/$SLUICE_TASK_ID\"'\n        retries: {{ max: 2, backoff: fixed, initial: 100ms }}\n"
         ));
     }
     api.create_pipeline("drain", &yaml).await;

@@ -140,7 +140,7 @@ stages:
   - id: s
     tasks:
       - id: flaky
-        shell: 'n=$(cat "$DIR/count" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "$DIR/count"; date +%s%N >> "$DIR/times"; echo "attempt $SLUICE_ATTEMPT try $n"; [ "$n" -ge 3 ]'
+        shell: 'umask 0; n=$(cat "$DIR/count" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "$DIR/count"; date +%s%N >> "$DIR/times"; echo "attempt $SLUICE_ATTEMPT try $n"; [ "$n" -ge 3 ]'
         env: { DIR: "{{ params.dir }}" }
         retries: { max: 3, backoff: exponential, initial: 500ms }
       - id: after

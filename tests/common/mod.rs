@@ -553,7 +553,8 @@ pub async fn start(opts: Options) -> Setup {
 }
 
 /// A directory every user may write (tasks run as task users when the tests run as root), removed
-/// when dropped.
+/// when dropped. Each attempt has a uid of its own: a file that later attempts write to must be
+/// created writable for all (`umask 0`).
 pub struct SharedDir(pub PathBuf);
 
 impl SharedDir {
