@@ -89,7 +89,7 @@ pub struct ConfigArgs {
     pub secrets_key: Option<String>,
     /// Uids a worker running as root gives its process tasks, one each, as `FIRST-LAST`: no other
     /// user of the machine may have one, since every process of a uid is killed around each task
-    /// [default: 1600000000-1600000999].
+    /// [default: 2000000000-2000000999].
     #[arg(long, env = "SLUICE_TASK_UIDS", global = true)]
     pub task_uids: Option<String>,
     /// Folder of the locks through which the workers of one machine share `SLUICE_TASK_UIDS`
@@ -260,8 +260,10 @@ impl Config {
     }
 }
 
-/// The uids tasks run as by default: far above those distributions give people and services.
-pub const DEFAULT_TASK_UIDS: (u32, u32) = (1_600_000_000, 1000);
+/// The uids tasks run as by default: far above those distributions give people, services and
+/// containers
+/// (systemd's table of uid ranges leaves 1879048192-2147352575 unused).
+pub const DEFAULT_TASK_UIDS: (u32, u32) = (2_000_000_000, 1000);
 
 /// Parses `FIRST-LAST` into the first uid and the number of uids.
 fn parse_task_uids(value: Option<&str>) -> anyhow::Result<(u32, u32)> {

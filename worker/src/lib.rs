@@ -14,18 +14,20 @@
 //! * own process group, killed as a whole (`kill(-pgid, SIGKILL)`) on timeout, cancel, and after the
 //!   main process exits (no left-over background processes);
 //! * rlimits: CPU, address space, file size, processes, open files, core dumps = 0;
-//! * `no_new_privs`: no set-user-id program or file capability raises the task's privileges;
 //! * when [`TaskRequest::users`] is set (the worker runs as root), a uid of that range held by this attempt
 //!   alone (its own gid, supplementary groups dropped): tasks cannot read each other's `/proc/<pid>/environ`
 //!   or files, `RLIMIT_NPROC` counts this task's processes only, and once the attempt ends every process
 //!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
-//!   top of `/tmp`, `/var/tmp`, `/dev/shm` and `/run/lock` is removed (see [`TaskUsers`]);
-//! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped.
+//!   top of `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock` and `/dev/mqueue`, and its System V IPC objects,
+//!   are removed (see [`TaskUsers`]). The uids have no passwd entry: programs that look their user up
+//!   (`whoami`, `ssh`) cannot;
+//! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
+//! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task.
 //!
 //! Known limits of this sandbox (there is no namespace, seccomp, landlock or cgroup isolation yet): the
 //! task can open sockets and read what the machine lets every user read, `/proc/<pid>/cmdline` of other
 //! processes included (so secrets belong in the environment, not in argv), and files it leaves deeper in
-//! other world-writable folders stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
+//! other world-writable folders, and the uid's kernel keyrings, stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
 //! task user.
 
 mod http;

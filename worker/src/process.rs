@@ -96,7 +96,7 @@ pub(crate) async fn run(
         // std also drops the supplementary groups (setgroups(0)) when switching from root.
         cmd.uid(uid).gid(gid);
     }
-    set_limits(&mut cmd, req.limits);
+    set_limits(&mut cmd, req.limits, run_as.is_some());
 
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -187,9 +187,10 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
     }
 }
 
-/// Sets the rlimits and `no_new_privs` in the child, after fork and the uid switch, before exec.
+/// Sets the rlimits (and `no_new_privs`, for a task that runs as another user) in the child, after
+/// fork and the uid switch, before exec.
 #[allow(unsafe_code)]
-fn set_limits(cmd: &mut Command, limits: Limits) {
+fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool) {
     let wanted: [(Resource, Option<u64>); 6] = [
         (Resource::RLIMIT_CPU, limits.cpu_seconds),
         (Resource::RLIMIT_AS, limits.memory_bytes),
@@ -203,11 +204,11 @@ fn set_limits(cmd: &mut Command, limits: Limits) {
     // allocates nothing (the captured array is plain data, errors are raw errno values) and touches no
     // state shared with the parent.
     unsafe {
-        cmd.pre_exec(move || apply_limits(&wanted));
+        cmd.pre_exec(move || apply_limits(&wanted, other_user));
     }
 }
 
-fn apply_limits(wanted: &[(Resource, Option<u64>)]) -> io::Result<()> {
+fn apply_limits(wanted: &[(Resource, Option<u64>)], other_user: bool) -> io::Result<()> {
     for &(resource, value) in wanted {
         if let Some(value) = value {
             let (_, hard) = getrlimit(resource)?;
@@ -215,8 +216,11 @@ fn apply_limits(wanted: &[(Resource, Option<u64>)]) -> io::Result<()> {
             setrlimit(resource, value, value)?;
         }
     }
-    // No set-user-id program or file capability lifts the task above its user (sudo, su, ...).
-    nix::sys::prctl::set_no_new_privs()?;
+    // No set-user-id program or file capability lifts a task user above itself (sudo, su, ...). A
+    // task that runs as the worker's own user already has all it has.
+    if other_user {
+        nix::sys::prctl::set_no_new_privs()?;
+    }
     Ok(())
 }
 
@@ -254,10 +258,18 @@ fn create_output_file(path: &Path, run_as: Option<(u32, u32)>) -> io::Result<()>
     Ok(())
 }
 
-/// Removes the work directory; when that fails (a task may have made directories unwritable for its own
-/// uid), restores owner permissions and retries. Never follows symlinks.
+/// Removes the work directory; when that fails and the worker is not root (a task may have made
+/// directories unwritable for its own uid, which is the worker's), restores owner permissions and
+/// retries. Root needs no permission to remove anything, and so never changes one: a path under a
+/// directory a task wrote could be swapped for a symlink meanwhile.
 fn remove_workdir(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    if nix::unistd::geteuid().is_root() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a task work directory");
+        }
         return;
     }
     fn unlock(dir: &Path) {
@@ -290,11 +302,15 @@ impl Cleanup {
         if let Some(pgid) = self.pgid.take() {
             kill_group(pgid).await;
         }
-        if let Some(user) = self.user.take() {
-            user.release().await;
+        if let Some(user) = &self.user {
+            user.kill_processes().await;
         }
+        // Still holding the uid: nothing can write into the work directory while it goes.
         if let Some(dir) = self.workdir.take() {
             let _ = tokio::task::spawn_blocking(move || remove_workdir(&dir)).await;
+        }
+        if let Some(user) = self.user.take() {
+            user.release().await;
         }
     }
 }
@@ -304,9 +320,18 @@ impl Drop for Cleanup {
         if let Some(pgid) = self.pgid.take() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
-        drop(self.user.take());
-        if let Some(dir) = self.workdir.take() {
-            remove_workdir(&dir);
+        let dir = self.workdir.take();
+        match self.user.take() {
+            Some(user) => user.release_on_thread(move || {
+                if let Some(dir) = dir {
+                    remove_workdir(&dir);
+                }
+            }),
+            None => {
+                if let Some(dir) = dir {
+                    remove_workdir(&dir);
+                }
+            }
         }
     }
 }

@@ -4,26 +4,24 @@
 //! machine that uses the same lock directory hands out each uid to one task at a time; the lock goes
 //! with the process that held it, a killed worker included. Before a task gets a uid and after it is
 //! done, every process of that uid is killed (those that left the task's process group with `setsid`
-//! too, and those a killed worker left behind) and the files that uid left in the machine's shared
-//! temporary folders are removed. So a task never sees what an earlier task of another tenant left, and
-//! nothing a task started outlives it.
+//! too, and those a killed worker left behind), and what that uid left in the machine's shared
+//! temporary folders and System V IPC objects is removed. So a task never sees what an earlier task of
+//! another tenant left, and nothing a task started outlives it. The lock is let go only once that is
+//! done, also when the task's future is dropped midway.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, fork};
-
 /// The lock directory workers use unless told otherwise.
 pub const DEFAULT_LOCK_DIR: &str = "/run/sluice/task-uids";
 
 /// World-writable folders whose top-level entries owned by a task user are removed with it.
-const SHARED_TEMP: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"];
+const SHARED_TEMP: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue"];
 
 /// How long to keep killing a uid's processes before giving up (a fork bomb is capped by the task's
 /// process limit, so a few rounds kill it).
@@ -41,7 +39,8 @@ pub struct TaskUsers {
 impl TaskUsers {
     /// The uids `first ..= first + count - 1`, held through locks in `lock_dir` (created mode 0700 when
     /// missing). The range must not hold root or any uid that something else on the machine runs as:
-    /// every process of a uid is killed before and after each task that holds it.
+    /// every process of a uid is killed before and after each task that holds it. In a user namespace,
+    /// the whole range must be mapped.
     pub fn new(first: u32, count: u32, lock_dir: impl Into<PathBuf>) -> io::Result<Self> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
         if count == 0 {
@@ -54,6 +53,15 @@ impl TaskUsers {
             return Err(invalid(format!(
                 "the task uid range {first}-{last} holds a system uid (below 1000, or 65534 `nobody`)"
             )));
+        }
+        for map in ["/proc/self/uid_map", "/proc/self/gid_map"] {
+            let text = std::fs::read_to_string(map)?;
+            if !mapped(&text, first, last) {
+                return Err(invalid(format!(
+                    "the task uid range {first}-{last} is not wholly mapped in this user namespace ({map}: {})",
+                    text.split_whitespace().collect::<Vec<_>>().join(" ")
+                )));
+            }
         }
         let lock_dir = lock_dir.into();
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&lock_dir)?;
@@ -72,7 +80,8 @@ impl TaskUsers {
         (self.first, self.first + (self.count - 1))
     }
 
-    /// A uid no other task holds, or `None` when all are held. The uid is purged before it is returned.
+    /// A uid no other task holds, or `None` when all are held. The uid is purged before it is returned;
+    /// one that cannot be purged stays locked (out of use) until this process ends.
     pub(crate) async fn try_acquire(&self) -> io::Result<Option<TaskUser>> {
         for _ in 0..self.count {
             let uid = self.first + self.next.fetch_add(1, Ordering::Relaxed) % self.count;
@@ -86,10 +95,15 @@ impl TaskUsers {
                 .open(self.lock_dir.join(uid.to_string()))?;
             match lock.try_lock() {
                 Ok(()) => {
-                    let user = TaskUser { uid, lock: Some(lock) };
                     // Whatever a worker that died holding this uid left behind goes first.
-                    purge_blocking(uid).await?;
-                    return Ok(Some(user));
+                    match tokio::task::spawn_blocking(move || (purge(uid), lock)).await {
+                        Ok((Ok(()), lock)) => return Ok(Some(TaskUser { uid, lock: Some(lock) })),
+                        Ok((Err(e), lock)) => {
+                            quarantine(uid, &e);
+                            std::mem::forget(lock);
+                        }
+                        Err(e) => return Err(io::Error::other(e)),
+                    }
                 }
                 Err(TryLockError::WouldBlock) => continue,
                 Err(TryLockError::Error(e)) => return Err(e),
@@ -99,7 +113,33 @@ impl TaskUsers {
     }
 }
 
-/// A uid held by one task; give it back with [`TaskUser::release`] (dropping it purges it in place).
+/// Whether the uid (or gid) map of a user namespace maps every id of `first..=last`.
+fn mapped(map: &str, first: u32, last: u32) -> bool {
+    let mut ranges: Vec<(u64, u64)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(|n| n.parse::<u64>().ok());
+            let (inside, _outside, count) = (f.next()??, f.next()??, f.next()??);
+            Some((inside, inside + count))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut need = u64::from(first);
+    for (start, end) in ranges {
+        if start <= need && need < end {
+            need = end;
+        }
+    }
+    need > u64::from(last)
+}
+
+/// Says that a uid is kept out of use: its lock is never let go (the caller forgets it).
+fn quarantine(uid: u32, e: &io::Error) {
+    tracing::error!(uid, error = %e, "cannot clear a task user; it is not given out again by this process");
+}
+
+/// A uid held by one task; give it back with [`TaskUser::release`] (dropping it purges it on a thread
+/// of its own and lets the uid go afterwards).
 #[derive(Debug)]
 pub(crate) struct TaskUser {
     pub(crate) uid: u32,
@@ -117,109 +157,125 @@ impl TaskUser {
         }
     }
 
-    /// Kills the uid's processes, removes its temporary files and lets the uid go.
+    /// Kills the uid's processes, removes what it left and lets the uid go. The lock moves into the
+    /// purge, so the uid stays held until the purge ends even if this future is dropped.
     pub(crate) async fn release(mut self) {
-        let uid = self.uid;
-        if let Err(e) = purge_blocking(uid).await {
-            // The lock stays held until this process ends, so no other task gets a uid in this state.
+        let (uid, lock) = (self.uid, self.lock.take());
+        let _ = tokio::task::spawn_blocking(move || release_blocking(uid, lock)).await;
+    }
+}
+
+impl TaskUser {
+    /// On a thread of its own: kills the uid's processes, runs `then` (which may remove what they
+    /// wrote), and releases the uid; for a task whose future was dropped, where nothing may block.
+    pub(crate) fn release_on_thread(mut self, then: impl FnOnce() + Send + 'static) {
+        let (uid, lock) = (self.uid, self.lock.take());
+        let spawned = std::thread::Builder::new().name("sluice-task-user".into()).spawn(move || {
+            if let Err(e) = kill_all(uid) {
+                tracing::warn!(uid, error = %e, "cannot kill a task user's processes");
+            }
+            then();
+            release_blocking(uid, lock);
+        });
+        if let Err(e) = spawned {
             tracing::error!(uid, error = %e, "cannot clear a task user; it is not given out again");
-            std::mem::forget(self.lock.take());
         }
-        self.lock = None;
     }
 }
 
 impl Drop for TaskUser {
     fn drop(&mut self) {
-        if self.lock.is_some()
-            && let Err(e) = purge(self.uid)
-        {
-            tracing::error!(uid = self.uid, error = %e, "cannot clear a task user; it is not given out again");
-            std::mem::forget(self.lock.take());
+        if self.lock.is_some() {
+            let user = TaskUser { uid: self.uid, lock: self.lock.take() };
+            user.release_on_thread(|| {});
         }
     }
 }
 
-async fn purge_blocking(uid: u32) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || purge(uid)).await.map_err(io::Error::other)?
+fn release_blocking(uid: u32, lock: Option<File>) {
+    match purge(uid) {
+        Ok(()) => drop(lock),
+        Err(e) => {
+            quarantine(uid, &e);
+            std::mem::forget(lock);
+        }
+    }
 }
 
 /// Kills every process of `uid` and removes the entries it owns at the top of the shared temporary
-/// folders.
+/// folders and its System V IPC objects.
 pub(crate) fn purge(uid: u32) -> io::Result<()> {
     kill_all(uid)?;
     for dir in SHARED_TEMP {
         remove_owned(Path::new(dir), uid);
     }
+    remove_ipc(uid);
     Ok(())
 }
 
-/// Kills every live process of `uid`: a child that becomes `uid` sends SIGKILL to every process it may
-/// signal (`kill(-1)`: those whose real or saved uid is `uid`), until none is left but zombies.
+/// SIGKILLs every live process whose real, effective or saved uid is `uid`, until none is left
+/// (zombies aside: they run nothing). Each process is signalled through a pidfd opened before its uid
+/// is checked, so a pid that was reused meanwhile is never signalled.
 fn kill_all(uid: u32) -> io::Result<()> {
     let start = std::time::Instant::now();
     loop {
-        match kill_round(uid)? {
-            0 => return Ok(()),
-            _ if live_processes_of(uid) == 0 => return Ok(()),
-            _ if start.elapsed() > PURGE_PATIENCE => {
-                return Err(io::Error::other(format!("processes of uid {uid} still alive after SIGKILL")));
-            }
-            _ => std::thread::sleep(Duration::from_millis(10)),
+        let pids = processes_of(uid)?;
+        if pids.is_empty() {
+            return Ok(());
         }
+        if start.elapsed() > PURGE_PATIENCE {
+            return Err(io::Error::other(format!("{} process(es) of uid {uid} alive after SIGKILL", pids.len())));
+        }
+        for pid in pids {
+            kill_if_still_of(pid, uid);
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-/// One round of kills in a child running as `uid`: exit code 0 when it found no process to signal, 1
-/// when some were still there after 20 tries (zombies count: they are gone only once reaped).
 #[allow(unsafe_code)]
-fn kill_round(uid: u32) -> io::Result<i32> {
-    // SAFETY: after fork the child calls only async-signal-safe system calls (setgroups, setgid, setuid,
-    // kill, nanosleep, _exit) through libc, allocates nothing and never returns into Rust code.
-    match unsafe { fork() }? {
-        ForkResult::Child => unsafe {
-            use nix::libc;
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                libc::_exit(2);
-            }
-            for _ in 0..20 {
-                if libc::kill(-1, libc::SIGKILL) != 0 && *libc::__errno_location() == libc::ESRCH {
-                    libc::_exit(0);
-                }
-                let pause = libc::timespec { tv_sec: 0, tv_nsec: 1_000_000 };
-                libc::nanosleep(&pause, std::ptr::null_mut());
-            }
-            libc::_exit(1)
-        },
-        ForkResult::Parent { child } => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, 2)) => return Err(io::Error::other(format!("cannot become uid {uid}"))),
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(_) => return Ok(1),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        },
+fn kill_if_still_of(pid: i32, uid: u32) {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new file descriptor or -1, which is
+    // owned here (and closed when dropped); pidfd_send_signal(2) takes that descriptor, a signal
+    // number and null info. Neither touches memory of this process.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else { return };
+    if fd < 0 {
+        return;
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if status_of(pid).is_some_and(|(uids, zombie)| !zombie && uids.contains(&uid)) {
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                nix::libc::SIGKILL,
+                std::ptr::null::<nix::libc::siginfo_t>(),
+                0,
+            );
+        }
     }
 }
 
-/// Live (not zombie) processes whose real uid is `uid`, from `/proc`.
-pub(crate) fn live_processes_of(uid: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-    let mut n = 0;
-    for e in entries.flatten() {
-        if e.file_name().to_str().is_none_or(|s| s.parse::<u32>().is_err()) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
-        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned);
-        let zombie = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
-        let real = field("Uid:").and_then(|u| u.split_whitespace().next().and_then(|r| r.parse::<u32>().ok()));
-        if real == Some(uid) && !zombie {
-            n += 1;
+/// The real, effective and saved uid of a process, and whether it is a zombie.
+fn status_of(pid: i32) -> Option<([u32; 3], bool)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let zombie = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
+    let mut uids = field("Uid:")?.split_whitespace().map(|u| u.parse::<u32>().ok());
+    Some(([uids.next()??, uids.next()??, uids.next()??], zombie))
+}
+
+/// Live (not zombie) processes whose real, effective or saved uid is `uid`, from `/proc`.
+pub(crate) fn processes_of(uid: u32) -> io::Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Some(pid) = e?.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if status_of(pid).is_some_and(|(uids, zombie)| !zombie && uids.contains(&uid)) {
+            pids.push(pid);
         }
     }
-    n
+    Ok(pids)
 }
 
 /// Removes the entries of `dir` (not its deeper ones) that `uid` owns, never following a symlink.
@@ -235,5 +291,74 @@ fn remove_owned(dir: &Path, uid: u32) {
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove a task user's temporary file");
         }
+    }
+}
+
+/// Removes the System V shared memory segments, semaphore sets and message queues `uid` owns or
+/// created.
+#[allow(unsafe_code)]
+fn remove_ipc(uid: u32) {
+    for (kind, id_column) in [("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")] {
+        let Ok(table) = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")) else { continue };
+        for id in ipc_ids_of(&table, id_column, uid) {
+            // SAFETY: IPC_RMID takes no buffer (null is allowed) and only removes the object `id`.
+            let removed = unsafe {
+                match kind {
+                    "shm" => nix::libc::shmctl(id, nix::libc::IPC_RMID, std::ptr::null_mut()),
+                    "sem" => nix::libc::semctl(id, 0, nix::libc::IPC_RMID),
+                    _ => nix::libc::msgctl(id, nix::libc::IPC_RMID, std::ptr::null_mut()),
+                }
+            };
+            if removed != 0 {
+                tracing::warn!(uid, kind, id, "cannot remove a task user's IPC object");
+            }
+        }
+    }
+}
+
+/// Ids of the objects of a `/proc/sysvipc/*` table whose owner (`uid`) or creator (`cuid`) is `uid`.
+fn ipc_ids_of(table: &str, id_column: &str, uid: u32) -> Vec<i32> {
+    let mut lines = table.lines();
+    let Some(header) = lines.next() else { return vec![] };
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    let at = |name: &str| columns.iter().position(|c| *c == name);
+    let (Some(id), Some(owner), Some(creator)) = (at(id_column), at("uid"), at("cuid")) else { return vec![] };
+    lines
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let is = |i: usize| f.get(i).and_then(|v| v.parse::<u32>().ok()) == Some(uid);
+            (is(owner) || is(creator)).then(|| f.get(id)?.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_mapped_only_when_every_id_is() {
+        let host = "         0          0 4294967295\n";
+        assert!(mapped(host, 2_000_000_000, 2_000_000_999));
+        let container = "         0     100000      65536\n";
+        assert!(mapped(container, 1000, 65535));
+        assert!(!mapped(container, 60000, 70000));
+        assert!(!mapped(container, 2_000_000_000, 2_000_000_999));
+        let split = "0 1000 10\n10 5000 100\n200 9000 50\n";
+        assert!(mapped(split, 5, 109));
+        assert!(!mapped(split, 5, 110));
+        assert!(!mapped(split, 205, 260));
+        assert!(!mapped("", 1000, 1000));
+    }
+
+    #[test]
+    fn ipc_objects_are_found_by_owner_or_creator() {
+        let shm = "       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid\n\
+                   0          7   600                    4096   10    10      0  2000  2000  2000  2000\n\
+                   0          8   600                    4096   10    10      0     0     0  2000  2000\n\
+                   0          9   600                    4096   10    10      0     0     0     0     0\n";
+        assert_eq!(ipc_ids_of(shm, "shmid", 2000), vec![7, 8]);
+        assert_eq!(ipc_ids_of(shm, "shmid", 3000), Vec::<i32>::new());
+        assert_eq!(ipc_ids_of("", "shmid", 2000), Vec::<i32>::new());
     }
 }

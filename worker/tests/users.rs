@@ -92,12 +92,17 @@ async fn what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it() {
     let root = TempDir::new("tmpfiles");
     let pool = users(1_650_000_300, 1, &root);
     let tag = format!("sluice-left-{}", std::process::id());
-    // Someone else's file in /tmp stays.
-    let other = std::path::PathBuf::from(format!("/tmp/{tag}-root"));
-    std::fs::write(&other, "root's").expect("write");
+    // Another task user's file in /tmp stays, and so does what the task's links point to.
+    let other = std::path::PathBuf::from(format!("/tmp/{tag}-other"));
+    std::fs::write(&other, "another task's").expect("write");
+    std::os::unix::fs::chown(&other, Some(1_650_000_301), Some(1_650_000_301)).expect("chown");
+    let outside = TempDir::new("outside");
+    std::fs::write(outside.path().join("kept"), "kept").expect("write");
     let script = format!(
         "echo x > /tmp/{tag}; mkdir -p /var/tmp/{tag}/deep; echo y > /var/tmp/{tag}/deep/f; \
-         echo z > /dev/shm/{tag}; ln -s /etc/passwd /tmp/{tag}-link; ls -d /tmp/{tag} /var/tmp/{tag} /dev/shm/{tag}"
+         ln -s {out} /var/tmp/{tag}/deep/link; echo z > /dev/shm/{tag}; ln -s {out} /tmp/{tag}-link; \
+         ls -d /tmp/{tag} /var/tmp/{tag} /dev/shm/{tag}",
+        out = outside.path().display()
     );
     let (res, lines) = run(shell(&script, &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
@@ -107,8 +112,8 @@ async fn what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it() {
     {
         assert!(std::fs::symlink_metadata(&left).is_err(), "{left} is still there");
     }
-    assert!(std::path::Path::new("/etc/passwd").exists());
-    assert_eq!(std::fs::read_to_string(&other).expect("read"), "root's");
+    assert_eq!(std::fs::read_to_string(outside.path().join("kept")).expect("read"), "kept");
+    assert_eq!(std::fs::read_to_string(&other).expect("read"), "another task's");
     std::fs::remove_file(&other).expect("remove");
 }
 
@@ -128,8 +133,12 @@ async fn a_uid_left_running_by_a_dead_worker_is_cleared_before_it_is_given_out()
         .expect("spawn");
     assert!(stray.try_wait().expect("try_wait").is_none());
     let pool = users(uid, 1, &root);
-    let (res, lines) = run(shell("echo ran", &root, &pool)).await;
+    // Seen from inside the task: the stray is dead (a zombie until this test reaps it) before it starts.
+    let script = format!("grep '^State' /proc/{}/status || echo gone", stray.id());
+    let (res, lines) = run(shell(&script, &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let state = texts(&lines, Stream::Stdout);
+    assert!(state.len() == 1 && (state[0].contains("zombie") || state[0] == "gone"), "{state:?}");
     let status = stray.wait().expect("wait");
     assert!(!status.success(), "the stray process ended on its own: {status}");
     assert!(common::processes_with_cmdline(&["sleep", "987663"]).is_empty());
@@ -142,7 +151,7 @@ async fn a_task_waits_while_every_task_user_is_held() {
     let pool = users(1_650_000_500, 1, &root);
     let (tx, mut rx) = mpsc::channel(64);
     let (_cancel, cancel_rx) = watch::channel(false);
-    let first = tokio::spawn(execute(shell("echo started; sleep 1", &root, &pool), tx, cancel_rx));
+    let first = tokio::spawn(execute(shell("echo started; sleep 1; echo ending", &root, &pool), tx, cancel_rx));
     line_after(&mut rx, "started").await;
 
     // While the only uid is held: a task with a short timeout times out waiting, one without waits.
@@ -151,13 +160,19 @@ async fn a_task_waits_while_every_task_user_is_held() {
     let (res, lines) = run(hurried).await;
     assert_eq!(res.outcome, ExecOutcome::TimedOut, "{}", dump(&lines));
     assert!(!dump(&lines).contains("never"));
-    let waited = std::time::Instant::now();
     let (res, lines) = run(shell("echo second", &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     let system = texts(&lines, Stream::System);
     assert!(system.iter().any(|l| l.contains("waiting for a free task user")), "{system:?}");
-    // The first task sleeps 1 s; the second started only once the first gave its uid back.
-    assert!(waited.elapsed() >= Duration::from_millis(400), "ran after {:?}", waited.elapsed());
+    // The second ran only once the first had ended (and given its uid back).
+    let ending = loop {
+        let line = rx.recv().await.expect("the first task's last line");
+        if line.text == "ending" {
+            break line.at;
+        }
+    };
+    let second = lines.iter().find(|l| l.text == "second").expect("the second task ran");
+    assert!(second.at > ending, "the second task ran before the first ended");
     assert_eq!(first.await.expect("first").outcome, ExecOutcome::Succeeded);
 }
 
@@ -178,12 +193,17 @@ async fn a_range_that_holds_a_system_uid_or_nothing_is_refused() {
     assert_eq!(ok.range(), (1_650_000_600, 1_650_000_609));
 }
 
-/// `no_new_privs` is set, whatever user the task runs as.
+/// A task user gets `no_new_privs`; a task that runs as the worker's own user keeps what it has.
 #[tokio::test]
-async fn set_user_id_programs_do_not_raise_a_tasks_privileges() {
+async fn set_user_id_programs_do_not_raise_a_task_user() {
+    let Some(_) = task_user("set_user_id_programs_do_not_raise_a_task_user") else { return };
     let root = TempDir::new("nnp");
-    let (res, lines) =
-        run(TaskRequest::new(ExecAction::Shell("grep NoNewPrivs /proc/self/status".into()), root.path())).await;
+    let pool = users(1_650_000_700, 1, &root);
+    let script = "grep NoNewPrivs /proc/self/status";
+    let (res, lines) = run(shell(script, &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     assert_eq!(texts(&lines, Stream::Stdout), vec!["NoNewPrivs:\t1".to_owned()]);
+    let (res, lines) = run(TaskRequest::new(ExecAction::Shell(script.into()), root.path().join("work"))).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), vec!["NoNewPrivs:\t0".to_owned()]);
 }

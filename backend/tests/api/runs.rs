@@ -634,6 +634,8 @@ async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running(
         assert!((first..first + count).contains(&u), "uid {u} is outside the task range");
     }
     // The two ran at the same time (0.5 s each, 4 slots), each as its own user.
+    let at = |t: &str, f: &str| chrono::DateTime::parse_from_rfc3339(task_of(&done, t)[f].as_str().unwrap()).unwrap();
+    assert!(at("a", "started_at") < at("b", "finished_at") && at("b", "started_at") < at("a", "finished_at"));
     assert_ne!(a, b);
     let left: Vec<_> = std::fs::read_dir("/proc")
         .unwrap()
