@@ -20,13 +20,15 @@
 //!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
 //!   top of `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock` and `/dev/mqueue`, and its System V IPC objects,
 //!   are removed (see [`TaskUsers`]). The uids have no passwd entry: programs that look their user up
-//!   (`whoami`, `ssh`) cannot;
+//!   (`whoami`, `ssh`) cannot. Where the worker may (root with `CAP_SYS_ADMIN`), the task also gets a
+//!   mount namespace whose `/proc` has `hidepid=2`: it sees its own processes only, so not the command
+//!   lines of other tasks (a secret rendered into argv) or the worker's;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task.
 //!
-//! Known limits of this sandbox (there is no namespace, seccomp, landlock or cgroup isolation yet): the
-//! task can open sockets and read what the machine lets every user read, `/proc/<pid>/cmdline` of other
-//! processes included (so secrets belong in the environment, not in argv), and files it leaves deeper in
+//! Known limits of this sandbox (no network or pid namespace, seccomp, landlock or cgroup isolation yet): the
+//! task can open sockets and read what the machine lets every user read (without a `/proc` of its own,
+//! other processes' command lines included), and files it leaves deeper in
 //! other world-writable folders, and the uid's kernel keyrings, stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
 //! task user.
 

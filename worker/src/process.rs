@@ -92,9 +92,15 @@ pub(crate) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some((uid, gid)) = run_as {
+    match (run_as, cleanup.user.is_some() && own_proc_works()) {
+        // A task user sees only its own processes: no other task's command line (where a secret
+        // may have been rendered), no worker.
+        (Some((uid, gid)), true) => own_proc_then_switch(&mut cmd, uid, gid),
         // std also drops the supplementary groups (setgroups(0)) when switching from root.
-        cmd.uid(uid).gid(gid);
+        (Some((uid, gid)), false) => {
+            cmd.uid(uid).gid(gid);
+        }
+        (None, _) => {}
     }
     set_limits(&mut cmd, req.limits, run_as.is_some());
 
@@ -185,6 +191,79 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
         },
         Err(e) => ExecOutcome::Failed { exit_code: None, message: format!("waiting for the process failed: {e}") },
     }
+}
+
+/// In the child, before the rlimits: a mount namespace of its own where `/proc` is a new instance
+/// with `hidepid=2` (a user sees only its own processes), then the switch to `uid`/`gid` with no
+/// supplementary groups. Only where [`own_proc_works`].
+#[allow(unsafe_code)]
+fn own_proc_then_switch(cmd: &mut Command, uid: u32, gid: u32) {
+    // SAFETY: the closure runs in the forked child before exec. It calls only unshare(2), mount(2),
+    // setgroups(2), setgid(2) and setuid(2) through libc, with static C strings and plain integers:
+    // no allocation, no lock, no state shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            own_proc()?;
+            use nix::libc;
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Enters a mount namespace of its own (mounts made there reach no one else) and mounts a new `/proc`
+/// with `hidepid=2` over the old one.
+#[allow(unsafe_code)]
+fn own_proc() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls with static, NUL-terminated strings and null pointers where allowed.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            || libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"hidepid=2".as_ptr().cast(),
+            ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process may give tasks a `/proc` of their own (it is root with `CAP_SYS_ADMIN`, not
+/// confined by a seccomp profile that refuses `unshare`): tried once, in a child that runs `true`.
+/// Where it may not, task users see every process of the machine, and a warning says so.
+fn own_proc_works() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let mut probe = std::process::Command::new("true");
+        probe.env_clear().env("PATH", DEFAULT_PATH).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: as in `own_proc_then_switch`: only system calls with static arguments.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut probe, own_proc);
+        }
+        let works = probe.status().is_ok_and(|s| s.success());
+        if !works {
+            tracing::warn!(
+                "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN): a task user can see \
+                 the command lines of every process of the machine, other tasks' included"
+            );
+        }
+        works
+    })
 }
 
 /// Sets the rlimits (and `no_new_privs`, for a task that runs as another user) in the child, after

@@ -79,7 +79,9 @@ async fn concurrent_tasks_hold_distinct_users_and_cannot_read_each_other() {
         assert!((1_650_000_200..1_650_000_204).contains(&uid), "{uid} is outside the range");
     }
     assert!(!dump(&lines).contains("b-secret-value"), "{}", dump(&lines));
-    assert_eq!(texts(&lines, Stream::Stderr).iter().filter(|l| l.contains("ermission denied")).count(), 2);
+    // B's environment (hidden, or closed) and its work directory are out of reach.
+    let refused = |l: &&String| l.contains("ermission denied") || l.contains("No such file");
+    assert_eq!(texts(&lines, Stream::Stderr).iter().filter(refused).count(), 2, "{}", dump(&lines));
     assert_eq!(texts(&lines, Stream::Stderr).iter().filter(|l| l.contains("not permitted")).count(), 1);
 
     cancel_b.send(true).expect("cancel");
@@ -206,4 +208,45 @@ async fn set_user_id_programs_do_not_raise_a_task_user() {
     let (res, lines) = run(TaskRequest::new(ExecAction::Shell(script.into()), root.path().join("work"))).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     assert_eq!(texts(&lines, Stream::Stdout), vec!["NoNewPrivs:\t0".to_owned()]);
+}
+
+/// A task user's `/proc` shows its own processes only: not another task's command line (where a secret
+/// rendered into argv would be), nor the worker.
+#[tokio::test]
+async fn a_task_user_sees_only_its_own_processes() {
+    let Some(_) = task_user("a_task_user_sees_only_its_own_processes") else { return };
+    let root = TempDir::new("hidepid");
+    let pool = users(1_650_000_800, 2, &root);
+    let secret = format!("argv-secret-{}", std::process::id());
+    // Spelled so that the `grep` looking for it does not find its own command line.
+    let pattern = secret.replacen("secret", "secre[t]", 1);
+    let mut a = TaskRequest::new(
+        ExecAction::Run(vec!["/bin/sh".into(), "-c".into(), "echo ready; sleep 30".into(), secret.clone()]),
+        root.path().join("work"),
+    );
+    a.users = Some(pool.clone());
+    let (tx, mut rx) = mpsc::channel(64);
+    let (cancel_a, cancel_rx) = watch::channel(false);
+    let a = tokio::spawn(execute(a, tx, cancel_rx));
+    line_after(&mut rx, "ready").await;
+    // The other task is visible to this test (root, the host's /proc).
+    assert!(!common::processes_with_cmdline(&["/bin/sh", "-c", "echo ready; sleep 30", &secret]).is_empty());
+
+    let script = format!(
+        "echo \"pids=$(ls /proc | grep -c '^[0-9]')\"; \
+         echo \"secrets=$(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c '{pattern}')\"; \
+         test -e /proc/{worker} && echo worker-visible; echo \"self=$(cat /proc/self/status | grep -c Uid)\"",
+        worker = std::process::id()
+    );
+    let (res, lines) = run(shell(&script, &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    let pids: usize = out.iter().find_map(|l| l.strip_prefix("pids=")).expect("pids").parse().expect("count");
+    assert!((1..10).contains(&pids), "the task sees {pids} processes: {out:?}");
+    assert!(out.contains(&"secrets=0".to_owned()), "{out:?}");
+    assert!(out.contains(&"self=1".to_owned()), "{out:?}");
+    assert!(!out.contains(&"worker-visible".to_owned()), "{out:?}");
+
+    cancel_a.send(true).expect("cancel");
+    assert_eq!(a.await.expect("task A").outcome, ExecOutcome::Cancelled);
 }
