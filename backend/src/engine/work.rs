@@ -31,8 +31,6 @@ pub struct Sandbox {
     /// The uids process tasks run as, one each (`None`: this process is not root, and tasks run
     /// as its own user).
     pub users: Option<Arc<TaskUsers>>,
-    /// The address-space limit of a task that declares no memory: the worker's whole memory.
-    pub default_memory: Option<u64>,
 }
 
 /// Prepares the work root (see [`prepare_work_root`]) and, when this process is root, the task
@@ -48,8 +46,7 @@ pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<San
     } else {
         None
     };
-    let default_memory = Some(config.worker.memory_bytes).filter(|m| *m > 0);
-    Ok(Arc::new(Sandbox { work_root, users, default_memory }))
+    Ok(Arc::new(Sandbox { work_root, users }))
 }
 
 /// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
@@ -321,12 +318,8 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, sandbox: &Sandbox, run: Uuid, attempt
         env,
         timeout: spec.timeout.map(|d| d.to_std()),
         work_root: sandbox.work_root.clone(),
-        // The declared memory is also the task's limit (its address space); a task that declares
-        // none may have all the worker offers, and no more.
-        limits: Limits {
-            memory_bytes: spec.resources.and_then(|r| r.memory).map(|m| m.bytes()).or(sandbox.default_memory),
-            ..Limits::default()
-        },
+        // The declared memory is also the task's limit (its address space).
+        limits: Limits { memory_bytes: spec.resources.and_then(|r| r.memory).map(|m| m.bytes()), ..Limits::default() },
         secrets: ctx.secrets.values().cloned().collect(),
         max_log_bytes: MAX_LOG_BYTES,
         http: HttpPolicy::default(),
