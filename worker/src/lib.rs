@@ -20,8 +20,8 @@
 //!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
 //!   top of `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock` and `/dev/mqueue`, and its System V IPC objects,
 //!   are removed (see [`TaskUsers`]). The uids have no passwd entry: programs that look their user up
-//!   (`whoami`, `ssh`) cannot. Where the worker may (root with `CAP_SYS_ADMIN`), the task also gets a
-//!   mount namespace whose `/proc` has `hidepid=2`: it sees its own processes only, so not the command
+//!   (`whoami`, `ssh`) cannot. Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also gets a
+//!   mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the command
 //!   lines of other tasks (a secret rendered into argv) or the worker's;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task.

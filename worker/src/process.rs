@@ -95,7 +95,13 @@ pub(crate) async fn run(
     match (run_as, cleanup.user.is_some() && own_proc_works()) {
         // A task user sees only its own processes: no other task's command line (where a secret
         // may have been rendered), no worker.
-        (Some((uid, gid)), true) => own_proc_then_switch(&mut cmd, uid, gid),
+        (Some((uid, gid)), true) => match std::ffi::CString::new(workdir.as_os_str().as_encoded_bytes()) {
+            Ok(dir) => own_proc_then_switch(&mut cmd, uid, gid, dir),
+            Err(_) => {
+                cleanup.finish().await;
+                return failed(format!("the work directory {} holds a NUL byte", workdir.display()));
+            }
+        },
         // std also drops the supplementary groups (setgroups(0)) when switching from root.
         (Some((uid, gid)), false) => {
             cmd.uid(uid).gid(gid);
@@ -194,18 +200,24 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
 }
 
 /// In the child, before the rlimits: a mount namespace of its own where `/proc` is a new instance
-/// with `hidepid=2` (a user sees only its own processes), then the switch to `uid`/`gid` with no
-/// supplementary groups. Only where [`own_proc_works`].
+/// with `hidepid=invisible` (a user sees only its own processes), then the switch to `uid`/`gid`
+/// with no supplementary groups, and into `dir` again as that user (std changed into it as root).
+/// Only where [`own_proc_works`].
 #[allow(unsafe_code)]
-fn own_proc_then_switch(cmd: &mut Command, uid: u32, gid: u32) {
+fn own_proc_then_switch(cmd: &mut Command, uid: u32, gid: u32, dir: std::ffi::CString) {
     // SAFETY: the closure runs in the forked child before exec. It calls only unshare(2), mount(2),
-    // setgroups(2), setgid(2) and setuid(2) through libc, with static C strings and plain integers:
-    // no allocation, no lock, no state shared with the parent.
+    // setgroups(2), setgid(2), setuid(2) and chdir(2) through libc, with static C strings, a C string
+    // made before the fork, and plain integers: no allocation, no lock, no state shared with the
+    // parent.
     unsafe {
         cmd.pre_exec(move || {
             own_proc()?;
             use nix::libc;
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+                || libc::chdir(dir.as_ptr()) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -213,8 +225,10 @@ fn own_proc_then_switch(cmd: &mut Command, uid: u32, gid: u32) {
     }
 }
 
-/// Enters a mount namespace of its own (mounts made there reach no one else) and mounts a new `/proc`
-/// with `hidepid=2` over the old one.
+/// Enters a mount namespace of its own, which still receives the host's later mounts but sends
+/// none back, and mounts a new `/proc` with `hidepid=invisible` over the old one. Kernels before
+/// 5.8, where `/proc` options were shared by every mount of a pid namespace (the host's too),
+/// refuse `invisible` before changing anything.
 #[allow(unsafe_code)]
 fn own_proc() -> io::Result<()> {
     use nix::libc;
@@ -225,7 +239,7 @@ fn own_proc() -> io::Result<()> {
                 c"none".as_ptr(),
                 c"/".as_ptr(),
                 std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
+                libc::MS_REC | libc::MS_SLAVE,
                 std::ptr::null(),
             ) != 0
             || libc::mount(
@@ -233,7 +247,7 @@ fn own_proc() -> io::Result<()> {
                 c"/proc".as_ptr(),
                 c"proc".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                c"hidepid=2".as_ptr().cast(),
+                c"hidepid=invisible".as_ptr().cast(),
             ) != 0
         {
             return Err(io::Error::last_os_error());
@@ -242,27 +256,38 @@ fn own_proc() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether this process may give tasks a `/proc` of their own (it is root with `CAP_SYS_ADMIN`, not
-/// confined by a seccomp profile that refuses `unshare`): tried once, in a child that runs `true`.
-/// Where it may not, task users see every process of the machine, and a warning says so.
+/// The error a probe's child returns once it has its own `/proc`, before it would run anything.
+const PROBE_DONE: i32 = nix::libc::ECHRNG;
+
+/// Whether this process may give tasks a `/proc` of their own (root with `CAP_SYS_ADMIN`, not
+/// confined by a seccomp profile that refuses `unshare`, on Linux 5.8 or later): tried once, in a
+/// child that stops with [`PROBE_DONE`] once it has one, so no program runs. Where it may not, task
+/// users see every process of the machine, and a warning says why.
 fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WORKS.get_or_init(|| {
-        let mut probe = std::process::Command::new("true");
-        probe.env_clear().env("PATH", DEFAULT_PATH).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut probe = std::process::Command::new("/");
+        probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: as in `own_proc_then_switch`: only system calls with static arguments.
         #[allow(unsafe_code)]
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut probe, own_proc);
+            std::os::unix::process::CommandExt::pre_exec(&mut probe, || {
+                own_proc()?;
+                Err(io::Error::from_raw_os_error(PROBE_DONE))
+            });
         }
-        let works = probe.status().is_ok_and(|s| s.success());
-        if !works {
-            tracing::warn!(
-                "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN): a task user can see \
-                 the command lines of every process of the machine, other tasks' included"
-            );
+        match probe.status() {
+            Err(e) if e.raw_os_error() == Some(PROBE_DONE) => true,
+            result => {
+                let why = result.map_or_else(|e| e.to_string(), |s| format!("the probe ended with {s}"));
+                tracing::warn!(
+                    error = %why,
+                    "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN and Linux 5.8): a task \
+                     user can see the command lines of every process of the machine, other tasks' included"
+                );
+                false
+            }
         }
-        works
     })
 }
 

@@ -235,43 +235,66 @@ fn kill_all(uid: u32) -> io::Result<()> {
 
 #[allow(unsafe_code)]
 fn kill_if_still_of(pid: i32, uid: u32) {
+    use nix::libc;
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new file descriptor or -1, which is
     // owned here (and closed when dropped); pidfd_send_signal(2) takes that descriptor, a signal
     // number and null info. Neither touches memory of this process.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
-    let Ok(fd) = i32::try_from(fd) else { return };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
+        // No pidfds (Linux before 5.3, or a seccomp profile without them): by pid, checked just
+        // before, as before pidfds existed.
+        let errno = io::Error::last_os_error().raw_os_error();
+        if matches!(errno, Some(libc::ENOSYS | libc::EPERM)) && running_as(pid, uid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
         return;
     }
+    let Ok(fd) = i32::try_from(fd) else { return };
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    if status_of(pid).is_some_and(|(uids, zombie)| !zombie && uids.contains(&uid)) {
-        unsafe {
-            nix::libc::syscall(
-                nix::libc::SYS_pidfd_send_signal,
+    if running_as(pid, uid) {
+        let sent = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
                 fd.as_raw_fd(),
-                nix::libc::SIGKILL,
-                std::ptr::null::<nix::libc::siginfo_t>(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
                 0,
-            );
+            )
+        };
+        if sent != 0 {
+            tracing::warn!(pid, uid, error = %io::Error::last_os_error(), "cannot kill a task user's process");
         }
     }
 }
 
-/// The real, effective and saved uid of a process, and whether it is a zombie.
-fn status_of(pid: i32) -> Option<([u32; 3], bool)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// The real, effective and saved uid of a process (or thread), and whether it is a zombie.
+fn status_of(path: &Path) -> Option<([u32; 3], bool)> {
+    let status = std::fs::read_to_string(path).ok()?;
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
     let zombie = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
     let mut uids = field("Uid:")?.split_whitespace().map(|u| u.parse::<u32>().ok());
     Some(([uids.next()??, uids.next()??, uids.next()??], zombie))
 }
 
-/// Live (not zombie) processes whose real, effective or saved uid is `uid`, from `/proc`.
+/// Whether process `pid` runs (any thread of it: a process whose first thread has ended shows as a
+/// zombie while its other threads go on) with `uid` as its real, effective or saved uid.
+fn running_as(pid: i32, uid: u32) -> bool {
+    match status_of(Path::new(&format!("/proc/{pid}/status"))) {
+        Some((uids, _)) if !uids.contains(&uid) => false,
+        Some((_, false)) => true,
+        Some((_, true)) => std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|t| status_of(&t.path().join("status")).is_some_and(|(_, zombie)| !zombie))
+        }),
+        None => false,
+    }
+}
+
+/// Processes running with `uid` as their real, effective or saved uid, from `/proc`.
 pub(crate) fn processes_of(uid: u32) -> io::Result<Vec<i32>> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let Some(pid) = e?.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if status_of(pid).is_some_and(|(uids, zombie)| !zombie && uids.contains(&uid)) {
+        if running_as(pid, uid) {
             pids.push(pid);
         }
     }

@@ -250,3 +250,58 @@ async fn a_task_user_sees_only_its_own_processes() {
     cancel_a.send(true).expect("cancel");
     assert_eq!(a.await.expect("task A").outcome, ExecOutcome::Cancelled);
 }
+
+/// A process whose first thread has ended shows as a zombie while its other threads run on: it is
+/// killed with its task all the same.
+#[tokio::test]
+async fn a_process_running_on_past_its_first_thread_dies_with_its_task() {
+    let Some(_) = task_user("a_process_running_on_past_its_first_thread_dies_with_its_task") else { return };
+    if std::process::Command::new("python3").arg("-V").output().is_err() {
+        eprintln!("note: skipped: no python3 to start threads with");
+        return;
+    }
+    let root = TempDir::new("threads");
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let beat = shared.join("beat");
+    let pool = users(1_650_000_900, 1, &root);
+    // The thread appends to a file every 20 ms; the first thread leaves with exit(2) (not exit_group).
+    let program = format!(
+        "import ctypes, platform, threading, time\n\
+         def beat():\n    while True:\n        open('{beat}', 'a').write('x')\n        time.sleep(0.02)\n\
+         threading.Thread(target=beat).start()\n\
+         time.sleep(0.1)\n\
+         ctypes.CDLL(None).syscall(60 if platform.machine() == 'x86_64' else 93, 0)\n",
+        beat = beat.display()
+    );
+    let script = "setsid python3 -c \"$PROGRAM\" & sleep 0.5; echo done";
+    let mut req = shell(script, &root, &pool);
+    req.env = vec![("PROGRAM".into(), program)];
+    let (res, lines) = run(req).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let size = || std::fs::metadata(&beat).map(|m| m.len()).unwrap_or(0);
+    let after = size();
+    assert!(after > 5, "the thread never ran: {}", dump(&lines));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(size(), after, "the process's thread still runs after its task");
+}
+
+/// A work root the task user cannot pass through is refused at the start, with a hint.
+#[tokio::test]
+async fn a_work_root_closed_to_task_users_is_refused_with_a_hint() {
+    let Some(_) = task_user("a_work_root_closed_to_task_users_is_refused_with_a_hint") else { return };
+    let root = TempDir::new("closed");
+    let pool = users(1_650_000_950, 1, &root);
+    let closed = root.path().join("closed");
+    std::fs::create_dir(&closed).expect("mkdir");
+    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let mut req = TaskRequest::new(ExecAction::Shell("echo ran".into()), &closed);
+    req.users = Some(pool);
+    let (res, lines) = run(req).await;
+    match &res.outcome {
+        ExecOutcome::Failed { message, .. } => assert!(message.contains("traversable"), "{message}"),
+        other => panic!("{other:?}: {}", dump(&lines)),
+    }
+    assert!(!dump(&lines).contains("ran"));
+}
