@@ -162,6 +162,7 @@ impl Application {
         let port = listener.local_addr()?.port();
         let worker = state.worker.clone();
         triggers::spawn_scheduler(state.clone().into_inner());
+        triggers::webhook::spawn_refusal_counts(state.clone().into_inner());
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(telemetry::request_id))

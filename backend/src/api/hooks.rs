@@ -162,7 +162,7 @@ fn unauthorized() -> HttpResponse {
     request_body(content = WebhookCall, description = "optional; `params` for the run"),
     responses((status = 202, description = "the run started (or, for a repeated delivery, the run started before)", body = WebhookAccepted),
               (status = 400, description = "not a JSON object, or a bad delivery id", body = crate::error::Problem),
-              (status = 401, description = "missing, stale or wrong signature, or no such webhook (not told apart); audited as `webhook.refused`, at most 20 a minute per tenant and server process, the next recorded event counting the others in `unrecorded_before`", body = crate::error::Problem),
+              (status = 401, description = "missing, stale or wrong signature, or no such webhook (not told apart); audited as `webhook.refused`, at most 20 a minute per tenant and server process, the others counted in the next recorded event (`unrecorded_before`) or in one event with their `count` once the minute is over", body = crate::error::Problem),
               (status = 409, description = "the pipeline is archived", body = crate::error::Problem),
               (status = 413, description = "body over 1 MiB", body = crate::error::Problem),
               (status = 422, description = "invalid params", body = crate::error::Problem)))]

@@ -252,13 +252,72 @@ impl RefusalLimiter {
         Some(std::mem::take(&mut w.unrecorded))
     }
 
+    /// Takes the counts of refusals not recorded one by one of the tenants whose window has ended,
+    /// and forgets the windows that ended with nothing pending.
+    pub fn take_overdue(&self, now: std::time::Instant) -> Vec<(Uuid, u64)> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut overdue = Vec::new();
+        tenants.retain(|tenant, w| {
+            if now.duration_since(w.started) < std::time::Duration::from_secs(60) {
+                return true;
+            }
+            if w.unrecorded > 0 {
+                overdue.push((*tenant, std::mem::take(&mut w.unrecorded)));
+            }
+            false
+        });
+        overdue
+    }
+
     /// Counts a refusal back that was admitted but could not be recorded.
     pub fn unrecorded(&self, tenant: Uuid, count: u64) {
         let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(w) = tenants.get_mut(&tenant) {
-            w.unrecorded += count;
+        let now = std::time::Instant::now();
+        tenants.entry(tenant).or_insert(Window { started: now, recorded: 0, unrecorded: 0 }).unrecorded += count;
+    }
+}
+
+/// Records, for each tenant whose minute has ended, how many refused calls were only counted (one
+/// `webhook.refused` event with the reason `over the recorded rate` and the `count`), so a flood
+/// that stops is recorded too.
+pub async fn record_unrecorded_refusals(state: &AppState, now: std::time::Instant) {
+    for (tenant, count) in state.webhook_refusals.take_overdue(now) {
+        let recorded = async {
+            let txn = state.store.write().await?;
+            crate::audit::append(
+                &state.store,
+                &*txn,
+                tenant,
+                &crate::audit::NewEvent {
+                    actor: &crate::audit::Actor { kind: "anonymous", id: None, label: "webhook".into() },
+                    action: "webhook.refused",
+                    resource_type: "Pipeline",
+                    resource_id: None,
+                    resource_version: None,
+                    outcome: crate::audit::Outcome::Deny,
+                    policy_ids: &[],
+                    source: &crate::audit::Source::default(),
+                    details: serde_json::json!({ "reason": "over the recorded rate", "count": count }),
+                },
+            )
+            .await?;
+            txn.commit().await
+        };
+        if let Err(e) = recorded.await {
+            tracing::error!(%tenant, error = %e, "recording the count of refused webhook calls failed");
+            state.webhook_refusals.unrecorded(tenant, count);
         }
     }
+}
+
+/// Every ten seconds, [`record_unrecorded_refusals`].
+pub fn spawn_refusal_counts(state: std::sync::Arc<AppState>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            record_unrecorded_refusals(&state, std::time::Instant::now()).await;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -287,6 +346,12 @@ mod tests {
         // One that could not be written is counted in the next.
         limiter.unrecorded(a, 1 + 7);
         assert_eq!(limiter.admit(a, later), Some(8));
+        // Once a minute has ended, what is pending is taken, and windows with nothing pending go.
+        let recorded = (0..REFUSALS_RECORDED_PER_MINUTE).filter(|_| limiter.admit(a, later).is_some()).count();
+        assert_eq!(recorded, REFUSALS_RECORDED_PER_MINUTE as usize - 3);
+        assert_eq!(limiter.take_overdue(later + std::time::Duration::from_secs(59)), vec![]);
+        assert_eq!(limiter.take_overdue(later + std::time::Duration::from_secs(60)), vec![(a, 3)]);
+        assert!(limiter.tenants.lock().expect("lock").is_empty());
     }
 
     #[test]

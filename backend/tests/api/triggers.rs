@@ -184,6 +184,13 @@ async fn a_flood_of_refused_calls_records_a_bounded_number_of_events() {
     let events = audit(&app, &admin, "webhook.refused").await;
     assert_eq!(events.len(), limit, "{events:#?}");
     assert!(events.iter().all(|e| e["details"].get("unrecorded_before").is_none()));
+    // Once the minute is over, the calls only counted are recorded as one event.
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(61);
+    webhook::record_unrecorded_refusals(&app.state, later).await;
+    let events = audit(&app, &admin, "webhook.refused").await;
+    assert_eq!(events.len(), limit + 1, "{events:#?}");
+    let count = events.iter().find(|e| e["details"]["reason"] == "over the recorded rate").expect("the count");
+    assert_eq!(count["details"]["count"], 15, "{count:#}");
     audit_ok(&app, &admin).await;
 }
 
