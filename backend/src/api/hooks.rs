@@ -265,29 +265,8 @@ async fn refuse(
     if unrecorded > 0 {
         details["unrecorded_before"] = unrecorded.into();
     }
-    let recorded = async {
-        let txn = state.store.write().await?;
-        audit::append(
-            &state.store,
-            &*txn,
-            tenant,
-            &NewEvent {
-                actor: &Actor { kind: "anonymous", id: None, label: "webhook".into() },
-                action: "webhook.refused",
-                resource_type: "Pipeline",
-                resource_id: Some(pipeline),
-                resource_version: None,
-                outcome: Outcome::Deny,
-                policy_ids: &[],
-                source,
-                details,
-            },
-        )
-        .await?;
-        txn.commit().await
-    };
     // A failure to record is logged and counted, and the answer stays the same 401.
-    if let Err(e) = recorded.await {
+    if let Err(e) = webhook::record_refused(state, tenant, Some(pipeline), source, details).await {
         tracing::error!(error = %e, "recording a refused webhook call failed");
         state.webhook_refusals.unrecorded(tenant, unrecorded + 1);
     }

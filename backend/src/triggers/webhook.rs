@@ -277,33 +277,42 @@ impl RefusalLimiter {
     }
 }
 
+/// Appends a `webhook.refused` event, from an anonymous caller, to the tenant's audit log.
+pub async fn record_refused(
+    state: &AppState,
+    tenant: Uuid,
+    pipeline: Option<&str>,
+    source: &crate::audit::Source,
+    details: serde_json::Value,
+) -> Result<(), sea_orm::DbErr> {
+    let txn = state.store.write().await?;
+    crate::audit::append(
+        &state.store,
+        &*txn,
+        tenant,
+        &crate::audit::NewEvent {
+            actor: &crate::audit::Actor { kind: "anonymous", id: None, label: "webhook".into() },
+            action: "webhook.refused",
+            resource_type: "Pipeline",
+            resource_id: pipeline,
+            resource_version: None,
+            outcome: crate::audit::Outcome::Deny,
+            policy_ids: &[],
+            source,
+            details,
+        },
+    )
+    .await?;
+    txn.commit().await
+}
+
 /// Records, for each tenant whose minute has ended, how many refused calls were only counted (one
 /// `webhook.refused` event with the reason `over the recorded rate` and the `count`), so a flood
 /// that stops is recorded too.
 pub async fn record_unrecorded_refusals(state: &AppState, now: std::time::Instant) {
     for (tenant, count) in state.webhook_refusals.take_overdue(now) {
-        let recorded = async {
-            let txn = state.store.write().await?;
-            crate::audit::append(
-                &state.store,
-                &*txn,
-                tenant,
-                &crate::audit::NewEvent {
-                    actor: &crate::audit::Actor { kind: "anonymous", id: None, label: "webhook".into() },
-                    action: "webhook.refused",
-                    resource_type: "Pipeline",
-                    resource_id: None,
-                    resource_version: None,
-                    outcome: crate::audit::Outcome::Deny,
-                    policy_ids: &[],
-                    source: &crate::audit::Source::default(),
-                    details: serde_json::json!({ "reason": "over the recorded rate", "count": count }),
-                },
-            )
-            .await?;
-            txn.commit().await
-        };
-        if let Err(e) = recorded.await {
+        let details = serde_json::json!({ "reason": "over the recorded rate", "count": count });
+        if let Err(e) = record_refused(state, tenant, None, &crate::audit::Source::default(), details).await {
             tracing::error!(%tenant, error = %e, "recording the count of refused webhook calls failed");
             state.webhook_refusals.unrecorded(tenant, count);
         }
