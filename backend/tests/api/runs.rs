@@ -645,6 +645,63 @@ async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running(
     assert!(left.is_empty(), "{} processes a task started still run", left.len());
 }
 
+/// D22 through the whole platform: two tenants' tasks on one shared worker at the same time. The
+/// one cannot read the other's work directory, environment or command line, where the other's
+/// secret is.
+#[actix_web::test]
+async fn d22_a_tenants_task_cannot_reach_another_tenants_task_on_a_shared_worker() {
+    if sluice_worker::unprivileged_user().is_none() {
+        eprintln!("note: skipped: the worker switches users only when it runs as root");
+        return;
+    }
+    let app = spawn_app().await;
+    let (a, b) = (app.signup(&slug("d22a")).await, app.signup(&slug("d22b")).await);
+    let shared = Marker::new("d22");
+    let dir = shared.0.parent().unwrap().display().to_string();
+    let secret = format!("b-secret-{}", rand_digits());
+    let r = app.put(&format!("/api/v1/t/{}/secrets/TOKEN", b.tenant), &b.token, json!({ "value": secret })).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    // B's task holds the secret in its environment, its argv and a file of its work directory,
+    // and says where they are.
+    let hold = format!(
+        r#"stages:
+  - id: s
+    tasks:
+      - id: hold
+        run: ["/bin/sh", "-c", 'echo "$TOKEN" > "$SLUICE_WORKDIR/data"; umask 0; echo "$SLUICE_WORKDIR $$" > {dir}/b.tmp; mv {dir}/b.tmp {dir}/b; sleep 3', "{{{{ secrets.TOKEN }}}}"]
+        env: {{ TOKEN: "{{{{ secrets.TOKEN }}}}" }}
+        secrets: [TOKEN]
+"#
+    );
+    assert_eq!(app.create_pipeline(&b, "hold", &hold).await.status(), StatusCode::CREATED);
+    let probe = format!(
+        r#"stages:
+  - id: s
+    tasks:
+      - id: probe
+        shell: 'while [ ! -f {dir}/b ]; do sleep 0.05; done; read d p < {dir}/b; cat "$d/data"; cat /proc/$p/environ; cat /proc/[0-9]*/cmdline | tr "\0" " "; echo; ls "$d"; echo probed'
+"#
+    );
+    assert_eq!(app.create_pipeline(&a, "probe", &probe).await.status(), StatusCode::CREATED);
+    let held = start(&app, &b, "hold", json!({})).await;
+    let probed = start(&app, &a, "probe", json!({})).await;
+    let probed_id = probed["id"].as_str().unwrap();
+    let done = wait_run(&app, &a, probed_id, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    let lines = logs(&app, &a, probed_id, "probe").await;
+    assert!(lines.iter().any(|l| l == "probed"), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains(&secret)), "A read B's secret: {lines:?}");
+    let refused = lines.iter().filter(|l| l.contains("ermission denied") || l.contains("No such file")).count();
+    assert!(refused >= 3, "{lines:?}");
+    // B's task was running all along, and ends well.
+    let b_done = wait_run(&app, &b, held["id"].as_str().unwrap(), 30).await;
+    assert_eq!(b_done["status"], "succeeded", "{b_done:#}");
+    let at = |v: &Value, t: &str| {
+        chrono::DateTime::parse_from_rfc3339(task_of(v, t)["finished_at"].as_str().unwrap()).unwrap()
+    };
+    assert!(at(&done, "probe") < at(&b_done, "hold"), "B had ended before A probed");
+}
+
 /// A few random digits, for a command line no other test uses.
 fn rand_digits() -> String {
     format!("{:06}", uuid::Uuid::new_v4().as_u128() % 1_000_000)
