@@ -50,7 +50,7 @@ pub(crate) async fn run(
     let Some((program, args)) = argv.split_first() else {
         return failed("nothing to run: empty argv".to_owned());
     };
-    let mut cleanup = Cleanup { pgid: None, user: None, workdir: None };
+    let mut cleanup = Cleanup { pgid: None, user: None, user_killed: false, workdir: None };
     if let Some(users) = &req.users {
         match take_user(users, &sink, deadline, cancel).await {
             Ok(user) => cleanup.user = Some(user),
@@ -146,6 +146,7 @@ pub(crate) async fn run(
     }
     if let Some(user) = &cleanup.user {
         user.kill_processes().await;
+        cleanup.user_killed = true;
     }
     let _ = child.wait().await;
     for mut r in readers {
@@ -398,6 +399,8 @@ fn remove_workdir(dir: &Path) {
 struct Cleanup {
     pgid: Option<i32>,
     user: Option<TaskUser>,
+    /// Whether every process of `user` was killed once the task ended (none can start again).
+    user_killed: bool,
     workdir: Option<PathBuf>,
 }
 
@@ -406,7 +409,7 @@ impl Cleanup {
         if let Some(pgid) = self.pgid.take() {
             kill_group(pgid).await;
         }
-        if let Some(user) = &self.user {
+        if let Some(user) = self.user.as_ref().filter(|_| !self.user_killed) {
             user.kill_processes().await;
         }
         // Still holding the uid: nothing can write into the work directory while it goes.

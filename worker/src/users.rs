@@ -2,8 +2,9 @@
 //!
 //! A uid is held through an exclusive `flock` on `<lock dir>/<uid>`, so every worker process on the
 //! machine that uses the same lock directory hands out each uid to one task at a time; the lock goes
-//! with the process that held it, a killed worker included. Before a task gets a uid and after it is
-//! done, every process of that uid is killed (those that left the task's process group with `setsid`
+//! with the process that held it, a killed worker included. After a task is done (and before a task
+//! gets a uid whose lock file does not say it was given back cleared, as a killed worker leaves it),
+//! every process of that uid is killed (those that left the task's process group with `setsid`
 //! too, and those a killed worker left behind), and what that uid left in the machine's shared
 //! temporary folders and System V IPC objects is removed. So a task never sees what an earlier task of
 //! another tenant left, and nothing a task started outlives it. The lock is let go only once that is
@@ -95,8 +96,9 @@ impl TaskUsers {
                 .open(self.lock_dir.join(uid.to_string()))?;
             match lock.try_lock() {
                 Ok(()) => {
-                    // Whatever a worker that died holding this uid left behind goes first.
-                    match tokio::task::spawn_blocking(move || (purge(uid), lock)).await {
+                    // Whatever a worker that died holding this uid left behind goes first. A uid
+                    // given back cleared says so in its lock file, and needs nothing more.
+                    match tokio::task::spawn_blocking(move || (take(uid, &lock), lock)).await {
                         Ok((Ok(()), lock)) => return Ok(Some(TaskUser { uid, lock: Some(lock) })),
                         Ok((Err(e), lock)) => {
                             quarantine(uid, &e);
@@ -111,6 +113,21 @@ impl TaskUsers {
         }
         Ok(None)
     }
+}
+
+/// What a lock file says once its uid was given back cleared.
+const CLEARED: &[u8] = b"cleared\n";
+
+/// Purges `uid` unless its lock file says it was given back cleared, and marks it held.
+fn take(uid: u32, lock: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut said = [0u8; CLEARED.len()];
+    let cleared = lock.read_exact_at(&mut said, 0).is_ok() && said == CLEARED;
+    lock.set_len(0)?;
+    if !cleared {
+        purge(uid)?;
+    }
+    Ok(())
 }
 
 /// Whether the uid (or gid) map of a user namespace maps every id of `first..=last`.
@@ -194,7 +211,14 @@ impl Drop for TaskUser {
 
 fn release_blocking(uid: u32, lock: Option<File>) {
     match purge(uid) {
-        Ok(()) => drop(lock),
+        Ok(()) => {
+            if let Some(lock) = &lock {
+                use std::os::unix::fs::FileExt;
+                // A uid whose mark is lost is purged again by its next holder; nothing more.
+                let _ = lock.write_all_at(CLEARED, 0);
+            }
+            drop(lock);
+        }
         Err(e) => {
             quarantine(uid, &e);
             std::mem::forget(lock);

@@ -48,6 +48,9 @@ async fn a_process_that_left_the_task_group_dies_with_its_task() {
     // Killed at once, it no longer holds the log pipes open (the readers would wait 5 s for it).
     assert!(texts(&lines, Stream::System).is_empty(), "{}", dump(&lines));
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    // Given back cleared, which its lock file says (the next holder need not clear it again).
+    let lock = std::fs::read_to_string(root.path().join("locks").join("1650000100")).expect("lock file");
+    assert_eq!(lock, "cleared\n");
 }
 
 #[tokio::test]
@@ -135,6 +138,8 @@ async fn a_uid_left_running_by_a_dead_worker_is_cleared_before_it_is_given_out()
         .expect("spawn");
     assert!(stray.try_wait().expect("try_wait").is_none());
     let pool = users(uid, 1, &root);
+    // The lock file a worker killed while holding the uid leaves: empty.
+    std::fs::write(root.path().join("locks").join(uid.to_string()), "").expect("lock file");
     // Seen from inside the task: the stray is dead (a zombie until this test reaps it) before it starts.
     let script = format!("grep '^State' /proc/{}/status || echo gone", stray.id());
     let (res, lines) = run(shell(&script, &root, &pool)).await;
