@@ -291,13 +291,19 @@ pub async fn execute(req: TaskRequest, logs: mpsc::Sender<LogLine>, cancel: watc
     ExecResult { outcome, outputs, log_bytes, log_truncated }
 }
 
-/// The user tasks should run as when the worker is root: `nobody` (from the user database, else
-/// 65534/65534). `None` when the worker is not root (it cannot switch users then).
+/// Whether this process can run tasks as other users (it runs as root).
+pub fn can_switch_users() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `nobody` (from the user database, else 65534/65534), for a [`TaskRequest::run_as`] shared by the
+/// tasks that set it; `None` when the worker is not root (it cannot switch users then). Tasks of
+/// different tenants should have uids of their own instead: see [`TaskRequest::users`].
 pub fn unprivileged_user() -> Option<(u32, u32)> {
     // Looked up once per process: the user database does not change under a running worker.
     static USER: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
     *USER.get_or_init(|| {
-        if !nix::unistd::geteuid().is_root() {
+        if !can_switch_users() {
             return None;
         }
         match nix::unistd::User::from_name("nobody") {

@@ -38,7 +38,7 @@ pub struct Sandbox {
 pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<Sandbox>> {
     use anyhow::Context as _;
     let work_root = prepare_work_root(&config.data_dir)?;
-    let users = if sluice_worker::unprivileged_user().is_some() {
+    let users = if sluice_worker::can_switch_users() {
         let (first, count) = config.task_uids;
         let users = TaskUsers::new(first, count, &config.task_uid_locks)
             .context("preparing the task users (SLUICE_TASK_UIDS, SLUICE_TASK_UID_LOCKS)")?;

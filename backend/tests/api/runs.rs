@@ -610,11 +610,7 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
 /// and nothing it started outlives it, a process that left its process group included.
 #[actix_web::test]
 async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running() {
-    if sluice_worker::unprivileged_user().is_none() {
-        eprintln!("note: skipped: the worker switches users only when it runs as root");
-        return;
-    }
-    let app = spawn_app().await;
+    let Some(app) = app_that_switches_users().await else { return };
     let admin = app.signup(&slug("uids")).await;
     let marker = format!("98{}", rand_digits());
     let task = |id: &str| {
@@ -650,11 +646,7 @@ async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running(
 /// secret is.
 #[actix_web::test]
 async fn d22_a_tenants_task_cannot_reach_another_tenants_task_on_a_shared_worker() {
-    if sluice_worker::unprivileged_user().is_none() {
-        eprintln!("note: skipped: the worker switches users only when it runs as root");
-        return;
-    }
-    let app = spawn_app().await;
+    let Some(app) = app_that_switches_users().await else { return };
     let (a, b) = (app.signup(&slug("d22a")).await, app.signup(&slug("d22b")).await);
     let shared = Marker::new("d22");
     let dir = shared.0.parent().unwrap().display().to_string();
@@ -700,6 +692,16 @@ async fn d22_a_tenants_task_cannot_reach_another_tenants_task_on_a_shared_worker
         chrono::DateTime::parse_from_rfc3339(task_of(v, t)["finished_at"].as_str().unwrap()).unwrap()
     };
     assert!(at(&done, "probe") < at(&b_done, "hold"), "B had ended before A probed");
+}
+
+/// An app whose worker runs tasks as task users, or `None` (with a note) when the tests do not
+/// run as root.
+async fn app_that_switches_users() -> Option<TestApp> {
+    if !sluice_worker::can_switch_users() {
+        eprintln!("note: skipped: the worker switches users only when it runs as root");
+        return None;
+    }
+    Some(spawn_app().await)
 }
 
 /// A few random digits, for a command line no other test uses.
