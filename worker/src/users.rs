@@ -44,17 +44,7 @@ impl TaskUsers {
     /// the whole range must be mapped.
     pub fn new(first: u32, count: u32, lock_dir: impl Into<PathBuf>) -> io::Result<Self> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-        if count == 0 {
-            return Err(invalid("the task uid range is empty".into()));
-        }
-        let last = first.checked_add(count - 1).filter(|l| *l < u32::MAX).ok_or_else(|| {
-            invalid(format!("the task uid range {first}+{count} goes past the largest uid, {}", u32::MAX - 1))
-        })?;
-        if first < 1000 || (first..=last).contains(&65534) {
-            return Err(invalid(format!(
-                "the task uid range {first}-{last} holds a system uid (below 1000, or 65534 `nobody`)"
-            )));
-        }
+        let last = Self::check_range(first, count).map_err(invalid)?;
         for map in ["/proc/self/uid_map", "/proc/self/gid_map"] {
             let text = std::fs::read_to_string(map)?;
             if !mapped(&text, first, last) {
@@ -74,6 +64,25 @@ impl TaskUsers {
         // Tasks of processes started together should not all try the same uids first.
         let start = std::process::id().wrapping_mul(2_654_435_761) % count;
         Ok(TaskUsers { first, count, lock_dir, next: AtomicU32::new(start) })
+    }
+
+    /// The last uid of the range of `count` uids from `first`, or why that range cannot be task
+    /// users: it is empty, goes past the largest uid, or holds a system uid (below 1000, or 65534
+    /// `nobody`).
+    pub fn check_range(first: u32, count: u32) -> Result<u32, String> {
+        if count == 0 {
+            return Err("the task uid range is empty".into());
+        }
+        let last = first
+            .checked_add(count - 1)
+            .filter(|l| *l < u32::MAX)
+            .ok_or_else(|| format!("the task uid range {first}+{count} goes past the largest uid, {}", u32::MAX - 1))?;
+        if first < 1000 || (first..=last).contains(&65534) {
+            return Err(format!(
+                "the task uid range {first}-{last} holds a system uid (below 1000, or 65534 `nobody`)"
+            ));
+        }
+        Ok(last)
     }
 
     /// The first and the last uid of the range.
@@ -228,7 +237,7 @@ fn release_blocking(uid: u32, lock: Option<File>) {
 
 /// Kills every process of `uid` and removes the entries it owns at the top of the shared temporary
 /// folders and its System V IPC objects.
-pub(crate) fn purge(uid: u32) -> io::Result<()> {
+fn purge(uid: u32) -> io::Result<()> {
     kill_all(uid)?;
     for dir in SHARED_TEMP {
         remove_owned(Path::new(dir), uid);
@@ -314,7 +323,7 @@ fn running_as(pid: i32, uid: u32) -> bool {
 }
 
 /// Processes running with `uid` as their real, effective or saved uid, from `/proc`.
-pub(crate) fn processes_of(uid: u32) -> io::Result<Vec<i32>> {
+fn processes_of(uid: u32) -> io::Result<Vec<i32>> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let Some(pid) = e?.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
