@@ -195,11 +195,7 @@ pub struct Loaded {
 /// PostgreSQL's clock, and the load of the tenant whose id is `tenant` (an SQL expression);
 /// without `count`, the running tasks are left unread (`NULL`).
 pub fn tenant_load_columns(store: &Store, tenant: &str, count: bool) -> String {
-    let running = if count {
-        format!("(SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running')")
-    } else {
-        "CAST(NULL AS BIGINT)".to_owned()
-    };
+    let running = if count { format!("({})", running_tasks_sql(tenant)) } else { "CAST(NULL AS BIGINT)".to_owned() };
     format!(
         "{} AS db_now, {running} AS tenant_running, \
          (SELECT max_running_tasks FROM tenants WHERE tenants.id = {tenant}) AS tenant_max",
@@ -207,20 +203,29 @@ pub fn tenant_load_columns(store: &Store, tenant: &str, count: bool) -> String {
     )
 }
 
-/// How many tasks of `tenant` are running, as a new statement of `conn` sees it.
-pub async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<i64, DbErr> {
+/// The query counting the running tasks of the tenant whose id is `tenant` (an SQL expression).
+fn running_tasks_sql(tenant: &str) -> String {
+    format!("SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running'")
+}
+
+/// The number a `SELECT COUNT(*) ...` query answers.
+async fn count(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Result<i64, DbErr> {
     #[derive(FromQueryResult)]
     struct N {
         n: i64,
     }
-    let n: Option<N> = store
-        .query_one(
-            conn,
-            "SELECT COUNT(*) AS n FROM task_runs WHERE tenant_id = $1 AND status = 'running'",
-            vec![tenant.into()],
-        )
-        .await?;
+    let n: Option<N> = store.query_one(conn, &format!("SELECT ({sql}) AS n"), values).await?;
     Ok(n.map_or(0, |n| n.n))
+}
+
+/// How many tasks of `tenant` are running, as a new statement of `conn` sees it.
+pub async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid) -> Result<i64, DbErr> {
+    count(store, conn, &running_tasks_sql("$1"), vec![tenant.into()]).await
 }
 
 /// Runs of a pipeline with a concurrency key that hold a slot (started and not ended), counted
@@ -229,21 +234,16 @@ pub async fn tenant_running(store: &Store, conn: &impl ConnectionTrait, tenant: 
 pub async fn active_runs(store: &Store, conn: &impl ConnectionTrait, pipeline: Uuid, key: &str) -> Result<i64, DbErr> {
     let lock = format!("SELECT id FROM pipelines WHERE id = $1{}", store.for_update());
     store.execute(conn, &lock, vec![pipeline.into()]).await?;
-    #[derive(FromQueryResult)]
-    struct N {
-        n: i64,
-    }
     let active: Vec<String> = RunStatus::ALL
         .iter()
         .filter(|s| **s != RunStatus::Pending && !s.is_terminal())
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     let sql = format!(
-        "SELECT COUNT(*) AS n FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status IN ({})",
+        "SELECT COUNT(*) FROM runs WHERE pipeline_id = $1 AND concurrency_key = $2 AND status IN ({})",
         active.join(", ")
     );
-    let n: Option<N> = store.query_one(conn, &sql, vec![pipeline.into(), key.into()]).await?;
-    Ok(n.map_or(0, |n| n.n))
+    count(store, conn, &sql, vec![pipeline.into(), key.into()]).await
 }
 
 /// What [`tenant_load_columns`] reads.
