@@ -214,8 +214,12 @@ pub async fn delete(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, pi
 }
 
 /// Refused calls recorded one by one per tenant and minute, in each server process; those over
-/// it are counted, and the count goes into the next refusal that is recorded.
+/// it are counted, and the count goes into the next refusal that is recorded or, once the
+/// minute is over, into an event of its own.
 pub const REFUSALS_RECORDED_PER_MINUTE: u32 = 20;
+
+/// The window [`REFUSALS_RECORDED_PER_MINUTE`] counts in.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether a refused call is recorded: anyone may call a webhook URL, and without a cap every
 /// unauthenticated call would add an event to the tenant's audit chain.
@@ -231,13 +235,27 @@ struct Window {
     unrecorded: u64,
 }
 
+impl Window {
+    fn new(started: std::time::Instant) -> Self {
+        Window { started, recorded: 0, unrecorded: 0 }
+    }
+
+    fn over(&self, now: std::time::Instant) -> bool {
+        now.duration_since(self.started) >= REFUSAL_WINDOW
+    }
+}
+
 impl RefusalLimiter {
+    fn tenants(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Window>> {
+        self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// `Some(n)` when this refusal is to be recorded, `n` being the refusals of the tenant not
     /// recorded since the last one that was; `None` when it is only counted.
     pub fn admit(&self, tenant: Uuid, now: std::time::Instant) -> Option<u64> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let w = tenants.entry(tenant).or_insert(Window { started: now, recorded: 0, unrecorded: 0 });
-        if now.duration_since(w.started) >= std::time::Duration::from_secs(60) {
+        let mut tenants = self.tenants();
+        let w = tenants.entry(tenant).or_insert_with(|| Window::new(now));
+        if w.over(now) {
             w.started = now;
             w.recorded = 0;
         }
@@ -255,10 +273,9 @@ impl RefusalLimiter {
     /// Takes the counts of refusals not recorded one by one of the tenants whose window has ended,
     /// and forgets the windows that ended with nothing pending.
     pub fn take_overdue(&self, now: std::time::Instant) -> Vec<(Uuid, u64)> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut overdue = Vec::new();
-        tenants.retain(|tenant, w| {
-            if now.duration_since(w.started) < std::time::Duration::from_secs(60) {
+        self.tenants().retain(|tenant, w| {
+            if !w.over(now) {
                 return true;
             }
             if w.unrecorded > 0 {
@@ -271,9 +288,7 @@ impl RefusalLimiter {
 
     /// Counts a refusal back that was admitted but could not be recorded.
     pub fn unrecorded(&self, tenant: Uuid, count: u64) {
-        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        tenants.entry(tenant).or_insert(Window { started: now, recorded: 0, unrecorded: 0 }).unrecorded += count;
+        self.tenants().entry(tenant).or_insert_with(|| Window::new(std::time::Instant::now())).unrecorded += count;
     }
 }
 
@@ -360,7 +375,7 @@ mod tests {
         assert_eq!(recorded, REFUSALS_RECORDED_PER_MINUTE as usize - 3);
         assert_eq!(limiter.take_overdue(later + std::time::Duration::from_secs(59)), vec![]);
         assert_eq!(limiter.take_overdue(later + std::time::Duration::from_secs(60)), vec![(a, 3)]);
-        assert!(limiter.tenants.lock().expect("lock").is_empty());
+        assert!(limiter.tenants().is_empty());
     }
 
     #[test]
