@@ -145,7 +145,7 @@ pub fn spawn_local_workers(
             if engine.answered(&d) {
                 continue;
             }
-            let (engine, store, root, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
+            let (engine, store, sandbox, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
             let gate = gate.clone();
             tokio::spawn(async move {
                 let need = match gate.judge(&engine, d).await {
@@ -157,7 +157,7 @@ pub fn spawn_local_workers(
                 };
                 let reserved = gate.capacity.reserve(need).await;
                 let room = super::Room { slot: permit, reserved };
-                if let Err(e) = run_one(&engine, &store, d, root, &key, room).await {
+                if let Err(e) = run_one(&engine, &store, d, sandbox, &key, room).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
             });
@@ -243,10 +243,10 @@ pub(super) fn spawn_handed(
     let mut handed = engine.accept_handoffs(gate, slots);
     tokio::spawn(async move {
         while let Some(h) = handed.recv().await {
-            let (engine, store, root, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
+            let (engine, store, sandbox, key) = (engine.clone(), store.clone(), sandbox.clone(), secrets_key.clone());
             tokio::spawn(async move {
                 let super::Handed { d, claimed, room, .. } = h;
-                if let Err(e) = run_claimed(&engine, &store, d, claimed, root, &key, room).await {
+                if let Err(e) = run_claimed(&engine, &store, d, claimed, sandbox, &key, room).await {
                     tracing::warn!(run = %d.run, task = d.task, attempt = d.attempt, error = %e, "task execution failed");
                 }
             });
