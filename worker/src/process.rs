@@ -140,14 +140,7 @@ pub(crate) async fn run(
         _ = cancelled(cancel) => ExecOutcome::Cancelled,
     };
     // Whatever happened, nothing the task started outlives it (background jobs included).
-    // (Taken: the cleanup at the end does not kill and scan the group a second time.)
-    if let Some(pgid) = cleanup.pgid.take() {
-        kill_group(pgid).await;
-    }
-    if let Some(user) = &cleanup.user {
-        user.kill_processes().await;
-        cleanup.user_killed = true;
-    }
+    cleanup.kill().await;
     let _ = child.wait().await;
     for mut r in readers {
         if tokio::time::timeout(READER_GRACE, &mut r).await.is_err() {
@@ -399,19 +392,28 @@ fn remove_workdir(dir: &Path) {
 struct Cleanup {
     pgid: Option<i32>,
     user: Option<TaskUser>,
-    /// Whether every process of `user` was killed once the task ended (none can start again).
+    /// Whether every process of `user` was killed (none can start again).
     user_killed: bool,
     workdir: Option<PathBuf>,
 }
 
 impl Cleanup {
-    async fn finish(&mut self) {
-        if let Some(pgid) = self.pgid.take() {
+    /// Kills what the task started, once: every process of its task user (its process group
+    /// among them, and what left the group), else its process group.
+    async fn kill(&mut self) {
+        let pgid = self.pgid.take();
+        if let Some(user) = &self.user {
+            if !self.user_killed {
+                user.kill_processes().await;
+            }
+            self.user_killed = true;
+        } else if let Some(pgid) = pgid {
             kill_group(pgid).await;
         }
-        if let Some(user) = self.user.as_ref().filter(|_| !self.user_killed) {
-            user.kill_processes().await;
-        }
+    }
+
+    async fn finish(&mut self) {
+        self.kill().await;
         // Still holding the uid: nothing can write into the work directory while it goes.
         if let Some(dir) = self.workdir.take() {
             let _ = tokio::task::spawn_blocking(move || remove_workdir(&dir)).await;
