@@ -24,12 +24,12 @@ fn shell(script: &str, root: &TempDir, users: &Arc<TaskUsers>) -> TaskRequest {
     req
 }
 
-/// Waits for a line starting with `prefix` and returns the rest.
-async fn line_after(rx: &mut mpsc::Receiver<LogLine>, prefix: &str) -> String {
+/// Waits for a line starting with `prefix` and returns it.
+async fn line_after(rx: &mut mpsc::Receiver<LogLine>, prefix: &str) -> LogLine {
     loop {
         let line = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("line in time").expect("line");
-        if let Some(rest) = line.text.strip_prefix(prefix) {
-            return rest.to_owned();
+        if line.text.starts_with(prefix) {
+            return line;
         }
     }
 }
@@ -68,7 +68,7 @@ async fn concurrent_tasks_hold_distinct_users_and_cannot_read_each_other() {
     let (cancel_b, cancel_rx) = watch::channel(false);
     let b = tokio::spawn(execute(b, tx, cancel_rx));
     let who = line_after(&mut rx, "who=").await;
-    let mut who = who.split(' ');
+    let mut who = who.text.trim_start_matches("who=").split(' ');
     let (b_pid, b_uid, b_dir) = (who.next().expect("pid"), who.next().expect("uid"), who.next().expect("dir"));
 
     let script = format!("id -u; cat /proc/{b_pid}/environ; cat '{b_dir}/data'; kill -9 {b_pid}; echo end");
@@ -172,12 +172,7 @@ async fn a_task_waits_while_every_task_user_is_held() {
     let system = texts(&lines, Stream::System);
     assert!(system.iter().any(|l| l.contains("waiting for a free task user")), "{system:?}");
     // The second ran only once the first had ended (and given its uid back).
-    let ending = loop {
-        let line = rx.recv().await.expect("the first task's last line");
-        if line.text == "ending" {
-            break line.at;
-        }
-    };
+    let ending = line_after(&mut rx, "ending").await.at;
     let second = lines.iter().find(|l| l.text == "second").expect("the second task ran");
     assert!(second.at > ending, "the second task ran before the first ended");
     assert_eq!(first.await.expect("first").outcome, ExecOutcome::Succeeded);

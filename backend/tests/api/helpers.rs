@@ -258,16 +258,29 @@ pub async fn problem(r: Response) -> Value {
 
 /// Polls a run until it is in a terminal state; fails the test after `secs`.
 pub async fn wait_run(app: &TestApp, m: &Member, id: &str, secs: u64) -> Value {
+    let ended = |v: &Value| ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap());
+    wait_until(app, m, id, secs, &format!("run did not finish in {secs} s"), ended).await
+}
+
+/// The view of run `id` once `done` holds for it; fails with `what` after `secs` seconds.
+pub async fn wait_until(
+    app: &TestApp,
+    m: &Member,
+    id: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         let r = app.get(&format!("/api/v1/t/{}/runs/{id}", m.tenant), &m.token).await;
         assert_eq!(r.status(), StatusCode::OK);
         let v: Value = r.json().await.unwrap();
-        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["status"].as_str().unwrap()) {
+        if done(&v) {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "run did not finish in {secs} s: {v:#}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(std::time::Instant::now() < deadline, "{what}: {v:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

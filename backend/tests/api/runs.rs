@@ -149,18 +149,10 @@ async fn cancel_and_timeout_stop_running_tasks() {
     let run = start(&app, &admin, "long", json!({})).await;
     let id = run["id"].as_str().unwrap().to_owned();
     // The bounded task times out by itself.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v: Value =
-            app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
-        if task_of(&v, "bounded")["status"] == "failed" {
-            assert_eq!(task_of(&v, "bounded")["message"], "timed out");
-            assert_eq!(task_of(&v, "long")["status"], "running");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the timeout did not fire: {v:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let bounded_failed = |v: &Value| task_of(v, "bounded")["status"] == "failed";
+    let v = wait_until(&app, &admin, &id, 30, "the timeout did not fire", bounded_failed).await;
+    assert_eq!(task_of(&v, "bounded")["message"], "timed out");
+    assert_eq!(task_of(&v, "long")["status"], "running");
     let started = Instant::now();
     let r =
         app.call(Method::POST, &format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), Some(&admin.token), None).await;
@@ -583,16 +575,7 @@ async fn a_completion_the_database_refuses_for_a_moment_is_recorded_once_it_answ
     app.refuse_writes("UPDATE ON task_runs", Some("NEW.status = 'succeeded'")).await;
     let run = start(&app, &admin, "blip", json!({})).await;
     let id = run["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v: Value =
-            app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
-        if task_of(&v, "t")["status"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the task never ran: {v:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&app, &admin, &id, 30, "the task never ran", |v| task_of(v, "t")["status"] == "running").await;
     // Refused from before the task ends (after 1 s) until 0.5 s after.
     app.refusing(true).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -77,16 +77,8 @@ async fn the_reaper_starts_a_run_left_waiting_while_its_key_has_room() {
     let a_id = uuid::Uuid::parse_str(&a).unwrap();
     app.sql("UPDATE task_runs SET status = 'cancelled' WHERE run_id = $1", vec![a_id.into()]).await;
     app.sql("UPDATE runs SET status = 'cancelled', rev = rev + 1 WHERE id = $1", vec![a_id.into()]).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = view(&app, &admin, &b).await;
-        if v["status"] != "pending" {
-            assert_eq!(v["status"], "running", "{v:#}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the waiting run never started: {v:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let v = wait_until(&app, &admin, &b, 15, "the waiting run never started", |v| v["status"] != "pending").await;
+    assert_eq!(v["status"], "running", "{v:#}");
     // The limit is 1: `c` waits for `b`, then starts when `b` ends.
     let vc = view(&app, &admin, &c).await;
     assert_eq!(vc["status"], "pending", "{vc:#}");
