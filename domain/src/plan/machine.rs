@@ -85,6 +85,7 @@ fn apply(plan: &RunPlan, order: &Order, state: &RunState, event: Event, now: Mil
     if state.status.is_terminal() {
         return (state.clone(), Vec::new());
     }
+    let now = state.last_recorded().map_or(now, |last| now.max(last));
     let mut machine = Machine { plan, st: normalized(plan, state), fx: Vec::new(), now };
     let handled = match event {
         Event::Start => machine.start(),

@@ -62,6 +62,10 @@
 //!   run, replaces it on every `WakeAt`, and sends [`Event::Tick`] when it fires.
 //! - Events for a finished run, and any event other than `Start` and `Cancel` for a run that has
 //!   not started, are ignored. `Start` on a started run is ignored.
+//! - **Time never goes back within a run**: an event whose `now` is earlier than the latest time
+//!   the state records ([`RunState::last_recorded`]) is applied at that latest time. Callers
+//!   whose clocks are read before they take the run (a transaction's start, another machine)
+//!   thus never record a task as started before the task it needs finished.
 
 mod compile;
 mod machine;
@@ -222,6 +226,14 @@ impl RunState {
             stages: vec![StageState::default(); plan.stages.len()],
             tasks: vec![TaskState::default(); plan.tasks.len()],
         }
+    }
+
+    /// The latest time the state records as past: the run's start and end, and its tasks'
+    /// starts and ends (not the future times: deadlines, retries' `not_before`).
+    #[must_use]
+    pub fn last_recorded(&self) -> Option<Millis> {
+        let tasks = self.tasks.iter().flat_map(|t| [t.started_at, t.finished_at]);
+        [self.started_at, self.finished_at].into_iter().chain(tasks).flatten().max()
     }
 }
 

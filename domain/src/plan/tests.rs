@@ -128,6 +128,38 @@ fn a_chain_runs_to_success() {
     assert_eq!(r.finished, 1);
 }
 
+#[test]
+fn a_clock_that_goes_back_never_records_a_start_before_the_needs_ended() {
+    let mut r = Run::new(CHAIN);
+    r.ev(Event::Start);
+    let (compile, test) = (r.t("compile"), r.t("test"));
+    r.at(2_000).ev(Event::TaskStarted { task: compile, attempt: 1 });
+    r.at(3_000).ev(Event::TaskFinished { task: compile, attempt: 1, outcome: TaskOutcome::Succeeded });
+    // Whoever reports next read its clock before the completion above was recorded.
+    r.at(2_500).ev(Event::TaskStarted { task: test, attempt: 1 });
+    assert_eq!(r.task("test").started_at, Some(3_000));
+    r.at(2_900).ev(Event::TaskFinished { task: test, attempt: 1, outcome: TaskOutcome::Succeeded });
+    assert_eq!(r.task("test").finished_at, Some(3_000));
+    assert_eq!((r.state.status, r.state.finished_at), (RunStatus::Succeeded, Some(3_000)));
+    assert_eq!(r.state.last_recorded(), Some(3_000));
+    // A later clock is taken as it is.
+    let mut r = Run::new(CHAIN);
+    r.ev(Event::Start);
+    r.at(5_000).ev(Event::TaskStarted { task: compile, attempt: 1 });
+    assert_eq!(r.task("compile").started_at, Some(5_000));
+}
+
+#[test]
+fn a_retry_is_timed_from_the_latest_recorded_time() {
+    let mut r =
+        Run::new("stages:\n  - id: s\n    tasks:\n      - { id: a, run: [a], retries: { max: 1, initial: 10s } }\n");
+    r.ev(Event::Start);
+    let a = r.t("a");
+    r.at(4_000).ev(Event::TaskStarted { task: a, attempt: 1 });
+    r.at(3_000).ev(Event::TaskFinished { task: a, attempt: 1, outcome: TaskOutcome::Failed });
+    assert_eq!(r.task("a").not_before, Some(14_000));
+}
+
 const CONDITIONS: &str = "
 stages:
   - id: s
