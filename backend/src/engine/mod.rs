@@ -871,10 +871,9 @@ impl Core {
             None => self.db_now(conn).await?,
         };
         *clock = Some(now);
-        // The clock was read when the transaction began, or with another run: a transaction
-        // that committed to this run meanwhile may have recorded a later time. The run's own
-        // times never go back (as the planner applies events), and neither do queued times.
-        let now = old.last_recorded().map_or(now, |last| now.max(state::at(last)));
+        // (The clock was read when the transaction began, or with another run: a transaction
+        // that committed to this run meanwhile may have recorded a later time, which the
+        // planner then applies the events at.)
         let now_ms = state::ms(now);
         let lease_until = now + chrono::Duration::from_std(self.timings.lease).unwrap_or_default();
         let old_wake = row.next_wake_at.map(state::ms);
