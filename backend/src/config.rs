@@ -96,6 +96,10 @@ pub struct ConfigArgs {
     /// [default: /run/sluice/task-uids].
     #[arg(long, env = "SLUICE_TASK_UID_LOCKS", global = true)]
     pub task_uid_locks: Option<PathBuf>,
+    /// The network process tasks reach: `host` (the machine's) or `none` (only each task's own
+    /// loopback; takes a worker running as root) [default: host].
+    #[arg(long, env = "SLUICE_TASK_NETWORK", global = true)]
+    pub task_network: Option<String>,
 }
 
 /// The same keys, as read from `sluice.toml`.
@@ -126,6 +130,7 @@ struct FileConfig {
     secrets_key: Option<String>,
     task_uids: Option<String>,
     task_uid_locks: Option<PathBuf>,
+    task_network: Option<String>,
 }
 
 /// The resolved configuration.
@@ -169,6 +174,8 @@ pub struct Config {
     pub task_uids: (u32, u32),
     /// Folder of the locks that hold task uids.
     pub task_uid_locks: PathBuf,
+    /// The network process tasks reach.
+    pub task_network: sluice_worker::TaskNetwork,
 }
 
 impl Config {
@@ -221,6 +228,10 @@ impl Config {
             "SLUICE_TASK_UIDS holds {} uids, fewer than the worker's {worker_slots} slots",
             task_uids.1
         );
+        let task_network = match args.task_network.as_deref().or(file.task_network.as_deref()) {
+            None => sluice_worker::TaskNetwork::Host,
+            Some(v) => sluice_worker::TaskNetwork::parse(v).map_err(|e| anyhow::anyhow!("SLUICE_TASK_NETWORK: {e}"))?,
+        };
         Ok(Self {
             jwt_keys_file: args
                 .jwt_keys_file
@@ -256,6 +267,7 @@ impl Config {
                 .clone()
                 .or(file.task_uid_locks)
                 .unwrap_or_else(|| sluice_worker::DEFAULT_LOCK_DIR.into()),
+            task_network,
         })
     }
 }

@@ -24,11 +24,12 @@
 //!   mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the command
 //!   lines of other tasks (a secret rendered into argv) or the worker's;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
-//! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task.
+//! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task;
+//! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up.
 //!
-//! Known limits of this sandbox (no network or pid namespace, seccomp, landlock or cgroup isolation yet): the
-//! task can open sockets and read what the machine lets every user read (without a `/proc` of its own,
-//! other processes' command lines included), and files it leaves deeper in
+//! Known limits of this sandbox (no pid namespace, seccomp, landlock or cgroup isolation yet): with
+//! [`TaskNetwork::Host`] the task reaches whatever the machine does; it can read what the machine lets
+//! every user read (without a `/proc` of its own, other processes' command lines included), and files it leaves deeper in
 //! other world-writable folders, and the uid's kernel keyrings, stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
 //! task user.
 
@@ -50,7 +51,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
-pub use process::live_group_members;
+pub use process::{check_network_isolation, live_group_members};
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 
@@ -172,6 +173,37 @@ pub struct TaskRequest {
     /// Uids a process task takes one of for its attempt alone (the worker must be root); overrides
     /// `run_as`. See [`TaskUsers`].
     pub users: Option<Arc<TaskUsers>>,
+    /// The network a process task reaches.
+    pub network: TaskNetwork,
+}
+
+/// The network a process task reaches (`SLUICE_TASK_NETWORK`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaskNetwork {
+    /// The machine's network, as the worker has it (`host`).
+    #[default]
+    Host,
+    /// A network namespace of the task's own with only its loopback up (`none`): the task reaches
+    /// itself on `127.0.0.1` and `::1` and nothing else, so not the machine's loopback services
+    /// (the database, Redis), its networks, the cloud's metadata address or the internet. It takes
+    /// a worker that [can](check_network_isolation) (root).
+    Isolated,
+}
+
+impl TaskNetwork {
+    /// The setting's values: `host` and `none`.
+    ///
+    /// # Errors
+    /// Any other value, with what is accepted.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "host" => Ok(Self::Host),
+            "none" => Ok(Self::Isolated),
+            other => Err(format!(
+                "{other:?} is not a task network: use host (the machine's network) or none (only the task's own loopback)"
+            )),
+        }
+    }
 }
 
 impl TaskRequest {
@@ -189,6 +221,7 @@ impl TaskRequest {
             http: HttpPolicy::default(),
             run_as: None,
             users: None,
+            network: TaskNetwork::Host,
         }
     }
 }
@@ -207,6 +240,7 @@ impl fmt::Debug for TaskRequest {
             .field("http", &self.http)
             .field("run_as", &self.run_as)
             .field("users", &self.users.as_ref().map(|u| u.range()))
+            .field("network", &self.network)
             .finish()
     }
 }

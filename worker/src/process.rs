@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::logs::{LogSink, pump};
 use crate::users::{TaskUser, TaskUsers};
-use crate::{ExecOutcome, Limits, Stream, TaskRequest, cancelled, deadline_reached, outputs};
+use crate::{ExecOutcome, Limits, Stream, TaskNetwork, TaskRequest, cancelled, deadline_reached, outputs};
 
 /// `PATH` of every task (the worker's own is never passed on).
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -92,11 +92,13 @@ pub(crate) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    match (run_as, cleanup.user.is_some() && own_proc_works()) {
-        // A task user sees only its own processes: no other task's command line (where a secret
-        // may have been rendered), no worker.
+    // A task user sees only its own processes: no other task's command line (where a secret may
+    // have been rendered), no worker. An isolated task reaches no network but its own loopback.
+    let own =
+        Namespaces { proc: cleanup.user.is_some() && own_proc_works(), network: req.network == TaskNetwork::Isolated };
+    match (run_as, own.proc || own.network) {
         (Some((uid, gid)), true) => match std::ffi::CString::new(workdir.as_os_str().as_encoded_bytes()) {
-            Ok(dir) => own_proc_then_switch(&mut cmd, uid, gid, dir),
+            Ok(dir) => enter_then_switch(&mut cmd, own, Some((uid, gid, dir))),
             Err(_) => {
                 cleanup.finish().await;
                 return failed(format!("the work directory {} holds a NUL byte", workdir.display()));
@@ -106,7 +108,8 @@ pub(crate) async fn run(
         (Some((uid, gid)), false) => {
             cmd.uid(uid).gid(gid);
         }
-        (None, _) => {}
+        (None, true) => enter_then_switch(&mut cmd, own, None),
+        (None, false) => {}
     }
     set_limits(&mut cmd, req.limits, run_as.is_some());
 
@@ -193,29 +196,76 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
     }
 }
 
-/// In the child, before the rlimits: a mount namespace of its own where `/proc` is a new instance
-/// with `hidepid=invisible` (a user sees only its own processes), then the switch to `uid`/`gid`
-/// with no supplementary groups, and into `dir` again as that user (std changed into it as root).
-/// Only where [`own_proc_works`].
+/// The namespaces a task gets of its own.
+#[derive(Clone, Copy)]
+struct Namespaces {
+    /// A mount namespace with its own `/proc` ([`own_proc`]; only where [`own_proc_works`]).
+    proc: bool,
+    /// A network namespace with only its own loopback ([`own_network`]).
+    network: bool,
+}
+
+/// In the child, before the rlimits: the namespaces of `own`, then (with a `user`) the switch to
+/// `uid`/`gid` with no supplementary groups, and into `dir` again as that user (std changed into it
+/// as root).
 #[allow(unsafe_code)]
-fn own_proc_then_switch(cmd: &mut Command, uid: u32, gid: u32, dir: std::ffi::CString) {
+fn enter_then_switch(cmd: &mut Command, own: Namespaces, user: Option<(u32, u32, std::ffi::CString)>) {
     // SAFETY: the closure runs in the forked child before exec. It calls only unshare(2), mount(2),
-    // setgroups(2), setgid(2), setuid(2) and chdir(2) through libc, with static C strings, a C string
-    // made before the fork, and plain integers: no allocation, no lock, no state shared with the
-    // parent.
+    // socket(2), ioctl(2), close(2), setgroups(2), setgid(2), setuid(2) and chdir(2) through libc,
+    // with static C strings, a C string made before the fork, a zeroed struct on the stack and plain
+    // integers: no allocation, no lock, no state shared with the parent.
     unsafe {
         cmd.pre_exec(move || {
-            own_proc()?;
+            if own.network {
+                own_network()?;
+            }
+            if own.proc {
+                own_proc()?;
+            }
+            let Some((uid, gid, dir)) = &user else { return Ok(()) };
             use nix::libc;
             if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
+                || libc::setgid(*gid) != 0
+                || libc::setuid(*uid) != 0
                 || libc::chdir(dir.as_ptr()) != 0
             {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
+    }
+}
+
+/// Enters a network namespace of its own and brings its loopback up: the task can serve and reach
+/// itself on `127.0.0.1` and `::1`, and nothing else (not the machine's loopback services, its
+/// networks, the cloud's metadata address or the internet). The namespace ends with the task's last
+/// process.
+#[allow(unsafe_code)]
+fn own_network() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls; `ifreq` is a plain C struct, zeroed, on the stack; the socket is
+    // closed on every path.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (to, from) in ifr.ifr_name.iter_mut().zip(b"lo") {
+            *to = *from as libc::c_char;
+        }
+        let up = if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr) == 0
+        } else {
+            false
+        };
+        let error = (!up).then(io::Error::last_os_error);
+        libc::close(fd);
+        error.map_or(Ok(()), Err)
     }
 }
 
@@ -250,8 +300,36 @@ fn own_proc() -> io::Result<()> {
     Ok(())
 }
 
-/// The error a probe's child returns once it has its own `/proc`, before it would run anything.
+/// The error a probe's child returns once it has what was probed, before it would run anything.
 const PROBE_DONE: i32 = nix::libc::ECHRNG;
+
+/// Tries `enter` in a child that stops with [`PROBE_DONE`] once it succeeded, so no program runs:
+/// `Ok` when it did, else why not.
+#[allow(unsafe_code)]
+fn probe(enter: fn() -> io::Result<()>) -> Result<(), String> {
+    let mut probe = std::process::Command::new("/");
+    probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: `enter` is one of this module's namespace functions, which make only system calls
+    // with static arguments (see `enter_then_switch`).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut probe, move || {
+            enter()?;
+            Err(io::Error::from_raw_os_error(PROBE_DONE))
+        });
+    }
+    match probe.status() {
+        Err(e) if e.raw_os_error() == Some(PROBE_DONE) => Ok(()),
+        Err(e) => Err(e.to_string()),
+        Ok(status) => Err(format!("the probe ended with {status}")),
+    }
+}
+
+/// Whether this process can give process tasks a network of their own (see
+/// [`TaskNetwork::Isolated`]): it takes root, or `CAP_SYS_ADMIN`, and no seccomp profile refusing
+/// `unshare`. Tried in a child, so nothing changes here; `Err` says why not.
+pub fn check_network_isolation() -> Result<(), String> {
+    probe(own_network)
+}
 
 /// Whether this process may give tasks a `/proc` of their own (root with `CAP_SYS_ADMIN`, not
 /// confined by a seccomp profile that refuses `unshare`, on Linux 5.8 or later): tried once, in a
@@ -259,28 +337,15 @@ const PROBE_DONE: i32 = nix::libc::ECHRNG;
 /// users see every process of the machine, and a warning says why.
 fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WORKS.get_or_init(|| {
-        let mut probe = std::process::Command::new("/");
-        probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: as in `own_proc_then_switch`: only system calls with static arguments.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut probe, || {
-                own_proc()?;
-                Err(io::Error::from_raw_os_error(PROBE_DONE))
-            });
-        }
-        match probe.status() {
-            Err(e) if e.raw_os_error() == Some(PROBE_DONE) => true,
-            result => {
-                let why = result.map_or_else(|e| e.to_string(), |s| format!("the probe ended with {s}"));
-                tracing::warn!(
-                    error = %why,
-                    "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN and Linux 5.8): a task \
-                     user can see the command lines of every process of the machine, other tasks' included"
-                );
-                false
-            }
+    *WORKS.get_or_init(|| match probe(own_proc) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                error = %why,
+                "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN and Linux 5.8): a task \
+                 user can see the command lines of every process of the machine, other tasks' included"
+            );
+            false
         }
     })
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TempDir, dump, run, task_user, texts};
-use sluice_worker::{ExecAction, ExecOutcome, LogLine, Stream, TaskRequest, TaskUsers, execute};
+use sluice_worker::{ExecAction, ExecOutcome, LogLine, Stream, TaskNetwork, TaskRequest, TaskUsers, execute};
 use tokio::sync::{mpsc, watch};
 
 /// A range of `count` uids from `first` (distinct per test), locked in a folder of the test's own.
@@ -304,4 +304,68 @@ async fn a_work_root_closed_to_task_users_is_refused_with_a_hint() {
         other => panic!("{other:?}: {}", dump(&lines)),
     }
     assert!(!dump(&lines).contains("ran"));
+}
+
+/// Checks, from inside a task, what network it has: its own loopback (a server and a client in the
+/// task), the machine's loopback service on the port given, and its interfaces and routes.
+const NETWORK_PROBE: &str = r#"
+import socket, sys
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+socket.create_connection(server.getsockname(), timeout=5).sendall(b"x")
+print("own loopback", server.accept()[0].recv(1).decode())
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+    print("REACHED the machine's service")
+except OSError as e:
+    print("the machine's service:", e.strerror)
+dev = open("/proc/net/dev").read().splitlines()[2:]
+print("interfaces", ",".join(sorted(line.split(":")[0].strip() for line in dev)))
+print("routes", len(open("/proc/net/route").read().splitlines()[1:]))
+"#;
+
+/// `SLUICE_TASK_NETWORK=none`: a task user's network is its own loopback alone. A service on the
+/// machine's loopback (as the database and Redis may be) is out of reach, and there is no route
+/// anywhere else; with `host`, the same task reaches that service.
+#[tokio::test]
+async fn an_isolated_task_reaches_only_its_own_loopback() {
+    let Some(_) = task_user("an_isolated_task_reaches_only_its_own_loopback") else { return };
+    sluice_worker::check_network_isolation().expect("a root worker can isolate networks");
+    let root = TempDir::new("network");
+    let pool = users(1_650_001_000, 1, &root);
+    let service = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    service.set_nonblocking(true).expect("nonblocking");
+    let port = service.local_addr().expect("address").port().to_string();
+    let probe = |network| {
+        let argv = ["python3", "-c", NETWORK_PROBE, &port].map(str::to_owned).to_vec();
+        let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
+        req.users = Some(pool.clone());
+        req.network = network;
+        req
+    };
+
+    let (res, lines) = run(probe(TaskNetwork::Isolated)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    assert_eq!(
+        out,
+        ["own loopback x", "the machine's service: Connection refused", "interfaces lo", "routes 0"],
+        "{}",
+        dump(&lines)
+    );
+    assert!(service.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the service was reached");
+
+    let (res, lines) = run(probe(TaskNetwork::Host)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert!(texts(&lines, Stream::Stdout).contains(&"REACHED the machine's service".to_owned()), "{}", dump(&lines));
+    assert!(service.accept().is_ok(), "the host network's task did not connect");
+}
+
+#[test]
+fn task_network_settings_are_host_or_none() {
+    assert_eq!(TaskNetwork::parse("host"), Ok(TaskNetwork::Host));
+    assert_eq!(TaskNetwork::parse(" none "), Ok(TaskNetwork::Isolated));
+    let e = TaskNetwork::parse("bridge").expect_err("unknown");
+    assert!(e.contains("\"bridge\"") && e.contains("host") && e.contains("none"), "{e}");
 }

@@ -10,7 +10,9 @@ use sluice_domain::{
     spec::{TaskAction, TaskSpec},
     template::{self, Context, Template},
 };
-use sluice_worker::{ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskRequest, TaskUsers};
+use sluice_worker::{
+    ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskNetwork, TaskRequest, TaskUsers,
+};
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
@@ -31,10 +33,13 @@ pub struct Sandbox {
     /// The uids process tasks run as, one each (`None`: this process is not root, and tasks run
     /// as its own user).
     pub users: Option<Arc<TaskUsers>>,
+    /// The network process tasks reach.
+    pub network: TaskNetwork,
 }
 
 /// Prepares the work root (see [`prepare_work_root`]) and, when this process is root, the task
-/// users of `SLUICE_TASK_UIDS`.
+/// users of `SLUICE_TASK_UIDS`. A worker told to isolate its tasks' network
+/// (`SLUICE_TASK_NETWORK=none`) that cannot refuses to start: it would run them on the machine's.
 pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<Sandbox>> {
     use anyhow::Context as _;
     let work_root = prepare_work_root(&config.data_dir)?;
@@ -46,7 +51,17 @@ pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<San
     } else {
         None
     };
-    Ok(Arc::new(Sandbox { work_root, users }))
+    if config.task_network == TaskNetwork::Isolated {
+        anyhow::ensure!(
+            users.is_some(),
+            "SLUICE_TASK_NETWORK=none takes a worker running as root (which runs each process task as a \
+             task user in a network of its own)"
+        );
+        sluice_worker::check_network_isolation().map_err(|e| {
+            anyhow::anyhow!("SLUICE_TASK_NETWORK=none: this worker cannot give tasks a network of their own: {e}")
+        })?;
+    }
+    Ok(Arc::new(Sandbox { work_root, users, network: config.task_network }))
 }
 
 /// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
@@ -73,7 +88,11 @@ pub fn announce_task_users(sandbox: &Sandbox) {
     match &sandbox.users {
         Some(users) => {
             let (first, last) = users.range();
-            tracing::info!(first, last, "process tasks run as task users, one uid each");
+            let network = match sandbox.network {
+                TaskNetwork::Host => "the machine's",
+                TaskNetwork::Isolated => "none but their own loopback",
+            };
+            tracing::info!(first, last, network, "process tasks run as task users, one uid each");
         }
         None => tracing::warn!(
             "this worker is not running as root, so tasks run as its own user and can read what it can \
@@ -325,6 +344,7 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, sandbox: &Sandbox, run: Uuid, attempt
         http: HttpPolicy::default(),
         run_as: None,
         users: sandbox.users.clone(),
+        network: sandbox.network,
     })
 }
 
