@@ -64,7 +64,6 @@ impl AppState {
         let key_file = auth::jwt::load_or_generate(&config.jwt_keys_file, generate)?;
         let jwt = auth::jwt::JwtKeys::new(&key_file, &config.public_url)?;
         let authz = authz::Authorizer::new().context("loading the Cedar schema and default policies")?;
-        let sandbox = engine::prepare_sandbox(&config)?;
         // The embedded worker registers like any worker; it is a shared one (a tenant's own
         // workers run as `sluice worker --tenant`).
         let worker = if config.with_worker {
@@ -74,8 +73,10 @@ impl AppState {
             );
             let profile =
                 engine::registry::WorkerProfile::new(&config.worker, name.clone(), None, config.worker_slots, "serve");
+            // Only a process that executes tasks prepares (and checks) where they run.
+            let sandbox = engine::prepare_sandbox(&config)?;
             let registration = engine::registry::register(&store, &profile, None, engine::Timings::from_env()).await?;
-            Some((engine::registry::Gate::new(profile), std::sync::Arc::new(registration)))
+            Some((engine::registry::Gate::new(profile), std::sync::Arc::new(registration), sandbox))
         } else {
             None
         };
@@ -91,14 +92,15 @@ impl AppState {
                 // Events of every process (workers run the tasks) reach this process's clients.
                 engine::bus::EventBus::spawn(url, &config.redis_prefix, &engine.event_sender())
                     .context("starting the event bus")?;
-                if let Some((gate, _)) = &worker {
-                    let (engine, store, url, prefix, gate, key) = (
+                if let Some((gate, _, sandbox)) = &worker {
+                    let (engine, store, url, prefix, gate, key, sandbox) = (
                         engine.clone(),
                         store.clone(),
                         url.clone(),
                         config.redis_prefix.clone(),
                         gate.clone(),
                         secrets_key.clone(),
+                        sandbox.clone(),
                     );
                     let never = std::sync::Arc::new(tokio::sync::Notify::new());
                     tokio::spawn(async move {
@@ -119,13 +121,13 @@ impl AppState {
                     std::sync::Arc::new(engine::ChannelDoorbell(queue)),
                     name,
                 ));
-                if let Some((gate, _)) = &worker {
+                if let Some((gate, _, sandbox)) = &worker {
                     engine::spawn_local_workers(
                         engine.clone(),
                         store.clone(),
                         rx,
                         gate.clone(),
-                        sandbox,
+                        sandbox.clone(),
                         secrets_key.clone(),
                     );
                 }
@@ -134,7 +136,7 @@ impl AppState {
         };
         engine.set_tenant_task_limit(config.tenant_max_running_tasks);
         engine.spawn_reaper();
-        let worker = worker.map(|(gate, registration)| {
+        let worker = worker.map(|(gate, registration, _)| {
             registration.spawn_heartbeat(gate.capacity.clone());
             registration
         });

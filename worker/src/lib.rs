@@ -25,7 +25,9 @@
 //!   lines of other tasks (a secret rendered into argv) or the worker's;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task;
-//! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up.
+//! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up, and empty
+//!   `/run`, `/tmp` and `/var/tmp` of its own (where the machine's Unix sockets are);
+//! * descriptors the worker inherited without close-on-exec are closed (Linux 5.11).
 //!
 //! Known limits of this sandbox (no pid namespace, seccomp, landlock or cgroup isolation yet): with
 //! [`TaskNetwork::Host`] the task reaches whatever the machine does; it can read what the machine lets
@@ -51,7 +53,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
-pub use process::{check_network_isolation, live_group_members};
+pub use process::{PRIVATE_DIRS, check_network_isolation, live_group_members};
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 
@@ -185,8 +187,11 @@ pub enum TaskNetwork {
     Host,
     /// A network namespace of the task's own with only its loopback up (`none`): the task reaches
     /// itself on `127.0.0.1` and `::1` and nothing else, so not the machine's loopback services
-    /// (the database, Redis), its networks, the cloud's metadata address or the internet. It takes
-    /// a worker that [can](check_network_isolation) (root).
+    /// (the database, Redis), its networks, the cloud's metadata address or the internet. Its
+    /// `/run`, `/tmp` and `/var/tmp` are empty ones of its own ([`PRIVATE_DIRS`]), since Unix
+    /// sockets are not bound to a network. It takes a task user ([`TaskRequest::users`] or
+    /// [`TaskRequest::run_as`], not root: root could leave the namespace again), from a worker that
+    /// [can](check_network_isolation).
     Isolated,
 }
 

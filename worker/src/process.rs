@@ -94,22 +94,26 @@ pub(crate) async fn run(
         .kill_on_drop(true);
     // A task user sees only its own processes: no other task's command line (where a secret may
     // have been rendered), no worker. An isolated task reaches no network but its own loopback.
-    let own =
-        Namespaces { proc: cleanup.user.is_some() && own_proc_works(), network: req.network == TaskNetwork::Isolated };
-    match (run_as, own.proc || own.network) {
-        (Some((uid, gid)), true) => match std::ffi::CString::new(workdir.as_os_str().as_encoded_bytes()) {
-            Ok(dir) => enter_then_switch(&mut cmd, own, Some((uid, gid, dir))),
-            Err(_) => {
+    let network = req.network == TaskNetwork::Isolated;
+    let own = Namespaces { proc: cleanup.user.is_some() && own_proc_works(), network };
+    match run_as {
+        // Root, or the worker's own user, could leave the namespace again (setns, ptrace).
+        None | Some((0, _)) if network => {
+            cleanup.finish().await;
+            return failed("an isolated network takes a task user (a worker running as root)".to_owned());
+        }
+        Some((uid, gid)) if own.proc || own.network => match Switch::new(uid, gid, &workdir, network) {
+            Some(switch) => enter_then_switch(&mut cmd, own, switch),
+            None => {
                 cleanup.finish().await;
                 return failed(format!("the work directory {} holds a NUL byte", workdir.display()));
             }
         },
         // std also drops the supplementary groups (setgroups(0)) when switching from root.
-        (Some((uid, gid)), false) => {
+        Some((uid, gid)) => {
             cmd.uid(uid).gid(gid);
         }
-        (None, true) => enter_then_switch(&mut cmd, own, None),
-        (None, false) => {}
+        None => {}
     }
     set_limits(&mut cmd, req.limits, run_as.is_some());
 
@@ -117,10 +121,15 @@ pub(crate) async fn run(
         Ok(c) => c,
         Err(e) => {
             cleanup.finish().await;
-            let hint = if run_as.is_some() && e.kind() == io::ErrorKind::PermissionDenied {
-                " (the work root must be traversable by the task user, e.g. mode 0711)"
-            } else {
-                ""
+            let hint = match (run_as.is_some() && e.kind() == io::ErrorKind::PermissionDenied, own.proc || own.network)
+            {
+                (true, false) => " (the work root must be traversable by the task user, e.g. mode 0711)",
+                (true, true) => {
+                    " (the work root must be traversable by the task user, e.g. mode 0711, and the worker allowed \
+                     to make the task's namespaces)"
+                }
+                (false, true) => " (while making the task's namespaces, or starting it)",
+                (false, false) => "",
             };
             return failed(format!("cannot start {program:?}: {e}{hint}"));
         }
@@ -199,35 +208,73 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
 /// The namespaces a task gets of its own.
 #[derive(Clone, Copy)]
 struct Namespaces {
-    /// A mount namespace with its own `/proc` ([`own_proc`]; only where [`own_proc_works`]).
+    /// A mount namespace with its own `/proc` ([`new_proc`]; only where [`own_proc_works`]).
     proc: bool,
-    /// A network namespace with only its own loopback ([`own_network`]).
+    /// A network namespace with only its own loopback ([`own_network`]), and a mount namespace
+    /// whose [`PRIVATE_DIRS`] are empty (the machine's Unix sockets live there).
     network: bool,
 }
 
-/// In the child, before the rlimits: the namespaces of `own`, then (with a `user`) the switch to
-/// `uid`/`gid` with no supplementary groups, and into `dir` again as that user (std changed into it
-/// as root).
+/// Folders an isolated task gets empty ones of its own in place of (a fresh `tmpfs` each, gone
+/// with the task): the Unix sockets of the machine's services (the database's, D-Bus, name
+/// lookups through systemd-resolved or nscd) live in them, and a Unix socket is not bound to a
+/// network namespace. The work directory, when it is inside one, is carried over into the new one.
+pub const PRIVATE_DIRS: [&str; 3] = ["/run", "/tmp", "/var/tmp"];
+
+/// What the child becomes after entering its namespaces, all made before the fork.
+struct Switch {
+    uid: u32,
+    gid: u32,
+    /// The work directory.
+    dir: std::ffi::CString,
+    /// For an isolated task whose work directory is inside one of [`PRIVATE_DIRS`]: the folders
+    /// to make in the new one, down to the work directory itself, where it is mounted again.
+    carried: Vec<std::ffi::CString>,
+}
+
+impl Switch {
+    /// `None` when a path holds a NUL byte.
+    fn new(uid: u32, gid: u32, workdir: &Path, network: bool) -> Option<Self> {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok();
+        let mut carried = vec![];
+        if network && let Some(top) = PRIVATE_DIRS.iter().map(Path::new).find(|d| workdir.starts_with(d)) {
+            let mut below: Vec<&Path> = workdir.ancestors().take_while(|a| *a != top).collect();
+            below.reverse();
+            carried = below.into_iter().map(c).collect::<Option<_>>()?;
+        }
+        Some(Self { uid, gid, dir: c(workdir)?, carried })
+    }
+}
+
+/// In the child, before the rlimits: the namespaces of `own`, then the switch to the user with no
+/// supplementary groups, and into the work directory again as that user (std changed into it as
+/// root).
 #[allow(unsafe_code)]
-fn enter_then_switch(cmd: &mut Command, own: Namespaces, user: Option<(u32, u32, std::ffi::CString)>) {
+fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
     // SAFETY: the closure runs in the forked child before exec. It calls only unshare(2), mount(2),
-    // socket(2), ioctl(2), close(2), setgroups(2), setgid(2), setuid(2) and chdir(2) through libc,
-    // with static C strings, a C string made before the fork, a zeroed struct on the stack and plain
-    // integers: no allocation, no lock, no state shared with the parent.
+    // open_tree(2), move_mount(2), mkdir(2), socket(2), ioctl(2), close(2), setgroups(2), setgid(2),
+    // setuid(2) and chdir(2) through libc, with static C strings, C strings made before the fork, a
+    // zeroed struct on the stack and plain integers: no allocation, no lock, no state shared with
+    // the parent.
     unsafe {
         cmd.pre_exec(move || {
             if own.network {
                 own_network()?;
             }
-            if own.proc {
-                own_proc()?;
+            if own.proc || own.network {
+                own_mounts()?;
             }
-            let Some((uid, gid, dir)) = &user else { return Ok(()) };
+            if own.proc {
+                new_proc()?;
+            }
+            if own.network {
+                private_dirs(&to.dir, &to.carried)?;
+            }
             use nix::libc;
             if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(*gid) != 0
-                || libc::setuid(*uid) != 0
-                || libc::chdir(dir.as_ptr()) != 0
+                || libc::setgid(to.gid) != 0
+                || libc::setuid(to.uid) != 0
+                || libc::chdir(to.dir.as_ptr()) != 0
             {
                 return Err(io::Error::last_os_error());
             }
@@ -270,11 +317,9 @@ fn own_network() -> io::Result<()> {
 }
 
 /// Enters a mount namespace of its own, which still receives the host's later mounts but sends
-/// none back, and mounts a new `/proc` with `hidepid=invisible` over the old one. Kernels before
-/// 5.8, where `/proc` options were shared by every mount of a pid namespace (the host's too),
-/// refuse `invisible` before changing anything.
+/// none back.
 #[allow(unsafe_code)]
-fn own_proc() -> io::Result<()> {
+fn own_mounts() -> io::Result<()> {
     use nix::libc;
     // SAFETY: plain system calls with static, NUL-terminated strings and null pointers where allowed.
     unsafe {
@@ -286,16 +331,100 @@ fn own_proc() -> io::Result<()> {
                 libc::MS_REC | libc::MS_SLAVE,
                 std::ptr::null(),
             ) != 0
-            || libc::mount(
-                c"proc".as_ptr(),
-                c"/proc".as_ptr(),
-                c"proc".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                c"hidepid=invisible".as_ptr().cast(),
-            ) != 0
         {
             return Err(io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// Mounts a new `/proc` with `hidepid=invisible` over the old one (in the task's own mount
+/// namespace). Kernels before 5.8, where `/proc` options were shared by every mount of a pid
+/// namespace (the host's too), refuse `invisible` before changing anything.
+#[allow(unsafe_code)]
+fn new_proc() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: a plain system call with static, NUL-terminated strings.
+    let mounted = unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"hidepid=invisible".as_ptr().cast(),
+        )
+    };
+    if mounted != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts an empty `tmpfs` over each of [`PRIVATE_DIRS`] that exists (in the task's own mount
+/// namespace). When the work directory `dir` is inside one, it is taken along first (a detached
+/// copy of its mount) and put back at the same path, after making the folders of `carried` (the
+/// path below the private folder, down to `dir`) in the new one.
+#[allow(unsafe_code)]
+fn private_dirs(dir: &std::ffi::CStr, carried: &[std::ffi::CString]) -> io::Result<()> {
+    use nix::libc;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let last = || io::Error::last_os_error();
+    // SAFETY: plain system calls with static or prepared NUL-terminated strings; the detached
+    // tree's descriptor is closed on every path.
+    unsafe {
+        let tree = if carried.is_empty() {
+            -1
+        } else {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                dir.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            );
+            if fd < 0 {
+                return Err(last());
+            }
+            fd as libc::c_int
+        };
+        let close = |e: io::Error| {
+            if tree >= 0 {
+                libc::close(tree);
+            }
+            Err(e)
+        };
+        for (path, mode) in [(c"/run", c"mode=0755"), (c"/tmp", c"mode=1777"), (c"/var/tmp", c"mode=1777")] {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV;
+            if libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, mode.as_ptr().cast()) != 0 {
+                let e = last();
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    return close(e);
+                }
+            }
+        }
+        if tree < 0 {
+            return Ok(());
+        }
+        for folder in carried {
+            if libc::mkdir(folder.as_ptr(), 0o711) != 0 {
+                let e = last();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return close(e);
+                }
+            }
+        }
+        let moved = libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dir.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        );
+        if moved != 0 {
+            return close(last());
+        }
+        libc::close(tree);
     }
     Ok(())
 }
@@ -306,11 +435,11 @@ const PROBE_DONE: i32 = nix::libc::ECHRNG;
 /// Tries `enter` in a child that stops with [`PROBE_DONE`] once it succeeded, so no program runs:
 /// `Ok` when it did, else why not.
 #[allow(unsafe_code)]
-fn probe(enter: fn() -> io::Result<()>) -> Result<(), String> {
+fn probe(mut enter: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> Result<(), String> {
     let mut probe = std::process::Command::new("/");
     probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: `enter` is one of this module's namespace functions, which make only system calls
-    // with static arguments (see `enter_then_switch`).
+    // SAFETY: `enter` calls this module's namespace functions, which make only system calls with
+    // static arguments or arguments made before the fork (see `enter_then_switch`).
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut probe, move || {
             enter()?;
@@ -324,11 +453,21 @@ fn probe(enter: fn() -> io::Result<()>) -> Result<(), String> {
     }
 }
 
-/// Whether this process can give process tasks a network of their own (see
-/// [`TaskNetwork::Isolated`]): it takes root, or `CAP_SYS_ADMIN`, and no seccomp profile refusing
-/// `unshare`. Tried in a child, so nothing changes here; `Err` says why not.
-pub fn check_network_isolation() -> Result<(), String> {
-    probe(own_network)
+/// Whether this process can give process tasks a network of their own, with [`PRIVATE_DIRS`] of
+/// their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
+/// root (`CAP_SYS_ADMIN`, with no seccomp profile refusing `unshare`), and Linux 5.2 when
+/// `work_root` is inside one of those folders. Tried in a child, exactly as a task would, so
+/// nothing changes here; `Err` says why not.
+///
+/// # Errors
+/// Why not, as the system said it.
+pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
+    let switch = Switch::new(0, 0, work_root, true).ok_or("the work root holds a NUL byte")?;
+    probe(move || {
+        own_network()?;
+        own_mounts()?;
+        private_dirs(&switch.dir, &switch.carried)
+    })
 }
 
 /// Whether this process may give tasks a `/proc` of their own (root with `CAP_SYS_ADMIN`, not
@@ -337,15 +476,20 @@ pub fn check_network_isolation() -> Result<(), String> {
 /// users see every process of the machine, and a warning says why.
 fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WORKS.get_or_init(|| match probe(own_proc) {
-        Ok(()) => true,
-        Err(why) => {
-            tracing::warn!(
-                error = %why,
-                "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN and Linux 5.8): a task \
-                 user can see the command lines of every process of the machine, other tasks' included"
-            );
-            false
+    *WORKS.get_or_init(|| {
+        match probe(|| {
+            own_mounts()?;
+            new_proc()
+        }) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    error = %why,
+                    "tasks cannot get a /proc of their own here (it takes CAP_SYS_ADMIN and Linux 5.8): a task \
+                     user can see the command lines of every process of the machine, other tasks' included"
+                );
+                false
+            }
         }
     })
 }
@@ -371,7 +515,15 @@ fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool) {
     }
 }
 
+#[allow(unsafe_code)]
 fn apply_limits(wanted: &[(Resource, Option<u64>)], other_user: bool) -> io::Result<()> {
+    // Descriptors the worker inherited without close-on-exec (from a supervisor or a wrapper; its
+    // own all have it) do not reach the task: a socket among them would be a way out of an
+    // isolated network. SAFETY: a plain system call. Linux before 5.11 refuses the flag, and then
+    // nothing changes.
+    unsafe {
+        nix::libc::syscall(nix::libc::SYS_close_range, 3, nix::libc::c_uint::MAX, nix::libc::CLOSE_RANGE_CLOEXEC);
+    }
     for &(resource, value) in wanted {
         if let Some(value) = value {
             let (_, hard) = getrlimit(resource)?;

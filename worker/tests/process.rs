@@ -129,6 +129,22 @@ async fn d21_sandbox_denies_worker_env_and_outside_writes() {
     assert!(!std::path::Path::new("/etc/sluice-escape").exists());
 }
 
+/// A descriptor the worker inherited without close-on-exec (from a supervisor or a wrapper) does
+/// not reach a task: a socket among them would be a way around the task's sandbox.
+#[tokio::test]
+async fn descriptors_the_worker_inherited_do_not_reach_tasks() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let root = TempDir::new("inherited");
+    let inherited = std::fs::File::open("/dev/null").expect("open");
+    nix::fcntl::fcntl(inherited.as_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).expect("fcntl");
+    let fd = inherited.as_raw_fd();
+    let script = format!("if [ -e /proc/$$/fd/{fd} ]; then echo inherited; else echo closed; fi");
+    let (res, lines) = run(shell(&script, &root)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), ["closed"], "{}", dump(&lines));
+    drop(inherited);
+}
+
 /// D22: two tasks with distinct uids cannot read each other's work directory.
 #[tokio::test]
 async fn d22_cross_task_workdir_denied() {

@@ -320,6 +320,14 @@ try:
     print("REACHED the machine's service")
 except OSError as e:
     print("the machine's service:", e.strerror)
+try:
+    socket.socket(socket.AF_UNIX).connect(sys.argv[2])
+    print("REACHED the machine's socket")
+except OSError as e:
+    print("the machine's socket:", e.strerror)
+import os
+print("work directory", "ok" if os.getcwd() == os.environ["SLUICE_WORKDIR"] and os.listdir(".") == ["sluice-output"] else "missing")
+print("/run holds", len(os.listdir("/run")))
 dev = open("/proc/net/dev").read().splitlines()[2:]
 print("interfaces", ",".join(sorted(line.split(":")[0].strip() for line in dev)))
 print("routes", len(open("/proc/net/route").read().splitlines()[1:]))
@@ -327,18 +335,35 @@ print("routes", len(open("/proc/net/route").read().splitlines()[1:]))
 
 /// `SLUICE_TASK_NETWORK=none`: a task user's network is its own loopback alone. A service on the
 /// machine's loopback (as the database and Redis may be) is out of reach, and there is no route
-/// anywhere else; with `host`, the same task reaches that service.
+/// anywhere else; nor is a Unix socket in the machine's `/tmp` (`/run`, `/tmp` and `/var/tmp` are
+/// empty ones of the task's own), while its work directory, inside `/tmp` here, is carried over.
+/// With `host`, the same task reaches both.
 #[tokio::test]
 async fn an_isolated_task_reaches_only_its_own_loopback() {
     let Some(_) = task_user("an_isolated_task_reaches_only_its_own_loopback") else { return };
-    sluice_worker::check_network_isolation().expect("a root worker can isolate networks");
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        eprintln!("note: an_isolated_task_reaches_only_its_own_loopback skipped: needs /usr/bin/python3");
+        return;
+    }
     let root = TempDir::new("network");
+    let work = root.path().join("work");
+    std::fs::create_dir(&work).expect("work root");
+    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711)).expect("chmod");
+    if let Err(e) = sluice_worker::check_network_isolation(&work) {
+        eprintln!("note: an_isolated_task_reaches_only_its_own_loopback skipped: {e}");
+        return;
+    }
     let pool = users(1_650_001_000, 1, &root);
     let service = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     service.set_nonblocking(true).expect("nonblocking");
     let port = service.local_addr().expect("address").port().to_string();
+    let socket_path = root.path().join("service.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&socket_path).expect("unix listener");
+    std::fs::set_permissions(&socket_path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    unix.set_nonblocking(true).expect("nonblocking");
+    let socket_path = socket_path.display().to_string();
     let probe = |network| {
-        let argv = ["python3", "-c", NETWORK_PROBE, &port].map(str::to_owned).to_vec();
+        let argv = ["python3", "-c", NETWORK_PROBE, &port, &socket_path].map(str::to_owned).to_vec();
         let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
         req.users = Some(pool.clone());
         req.network = network;
@@ -350,16 +375,43 @@ async fn an_isolated_task_reaches_only_its_own_loopback() {
     let out = texts(&lines, Stream::Stdout);
     assert_eq!(
         out,
-        ["own loopback x", "the machine's service: Connection refused", "interfaces lo", "routes 0"],
+        [
+            "own loopback x",
+            "the machine's service: Connection refused",
+            "the machine's socket: No such file or directory",
+            "work directory ok",
+            "/run holds 0",
+            "interfaces lo",
+            "routes 0"
+        ],
         "{}",
         dump(&lines)
     );
     assert!(service.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the service was reached");
+    assert!(unix.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the socket was reached");
 
     let (res, lines) = run(probe(TaskNetwork::Host)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
-    assert!(texts(&lines, Stream::Stdout).contains(&"REACHED the machine's service".to_owned()), "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    for reached in ["REACHED the machine's service", "REACHED the machine's socket", "work directory ok"] {
+        assert!(out.contains(&reached.to_owned()), "{}", dump(&lines));
+    }
     assert!(service.accept().is_ok(), "the host network's task did not connect");
+    assert!(unix.accept().is_ok(), "the host network's task did not reach the socket");
+}
+
+/// An isolated network is for a task user only: root, or the worker's own user, could leave it.
+#[tokio::test]
+async fn an_isolated_network_without_a_task_user_is_refused() {
+    let root = TempDir::new("network-no-user");
+    let mut req = TaskRequest::new(ExecAction::Shell("echo ran".into()), root.path().join("work"));
+    req.network = TaskNetwork::Isolated;
+    let (res, lines) = run(req).await;
+    match &res.outcome {
+        ExecOutcome::Failed { message, .. } => assert!(message.contains("takes a task user"), "{message}"),
+        other => panic!("{other:?}: {}", dump(&lines)),
+    }
+    assert!(!dump(&lines).contains("ran"));
 }
 
 #[test]

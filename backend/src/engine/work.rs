@@ -57,7 +57,7 @@ pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<San
             "SLUICE_TASK_NETWORK=none takes a worker running as root (which runs each process task as a \
              task user in a network of its own)"
         );
-        sluice_worker::check_network_isolation().map_err(|e| {
+        sluice_worker::check_network_isolation(&work_root).map_err(|e| {
             anyhow::anyhow!("SLUICE_TASK_NETWORK=none: this worker cannot give tasks a network of their own: {e}")
         })?;
     }

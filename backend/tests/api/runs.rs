@@ -711,27 +711,32 @@ async fn the_database_and_the_work_root_are_closed_to_other_users() {
 }
 
 /// `SLUICE_TASK_NETWORK=none` through the whole platform: a process task cannot reach a service on
-/// the machine's loopback (here the API server itself, as the database or Redis could be).
+/// the machine's loopback (here the API server itself, as the database or Redis could be), which
+/// the same task reaches with the default, `host`.
 #[actix_web::test]
 async fn with_task_network_none_a_task_reaches_no_service_of_the_machine() {
     if !sluice_worker::can_switch_users() {
         eprintln!("note: skipped: tasks get a network of their own only from a worker running as root");
         return;
     }
-    let app = spawn_app_with(|c| c.task_network = sluice_worker::TaskNetwork::Isolated).await;
-    let admin = app.signup(&slug("net")).await;
-    let port = app.base.rsplit(':').next().unwrap();
-    let yaml = format!(
-        r#"stages:
+    async fn probe(app: &TestApp) -> Value {
+        let admin = app.signup(&slug("net")).await;
+        let port = app.base.rsplit(':').next().unwrap();
+        let yaml = format!(
+            r#"stages:
   - id: s
     tasks:
       - id: probe
         run: ["/bin/bash", "-c", 'if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; then r=reached; else r=unreachable; fi; echo "api=$r" >> "$SLUICE_OUTPUT"']
 "#
-    );
-    assert_eq!(app.create_pipeline(&admin, "net", &yaml).await.status(), StatusCode::CREATED);
-    let run = start(&app, &admin, "net", json!({})).await;
-    let done = wait_run(&app, &admin, run["id"].as_str().unwrap(), 30).await;
-    assert_eq!(done["status"], "succeeded", "{done:#}");
-    assert_eq!(task_of(&done, "probe")["outputs"]["api"], "unreachable", "{done:#}");
+        );
+        assert_eq!(app.create_pipeline(&admin, "net", &yaml).await.status(), StatusCode::CREATED);
+        let run = start(app, &admin, "net", json!({})).await;
+        let done = wait_run(app, &admin, run["id"].as_str().unwrap(), 30).await;
+        assert_eq!(done["status"], "succeeded", "{done:#}");
+        task_of(&done, "probe")["outputs"]["api"].clone()
+    }
+    let isolated = spawn_app_with(|c| c.task_network = sluice_worker::TaskNetwork::Isolated).await;
+    assert_eq!(probe(&isolated).await, "unreachable");
+    assert_eq!(probe(&spawn_app().await).await, "reached");
 }
