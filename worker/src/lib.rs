@@ -19,10 +19,12 @@
 //!   or files, `RLIMIT_NPROC` counts this task's processes only, and once the attempt ends every process
 //!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
 //!   top of `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock` and `/dev/mqueue`, and its System V IPC objects,
-//!   are removed (see [`TaskUsers`]). The uids have no passwd entry: programs that look their user up
-//!   (`whoami`, `ssh`) cannot. Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also gets a
-//!   mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the command
-//!   lines of other tasks (a secret rendered into argv) or the worker's;
+//!   are removed (see [`TaskUsers`]). Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also
+//!   gets a mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the
+//!   command lines of other tasks (a secret rendered into argv) or the worker's; and, where it has a mount
+//!   namespace, its own `/etc/passwd` and `/etc/group` naming it [`TASK_USER_NAME`] (home: the work
+//!   directory), so programs that look their user up (`whoami`, `ssh`, `git`) find it. Elsewhere the uid has
+//!   no passwd entry, and they cannot;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task;
 //! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up, and empty
@@ -53,7 +55,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
-pub use process::{PRIVATE_DIRS, check_network_isolation, live_group_members};
+pub use process::{PRIVATE_DIRS, TASK_USER_NAME, check_network_isolation, live_group_members};
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 

@@ -103,7 +103,16 @@ pub(crate) async fn run(
             return failed("an isolated network takes a task user (a worker running as root)".to_owned());
         }
         Some((uid, gid)) if own.proc || own.network => match Switch::new(uid, gid, &workdir, network) {
-            Some(switch) => enter_then_switch(&mut cmd, own, switch),
+            Some(mut switch) => {
+                // A task user of the range is also named in the task's own `passwd` and `group`.
+                if cleanup.user.is_some() {
+                    match write_identity(&workdir, uid, gid) {
+                        Ok(identity) => switch.identity = identity,
+                        Err(e) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
+                    }
+                }
+                enter_then_switch(&mut cmd, own, switch)
+            }
             None => {
                 cleanup.finish().await;
                 return failed(format!("the work directory {} holds a NUL byte", workdir.display()));
@@ -230,6 +239,8 @@ struct Switch {
     /// For an isolated task whose work directory is inside one of [`PRIVATE_DIRS`]: the folders
     /// to make in the new one, down to the work directory itself, where it is mounted again.
     carried: Vec<std::ffi::CString>,
+    /// The `passwd` and `group` files mounted over the machine's (see [`write_identity`]).
+    identity: Option<(std::ffi::CString, std::ffi::CString)>,
 }
 
 impl Switch {
@@ -242,7 +253,7 @@ impl Switch {
             below.reverse();
             carried = below.into_iter().map(c).collect::<Option<_>>()?;
         }
-        Some(Self { uid, gid, dir: c(workdir)?, carried })
+        Some(Self { uid, gid, dir: c(workdir)?, carried, identity: None })
     }
 }
 
@@ -267,6 +278,10 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
             if own.proc {
                 new_proc()?;
             }
+            if let Some((passwd, group)) = &to.identity {
+                bind(passwd, c"/etc/passwd")?;
+                bind(group, c"/etc/group")?;
+            }
             if own.network {
                 private_dirs(&to.dir, &to.carried)?;
             }
@@ -281,6 +296,67 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
             Ok(())
         });
     }
+}
+
+/// The name a task user has inside its task (see [`write_identity`]).
+pub const TASK_USER_NAME: &str = "sluice-task";
+
+/// The folder, root's alone, beside a work directory that holds its task user's `passwd` and
+/// `group` (removed with the work directory).
+fn identity_dir(workdir: &Path) -> PathBuf {
+    let mut name = workdir.as_os_str().to_owned();
+    name.push(".users");
+    PathBuf::from(name)
+}
+
+/// Writes the machine's `/etc/passwd` and `/etc/group` with the task user added as
+/// [`TASK_USER_NAME`] (its home the work directory, its group of the same name), for the task's own
+/// mount namespace: programs that look their user up (`whoami`, `ssh`, `git`) find it. Entries of
+/// the machine with that name, uid or gid are left out. `None` where the machine has no such files
+/// or the path could not be written into them.
+fn write_identity(workdir: &Path, uid: u32, gid: u32) -> io::Result<Option<(std::ffi::CString, std::ffi::CString)>> {
+    let home = workdir.display().to_string();
+    let (passwd, group) = (Path::new("/etc/passwd"), Path::new("/etc/group"));
+    if !passwd.is_file() || !group.is_file() || home.contains([':', '\n']) {
+        return Ok(None);
+    }
+    // The machine's entries, less any with the name, or the id in field `id` (3rd: the uid or gid).
+    let others = |file: &Path, id: u32| -> io::Result<String> {
+        let id = id.to_string();
+        let text = std::fs::read_to_string(file)?;
+        let kept = text.lines().filter(|l| {
+            let mut fields = l.split(':');
+            fields.next() != Some(TASK_USER_NAME) && fields.nth(1) != Some(id.as_str())
+        });
+        Ok(kept.map(|l| format!("{l}\n")).collect())
+    };
+    let dir = identity_dir(workdir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let write = |name: &str, text: String| -> io::Result<std::ffi::CString> {
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
+        io::Write::write_all(&mut file, text.as_bytes())?;
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+    };
+    let passwd = write(
+        "passwd",
+        others(passwd, uid)? + &format!("{TASK_USER_NAME}:x:{uid}:{gid}:Sluice task:{home}:/bin/sh\n"),
+    )?;
+    let group = write("group", others(group, gid)? + &format!("{TASK_USER_NAME}:x:{gid}:\n"))?;
+    Ok(Some((passwd, group)))
+}
+
+/// Mounts the file `source` over `target` (in the task's own mount namespace).
+#[allow(unsafe_code)]
+fn bind(source: &std::ffi::CStr, target: &std::ffi::CStr) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: a plain system call with NUL-terminated strings made before the fork.
+    let mounted =
+        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if mounted != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Enters a network namespace of its own and brings its loopback up: the task can serve and reach
@@ -578,6 +654,7 @@ fn create_output_file(path: &Path, run_as: Option<(u32, u32)>) -> io::Result<()>
 /// retries. Root needs no permission to remove anything, and so never changes one: a path under a
 /// directory a task wrote could be swapped for a symlink meanwhile.
 fn remove_workdir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(identity_dir(dir));
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
         return;
     }

@@ -421,3 +421,34 @@ fn task_network_settings_are_host_or_none() {
     let e = TaskNetwork::parse("bridge").expect_err("unknown");
     assert!(e.contains("\"bridge\"") && e.contains("host") && e.contains("none"), "{e}");
 }
+
+/// Whether the worker may make namespaces for its tasks here (root with `CAP_SYS_ADMIN`).
+fn namespaces_work() -> bool {
+    sluice_worker::check_network_isolation(std::path::Path::new("/")).is_ok()
+}
+
+/// A task user is named in its own task: programs that look their user up find it, with the work
+/// directory as its home, while the machine's user database stays as it was.
+#[tokio::test]
+async fn a_task_user_has_a_name_and_a_home_in_its_task() {
+    let Some(_) = task_user("a_task_user_has_a_name_and_a_home_in_its_task") else { return };
+    let root = TempDir::new("identity");
+    let pool = users(1_650_001_100, 1, &root);
+    let before = std::fs::read_to_string("/etc/passwd").expect("passwd");
+    let script = r#"whoami; id -gn; getent passwd "$(id -u)" | cut -d: -f6; echo "work $SLUICE_WORKDIR"; grep -c root /etc/passwd; ls "$SLUICE_WORKDIR""#;
+    let (res, lines) = run(shell(script, &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    if !namespaces_work() {
+        eprintln!("note: a task user has no name where the worker cannot give tasks a mount namespace");
+        return;
+    }
+    assert_eq!(out[..2], ["sluice-task", "sluice-task"], "{}", dump(&lines));
+    assert_eq!(format!("work {}", out[2]), out[3], "the home is not the work directory: {}", dump(&lines));
+    assert_ne!(out[4], "0", "the machine's users are gone from the task's passwd");
+    assert_eq!(out[5], "sluice-output", "the user database shows in the work directory: {}", dump(&lines));
+    assert_eq!(std::fs::read_to_string("/etc/passwd").expect("passwd"), before);
+    // Nothing is left beside the work root's attempts.
+    let left: Vec<_> = std::fs::read_dir(root.path().join("work")).expect("work root").flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
