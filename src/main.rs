@@ -6,6 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_backend::{Application, Config, ConfigArgs, admin, auth::jwt, telemetry};
 
+mod init;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: multi-tenant task pipelines with approval gates")]
 struct Cli {
@@ -92,8 +94,16 @@ enum AuditCommand {
     },
 }
 
-#[actix_web::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The first process of a container stays its init, and runs sluice as its child.
+    if init::is_pid_1() {
+        return init::run();
+    }
+    init::unblock_signals();
+    actix_web::rt::System::new().block_on(start())
+}
+
+async fn start() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
-pub use process::{PRIVATE_DIRS, TASK_USER_NAME, check_network_isolation, live_group_members};
+pub use process::{PRIVATE_DIRS, TASK_USER_NAME, check_network_isolation, live_group_members, own_proc_works};
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 

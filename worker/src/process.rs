@@ -106,8 +106,10 @@ pub(crate) async fn run(
             Some(mut switch) => {
                 // A task user of the range is also named in the task's own `passwd` and `group`.
                 if cleanup.user.is_some() {
-                    match write_identity(&workdir, uid, gid) {
-                        Ok(identity) => switch.identity = identity,
+                    let dir = workdir.clone();
+                    match tokio::task::spawn_blocking(move || write_identity(&dir, uid, gid)).await {
+                        Ok(Ok(identity)) => switch.identity = identity,
+                        Ok(Err(e)) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
                         Err(e) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
                     }
                 }
@@ -278,9 +280,13 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
             if own.proc {
                 new_proc()?;
             }
-            if let Some((passwd, group)) = &to.identity {
-                bind(passwd, c"/etc/passwd")?;
-                bind(group, c"/etc/group")?;
+            // A name is a convenience: a task whose files cannot be mounted runs without one.
+            // nscd would answer from the machine's files instead, so its socket is hidden.
+            if let Some((passwd, group)) = &to.identity
+                && bind(passwd, c"/etc/passwd").is_ok()
+            {
+                let _ = bind(group, c"/etc/group");
+                let _ = hide(c"/run/nscd");
             }
             if own.network {
                 private_dirs(&to.dir, &to.carried)?;
@@ -315,35 +321,53 @@ fn identity_dir(workdir: &Path) -> PathBuf {
 /// the machine with that name, uid or gid are left out. `None` where the machine has no such files
 /// or the path could not be written into them.
 fn write_identity(workdir: &Path, uid: u32, gid: u32) -> io::Result<Option<(std::ffi::CString, std::ffi::CString)>> {
-    let home = workdir.display().to_string();
     let (passwd, group) = (Path::new("/etc/passwd"), Path::new("/etc/group"));
-    if !passwd.is_file() || !group.is_file() || home.contains([':', '\n']) {
+    let Some(home) = workdir.to_str().filter(|h| !h.contains([':', '\n'])) else { return Ok(None) };
+    if !passwd.is_file() || !group.is_file() {
         return Ok(None);
     }
-    // The machine's entries, less any with the name, or the id in field `id` (3rd: the uid or gid).
-    let others = |file: &Path, id: u32| -> io::Result<String> {
+    // The machine's entries (as bytes: a comment field need not be UTF-8), less any with the
+    // name, or with the id in the third field (the uid or gid).
+    let others = |file: &Path, id: u32| -> io::Result<Vec<u8>> {
         let id = id.to_string();
-        let text = std::fs::read_to_string(file)?;
-        let kept = text.lines().filter(|l| {
-            let mut fields = l.split(':');
-            fields.next() != Some(TASK_USER_NAME) && fields.nth(1) != Some(id.as_str())
-        });
-        Ok(kept.map(|l| format!("{l}\n")).collect())
+        let mut kept = vec![];
+        for line in std::fs::read(file)?.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let mut fields = line.split(|&b| b == b':');
+            if fields.next() != Some(TASK_USER_NAME.as_bytes()) && fields.nth(1) != Some(id.as_bytes()) {
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+        }
+        Ok(kept)
     };
     let dir = identity_dir(workdir);
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let write = |name: &str, text: String| -> io::Result<std::ffi::CString> {
+    let write = |name: &str, mut text: Vec<u8>, entry: String| -> io::Result<std::ffi::CString> {
+        text.extend_from_slice(entry.as_bytes());
         let path = dir.join(name);
         let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
-        io::Write::write_all(&mut file, text.as_bytes())?;
+        // Readable by the task whatever the worker's umask.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        io::Write::write_all(&mut file, &text)?;
         std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
     };
-    let passwd = write(
-        "passwd",
-        others(passwd, uid)? + &format!("{TASK_USER_NAME}:x:{uid}:{gid}:Sluice task:{home}:/bin/sh\n"),
-    )?;
-    let group = write("group", others(group, gid)? + &format!("{TASK_USER_NAME}:x:{gid}:\n"))?;
+    let passwd =
+        write("passwd", others(passwd, uid)?, format!("{TASK_USER_NAME}:x:{uid}:{gid}:Sluice task:{home}:/bin/sh\n"))?;
+    let group = write("group", others(group, gid)?, format!("{TASK_USER_NAME}:x:{gid}:\n"))?;
     Ok(Some((passwd, group)))
+}
+
+/// Mounts an empty, read-only `tmpfs` over the folder `dir` (in the task's own mount namespace).
+#[allow(unsafe_code)]
+fn hide(dir: &std::ffi::CStr) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: a plain system call with static, NUL-terminated strings.
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), dir.as_ptr(), c"tmpfs".as_ptr(), flags, std::ptr::null()) };
+    if mounted != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Mounts the file `source` over `target` (in the task's own mount namespace).
@@ -550,7 +574,7 @@ pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
 /// confined by a seccomp profile that refuses `unshare`, on Linux 5.8 or later): tried once, in a
 /// child that stops with [`PROBE_DONE`] once it has one, so no program runs. Where it may not, task
 /// users see every process of the machine, and a warning says why.
-fn own_proc_works() -> bool {
+pub fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WORKS.get_or_init(|| {
         match probe(|| {
@@ -593,6 +617,14 @@ fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool) {
 
 #[allow(unsafe_code)]
 fn apply_limits(wanted: &[(Resource, Option<u64>)], other_user: bool) -> io::Result<()> {
+    // A task starts with no signal blocked, whatever the worker's own mask (exec keeps it): a
+    // program that waits for SIGTERM or SIGINT gets them. SAFETY: a zeroed `sigset_t` on the
+    // stack, emptied, and plain system calls.
+    unsafe {
+        let mut none: nix::libc::sigset_t = std::mem::zeroed();
+        nix::libc::sigemptyset(&mut none);
+        nix::libc::sigprocmask(nix::libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
     // Descriptors the worker inherited without close-on-exec (from a supervisor or a wrapper; its
     // own all have it) do not reach the task: a socket among them would be a way out of an
     // isolated network. SAFETY: a plain system call. Linux before 5.11 refuses the flag, and then

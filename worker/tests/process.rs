@@ -483,3 +483,22 @@ async fn long_lines_split() {
     let lens: Vec<usize> = texts(&lines, Stream::Stdout).iter().map(String::len).collect();
     assert_eq!(lens, vec![65536, 65536, 65536, 200000 - 3 * 65536, 4]);
 }
+
+/// A task starts with no signal blocked, whatever the worker's thread had blocked (exec keeps the
+/// mask): a program waiting for SIGTERM gets it.
+#[test]
+fn a_task_starts_with_no_signal_blocked() {
+    let root = TempDir::new("sigmask");
+    let blocked = std::thread::spawn(move || {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        set.add(nix::sys::signal::Signal::SIGUSR1);
+        set.thread_block().expect("block");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let argv = ["grep", "SigBlk", "/proc/self/status"].map(str::to_owned).to_vec();
+        runtime.block_on(run(TaskRequest::new(ExecAction::Run(argv), root.path())))
+    });
+    let (res, lines) = blocked.join().expect("thread");
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), ["SigBlk:\t0000000000000000"], "{}", dump(&lines));
+}

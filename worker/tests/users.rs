@@ -422,11 +422,6 @@ fn task_network_settings_are_host_or_none() {
     assert!(e.contains("\"bridge\"") && e.contains("host") && e.contains("none"), "{e}");
 }
 
-/// Whether the worker may make namespaces for its tasks here (root with `CAP_SYS_ADMIN`).
-fn namespaces_work() -> bool {
-    sluice_worker::check_network_isolation(std::path::Path::new("/")).is_ok()
-}
-
 /// A task user is named in its own task: programs that look their user up find it, with the work
 /// directory as its home, while the machine's user database stays as it was.
 #[tokio::test]
@@ -439,14 +434,15 @@ async fn a_task_user_has_a_name_and_a_home_in_its_task() {
     let (res, lines) = run(shell(script, &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     let out = texts(&lines, Stream::Stdout);
-    if !namespaces_work() {
+    if !sluice_worker::own_proc_works() {
         eprintln!("note: a task user has no name where the worker cannot give tasks a mount namespace");
         return;
     }
-    assert_eq!(out[..2], ["sluice-task", "sluice-task"], "{}", dump(&lines));
-    assert_eq!(format!("work {}", out[2]), out[3], "the home is not the work directory: {}", dump(&lines));
-    assert_ne!(out[4], "0", "the machine's users are gone from the task's passwd");
-    assert_eq!(out[5], "sluice-output", "the user database shows in the work directory: {}", dump(&lines));
+    let line = |i: usize| out.get(i).cloned().unwrap_or_else(|| panic!("no line {i}: {}", dump(&lines)));
+    assert_eq!([line(0), line(1)], ["sluice-task", "sluice-task"], "{}", dump(&lines));
+    assert_eq!(format!("work {}", line(2)), line(3), "the home is not the work directory: {}", dump(&lines));
+    assert_ne!(line(4), "0", "the machine's users are gone from the task's passwd");
+    assert_eq!(line(5), "sluice-output", "the user database shows in the work directory: {}", dump(&lines));
     assert_eq!(std::fs::read_to_string("/etc/passwd").expect("passwd"), before);
     // Nothing is left beside the work root's attempts.
     let left: Vec<_> = std::fs::read_dir(root.path().join("work")).expect("work root").flatten().collect();
