@@ -3,11 +3,14 @@
 //! of its own, made with `unshare`).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use common::{RUN_TERMINAL, sign_up};
+use serde_json::json;
 
 /// `(pid, parent pid, state)` of every process of the machine.
 fn processes() -> Vec<(i32, i32, char)> {
@@ -92,55 +95,19 @@ async fn as_pid_1_sluice_reaps_what_its_tasks_leave_and_drains_on_sigterm() {
     let serving = children_of(init);
     assert_eq!(serving.len(), 1, "the init runs one sluice: {serving:?}");
 
-    let signup = json!({ "tenant_slug": "init", "tenant_name": "Init", "email": "init@example.com", "password": "init-password-1" });
-    client.post(format!("{base}/api/v1/signup")).json(&signup).send().await.unwrap();
-    let login: Value = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({ "email": "init@example.com", "password": "init-password-1" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
+    let api = sign_up(client, base).await;
     // Five processes leave the task; the worker kills them once the task ended, and they were
     // re-parented to the init.
     let definition = "stages:\n  - id: s\n    tasks:\n      - id: leave\n        shell: 'for i in 1 2 3 4 5; do setsid sleep 1000 & done; sleep 0.2'\n";
-    let r = client
-        .post(format!("{base}/api/v1/t/init/pipelines"))
-        .bearer_auth(&token)
-        .json(&json!({ "name": "leave", "definition": definition }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    let run: Value = client
-        .post(format!("{base}/api/v1/t/init/pipelines/leave/runs"))
-        .bearer_auth(&token)
-        .json(&json!({ "params": {} }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = run["id"].as_str().unwrap().to_owned();
+    api.create_pipeline("leave", definition).await;
+    let id = api.start("leave", json!({ "params": {} })).await;
     let started = Instant::now();
     loop {
-        let run: Value = client
-            .get(format!("{base}/api/v1/t/init/runs/{id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if run["status"] == "succeeded" {
+        let run = api.run(&id).await;
+        if RUN_TERMINAL.contains(&run["status"].as_str().unwrap()) {
+            assert_eq!(run["status"], "succeeded", "{run:#}");
             break;
         }
-        assert!(!["failed", "cancelled", "timed_out"].contains(&run["status"].as_str().unwrap()), "{run:#}");
         assert!(started.elapsed() < Duration::from_secs(60), "the run did not end: {run:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -530,7 +530,12 @@ pub async fn start(opts: Options) -> Setup {
     let client = Client::builder().build().unwrap();
     cluster.wait_ready(&client, 60).await;
     let workers = (0..opts.workers).map(|_| cluster.spawn_worker()).collect();
+    let api = sign_up(client, base).await;
+    Setup { cluster, api, workers }
+}
 
+/// Signs a new tenant up at `base` and logs its admin in.
+pub async fn sign_up(client: Client, base: String) -> Api {
     let tenant = format!("w{}", &Uuid::new_v4().simple().to_string()[..10]);
     let email = format!("admin@{tenant}.example");
     let r = client
@@ -548,8 +553,7 @@ pub async fn start(opts: Options) -> Setup {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.unwrap();
-    let api = Api { client, base, token: v["access_token"].as_str().unwrap().into(), tenant };
-    Setup { cluster, api, workers }
+    Api { client, base, token: v["access_token"].as_str().unwrap().into(), tenant }
 }
 
 /// A directory every user may write (tasks run as task users when the tests run as root), removed
