@@ -52,7 +52,7 @@ pub struct ConfigArgs {
     /// Trust X-Forwarded-For from a reverse proxy for the client address [default: false].
     #[arg(long, env = "SLUICE_TRUST_PROXY", global = true)]
     pub trust_proxy: Option<bool>,
-    /// How many tasks the embedded worker runs at once [default: 4].
+    /// How many tasks a worker (the embedded one or `sluice worker`) runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
     /// Most tasks of one tenant running at once across all workers; 0 for no limit [default: 64].
@@ -162,7 +162,7 @@ pub struct Config {
     pub log_format: String,
     /// Whether to trust X-Forwarded-For.
     pub trust_proxy: bool,
-    /// Concurrent tasks of the embedded worker.
+    /// Concurrent tasks of a worker (the embedded one or `sluice worker`).
     pub worker_slots: usize,
     /// Most tasks of one tenant running at once (0: no limit).
     pub tenant_max_running_tasks: usize,

@@ -191,7 +191,7 @@ pub enum TaskNetwork {
     /// itself on `127.0.0.1` and `::1` and nothing else, so not the machine's loopback services
     /// (the database, Redis), its networks, the cloud's metadata address or the internet. Its
     /// `/run`, `/tmp` and `/var/tmp` are empty ones of its own ([`PRIVATE_DIRS`]), since Unix
-    /// sockets are not bound to a network. It takes a task user ([`TaskRequest::users`] or
+    /// sockets with a path are not bound to a network. It takes a task user ([`TaskRequest::users`] or
     /// [`TaskRequest::run_as`], not root: root could leave the namespace again), from a worker that
     /// [can](check_network_isolation).
     Isolated,

@@ -228,8 +228,8 @@ struct Namespaces {
 
 /// Folders an isolated task gets empty ones of its own in place of (a fresh `tmpfs` each, gone
 /// with the task): the Unix sockets of the machine's services (the database's, D-Bus, name
-/// lookups through systemd-resolved or nscd) live in them, and a Unix socket is not bound to a
-/// network namespace. The work directory, when it is inside one, is carried over into the new one.
+/// lookups through systemd-resolved or nscd) live in them, and a Unix socket with a path is not
+/// bound to a network namespace (an abstract one is). The work directory, when it is inside one, is carried over into the new one.
 pub const PRIVATE_DIRS: [&str; 3] = ["/run", "/tmp", "/var/tmp"];
 
 /// What the child becomes after entering its namespaces, all made before the fork.
@@ -304,7 +304,8 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
     }
 }
 
-/// The name a task user has inside its task (see [`write_identity`]).
+/// The name a task user has inside its task: added to copies of `/etc/passwd` and `/etc/group`
+/// mounted over the machine's in the task's own mount namespace.
 pub const TASK_USER_NAME: &str = "sluice-task";
 
 /// The folder, root's alone, beside a work directory that holds its task user's `passwd` and
@@ -572,7 +573,7 @@ pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
 
 /// Whether this process may give tasks a `/proc` of their own (root with `CAP_SYS_ADMIN`, not
 /// confined by a seccomp profile that refuses `unshare`, on Linux 5.8 or later): tried once, in a
-/// child that stops with [`PROBE_DONE`] once it has one, so no program runs. Where it may not, task
+/// child that stops once it has one, before it would run anything. Where it may not, task
 /// users see every process of the machine, and a warning says why.
 pub fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
