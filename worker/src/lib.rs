@@ -19,7 +19,7 @@
 //!   or files, `RLIMIT_NPROC` counts this task's processes only, and once the attempt ends every process
 //!   of the uid is killed (also those that left the process group with `setsid`) and what it left at the
 //!   top of `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock` and `/dev/mqueue`, and its System V IPC objects,
-//!   are removed (see [`TaskUsers`]). Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also
+//!   are removed, and its kernel keyrings emptied (see [`TaskUsers`]). Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also
 //!   gets a mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the
 //!   command lines of other tasks (a secret rendered into argv) or the worker's; and, where it has a mount
 //!   namespace, its own `/etc/passwd` and `/etc/group` naming it [`TASK_USER_NAME`] (home: the work
@@ -34,7 +34,7 @@
 //! Known limits of this sandbox (no pid namespace, seccomp, landlock or cgroup isolation yet): with
 //! [`TaskNetwork::Host`] the task reaches whatever the machine does; it can read what the machine lets
 //! every user read (without a `/proc` of its own, other processes' command lines included), and files it leaves deeper in
-//! other world-writable folders, and the uid's kernel keyrings, stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
+//! other world-writable folders stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
 //! task user.
 
 mod http;

@@ -534,9 +534,9 @@ fn private_dirs(dir: &std::ffi::CStr, carried: &[std::ffi::CString]) -> io::Resu
 const PROBE_DONE: i32 = nix::libc::ECHRNG;
 
 /// Tries `enter` in a child that stops with [`PROBE_DONE`] once it succeeded, so no program runs:
-/// `Ok` when it did, else why not.
+/// `Ok` when it did, else why not. `enter` runs after fork: system calls only.
 #[allow(unsafe_code)]
-fn probe(mut enter: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> Result<(), String> {
+pub(crate) fn probe(mut enter: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> Result<(), String> {
     let mut probe = std::process::Command::new("/");
     probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: `enter` calls this module's namespace functions, which make only system calls with

@@ -235,15 +235,62 @@ fn release_blocking(uid: u32, lock: Option<File>) {
     }
 }
 
-/// Kills every process of `uid` and removes the entries it owns at the top of the shared temporary
-/// folders and its System V IPC objects.
+/// Kills every process of `uid`, removes the entries it owns at the top of the shared temporary
+/// folders and its System V IPC objects, and empties its kernel keyrings.
 fn purge(uid: u32) -> io::Result<()> {
     kill_all(uid)?;
     for dir in SHARED_TEMP {
         remove_owned(Path::new(dir), uid);
     }
     remove_ipc(uid);
-    Ok(())
+    clear_keyrings(uid)
+}
+
+/// Empties the kernel keyrings a uid keeps from one of its processes to the next (its user and
+/// user-session keyrings, and its persistent one): a task could leave a key there for the next task
+/// of the uid, another tenant's. Only the uid reaches them, so a child (forked, never exec'd)
+/// becomes the uid for this alone, once every process of the uid is gone. A kernel without keys
+/// has nothing to clear.
+#[allow(unsafe_code)]
+fn clear_keyrings(uid: u32) -> io::Result<()> {
+    crate::process::probe(move || {
+        use nix::libc;
+        const KEYCTL_CLEAR: libc::c_long = 7;
+        const KEYCTL_GET_PERSISTENT: libc::c_long = 22;
+        const KEY_SPEC_PROCESS_KEYRING: libc::c_long = -2;
+        const KEY_SPEC_USER_KEYRING: libc::c_long = -4;
+        const KEY_SPEC_USER_SESSION_KEYRING: libc::c_long = -5;
+        let absent = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP));
+        // SAFETY: plain system calls with integer arguments, in a child before it would exec.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // (No allocation after fork: a fixed array, 0 where the kernel keeps no persistent ring.)
+            let mut rings = [KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING, 0];
+            let persistent =
+                libc::syscall(libc::SYS_keyctl, KEYCTL_GET_PERSISTENT, -1 as libc::c_long, KEY_SPEC_PROCESS_KEYRING);
+            if persistent > 0 {
+                rings[2] = persistent;
+            } else {
+                let e = io::Error::last_os_error();
+                if !absent(&e) {
+                    return Err(e);
+                }
+            }
+            for ring in rings.into_iter().filter(|&r| r != 0) {
+                if libc::syscall(libc::SYS_keyctl, KEYCTL_CLEAR, ring) != 0 {
+                    let e = io::Error::last_os_error();
+                    if absent(&e) {
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| io::Error::other(format!("clearing the keyrings of uid {uid}: {e}")))
 }
 
 /// SIGKILLs every live process whose real, effective or saved uid is `uid`, until none is left

@@ -448,3 +448,46 @@ async fn a_task_user_has_a_name_and_a_home_in_its_task() {
     let left: Vec<_> = std::fs::read_dir(root.path().join("work")).expect("work root").flatten().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Adds a key to the task user's own keyring, or looks for it there (`add` or `find`).
+const KEYRING_PROBE: &str = r#"
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_add_key, SYS_keyctl, KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING = 248, 250, 10, -4
+if sys.argv[1] == "add":
+    secret = b"tenant-a-secret"
+    ok = libc.syscall(SYS_add_key, b"user", b"left-behind", secret, len(secret), KEY_SPEC_USER_KEYRING) > 0
+    print("added" if ok else f"add failed {ctypes.get_errno()}")
+else:
+    found = libc.syscall(SYS_keyctl, KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING, b"user", b"left-behind", 0) > 0
+    print("FOUND the key" if found else "not found")
+"#;
+
+/// A key a task leaves in its uid's keyring (the kernel keeps it from one process of the uid to
+/// the next) is gone before the next task of that uid, maybe another tenant's, starts.
+#[tokio::test]
+async fn a_key_left_in_the_uids_keyring_does_not_reach_the_next_task() {
+    let Some(_) = task_user("a_key_left_in_the_uids_keyring_does_not_reach_the_next_task") else { return };
+    if !std::path::Path::new("/usr/bin/python3").exists() || cfg!(not(target_arch = "x86_64")) {
+        eprintln!("note: a_key_left_in_the_uids_keyring_does_not_reach_the_next_task skipped: x86_64 with python3");
+        return;
+    }
+    let root = TempDir::new("keyring");
+    let pool = users(1_650_001_200, 1, &root);
+    let probe = |what: &str| {
+        let argv = ["python3", "-c", KEYRING_PROBE, what].map(str::to_owned).to_vec();
+        let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
+        req.users = Some(pool.clone());
+        req
+    };
+    let (res, lines) = run(probe("add")).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    if texts(&lines, Stream::Stdout).first().is_some_and(|l| l.starts_with("add failed")) {
+        eprintln!("note: skipped: this kernel keeps no keys ({})", dump(&lines));
+        return;
+    }
+    assert_eq!(texts(&lines, Stream::Stdout), ["added"], "{}", dump(&lines));
+    let (res, lines) = run(probe("find")).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(texts(&lines, Stream::Stdout), ["not found"], "{}", dump(&lines));
+}
