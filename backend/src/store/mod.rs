@@ -122,13 +122,25 @@ impl Store {
         self.backend
     }
 
-    /// Begins a write transaction.
+    /// Begins a write transaction. On SQLite it is `BEGIN IMMEDIATE`: it takes the database's
+    /// write lock at once, waiting for it (the busy timeout) while a transaction dropped a moment
+    /// ago is still being rolled back on its connection (a drop only queues the rollback). A
+    /// deferred one would read first and then fail at its first write with "database is
+    /// locked": SQLite does not wait when a reading transaction asks for the write lock.
     pub async fn write(&self) -> Result<WriteTxn, DbErr> {
         let guard = match &self.write_lock {
             Some(lock) => Some(lock.clone().lock_owned().await),
             None => None,
         };
-        let txn = self.db.begin().await?;
+        let txn = if self.backend == DbBackend::Sqlite {
+            let options = sea_orm::TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            };
+            self.db.begin_with_options(options).await?
+        } else {
+            self.db.begin().await?
+        };
         Ok(WriteTxn { txn, _guard: guard })
     }
 
