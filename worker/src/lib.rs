@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
-pub use process::{PRIVATE_DIRS, TASK_USER_NAME, check_network_isolation, live_group_members, own_proc_works};
+pub use process::{TASK_USER_NAME, check_network_isolation, live_group_members, own_proc_works};
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 
@@ -190,7 +190,7 @@ pub enum TaskNetwork {
     /// A network namespace of the task's own with only its loopback up (`none`): the task reaches
     /// itself on `127.0.0.1` and `::1` and nothing else, so not the machine's loopback services
     /// (the database, Redis), its networks, the cloud's metadata address or the internet. Its
-    /// `/run`, `/tmp` and `/var/tmp` are empty ones of its own ([`PRIVATE_DIRS`]), since Unix
+    /// `/run`, `/tmp` and `/var/tmp` are empty ones of its own, since Unix
     /// sockets with a path are not bound to a network. It takes a task user ([`TaskRequest::users`] or
     /// [`TaskRequest::run_as`], not root: root could leave the namespace again), from a worker that
     /// [can](check_network_isolation).

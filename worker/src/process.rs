@@ -107,9 +107,9 @@ pub(crate) async fn run(
                 // A task user of the range is also named in the task's own `passwd` and `group`.
                 if cleanup.user.is_some() {
                     let dir = workdir.clone();
-                    match tokio::task::spawn_blocking(move || write_identity(&dir, uid, gid)).await {
-                        Ok(Ok(identity)) => switch.identity = identity,
-                        Ok(Err(e)) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
+                    let written = tokio::task::spawn_blocking(move || write_identity(&dir, uid, gid)).await;
+                    match written.map_err(io::Error::other).and_then(|w| w) {
+                        Ok(identity) => switch.identity = identity,
                         Err(e) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
                     }
                 }
@@ -229,8 +229,26 @@ struct Namespaces {
 /// Folders an isolated task gets empty ones of its own in place of (a fresh `tmpfs` each, gone
 /// with the task): the Unix sockets of the machine's services (the database's, D-Bus, name
 /// lookups through systemd-resolved or nscd) live in them, and a Unix socket with a path is not
-/// bound to a network namespace (an abstract one is). The work directory, when it is inside one, is carried over into the new one.
-pub const PRIVATE_DIRS: [&str; 3] = ["/run", "/tmp", "/var/tmp"];
+/// bound to a network namespace (an abstract one is). The work directory, when it is inside one, is
+/// carried over into the new one. Each with the options of its `tmpfs`.
+const PRIVATE_DIRS: [(&std::ffi::CStr, &std::ffi::CStr); 3] =
+    [(c"/run", c"mode=0755"), (c"/tmp", c"mode=1777"), (c"/var/tmp", c"mode=1777")];
+
+/// `path` as a C string (`None` when it holds a NUL byte).
+fn c_path(path: &Path) -> Option<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()
+}
+
+/// For a work directory inside one of [`PRIVATE_DIRS`]: the folders below that one down to the
+/// work directory itself, to make in the new one (empty elsewhere; `None` for a NUL byte).
+fn carried_folders(workdir: &Path) -> Option<Vec<std::ffi::CString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let private = PRIVATE_DIRS.iter().map(|(dir, _)| Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes())));
+    let Some(top) = private.into_iter().find(|d| workdir.starts_with(d)) else { return Some(vec![]) };
+    let mut below: Vec<&Path> = workdir.ancestors().take_while(|a| *a != top).collect();
+    below.reverse();
+    below.into_iter().map(c_path).collect()
+}
 
 /// What the child becomes after entering its namespaces, all made before the fork.
 struct Switch {
@@ -248,14 +266,8 @@ struct Switch {
 impl Switch {
     /// `None` when a path holds a NUL byte.
     fn new(uid: u32, gid: u32, workdir: &Path, network: bool) -> Option<Self> {
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok();
-        let mut carried = vec![];
-        if network && let Some(top) = PRIVATE_DIRS.iter().map(Path::new).find(|d| workdir.starts_with(d)) {
-            let mut below: Vec<&Path> = workdir.ancestors().take_while(|a| *a != top).collect();
-            below.reverse();
-            carried = below.into_iter().map(c).collect::<Option<_>>()?;
-        }
-        Some(Self { uid, gid, dir: c(workdir)?, carried, identity: None })
+        let carried = if network { carried_folders(workdir)? } else { vec![] };
+        Some(Self { uid, gid, dir: c_path(workdir)?, carried, identity: None })
     }
 }
 
@@ -291,17 +303,25 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
             if own.network {
                 private_dirs(&to.dir, &to.carried)?;
             }
-            use nix::libc;
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(to.gid) != 0
-                || libc::setuid(to.uid) != 0
-                || libc::chdir(to.dir.as_ptr()) != 0
-            {
+            become_user(to.uid, to.gid)?;
+            if nix::libc::chdir(to.dir.as_ptr()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
+}
+
+/// In a forked child (system calls only): drops the supplementary groups, then becomes
+/// `gid` and `uid`.
+#[allow(unsafe_code)]
+pub(crate) fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls with integer arguments and a null pointer (no groups).
+    if unsafe { libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 } {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The name a task user has inside its task: added to copies of `/etc/passwd` and `/etc/group`
@@ -494,7 +514,7 @@ fn private_dirs(dir: &std::ffi::CStr, carried: &[std::ffi::CString]) -> io::Resu
             }
             Err(e)
         };
-        for (path, mode) in [(c"/run", c"mode=0755"), (c"/tmp", c"mode=1777"), (c"/var/tmp", c"mode=1777")] {
+        for (path, mode) in PRIVATE_DIRS {
             let flags = libc::MS_NOSUID | libc::MS_NODEV;
             if libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, mode.as_ptr().cast()) != 0 {
                 let e = last();
@@ -530,32 +550,33 @@ fn private_dirs(dir: &std::ffi::CStr, carried: &[std::ffi::CString]) -> io::Resu
     Ok(())
 }
 
-/// The error a probe's child returns once it has what was probed, before it would run anything.
-const PROBE_DONE: i32 = nix::libc::ECHRNG;
+/// The error a child of [`in_child`] returns once its work is done, before it would run anything.
+const CHILD_DONE: i32 = nix::libc::ECHRNG;
 
-/// Tries `enter` in a child that stops with [`PROBE_DONE`] once it succeeded, so no program runs:
-/// `Ok` when it did, else why not. `enter` runs after fork: system calls only.
+/// Runs `work` in a forked child that stops with [`CHILD_DONE`] once it succeeded, so no program
+/// runs and nothing changes in this process: `Ok` when it did, else why not. `work` runs after
+/// fork: system calls only.
 #[allow(unsafe_code)]
-pub(crate) fn probe(mut enter: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> Result<(), String> {
-    let mut probe = std::process::Command::new("/");
-    probe.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: `enter` calls this module's namespace functions, which make only system calls with
-    // static arguments or arguments made before the fork (see `enter_then_switch`).
+pub(crate) fn in_child(mut work: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> Result<(), String> {
+    let mut child = std::process::Command::new("/");
+    child.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: `work` makes only system calls, with static arguments or arguments made before the
+    // fork (see `enter_then_switch`).
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut probe, move || {
-            enter()?;
-            Err(io::Error::from_raw_os_error(PROBE_DONE))
+        std::os::unix::process::CommandExt::pre_exec(&mut child, move || {
+            work()?;
+            Err(io::Error::from_raw_os_error(CHILD_DONE))
         });
     }
-    match probe.status() {
-        Err(e) if e.raw_os_error() == Some(PROBE_DONE) => Ok(()),
+    match child.status() {
+        Err(e) if e.raw_os_error() == Some(CHILD_DONE) => Ok(()),
         Err(e) => Err(e.to_string()),
-        Ok(status) => Err(format!("the probe ended with {status}")),
+        Ok(status) => Err(format!("the child ended with {status}")),
     }
 }
 
-/// Whether this process can give process tasks a network of their own, with [`PRIVATE_DIRS`] of
-/// their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
+/// Whether this process can give process tasks a network of their own, with `/run`, `/tmp` and
+/// `/var/tmp` of their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
 /// root (`CAP_SYS_ADMIN`, with no seccomp profile refusing `unshare`), and Linux 5.2 when
 /// `work_root` is inside one of those folders. Tried in a child, exactly as a task would, so
 /// nothing changes here; `Err` says why not.
@@ -563,11 +584,12 @@ pub(crate) fn probe(mut enter: impl FnMut() -> io::Result<()> + Send + Sync + 's
 /// # Errors
 /// Why not, as the system said it.
 pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
-    let switch = Switch::new(0, 0, work_root, true).ok_or("the work root holds a NUL byte")?;
-    probe(move || {
+    let nul = "the work root holds a NUL byte";
+    let (dir, carried) = (c_path(work_root).ok_or(nul)?, carried_folders(work_root).ok_or(nul)?);
+    in_child(move || {
         own_network()?;
         own_mounts()?;
-        private_dirs(&switch.dir, &switch.carried)
+        private_dirs(&dir, &carried)
     })
 }
 
@@ -578,7 +600,7 @@ pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
 pub fn own_proc_works() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WORKS.get_or_init(|| {
-        match probe(|| {
+        match in_child(|| {
             own_mounts()?;
             new_proc()
         }) {

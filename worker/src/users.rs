@@ -253,7 +253,7 @@ fn purge(uid: u32) -> io::Result<()> {
 /// has nothing to clear.
 #[allow(unsafe_code)]
 fn clear_keyrings(uid: u32) -> io::Result<()> {
-    crate::process::probe(move || {
+    crate::process::in_child(move || {
         use nix::libc;
         const KEYCTL_CLEAR: libc::c_long = 7;
         const KEYCTL_GET_PERSISTENT: libc::c_long = 22;
@@ -261,11 +261,9 @@ fn clear_keyrings(uid: u32) -> io::Result<()> {
         const KEY_SPEC_USER_KEYRING: libc::c_long = -4;
         const KEY_SPEC_USER_SESSION_KEYRING: libc::c_long = -5;
         let absent = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP));
+        crate::process::become_user(uid, uid)?;
         // SAFETY: plain system calls with integer arguments, in a child before it would exec.
         unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                return Err(io::Error::last_os_error());
-            }
             // (No allocation after fork: a fixed array, 0 where the kernel keeps no persistent ring.)
             let mut rings = [KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING, 0];
             let persistent =
