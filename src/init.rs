@@ -4,9 +4,8 @@
 //! (what a worker kills after a task, when the task's processes had left it), and ends with its
 //! child's status. Without it, each of those would stay a zombie for good.
 
-use std::process::ExitCode;
-
 use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
 
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;

@@ -24,6 +24,23 @@ fn shell(script: &str, root: &TempDir, users: &Arc<TaskUsers>) -> TaskRequest {
     req
 }
 
+/// Whether `python3` is on the machine; when not, says that `test` is skipped.
+fn has_python3(test: &str) -> bool {
+    let found = std::process::Command::new("python3").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("note: {test} skipped: needs python3");
+    }
+    found
+}
+
+/// A task running the Python `program` with `args`, as a task user of `users`, in `root`'s work folder.
+fn python(program: &str, args: &[&str], root: &TempDir, users: &Arc<TaskUsers>) -> TaskRequest {
+    let argv = ["python3", "-c", program].iter().chain(args).map(|a| (*a).to_owned()).collect();
+    let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
+    req.users = Some(users.clone());
+    req
+}
+
 /// Waits for a line starting with `prefix` and returns it.
 async fn line_after(rx: &mut mpsc::Receiver<LogLine>, prefix: &str) -> LogLine {
     loop {
@@ -256,8 +273,7 @@ async fn a_task_user_sees_only_its_own_processes() {
 #[tokio::test]
 async fn a_process_running_on_past_its_first_thread_dies_with_its_task() {
     let Some(_) = task_user("a_process_running_on_past_its_first_thread_dies_with_its_task") else { return };
-    if std::process::Command::new("python3").arg("-V").output().is_err() {
-        eprintln!("note: skipped: no python3 to start threads with");
+    if !has_python3("a_process_running_on_past_its_first_thread_dies_with_its_task") {
         return;
     }
     let root = TempDir::new("threads");
@@ -341,8 +357,7 @@ print("routes", len(open("/proc/net/route").read().splitlines()[1:]))
 #[tokio::test]
 async fn an_isolated_task_reaches_only_its_own_loopback() {
     let Some(_) = task_user("an_isolated_task_reaches_only_its_own_loopback") else { return };
-    if !std::path::Path::new("/usr/bin/python3").exists() {
-        eprintln!("note: an_isolated_task_reaches_only_its_own_loopback skipped: needs /usr/bin/python3");
+    if !has_python3("an_isolated_task_reaches_only_its_own_loopback") {
         return;
     }
     let root = TempDir::new("network");
@@ -363,9 +378,7 @@ async fn an_isolated_task_reaches_only_its_own_loopback() {
     unix.set_nonblocking(true).expect("nonblocking");
     let socket_path = socket_path.display().to_string();
     let probe = |network| {
-        let argv = ["python3", "-c", NETWORK_PROBE, &port, &socket_path].map(str::to_owned).to_vec();
-        let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
-        req.users = Some(pool.clone());
+        let mut req = python(NETWORK_PROBE, &[&port, &socket_path], &root, &pool);
         req.network = network;
         req
     };
@@ -468,18 +481,13 @@ else:
 #[tokio::test]
 async fn a_key_left_in_the_uids_keyring_does_not_reach_the_next_task() {
     let Some(_) = task_user("a_key_left_in_the_uids_keyring_does_not_reach_the_next_task") else { return };
-    if !std::path::Path::new("/usr/bin/python3").exists() || cfg!(not(target_arch = "x86_64")) {
-        eprintln!("note: a_key_left_in_the_uids_keyring_does_not_reach_the_next_task skipped: x86_64 with python3");
+    if cfg!(not(target_arch = "x86_64")) || !has_python3("a_key_left_in_the_uids_keyring_does_not_reach_the_next_task")
+    {
         return;
     }
     let root = TempDir::new("keyring");
     let pool = users(1_650_001_200, 1, &root);
-    let probe = |what: &str| {
-        let argv = ["python3", "-c", KEYRING_PROBE, what].map(str::to_owned).to_vec();
-        let mut req = TaskRequest::new(ExecAction::Run(argv), root.path().join("work"));
-        req.users = Some(pool.clone());
-        req
-    };
+    let probe = |what: &str| python(KEYRING_PROBE, &[what], &root, &pool);
     let (res, lines) = run(probe("add")).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     if texts(&lines, Stream::Stdout).first().is_some_and(|l| l.starts_with("add failed")) {
