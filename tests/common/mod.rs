@@ -556,15 +556,21 @@ pub async fn sign_up(client: Client, base: String) -> Api {
     Api { client, base, token: v["access_token"].as_str().unwrap().into(), tenant }
 }
 
-/// A directory every user may write (tasks run as task users when the tests run as root), removed
-/// when dropped. Each attempt has a uid of its own: a file that later attempts write to must be
+/// A directory every user may write (tasks run as task users when the tests run as root) and see
+/// (it is not in `/tmp`), removed when dropped. Each attempt has a uid of its own: a file that later attempts write to must be
 /// created writable for all (`umask 0`).
 pub struct SharedDir(pub PathBuf);
 
 impl SharedDir {
     pub fn new(name: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", Uuid::new_v4().simple()));
+        // `/tmp`, `/var/tmp` and `/dev/shm` are a task's own where a task user gets a mount
+        // namespace: as root, a folder of the machine's outside them.
+        let root = PathBuf::from("/var/lib/sluice-tests");
+        let made = std::fs::create_dir_all(&root)
+            .and_then(|()| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711)));
+        let root = if made.is_ok() { root } else { std::env::temp_dir() };
+        let dir = root.join(format!("sluice-{name}-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         Self(dir)

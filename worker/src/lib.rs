@@ -22,13 +22,14 @@
 //!   are removed, and its kernel keyrings emptied (see [`TaskUsers`]). Where the worker may (root with `CAP_SYS_ADMIN`, Linux 5.8), the task also
 //!   gets a mount namespace whose `/proc` has `hidepid=invisible`: it sees its own processes only, so not the
 //!   command lines of other tasks (a secret rendered into argv) or the worker's; and, where it has a mount
-//!   namespace, its own `/etc/passwd` and `/etc/group` naming it [`TASK_USER_NAME`] (home: the work
-//!   directory), so programs that look their user up (`whoami`, `ssh`, `git`) find it. Elsewhere the uid has
-//!   no passwd entry, and they cannot;
+//!   namespace, its own `/tmp` and `/var/tmp` (folders beside its work directory) and `/dev/shm` (a fresh
+//!   `tmpfs`), so no task running at the same time sees what it leaves there, and its own `/etc/passwd` and
+//!   `/etc/group` naming it [`TASK_USER_NAME`] (home: the work directory), so programs that look their user
+//!   up (`whoami`, `ssh`, `git`) find it. Elsewhere the uid has no passwd entry, and they cannot;
 //! * else, when [`TaskRequest::run_as`] is set, setgid/setuid to it, supplementary groups dropped;
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task;
 //! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up, and empty
-//!   `/run`, `/tmp` and `/var/tmp` of its own (where the machine's Unix sockets are);
+//!   `/run`, `/tmp`, `/var/tmp` and `/dev/shm` of its own (where the machine's Unix sockets are);
 //! * descriptors the worker inherited without close-on-exec are closed (Linux 5.11).
 //!
 //! Known limits of this sandbox (no pid namespace, seccomp, landlock or cgroup isolation yet): with
@@ -190,7 +191,7 @@ pub enum TaskNetwork {
     /// A network namespace of the task's own with only its loopback up (`none`): the task reaches
     /// itself on `127.0.0.1` and `::1` and nothing else, so not the machine's loopback services
     /// (the database, Redis), its networks, the cloud's metadata address or the internet. Its
-    /// `/run`, `/tmp` and `/var/tmp` are empty ones of its own, since Unix
+    /// `/run`, `/tmp`, `/var/tmp` and `/dev/shm` are empty ones of its own, since Unix
     /// sockets with a path are not bound to a network. It takes a task user ([`TaskRequest::users`] or
     /// [`TaskRequest::run_as`], not root: root could leave the namespace again), from a worker that
     /// [can](check_network_isolation).

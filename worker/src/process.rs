@@ -104,13 +104,20 @@ pub(crate) async fn run(
         }
         Some((uid, gid)) if own.proc || own.network => match Switch::new(uid, gid, &workdir, network) {
             Some(mut switch) => {
-                // A task user of the range is also named in the task's own `passwd` and `group`.
-                if cleanup.user.is_some() {
-                    let dir = workdir.clone();
-                    let written = tokio::task::spawn_blocking(move || write_identity(&dir, uid, gid)).await;
-                    match written.map_err(io::Error::other).and_then(|w| w) {
-                        Ok(identity) => switch.identity = identity,
-                        Err(e) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
+                // Its own temporary folders, and for a task user of the range its name in its own
+                // `passwd` and `group`.
+                let (dir, named) = (workdir.clone(), cleanup.user.is_some());
+                let made = tokio::task::spawn_blocking(move || {
+                    make_sandbox_dir(&dir).map(|()| named.then(|| write_identity(&dir, uid, gid)))
+                })
+                .await;
+                match made.map_err(io::Error::other).and_then(|m| m) {
+                    Ok(None) => {}
+                    Ok(Some(Ok(identity))) => switch.identity = identity,
+                    Ok(Some(Err(e))) => sink.system(&format!("the task user has no passwd entry here: {e}")).await,
+                    Err(e) => {
+                        cleanup.finish().await;
+                        return failed(format!("cannot make the task's own temporary folders: {e}"));
                     }
                 }
                 enter_then_switch(&mut cmd, own, switch)
@@ -219,31 +226,53 @@ fn status_outcome(status: io::Result<ExitStatus>) -> ExecOutcome {
 /// The namespaces a task gets of its own.
 #[derive(Clone, Copy)]
 struct Namespaces {
-    /// A mount namespace with its own `/proc` ([`new_proc`]; only where [`own_proc_works`]).
+    /// A mount namespace with its own `/proc` ([`new_proc`]; only where [`own_proc_works`]) and
+    /// its own temporary folders ([`PRIVATE_DIRS`]).
     proc: bool,
     /// A network namespace with only its own loopback ([`own_network`]), and a mount namespace
-    /// whose [`PRIVATE_DIRS`] are empty (the machine's Unix sockets live there).
+    /// whose [`PRIVATE_DIRS`] are its own, `/run` included (the machine's Unix sockets live there).
     network: bool,
 }
 
-/// Folders an isolated task gets empty ones of its own in place of (a fresh `tmpfs` each, gone
-/// with the task): the Unix sockets of the machine's services (the database's, D-Bus, name
-/// lookups through systemd-resolved or nscd) live in them, and a Unix socket with a path is not
-/// bound to a network namespace (an abstract one is). The work directory, when it is inside one, is
-/// carried over into the new one. Each with the options of its `tmpfs`.
-const PRIVATE_DIRS: [(&std::ffi::CStr, &std::ffi::CStr); 3] =
-    [(c"/run", c"mode=0755"), (c"/tmp", c"mode=1777"), (c"/var/tmp", c"mode=1777")];
+/// What a task's own folder in place of the machine's is.
+#[derive(Clone, Copy)]
+enum Backing {
+    /// The folder of this name in the task's [`sandbox_dir`], on the disk of the work root (what a
+    /// task writes to `/tmp` can be large: it should not take memory).
+    Disk(&'static str),
+    /// A fresh `tmpfs` with these options (in memory, as the machine's own is).
+    Memory(&'static std::ffi::CStr),
+}
+
+/// Folders a task with a mount namespace of its own gets empty ones of its own in place of, gone
+/// with the task: no other task, running at the same time or later, sees what it leaves there, and
+/// it sees nothing of theirs. `/run` only for an isolated task (a task on the machine's network may
+/// need what is there, such as the resolver's configuration): the Unix sockets of the machine's
+/// services (the database's, D-Bus, name lookups through systemd-resolved or nscd) live in these
+/// folders, and a Unix socket with a path is not bound to a network namespace (an abstract one is).
+/// The work directory, when it is inside one, is carried over into the new one. Each with whether
+/// only an isolated task gets it.
+const PRIVATE_DIRS: [(&std::ffi::CStr, Backing, bool); 4] = [
+    (c"/tmp", Backing::Disk("tmp"), false),
+    (c"/var/tmp", Backing::Disk("var-tmp"), false),
+    (c"/dev/shm", Backing::Memory(c"mode=1777"), false),
+    (c"/run", Backing::Memory(c"mode=0755"), true),
+];
 
 /// `path` as a C string (`None` when it holds a NUL byte).
 fn c_path(path: &Path) -> Option<std::ffi::CString> {
     std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()
 }
 
-/// For a work directory inside one of [`PRIVATE_DIRS`]: the folders below that one down to the
-/// work directory itself, to make in the new one (empty elsewhere; `None` for a NUL byte).
-fn carried_folders(workdir: &Path) -> Option<Vec<std::ffi::CString>> {
+/// For a work directory inside one of [`PRIVATE_DIRS`] (of an isolated task, when `isolated`): the
+/// folders below that one down to the work directory itself, to make in the new one (empty
+/// elsewhere; `None` for a NUL byte).
+fn carried_folders(workdir: &Path, isolated: bool) -> Option<Vec<std::ffi::CString>> {
     use std::os::unix::ffi::OsStrExt;
-    let private = PRIVATE_DIRS.iter().map(|(dir, _)| Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes())));
+    let private = PRIVATE_DIRS
+        .iter()
+        .filter(|(_, _, only_isolated)| isolated || !only_isolated)
+        .map(|(dir, _, _)| Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes())));
     let Some(top) = private.into_iter().find(|d| workdir.starts_with(d)) else { return Some(vec![]) };
     let mut below: Vec<&Path> = workdir.ancestors().take_while(|a| *a != top).collect();
     below.reverse();
@@ -256,9 +285,11 @@ struct Switch {
     gid: u32,
     /// The work directory.
     dir: std::ffi::CString,
-    /// For an isolated task whose work directory is inside one of [`PRIVATE_DIRS`]: the folders
-    /// to make in the new one, down to the work directory itself, where it is mounted again.
+    /// For a task whose work directory is inside one of [`PRIVATE_DIRS`]: the folders to make in
+    /// the new one, down to the work directory itself, where it is mounted again.
     carried: Vec<std::ffi::CString>,
+    /// For each of [`PRIVATE_DIRS`] on disk, the task's own folder in its [`sandbox_dir`].
+    sources: [Option<std::ffi::CString>; PRIVATE_DIRS.len()],
     /// The `passwd` and `group` files mounted over the machine's (see [`write_identity`]).
     identity: Option<(std::ffi::CString, std::ffi::CString)>,
 }
@@ -266,8 +297,15 @@ struct Switch {
 impl Switch {
     /// `None` when a path holds a NUL byte.
     fn new(uid: u32, gid: u32, workdir: &Path, network: bool) -> Option<Self> {
-        let carried = if network { carried_folders(workdir)? } else { vec![] };
-        Some(Self { uid, gid, dir: c_path(workdir)?, carried, identity: None })
+        let carried = carried_folders(workdir, network)?;
+        let sandbox = sandbox_dir(workdir);
+        let mut sources = [const { None }; PRIVATE_DIRS.len()];
+        for (source, (_, backing, _)) in sources.iter_mut().zip(PRIVATE_DIRS) {
+            if let Backing::Disk(name) = backing {
+                *source = Some(c_path(&sandbox.join(name))?);
+            }
+        }
+        Some(Self { uid, gid, dir: c_path(workdir)?, carried, sources, identity: None })
     }
 }
 
@@ -300,8 +338,8 @@ fn enter_then_switch(cmd: &mut Command, own: Namespaces, to: Switch) {
                 let _ = bind(group, c"/etc/group");
                 let _ = hide(c"/run/nscd");
             }
-            if own.network {
-                private_dirs(&to.dir, &to.carried)?;
+            if own.proc || own.network {
+                private_dirs(&to.dir, &to.carried, &to.sources, own.network)?;
             }
             become_user(to.uid, to.gid)?;
             if nix::libc::chdir(to.dir.as_ptr()) != 0 {
@@ -328,12 +366,28 @@ pub(crate) fn become_user(uid: u32, gid: u32) -> io::Result<()> {
 /// mounted over the machine's in the task's own mount namespace.
 pub const TASK_USER_NAME: &str = "sluice-task";
 
-/// The folder, root's alone, beside a work directory that holds its task user's `passwd` and
-/// `group` (removed with the work directory).
-fn identity_dir(workdir: &Path) -> PathBuf {
+/// The folder, root's alone, beside a work directory that holds the task's own temporary folders
+/// (see [`PRIVATE_DIRS`]) and its task user's `passwd` and `group`; removed with the work directory.
+fn sandbox_dir(workdir: &Path) -> PathBuf {
     let mut name = workdir.as_os_str().to_owned();
-    name.push(".users");
+    name.push(".sandbox");
     PathBuf::from(name)
+}
+
+/// Makes the [`sandbox_dir`] of `workdir`, with an empty folder for each of [`PRIVATE_DIRS`] on disk,
+/// open to every user as the machine's are (mode 1777: whoever made a file there alone removes it).
+fn make_sandbox_dir(workdir: &Path) -> io::Result<()> {
+    let dir = sandbox_dir(workdir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    for (_, backing, _) in PRIVATE_DIRS {
+        if let Backing::Disk(name) = backing {
+            let folder = dir.join(name);
+            std::fs::create_dir(&folder)?;
+            // Whatever the worker's umask.
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o1777))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the machine's `/etc/passwd` and `/etc/group` with the task user added as
@@ -361,8 +415,7 @@ fn write_identity(workdir: &Path, uid: u32, gid: u32) -> io::Result<Option<(std:
         }
         Ok(kept)
     };
-    let dir = identity_dir(workdir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let dir = sandbox_dir(workdir);
     let write = |name: &str, mut text: Vec<u8>, entry: String| -> io::Result<std::ffi::CString> {
         text.extend_from_slice(entry.as_bytes());
         let path = dir.join(name);
@@ -481,73 +534,107 @@ fn new_proc() -> io::Result<()> {
     Ok(())
 }
 
-/// Mounts an empty `tmpfs` over each of [`PRIVATE_DIRS`] that exists (in the task's own mount
-/// namespace). When the work directory `dir` is inside one, it is taken along first (a detached
-/// copy of its mount) and put back at the same path, after making the folders of `carried` (the
-/// path below the private folder, down to `dir`) in the new one.
+/// Gives the task its own [`PRIVATE_DIRS`] (`/run` only when `isolated`), each that exists on the
+/// machine, in the task's own mount namespace: a folder of `sources` (the one at the same index,
+/// for a [`Backing::Disk`]) or a fresh `tmpfs`. Each folder of `sources`, and the work directory
+/// `dir` when it is inside one of them, is taken first (a detached copy of its mount, as a private
+/// folder may hide it); `dir` is put back at the same path after making the folders of `carried`
+/// (the path below the private folder, down to `dir`) in the new one.
 #[allow(unsafe_code)]
-fn private_dirs(dir: &std::ffi::CStr, carried: &[std::ffi::CString]) -> io::Result<()> {
+fn private_dirs(
+    dir: &std::ffi::CStr,
+    carried: &[std::ffi::CString],
+    sources: &[Option<std::ffi::CString>; PRIVATE_DIRS.len()],
+    isolated: bool,
+) -> io::Result<()> {
     use nix::libc;
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-    let last = || io::Error::last_os_error();
-    // SAFETY: plain system calls with static or prepared NUL-terminated strings; the detached
-    // tree's descriptor is closed on every path.
+    // The detached trees: one per private folder, then the work directory's.
+    let mut trees = [-1; PRIVATE_DIRS.len() + 1];
+    // SAFETY: plain system calls with static or prepared NUL-terminated strings and descriptors
+    // this function opened; each descriptor is closed on every path.
     unsafe {
-        let tree = if carried.is_empty() {
-            -1
-        } else {
+        let take = |path: &std::ffi::CStr| -> io::Result<libc::c_int> {
             let fd = libc::syscall(
                 libc::SYS_open_tree,
                 libc::AT_FDCWD,
-                dir.as_ptr(),
+                path.as_ptr(),
                 OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
             );
-            if fd < 0 {
-                return Err(last());
-            }
-            fd as libc::c_int
+            if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd as libc::c_int) }
         };
-        let close = |e: io::Error| {
-            if tree >= 0 {
-                libc::close(tree);
-            }
-            Err(e)
+        let put = |tree: libc::c_int, at: &std::ffi::CStr| -> io::Result<()> {
+            let moved = libc::syscall(
+                libc::SYS_move_mount,
+                tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                at.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            if moved != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
         };
-        for (path, mode) in PRIVATE_DIRS {
-            let flags = libc::MS_NOSUID | libc::MS_NODEV;
-            if libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, mode.as_ptr().cast()) != 0 {
-                let e = last();
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    return close(e);
+        let mut work = || -> io::Result<()> {
+            for (i, source) in sources.iter().enumerate() {
+                if let Some(source) = source {
+                    trees[i] = take(source)?;
                 }
             }
-        }
-        if tree < 0 {
-            return Ok(());
-        }
-        for folder in carried {
-            if libc::mkdir(folder.as_ptr(), 0o711) != 0 {
-                let e = last();
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    return close(e);
+            if !carried.is_empty() {
+                trees[PRIVATE_DIRS.len()] = take(dir)?;
+            }
+            for (i, (path, backing, only_isolated)) in PRIVATE_DIRS.iter().enumerate() {
+                if *only_isolated && !isolated {
+                    continue;
+                }
+                let done = match backing {
+                    Backing::Disk(_) if trees[i] >= 0 => put(trees[i], path),
+                    // Its folder was not made (no allocation here, so no message of its own).
+                    Backing::Disk(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                    Backing::Memory(options) => {
+                        let flags = libc::MS_NOSUID | libc::MS_NODEV;
+                        if libc::mount(
+                            c"tmpfs".as_ptr(),
+                            path.as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            flags,
+                            options.as_ptr().cast(),
+                        ) != 0
+                        {
+                            Err(io::Error::last_os_error())
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+                // A folder the machine does not have is left out.
+                if let Err(e) = done
+                    && e.raw_os_error() != Some(libc::ENOENT)
+                {
+                    return Err(e);
                 }
             }
+            let tree = trees[PRIVATE_DIRS.len()];
+            if tree < 0 {
+                return Ok(());
+            }
+            for folder in carried {
+                if libc::mkdir(folder.as_ptr(), 0o711) != 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(e);
+                    }
+                }
+            }
+            put(tree, dir)
+        };
+        let result = work();
+        for fd in trees.into_iter().filter(|fd| *fd >= 0) {
+            libc::close(fd);
         }
-        let moved = libc::syscall(
-            libc::SYS_move_mount,
-            tree,
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            dir.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        );
-        if moved != 0 {
-            return close(last());
-        }
-        libc::close(tree);
+        result
     }
-    Ok(())
 }
 
 /// The error a child of [`in_child`] returns once its work is done, before it would run anything.
@@ -575,8 +662,8 @@ pub(crate) fn in_child(mut work: impl FnMut() -> io::Result<()> + Send + Sync + 
     }
 }
 
-/// Whether this process can give process tasks a network of their own, with `/run`, `/tmp` and
-/// `/var/tmp` of their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
+/// Whether this process can give process tasks a network of their own, with `/run`, `/tmp`,
+/// `/var/tmp` and `/dev/shm` of their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
 /// root (`CAP_SYS_ADMIN`, with no seccomp profile refusing `unshare`), and Linux 5.2 when
 /// `work_root` is inside one of those folders. Tried in a child, exactly as a task would, so
 /// nothing changes here; `Err` says why not.
@@ -585,11 +672,13 @@ pub(crate) fn in_child(mut work: impl FnMut() -> io::Result<()> + Send + Sync + 
 /// Why not, as the system said it.
 pub fn check_network_isolation(work_root: &Path) -> Result<(), String> {
     let nul = "the work root holds a NUL byte";
-    let (dir, carried) = (c_path(work_root).ok_or(nul)?, carried_folders(work_root).ok_or(nul)?);
+    let (dir, carried) = (c_path(work_root).ok_or(nul)?, carried_folders(work_root, true).ok_or(nul)?);
+    // The work root itself stands in for a task's folders on disk.
+    let sources = PRIVATE_DIRS.map(|(_, backing, _)| matches!(backing, Backing::Disk(_)).then(|| dir.clone()));
     in_child(move || {
         own_network()?;
         own_mounts()?;
-        private_dirs(&dir, &carried)
+        private_dirs(&dir, &carried, &sources, true)
     })
 }
 
@@ -709,7 +798,7 @@ fn create_output_file(path: &Path, run_as: Option<(u32, u32)>) -> io::Result<()>
 /// retries. Root needs no permission to remove anything, and so never changes one: a path under a
 /// directory a task wrote could be swapped for a symlink meanwhile.
 fn remove_workdir(dir: &Path) {
-    let _ = std::fs::remove_dir_all(identity_dir(dir));
+    let _ = std::fs::remove_dir_all(sandbox_dir(dir));
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
         return;
     }

@@ -108,6 +108,51 @@ async fn concurrent_tasks_hold_distinct_users_and_cannot_read_each_other() {
     assert_eq!(b.await.expect("task B").outcome, ExecOutcome::Cancelled);
 }
 
+/// Where a task user gets a mount namespace, its `/tmp`, `/var/tmp` and `/dev/shm` are its own: a
+/// task running at the same time sees nothing it leaves there, not even what it made readable to
+/// every user, and nothing of it reaches the machine's folders. They go with the task.
+#[tokio::test]
+async fn concurrent_tasks_have_temporary_folders_of_their_own() {
+    let Some(_) = task_user("concurrent_tasks_have_temporary_folders_of_their_own") else { return };
+    if !sluice_worker::own_proc_works() {
+        eprintln!("note: concurrent_tasks_have_temporary_folders_of_their_own skipped: no mount namespace here");
+        return;
+    }
+    let root = TempDir::new("owntmp");
+    let pool = users(1_650_001_300, 2, &root);
+    let tag = format!("sluice-own-{}", std::process::id());
+    let folders = ["/tmp", "/var/tmp", "/dev/shm"];
+    let a = shell(
+        &format!(
+            "for d in {}; do echo a > $d/{tag}; chmod 644 $d/{tag}; done; echo written; sleep 30",
+            folders.join(" ")
+        ),
+        &root,
+        &pool,
+    );
+    let (tx, mut rx) = mpsc::channel(64);
+    let (cancel_a, cancel_rx) = watch::channel(false);
+    let a = tokio::spawn(execute(a, tx, cancel_rx));
+    line_after(&mut rx, "written").await;
+    for folder in folders {
+        assert!(std::fs::symlink_metadata(format!("{folder}/{tag}")).is_err(), "{folder}/{tag} is the machine's");
+    }
+
+    let script = format!("for d in {}; do ls -A $d; cat $d/{tag}; done; echo end", folders.join(" "));
+    let (res, lines) = run(shell(&script, &root, &pool)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    // Its own folders hold nothing but, in /tmp, the path down to its work directory.
+    let top = root.path().file_name().expect("name").to_string_lossy().into_owned();
+    assert_eq!(texts(&lines, Stream::Stdout), [top, "end".to_owned()], "{}", dump(&lines));
+    let missing = texts(&lines, Stream::Stderr).iter().filter(|l| l.contains("No such file")).count();
+    assert_eq!(missing, 3, "{}", dump(&lines));
+
+    cancel_a.send(true).expect("cancel");
+    assert_eq!(a.await.expect("task A").outcome, ExecOutcome::Cancelled);
+    let left: Vec<_> = std::fs::read_dir(root.path().join("work")).expect("work root").flatten().collect();
+    assert!(left.is_empty(), "left in the work root: {left:?}");
+}
+
 #[tokio::test]
 async fn what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it() {
     let Some(_) = task_user("what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it") else { return };
@@ -123,15 +168,19 @@ async fn what_a_task_leaves_in_the_shared_temporary_folders_goes_with_it() {
     let script = format!(
         "echo x > /tmp/{tag}; mkdir -p /var/tmp/{tag}/deep; echo y > /var/tmp/{tag}/deep/f; \
          ln -s {out} /var/tmp/{tag}/deep/link; echo z > /dev/shm/{tag}; ln -s {out} /tmp/{tag}-link; \
-         ls -d /tmp/{tag} /var/tmp/{tag} /dev/shm/{tag}",
+         echo w > /run/lock/{tag}; ls -d /tmp/{tag} /var/tmp/{tag} /dev/shm/{tag} /run/lock/{tag}",
         out = outside.path().display()
     );
     let (res, lines) = run(shell(&script, &root, &pool)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
-    assert_eq!(texts(&lines, Stream::Stdout).len(), 3, "{}", dump(&lines));
-    for left in
-        [format!("/tmp/{tag}"), format!("/var/tmp/{tag}"), format!("/dev/shm/{tag}"), format!("/tmp/{tag}-link")]
-    {
+    assert_eq!(texts(&lines, Stream::Stdout).len(), 4, "{}", dump(&lines));
+    for left in [
+        format!("/tmp/{tag}"),
+        format!("/var/tmp/{tag}"),
+        format!("/dev/shm/{tag}"),
+        format!("/tmp/{tag}-link"),
+        format!("/run/lock/{tag}"),
+    ] {
         assert!(std::fs::symlink_metadata(&left).is_err(), "{left} is still there");
     }
     assert_eq!(std::fs::read_to_string(outside.path().join("kept")).expect("read"), "kept");
@@ -277,7 +326,8 @@ async fn a_process_running_on_past_its_first_thread_dies_with_its_task() {
         return;
     }
     let root = TempDir::new("threads");
-    let shared = root.path().join("shared");
+    let outer = TempDir::shared("threads");
+    let shared = outer.path().join("shared");
     std::fs::create_dir(&shared).expect("mkdir");
     std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let beat = shared.join("beat");
@@ -309,7 +359,9 @@ async fn a_work_root_closed_to_task_users_is_refused_with_a_hint() {
     let Some(_) = task_user("a_work_root_closed_to_task_users_is_refused_with_a_hint") else { return };
     let root = TempDir::new("closed");
     let pool = users(1_650_000_950, 1, &root);
-    let closed = root.path().join("closed");
+    // (In `/tmp`, the work directory would be carried into the task's own `/tmp` past it.)
+    let outer = TempDir::shared("closed");
+    let closed = outer.path().join("closed");
     std::fs::create_dir(&closed).expect("mkdir");
     std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
     let mut req = TaskRequest::new(ExecAction::Shell("echo ran".into()), &closed);
@@ -372,18 +424,25 @@ async fn an_isolated_task_reaches_only_its_own_loopback() {
     let service = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     service.set_nonblocking(true).expect("nonblocking");
     let port = service.local_addr().expect("address").port().to_string();
-    let socket_path = root.path().join("service.sock");
-    let unix = std::os::unix::net::UnixListener::bind(&socket_path).expect("unix listener");
-    std::fs::set_permissions(&socket_path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-    unix.set_nonblocking(true).expect("nonblocking");
-    let socket_path = socket_path.display().to_string();
-    let probe = |network| {
-        let mut req = python(NETWORK_PROBE, &[&port, &socket_path], &root, &pool);
+    // A socket in the machine's `/tmp` (which a task with a mount namespace has its own of, on
+    // either network), and one elsewhere, for the task on the machine's network to show it reaches
+    // sockets.
+    let outer = TempDir::shared("network");
+    let socket = |dir: &std::path::Path| {
+        let path = dir.join("service.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).expect("unix listener");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        unix.set_nonblocking(true).expect("nonblocking");
+        (unix, path.display().to_string())
+    };
+    let ((unix, in_tmp), (outer_unix, outside)) = (socket(root.path()), socket(outer.path()));
+    let probe = |network, socket: &str| {
+        let mut req = python(NETWORK_PROBE, &[&port, socket], &root, &pool);
         req.network = network;
         req
     };
 
-    let (res, lines) = run(probe(TaskNetwork::Isolated)).await;
+    let (res, lines) = run(probe(TaskNetwork::Isolated, &in_tmp)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     let out = texts(&lines, Stream::Stdout);
     assert_eq!(
@@ -403,14 +462,14 @@ async fn an_isolated_task_reaches_only_its_own_loopback() {
     assert!(service.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the service was reached");
     assert!(unix.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the socket was reached");
 
-    let (res, lines) = run(probe(TaskNetwork::Host)).await;
+    let (res, lines) = run(probe(TaskNetwork::Host, &outside)).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     let out = texts(&lines, Stream::Stdout);
     for reached in ["REACHED the machine's service", "REACHED the machine's socket", "work directory ok"] {
         assert!(out.contains(&reached.to_owned()), "{}", dump(&lines));
     }
     assert!(service.accept().is_ok(), "the host network's task did not connect");
-    assert!(unix.accept().is_ok(), "the host network's task did not reach the socket");
+    assert!(outer_unix.accept().is_ok(), "the host network's task did not reach the socket");
 }
 
 /// An isolated network is for a task user only: root, or the worker's own user, could leave it.

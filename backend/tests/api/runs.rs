@@ -302,13 +302,18 @@ async fn retry(app: &TestApp, m: &Member, id: &str) -> reqwest::Response {
 
 /// Removes a marker file when dropped, however the test ends.
 /// A file path in a folder of its own that every user may write: tasks run as task users when
-/// the tests run as root, and what those leave at the top of `/tmp` goes with them.
+/// the tests run as root. Not in `/tmp`, `/var/tmp` or `/dev/shm`, which such a task has its own
+/// of where it gets a mount namespace.
 struct Marker(std::path::PathBuf);
 
 impl Marker {
     fn new(name: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", uuid::Uuid::new_v4().simple()));
+        let root = std::path::PathBuf::from("/var/lib/sluice-tests");
+        let made = std::fs::create_dir_all(&root)
+            .and_then(|()| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711)));
+        let root = if made.is_ok() { root } else { std::env::temp_dir() };
+        let dir = root.join(format!("sluice-{name}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         Self(dir.join("marker"))

@@ -13,10 +13,29 @@ pub struct TempDir(PathBuf);
 
 static N: AtomicUsize = AtomicUsize::new(0);
 
+/// Where a test makes folders it shares with its tasks: `/tmp`, `/var/tmp` and `/dev/shm` are a
+/// task's own where a task user gets a mount namespace, so, when it may be made, a folder of the
+/// machine's outside them; else the temporary folder.
+pub fn shared_root() -> PathBuf {
+    let dir = PathBuf::from("/var/lib/sluice-tests");
+    let made = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)));
+    if made.is_ok() { dir } else { std::env::temp_dir() }
+}
+
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::inside(&std::env::temp_dir(), tag)
+    }
+
+    /// One that tasks of a task user see (see [`shared_root`]).
+    pub fn shared(tag: &str) -> Self {
+        Self::inside(&shared_root(), tag)
+    }
+
+    fn inside(parent: &Path, tag: &str) -> Self {
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("sluice-worker-test-{tag}-{}-{n}", std::process::id()));
+        let p = parent.join(format!("sluice-worker-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o711)).expect("chmod temp dir");
