@@ -100,6 +100,10 @@ pub struct ConfigArgs {
     /// loopback; takes a worker running as root) [default: host].
     #[arg(long, env = "SLUICE_TASK_NETWORK", global = true)]
     pub task_network: Option<String>,
+    /// The system calls process tasks of a task user may make: `restricted` (namespaces, mounts,
+    /// keyrings, bpf, io_uring and the like refused) or `all` [default: restricted].
+    #[arg(long, env = "SLUICE_TASK_SYSCALLS", global = true)]
+    pub task_syscalls: Option<String>,
 }
 
 /// The same keys, as read from `sluice.toml`.
@@ -131,6 +135,7 @@ struct FileConfig {
     task_uids: Option<String>,
     task_uid_locks: Option<PathBuf>,
     task_network: Option<String>,
+    task_syscalls: Option<String>,
 }
 
 /// The resolved configuration.
@@ -176,6 +181,8 @@ pub struct Config {
     pub task_uid_locks: PathBuf,
     /// The network process tasks reach.
     pub task_network: sluice_worker::TaskNetwork,
+    /// The system calls process tasks of a task user may make.
+    pub task_syscalls: sluice_worker::TaskSyscalls,
 }
 
 impl Config {
@@ -232,6 +239,12 @@ impl Config {
             None => sluice_worker::TaskNetwork::Host,
             Some(v) => sluice_worker::TaskNetwork::parse(v).map_err(|e| anyhow::anyhow!("SLUICE_TASK_NETWORK: {e}"))?,
         };
+        let task_syscalls = match args.task_syscalls.as_deref().or(file.task_syscalls.as_deref()) {
+            None => sluice_worker::TaskSyscalls::Restricted,
+            Some(v) => {
+                sluice_worker::TaskSyscalls::parse(v).map_err(|e| anyhow::anyhow!("SLUICE_TASK_SYSCALLS: {e}"))?
+            }
+        };
         Ok(Self {
             jwt_keys_file: args
                 .jwt_keys_file
@@ -268,6 +281,7 @@ impl Config {
                 .or(file.task_uid_locks)
                 .unwrap_or_else(|| sluice_worker::DEFAULT_LOCK_DIR.into()),
             task_network,
+            task_syscalls,
         })
     }
 }

@@ -30,9 +30,12 @@
 //! * as another user, `no_new_privs`: no set-user-id program or file capability raises the task;
 //! * with [`TaskNetwork::Isolated`], a network namespace of its own with only its loopback up, and empty
 //!   `/run`, `/tmp`, `/var/tmp` and `/dev/shm` of its own (where the machine's Unix sockets are);
-//! * descriptors the worker inherited without close-on-exec are closed (Linux 5.11).
+//! * descriptors the worker inherited without close-on-exec are closed (Linux 5.11);
+//! * as another user, with [`TaskSyscalls::Restricted`] (the default), a seccomp filter installed last
+//!   refuses namespaces, mounts, keyrings, `bpf`, `io_uring` and the like (see [`TaskSyscalls`]).
 //!
-//! Known limits of this sandbox (no pid namespace, seccomp, landlock or cgroup isolation yet): with
+//! Known limits of this sandbox (no pid namespace, landlock or cgroup isolation yet; seccomp only refuses
+//! the calls listed): with
 //! [`TaskNetwork::Host`] the task reaches whatever the machine does; it can read what the machine lets
 //! every user read (without a `/proc` of its own, other processes' command lines included), and files it leaves deeper in
 //! other world-writable folders stay. `RLIMIT_NPROC` is not enforced for root, so it only works with a
@@ -42,6 +45,7 @@ mod http;
 mod logs;
 mod outputs;
 mod process;
+mod seccomp;
 mod ssrf;
 mod users;
 
@@ -57,6 +61,7 @@ use tokio::time::Instant;
 
 pub use logs::MIN_SECRET_LEN;
 pub use process::{TASK_USER_NAME, check_network_isolation, live_group_members, own_proc_works};
+pub use seccomp::filter_supported as syscall_filter_supported;
 pub use ssrf::{ip_is_public, ip_permitted};
 pub use users::{DEFAULT_LOCK_DIR, TaskUsers};
 
@@ -180,6 +185,41 @@ pub struct TaskRequest {
     pub users: Option<Arc<TaskUsers>>,
     /// The network a process task reaches.
     pub network: TaskNetwork,
+    /// The system calls a process task of another user may make.
+    pub syscalls: TaskSyscalls,
+}
+
+/// The system calls a process task may make (`SLUICE_TASK_SYSCALLS`), when it runs as another
+/// user than the worker (a task user, or [`TaskRequest::run_as`]): a task running as the worker's
+/// own user is never filtered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaskSyscalls {
+    /// Namespaces (user namespaces included), mounts, the kernel's keyrings, `bpf`,
+    /// `perf_event_open`, `userfaultfd`, `io_uring`, and the machine's own business (modules,
+    /// `kexec`, `reboot`, the kernel's log) refused by a seccomp filter (`restricted`), where the
+    /// worker has one ([`syscall_filter_supported`]: x86-64 and AArch64).
+    #[default]
+    Restricted,
+    /// Whatever the kernel lets the task's user make (`all`): for pipelines that need user
+    /// namespaces (rootless containers, a browser's own sandbox) or `io_uring`.
+    All,
+}
+
+impl TaskSyscalls {
+    /// The setting's values: `restricted` and `all`.
+    ///
+    /// # Errors
+    /// Any other value, with what is accepted.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "restricted" => Ok(Self::Restricted),
+            "all" => Ok(Self::All),
+            other => Err(format!(
+                "{other:?} is not a system call policy: use restricted (namespaces, mounts, keyrings, bpf, \
+                 io_uring and the like refused) or all"
+            )),
+        }
+    }
 }
 
 /// The network a process task reaches (`SLUICE_TASK_NETWORK`).
@@ -230,6 +270,7 @@ impl TaskRequest {
             run_as: None,
             users: None,
             network: TaskNetwork::Host,
+            syscalls: TaskSyscalls::Restricted,
         }
     }
 }
@@ -249,6 +290,7 @@ impl fmt::Debug for TaskRequest {
             .field("run_as", &self.run_as)
             .field("users", &self.users.as_ref().map(|u| u.range()))
             .field("network", &self.network)
+            .field("syscalls", &self.syscalls)
             .finish()
     }
 }

@@ -133,7 +133,10 @@ pub(crate) async fn run(
         }
         None => {}
     }
-    set_limits(&mut cmd, req.limits, run_as.is_some());
+    // The filter is made before the fork; only a task of another user is filtered (it takes
+    // `no_new_privs`, which only such a task gets).
+    let filter = run_as.and_then(|_| crate::seccomp::filter(req.syscalls));
+    set_limits(&mut cmd, req.limits, run_as.is_some(), filter);
 
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -709,7 +712,7 @@ pub fn own_proc_works() -> bool {
 /// Sets the rlimits (and `no_new_privs`, for a task that runs as another user) in the child, after
 /// fork and the uid switch, before exec.
 #[allow(unsafe_code)]
-fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool) {
+fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool, filter: Option<&'static [nix::libc::sock_filter]>) {
     let wanted: [(Resource, Option<u64>); 6] = [
         (Resource::RLIMIT_CPU, limits.cpu_seconds),
         (Resource::RLIMIT_AS, limits.memory_bytes),
@@ -719,11 +722,18 @@ fn set_limits(cmd: &mut Command, limits: Limits, other_user: bool) {
         (Resource::RLIMIT_CORE, Some(0)),
     ];
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe functions may
-    // be called. It calls only getrlimit(2), setrlimit(2) and prctl(2) (system calls, no locks),
-    // allocates nothing (the captured array is plain data, errors are raw errno values) and touches no
-    // state shared with the parent.
+    // be called. It calls only sigprocmask(2), close_range(2), getrlimit(2), setrlimit(2) and prctl(2)
+    // (system calls, no locks), allocates nothing (the captured array is plain data, the filter was
+    // made before the fork, errors are raw errno values) and touches no state shared with the parent.
     unsafe {
-        cmd.pre_exec(move || apply_limits(&wanted, other_user));
+        cmd.pre_exec(move || {
+            apply_limits(&wanted, other_user)?;
+            // Last: the filter refuses what the steps before it use (mounts, namespaces).
+            if let Some(program) = filter {
+                crate::seccomp::install(program)?;
+            }
+            Ok(())
+        });
     }
 }
 

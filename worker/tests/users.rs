@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TempDir, dump, run, task_user, texts};
-use sluice_worker::{ExecAction, ExecOutcome, LogLine, Stream, TaskNetwork, TaskRequest, TaskUsers, execute};
+use sluice_worker::{
+    ExecAction, ExecOutcome, LogLine, Stream, TaskNetwork, TaskRequest, TaskSyscalls, TaskUsers, execute,
+};
 use tokio::sync::{mpsc, watch};
 
 /// A range of `count` uids from `first` (distinct per test), locked in a folder of the test's own.
@@ -546,7 +548,12 @@ async fn a_key_left_in_the_uids_keyring_does_not_reach_the_next_task() {
     }
     let root = TempDir::new("keyring");
     let pool = users(1_650_001_200, 1, &root);
-    let probe = |what: &str| python(KEYRING_PROBE, &[what], &root, &pool);
+    // (The restricted system calls refuse keyrings outright: the purge is for tasks allowed all.)
+    let probe = |what: &str| {
+        let mut req = python(KEYRING_PROBE, &[what], &root, &pool);
+        req.syscalls = TaskSyscalls::All;
+        req
+    };
     let (res, lines) = run(probe("add")).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     if texts(&lines, Stream::Stdout).first().is_some_and(|l| l.starts_with("add failed")) {
@@ -557,4 +564,69 @@ async fn a_key_left_in_the_uids_keyring_does_not_reach_the_next_task() {
     let (res, lines) = run(probe("find")).await;
     assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
     assert_eq!(texts(&lines, Stream::Stdout), ["not found"], "{}", dump(&lines));
+}
+
+/// Tries, from inside a task (x86-64 numbers), system calls the restricted policy refuses, and a
+/// fork, which it allows; prints each call's result.
+const SYSCALL_PROBE: &str = r#"
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, nr, *args):
+    r = libc.syscall(nr, *args)
+    print(name, "ok" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), "?"))
+call("clone3", 435, None, 0)
+call("add_key", 248, b"user", b"sluice-probe", b"x", 1, -2)
+call("io_uring_setup", 425, 1, ctypes.create_string_buffer(120))
+call("mount", 165, b"none", b"/tmp", b"tmpfs", 0, None)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("fork ok")
+call("unshare", 272, 0x10000000)
+"#;
+
+/// A task user's system calls are filtered (`SLUICE_TASK_SYSCALLS=restricted`, the default): no
+/// user namespace (which would make it root over one of its own), no keyring, no `io_uring`,
+/// `clone3` and `io_uring` answered as absent so that programs fall back, while a plain fork
+/// works. With `all`, the same calls reach the kernel.
+#[tokio::test]
+async fn a_task_users_riskier_system_calls_are_refused() {
+    let Some(_) = task_user("a_task_users_riskier_system_calls_are_refused") else { return };
+    if cfg!(not(target_arch = "x86_64")) || !has_python3("a_task_users_riskier_system_calls_are_refused") {
+        return;
+    }
+    let root = TempDir::new("syscalls");
+    let pool = users(1_650_001_400, 1, &root);
+    let probe = |syscalls| {
+        let mut req = python(SYSCALL_PROBE, &[], &root, &pool);
+        req.syscalls = syscalls;
+        req
+    };
+    let (res, lines) = run(probe(TaskSyscalls::Restricted)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    assert_eq!(
+        texts(&lines, Stream::Stdout),
+        ["clone3 ENOSYS", "add_key EPERM", "io_uring_setup ENOSYS", "mount EPERM", "fork ok", "unshare EPERM"],
+        "{}",
+        dump(&lines)
+    );
+
+    let (res, lines) = run(probe(TaskSyscalls::All)).await;
+    assert_eq!(res.outcome, ExecOutcome::Succeeded, "{}", dump(&lines));
+    let out = texts(&lines, Stream::Stdout);
+    // What the kernel itself answers (clone3 with no arguments is invalid; mounting takes root).
+    for expected in ["clone3 EINVAL", "add_key ok", "mount EPERM", "fork ok"] {
+        assert!(out.contains(&expected.to_owned()), "{}", dump(&lines));
+    }
+    assert!(!out.contains(&"io_uring_setup ENOSYS".to_owned()), "{}", dump(&lines));
+}
+
+#[test]
+fn task_syscall_settings_are_restricted_or_all() {
+    assert_eq!(TaskSyscalls::parse("restricted"), Ok(TaskSyscalls::Restricted));
+    assert_eq!(TaskSyscalls::parse(" all "), Ok(TaskSyscalls::All));
+    assert_eq!(TaskSyscalls::default(), TaskSyscalls::Restricted);
+    let e = TaskSyscalls::parse("none").expect_err("not a policy");
+    assert!(e.contains("\"none\"") && e.contains("restricted") && e.contains("all"), "{e}");
 }

@@ -167,7 +167,7 @@ async fn vacuum_queues(queues: &mut HashMap<String, RedisStorage<Dispatch>>) {
 
 /// The Redis doorbell: rings are pushed as apalis jobs by one background task, in order, each
 /// to the queue of its task's route, each dispatch added to its queue's backlog (see
-/// [`super::backlog`]) side by side with its ring; the queues pushed to are then announced on
+/// `backlog` module) side by side with its ring; the queues pushed to are then announced on
 /// the wake channel.
 pub struct RedisDoorbell {
     tx: mpsc::UnboundedSender<Dispatch>,

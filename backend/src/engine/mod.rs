@@ -704,7 +704,7 @@ impl Core {
     }
 
     /// Whether a ring for `d` is stale because this process claimed the attempt without it (see
-    /// [`Answered`]); a ring answered so is forgotten, as one ring is expected.
+    /// `Answered`); a ring answered so is forgotten, as one ring is expected.
     pub fn answered(&self, d: &Dispatch) -> bool {
         self.answered.lock().is_ok_and(|mut a| a.take(d))
     }

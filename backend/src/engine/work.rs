@@ -11,7 +11,8 @@ use sluice_domain::{
     template::{self, Context, Template},
 };
 use sluice_worker::{
-    ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskNetwork, TaskRequest, TaskUsers,
+    ExecAction, ExecOutcome, HttpCall, HttpPolicy, Limits, LogLine, Stream, TaskNetwork, TaskRequest, TaskSyscalls,
+    TaskUsers,
 };
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
@@ -35,6 +36,8 @@ pub struct Sandbox {
     pub users: Option<Arc<TaskUsers>>,
     /// The network process tasks reach.
     pub network: TaskNetwork,
+    /// The system calls process tasks of a task user may make.
+    pub syscalls: TaskSyscalls,
 }
 
 /// Prepares the work root (see [`prepare_work_root`]) and, when this process is root, the task
@@ -61,7 +64,7 @@ pub fn prepare_sandbox(config: &crate::config::Config) -> anyhow::Result<Arc<San
             anyhow::anyhow!("SLUICE_TASK_NETWORK=none: this worker cannot give tasks a network of their own: {e}")
         })?;
     }
-    Ok(Arc::new(Sandbox { work_root, users, network: config.task_network }))
+    Ok(Arc::new(Sandbox { work_root, users, network: config.task_network, syscalls: config.task_syscalls }))
 }
 
 /// Creates `<data dir>/work` and returns its absolute path (tasks run inside their own work
@@ -92,7 +95,20 @@ pub fn announce_task_users(sandbox: &Sandbox) {
                 TaskNetwork::Host => "the machine's",
                 TaskNetwork::Isolated => "none but their own loopback",
             };
-            tracing::info!(first, last, network, "process tasks run as task users, one uid each");
+            let syscalls = match sandbox.syscalls {
+                TaskSyscalls::Restricted if sluice_worker::syscall_filter_supported() => {
+                    "restricted (namespaces, mounts, keyrings, bpf, io_uring and the like refused)"
+                }
+                TaskSyscalls::Restricted => {
+                    tracing::warn!(
+                        "SLUICE_TASK_SYSCALLS=restricted: this worker has no system call filter for this \
+                         architecture (x86-64 and AArch64 only), so tasks may make any the kernel lets them"
+                    );
+                    "all (no filter for this architecture)"
+                }
+                TaskSyscalls::All => "all",
+            };
+            tracing::info!(first, last, network, syscalls, "process tasks run as task users, one uid each");
         }
         None => tracing::warn!(
             "this worker is not running as root, so tasks run as its own user and can read what it can \
@@ -113,7 +129,7 @@ pub fn create_folder(dir: &std::path::Path) -> anyhow::Result<()> {
     builder.create(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
-/// Starts `slots` concurrent executions fed by `rx`, highest priority first (see [`ReadyQueue`]).
+/// Starts `slots` concurrent executions fed by `rx`, highest priority first (see `ReadyQueue`).
 /// A dispatch this worker cannot serve (labels, owner, or larger than its whole capacity) is
 /// left queued; one that fits waits for its CPU and memory to be free before it is claimed.
 pub fn spawn_local_workers(
@@ -345,6 +361,7 @@ fn request(spec: &TaskSpec, ctx: &Ctx<'_>, sandbox: &Sandbox, run: Uuid, attempt
         run_as: None,
         users: sandbox.users.clone(),
         network: sandbox.network,
+        syscalls: sandbox.syscalls,
     })
 }
 

@@ -745,3 +745,46 @@ async fn with_task_network_none_a_task_reaches_no_service_of_the_machine() {
     assert_eq!(probe(&isolated).await, "unreachable");
     assert_eq!(probe(&spawn_app().await).await, "reached");
 }
+
+/// `SLUICE_TASK_SYSCALLS` through the whole platform: by default (`restricted`) a task user cannot
+/// make a user namespace (which would make it root over one of its own); with `all` it can, where
+/// the kernel lets unprivileged users.
+#[actix_web::test]
+async fn a_task_users_system_calls_are_restricted_unless_all_are_allowed() {
+    use std::os::unix::process::CommandExt;
+    if !sluice_worker::can_switch_users() || !sluice_worker::syscall_filter_supported() {
+        eprintln!(
+            "note: skipped: tasks are filtered only as task users, from a worker running as root on x86-64 or AArch64"
+        );
+        return;
+    }
+    async fn probe(app: &TestApp) -> Value {
+        let admin = app.signup(&slug("sys")).await;
+        let yaml = r#"stages:
+  - id: s
+    tasks:
+      - id: probe
+        shell: 'if unshare --user true 2>/dev/null; then r=made; else r=refused; fi; echo "userns=$r" >> "$SLUICE_OUTPUT"'
+"#;
+        assert_eq!(app.create_pipeline(&admin, "sys", yaml).await.status(), StatusCode::CREATED);
+        let run = start(app, &admin, "sys", json!({})).await;
+        let done = wait_run(app, &admin, run["id"].as_str().unwrap(), 30).await;
+        assert_eq!(done["status"], "succeeded", "{done:#}");
+        task_of(&done, "probe")["outputs"]["userns"].clone()
+    }
+    assert_eq!(probe(&spawn_app().await).await, "refused");
+    // Whether this kernel lets an unprivileged user make one at all.
+    let kernel_allows = std::process::Command::new("unshare")
+        .args(["--user", "true"])
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .is_ok_and(|s| s.success());
+    let all = spawn_app_with(|c| c.task_syscalls = sluice_worker::TaskSyscalls::All).await;
+    let made = probe(&all).await;
+    if kernel_allows {
+        assert_eq!(made, "made");
+    } else {
+        eprintln!("note: this kernel refuses unprivileged user namespaces; with all, the task got {made}");
+    }
+}
