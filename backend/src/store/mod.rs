@@ -2,7 +2,10 @@
 //!
 //! PostgreSQL and SQLite are both first-class. SQLite allows one writer at a time, so on SQLite
 //! every write transaction first takes a process-wide async lock (readers are never blocked: the
-//! database runs in WAL mode). On PostgreSQL the lock is absent and row locks do the work.
+//! database runs in WAL mode), and runs on the one connection kept for writes: a SQLite
+//! connection drops its whole page cache when it finds that another connection wrote, so writes
+//! spread over the pool would each read back, from the file, every page they touch. On
+//! PostgreSQL the lock is absent and row locks do the work.
 
 pub mod entities;
 
@@ -19,6 +22,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// SQLite's one connection for write transactions (a database file only).
+    writer: Option<DatabaseConnection>,
     backend: DbBackend,
     write_lock: Option<Arc<Mutex<()>>>,
 }
@@ -82,29 +87,39 @@ impl Store {
         if let Some(path) = sqlite_file(url) {
             owner_only(path).map_err(|e| DbErr::Custom(format!("securing the database file {path}: {e}")))?;
         }
-        let mut opts = ConnectOptions::new(url.to_owned());
-        opts.max_connections(max_connections)
-            .min_connections(1)
-            .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(10))
-            // A connection used a moment ago is handed out as it is; only one idle for a while
-            // (which a server, proxy or firewall may have dropped) is pinged first. Pinging on
-            // every checkout would add a round trip to every query and transaction.
-            .test_before_acquire_if_idle_for(Duration::from_secs(30))
-            .sqlx_logging(false)
-            .map_sqlx_postgres_opts(move |o| {
-                if o.get_application_name().is_some() { o } else { o.application_name(&application_name) }
-            })
-            .map_sqlx_sqlite_opts(|o| {
-                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
-                    .busy_timeout(Duration::from_secs(15))
-                    .foreign_keys(true)
-            });
-        let db = Database::connect(opts).await?;
+        let options = |max_connections: u32| {
+            let application_name = application_name.clone();
+            let mut opts = ConnectOptions::new(url.to_owned());
+            opts.max_connections(max_connections)
+                .min_connections(1)
+                .connect_timeout(Duration::from_secs(10))
+                .acquire_timeout(Duration::from_secs(10))
+                // A connection used a moment ago is handed out as it is; only one idle for a while
+                // (which a server, proxy or firewall may have dropped) is pinged first. Pinging on
+                // every checkout would add a round trip to every query and transaction.
+                .test_before_acquire_if_idle_for(Duration::from_secs(30))
+                .sqlx_logging(false)
+                .map_sqlx_postgres_opts(move |o| {
+                    if o.get_application_name().is_some() { o } else { o.application_name(&application_name) }
+                })
+                .map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                        .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+                        .busy_timeout(Duration::from_secs(15))
+                        .foreign_keys(true)
+                });
+            opts
+        };
+        let db = Database::connect(options(max_connections)).await?;
         let backend = db.get_database_backend();
         let write_lock = (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(())));
-        Ok(Self { db, backend, write_lock })
+        // (An in-memory database is one per connection: it has no second pool.)
+        let writer = if backend == DbBackend::Sqlite && sqlite_file(url).is_some() {
+            Some(Database::connect(options(1)).await?)
+        } else {
+            None
+        };
+        Ok(Self { db, writer, backend, write_lock })
     }
 
     /// Applies every pending migration.
@@ -137,7 +152,7 @@ impl Store {
                 sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
                 ..Default::default()
             };
-            self.db.begin_with_options(options).await?
+            self.writer.as_ref().unwrap_or(&self.db).begin_with_options(options).await?
         } else {
             self.db.begin().await?
         };
