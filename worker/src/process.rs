@@ -441,10 +441,7 @@ fn hide(dir: &std::ffi::CStr) -> io::Result<()> {
     // SAFETY: a plain system call with static, NUL-terminated strings.
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), dir.as_ptr(), c"tmpfs".as_ptr(), flags, std::ptr::null()) };
-    if mounted != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Errno::result(mounted).map(drop).map_err(io::Error::from)
 }
 
 /// Mounts the file `source` over `target` (in the task's own mount namespace).
@@ -454,10 +451,7 @@ fn bind(source: &std::ffi::CStr, target: &std::ffi::CStr) -> io::Result<()> {
     // SAFETY: a plain system call with NUL-terminated strings made before the fork.
     let mounted =
         unsafe { libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
-    if mounted != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Errno::result(mounted).map(drop).map_err(io::Error::from)
 }
 
 /// Enters a network namespace of its own and brings its loopback up: the task can serve and reach
@@ -531,10 +525,7 @@ fn new_proc() -> io::Result<()> {
             c"hidepid=invisible".as_ptr().cast(),
         )
     };
-    if mounted != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Errno::result(mounted).map(drop).map_err(io::Error::from)
 }
 
 /// Gives the task its own [`PRIVATE_DIRS`] (`/run` only when `isolated`), each that exists on the
@@ -559,24 +550,25 @@ fn private_dirs(
     // this function opened; each descriptor is closed on every path.
     unsafe {
         let take = |path: &std::ffi::CStr| -> io::Result<libc::c_int> {
-            let fd = libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-            );
-            if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd as libc::c_int) }
+            let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+            let fd = Errno::result(libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags))?;
+            Ok(fd as libc::c_int)
         };
         let put = |tree: libc::c_int, at: &std::ffi::CStr| -> io::Result<()> {
-            let moved = libc::syscall(
-                libc::SYS_move_mount,
-                tree,
-                c"".as_ptr(),
-                libc::AT_FDCWD,
+            let empty = MOVE_MOUNT_F_EMPTY_PATH;
+            Errno::result(libc::syscall(libc::SYS_move_mount, tree, c"".as_ptr(), libc::AT_FDCWD, at.as_ptr(), empty))?;
+            Ok(())
+        };
+        let tmpfs = |at: &std::ffi::CStr, options: &std::ffi::CStr| -> io::Result<()> {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV;
+            Errno::result(libc::mount(
+                c"tmpfs".as_ptr(),
                 at.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            );
-            if moved != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+                c"tmpfs".as_ptr(),
+                flags,
+                options.as_ptr().cast(),
+            ))?;
+            Ok(())
         };
         let mut work = || -> io::Result<()> {
             for (i, source) in sources.iter().enumerate() {
@@ -595,21 +587,7 @@ fn private_dirs(
                     Backing::Disk(_) if trees[i] >= 0 => put(trees[i], path),
                     // Its folder was not made (no allocation here, so no message of its own).
                     Backing::Disk(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-                    Backing::Memory(options) => {
-                        let flags = libc::MS_NOSUID | libc::MS_NODEV;
-                        if libc::mount(
-                            c"tmpfs".as_ptr(),
-                            path.as_ptr(),
-                            c"tmpfs".as_ptr(),
-                            flags,
-                            options.as_ptr().cast(),
-                        ) != 0
-                        {
-                            Err(io::Error::last_os_error())
-                        } else {
-                            Ok(())
-                        }
-                    }
+                    Backing::Memory(options) => tmpfs(path, options),
                 };
                 // A folder the machine does not have is left out.
                 if let Err(e) = done
@@ -623,11 +601,9 @@ fn private_dirs(
                 return Ok(());
             }
             for folder in carried {
-                if libc::mkdir(folder.as_ptr(), 0o711) != 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(e);
-                    }
+                match Errno::result(libc::mkdir(folder.as_ptr(), 0o711)) {
+                    Ok(_) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             put(tree, dir)
