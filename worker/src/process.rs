@@ -136,6 +136,9 @@ pub(crate) async fn run(
     // The filter is made before the fork; only a task of another user is filtered (it takes
     // `no_new_privs`, which only such a task gets).
     let filter = run_as.and_then(|_| crate::seccomp::filter(req.syscalls));
+    if let (Some(_), Some(user)) = (filter, cleanup.user.as_mut()) {
+        user.keyrings_closed();
+    }
     set_limits(&mut cmd, req.limits, run_as.is_some(), filter);
 
     let mut child = match cmd.spawn() {

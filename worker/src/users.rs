@@ -108,7 +108,7 @@ impl TaskUsers {
                     // Whatever a worker that died holding this uid left behind goes first. A uid
                     // given back cleared says so in its lock file, and needs nothing more.
                     match tokio::task::spawn_blocking(move || (take(uid, &lock), lock)).await {
-                        Ok((Ok(()), lock)) => return Ok(Some(TaskUser { uid, lock: Some(lock) })),
+                        Ok((Ok(()), lock)) => return Ok(Some(TaskUser { uid, lock: Some(lock), keys: true })),
                         Ok((Err(e), lock)) => {
                             quarantine(uid, &e);
                             std::mem::forget(lock);
@@ -134,7 +134,7 @@ fn take(uid: u32, lock: &File) -> io::Result<()> {
     let cleared = lock.read_exact_at(&mut said, 0).is_ok() && said == CLEARED;
     lock.set_len(0)?;
     if !cleared {
-        purge(uid)?;
+        purge(uid, true)?;
     }
     Ok(())
 }
@@ -170,6 +170,9 @@ fn quarantine(uid: u32, e: &io::Error) {
 pub(crate) struct TaskUser {
     pub(crate) uid: u32,
     lock: Option<File>,
+    /// Whether a process of this attempt may have left keys in the uid's keyrings (not when each
+    /// ran under a filter refusing the keyring calls), so that they are emptied with the purge.
+    keys: bool,
 }
 
 impl TaskUser {
@@ -183,11 +186,17 @@ impl TaskUser {
         }
     }
 
+    /// Says that every process of this attempt runs under a system call filter that refuses the
+    /// keyring calls: the purge need not empty the uid's keyrings (a forked child each time).
+    pub(crate) fn keyrings_closed(&mut self) {
+        self.keys = false;
+    }
+
     /// Kills the uid's processes, removes what it left and lets the uid go. The lock moves into the
     /// purge, so the uid stays held until the purge ends even if this future is dropped.
     pub(crate) async fn release(mut self) {
-        let (uid, lock) = (self.uid, self.lock.take());
-        let _ = tokio::task::spawn_blocking(move || release_blocking(uid, lock)).await;
+        let (uid, lock, keys) = (self.uid, self.lock.take(), self.keys);
+        let _ = tokio::task::spawn_blocking(move || release_blocking(uid, lock, keys)).await;
     }
 }
 
@@ -195,13 +204,13 @@ impl TaskUser {
     /// On a thread of its own: kills the uid's processes, runs `then` (which may remove what they
     /// wrote), and releases the uid; for a task whose future was dropped, where nothing may block.
     pub(crate) fn release_on_thread(mut self, then: impl FnOnce() + Send + 'static) {
-        let (uid, lock) = (self.uid, self.lock.take());
+        let (uid, lock, keys) = (self.uid, self.lock.take(), self.keys);
         let spawned = std::thread::Builder::new().name("sluice-task-user".into()).spawn(move || {
             if let Err(e) = kill_all(uid) {
                 tracing::warn!(uid, error = %e, "cannot kill a task user's processes");
             }
             then();
-            release_blocking(uid, lock);
+            release_blocking(uid, lock, keys);
         });
         if let Err(e) = spawned {
             tracing::error!(uid, error = %e, "cannot clear a task user; it is not given out again");
@@ -212,14 +221,14 @@ impl TaskUser {
 impl Drop for TaskUser {
     fn drop(&mut self) {
         if self.lock.is_some() {
-            let user = TaskUser { uid: self.uid, lock: self.lock.take() };
+            let user = TaskUser { uid: self.uid, lock: self.lock.take(), keys: self.keys };
             user.release_on_thread(|| {});
         }
     }
 }
 
-fn release_blocking(uid: u32, lock: Option<File>) {
-    match purge(uid) {
+fn release_blocking(uid: u32, lock: Option<File>, keys: bool) {
+    match purge(uid, keys) {
         Ok(()) => {
             if let Some(lock) = &lock {
                 use std::os::unix::fs::FileExt;
@@ -236,14 +245,14 @@ fn release_blocking(uid: u32, lock: Option<File>) {
 }
 
 /// Kills every process of `uid`, removes the entries it owns at the top of the shared temporary
-/// folders and its System V IPC objects, and empties its kernel keyrings.
-fn purge(uid: u32) -> io::Result<()> {
+/// folders and its System V IPC objects, and, when it may hold `keys`, empties its kernel keyrings.
+fn purge(uid: u32, keys: bool) -> io::Result<()> {
     kill_all(uid)?;
     for dir in SHARED_TEMP {
         remove_owned(Path::new(dir), uid);
     }
     remove_ipc(uid);
-    clear_keyrings(uid)
+    if keys { clear_keyrings(uid) } else { Ok(()) }
 }
 
 /// Empties the kernel keyrings a uid keeps from one of its processes to the next (its user and
