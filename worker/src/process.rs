@@ -645,10 +645,10 @@ pub(crate) fn in_child(mut work: impl FnMut() -> io::Result<()> + Send + Sync + 
 }
 
 /// Whether this process can give process tasks a network of their own, with `/run`, `/tmp`,
-/// `/var/tmp` and `/dev/shm` of their own, for work directories inside `work_root` (see [`TaskNetwork::Isolated`]): it takes
-/// root (`CAP_SYS_ADMIN`, with no seccomp profile refusing `unshare`), and Linux 5.2 when
-/// `work_root` is inside one of those folders. Tried in a child, exactly as a task would, so
-/// nothing changes here; `Err` says why not.
+/// `/var/tmp` and `/dev/shm` of their own, for work directories inside `work_root` (see
+/// [`TaskNetwork::Isolated`]): it takes root (`CAP_SYS_ADMIN`, with no seccomp profile refusing
+/// `unshare`) and Linux 5.2 (`open_tree`, which mounts a task's folders on disk). Tried in a child,
+/// exactly as a task would, so nothing changes here; `Err` says why not.
 ///
 /// # Errors
 /// Why not, as the system said it.

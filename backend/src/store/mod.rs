@@ -138,10 +138,12 @@ impl Store {
     }
 
     /// Begins a write transaction. On SQLite it is `BEGIN IMMEDIATE`: it takes the database's
-    /// write lock at once, waiting for it (the busy timeout) while a transaction dropped a moment
-    /// ago is still being rolled back on its connection (a drop only queues the rollback). A
-    /// deferred one would read first and then fail at its first write with "database is
-    /// locked": SQLite does not wait when a reading transaction asks for the write lock.
+    /// write lock at once, waiting for it (the busy timeout) while another process (an admin
+    /// command) writes, or, on an in-memory database, while a transaction dropped a moment ago is
+    /// still being rolled back on another connection (a drop only queues the rollback; on a file,
+    /// writes share one connection, which runs that rollback first). A deferred one would read
+    /// first and then fail at its first write with "database is locked": SQLite does not wait when
+    /// a reading transaction asks for the write lock.
     pub async fn write(&self) -> Result<WriteTxn, DbErr> {
         let guard = match &self.write_lock {
             Some(lock) => Some(lock.clone().lock_owned().await),
