@@ -429,7 +429,7 @@ fn write_identity(workdir: &Path, uid: u32, gid: u32) -> io::Result<Option<(std:
         // Readable by the task whatever the worker's umask.
         file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         io::Write::write_all(&mut file, &text)?;
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+        c_path(&path).ok_or_else(|| io::Error::other("the path holds a NUL byte"))
     };
     let passwd =
         write("passwd", others(passwd, uid)?, format!("{TASK_USER_NAME}:x:{uid}:{gid}:Sluice task:{home}:/bin/sh\n"))?;
