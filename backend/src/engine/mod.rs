@@ -174,6 +174,8 @@ pub struct Applied {
     pub finished: bool,
     /// What changed, published once the change is committed.
     pub events: Vec<RunEvent>,
+    /// The rows of a new run ([`state::RunRef::New`]), for its caller to insert.
+    new_rows: Option<state::NewRows>,
 }
 
 /// What a worker learns when its claim succeeds.
@@ -823,18 +825,21 @@ impl Core {
         Ok(applied)
     }
 
-    /// Applies the first event to a run inserted and [primed](Self::prime) by the caller's
-    /// transaction, whose row the caller passes: the run is not read back.
-    pub async fn apply_to_new(
+    /// Plans the first event of a new run, [primed](Self::prime), whose row (pending, revision
+    /// 0) the caller passes: nothing is read back, and the rows are not written but returned,
+    /// in the state the event leaves them in, for the caller's transaction to insert with the
+    /// run's own row ([`state::NewRows`]).
+    pub async fn start_new(
         &self,
         conn: &impl ConnectionTrait,
         row: state::RunRow,
         event: Event,
-    ) -> Result<Applied, DbErr> {
+    ) -> Result<(Applied, state::NewRows), DbErr> {
         let mut applied = Applied::default();
-        let run = state::RunRef::Row(Box::new(row));
+        let run = state::RunRef::New(Box::new(row));
         self.steps(conn, run, &[&Step::Event(event)], &mut None, &mut applied, &mut HashMap::new()).await?;
-        Ok(applied)
+        let rows = applied.new_rows.take().ok_or_else(|| DbErr::Custom("a new run was not planned".into()))?;
+        Ok((applied, rows))
     }
 
     /// Applies `steps`, in order, to one run inside `conn`: the run is loaded once, each step is
@@ -855,6 +860,7 @@ impl Core {
             Step::Complete { .. } => Done::Complete(false),
             Step::Event(_) => Done::Event,
         };
+        let new = matches!(run, state::RunRef::New(_));
         let Some(loaded) = state::load(&self.store, conn, run, &self.plans, &self.states).await? else {
             return Ok(steps.iter().map(none).collect());
         };
@@ -1025,9 +1031,16 @@ impl Core {
             cur.tasks.get(d.task).is_some_and(|t| t.status == plan::TaskStatus::Queued && t.attempt == d.attempt)
         });
         applied.dispatched.extend(dispatched);
-        let rev =
+        let rev = if new {
+            // Nothing of a new run ran yet, so there is nothing to kill; its rows are the caller's
+            // to insert.
+            let rev = state::next_rev(row.rev);
+            applied.new_rows = Some(state::NewRows::new(row.tenant_id, run, &run_plan, &cur, wake, &writes, rev));
+            rev
+        } else {
             state::save(&self.store, conn, run, row.rev, &old, &cur, state::Wake { old: old_wake, new: wake }, &writes)
-                .await?;
+                .await?
+        };
         for k in applied.kills.iter().filter(|k| k.run == run) {
             self.store
                 .execute(

@@ -82,7 +82,7 @@ impl RunRow {
     }
 }
 
-#[derive(Debug, FromQueryResult)]
+#[derive(Debug, FromQueryResult, serde::Deserialize)]
 struct StateRow {
     /// 0: a stage, 1: a task.
     kind: i32,
@@ -158,11 +158,15 @@ pub async fn plan_of(
         .query_one(conn, "SELECT plan FROM runs WHERE id = $1", vec![run.into()])
         .await?
         .ok_or_else(|| DbErr::Custom(format!("run {run} vanished")))?;
-    let p: RunPlan =
-        serde_json::from_str(&text.plan).map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
-    let p = Arc::new(Prepared::new(p));
+    let p = Arc::new(parse_plan(run, &text.plan)?);
     plans.put(run, p.clone());
     Ok(p)
+}
+
+/// The stored plan of `run`, parsed.
+fn parse_plan(run: Uuid, text: &str) -> Result<Prepared, DbErr> {
+    let p: RunPlan = serde_json::from_str(text).map_err(|e| DbErr::Custom(format!("stored plan of run {run}: {e}")))?;
+    Ok(Prepared::new(p))
 }
 
 /// A run's state as last written by this process, valid while the run row's `rev` matches.
@@ -257,18 +261,19 @@ pub struct TenantLoad {
     pub tenant_max: Option<i64>,
 }
 
-/// A run to load: by its id, or with its row when the caller has it (a run inserted by the very
-/// transaction that loads it).
+/// A run to load: by its id, or a new run that the caller's transaction inserts once its first
+/// event is planned, in the state that event leaves it in (see [`NewRows`]).
 pub enum RunRef {
     /// Read the row.
     Id(Uuid),
-    /// The row is known.
-    Row(Box<RunRow>),
+    /// A new run, pending at revision 0, with its plan and state [primed](crate::engine::Core::prime):
+    /// nothing is read, and nothing is written but the rows handed back.
+    New(Box<RunRow>),
 }
 
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
-/// read only when `states` holds no state of the run at its current revision; for a run whose
-/// row is known, nothing is read that the caches hold.
+/// read only when `states` holds no state of the run at its current revision; for a new run,
+/// nothing is read that the caches hold.
 pub async fn load(
     store: &Store,
     conn: &impl ConnectionTrait,
@@ -277,28 +282,73 @@ pub async fn load(
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
     let run = match run {
-        RunRef::Row(row) => return load_state(store, conn, *row, plans, states).await.map(Some),
+        RunRef::New(row) => return load_state(store, conn, *row, None, plans, states).await.map(Some),
         RunRef::Id(run) => run,
     };
     // The tenant's load comes along for claims (the per-tenant limit), and PostgreSQL's clock
     // for leases: one round trip instead of three.
-    let sql = format!(
+    let select = format!(
         "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
          concurrency_key, {} FROM runs WHERE id = $1{}",
         tenant_load_columns(store, "runs.tenant_id", true),
         store.for_update()
     );
-    let Some(row): Option<RunRow> = store.query_one(conn, &sql, vec![run.into()]).await? else {
+    if store.backend() != sea_orm::DbBackend::Postgres || states.get(&run).is_some() {
+        let Some(row): Option<RunRow> = store.query_one(conn, &select, vec![run.into()]).await? else {
+            return Ok(None);
+        };
+        return load_state(store, conn, row, None, plans, states).await.map(Some);
+    }
+    // A run this process holds no state of (a worker's first claim of it, say): on PostgreSQL
+    // its state rows (and its plan, if not known either) come in the same round trip. They are
+    // read as the statement began, before it waited for the run's lock: if another transaction
+    // changed the run meanwhile (the revision read with them is not the locked row's), they are
+    // read again, now that the lock is held. Every write of a task's or stage's state changes
+    // the run's revision, in the same transaction.
+    #[derive(FromQueryResult)]
+    struct Joined {
+        #[sea_orm(nested)]
+        row: RunRow,
+        plan: Option<String>,
+        seen_rev: Option<i64>,
+        states: Option<String>,
+    }
+    let plan = if plans.get(&run).is_some() { "NULL" } else { "(SELECT plan FROM runs WHERE id = $1)" };
+    let sql = format!(
+        "WITH locked AS ({select}) SELECT locked.*, CAST({plan} AS TEXT) AS plan, \
+         (SELECT rev FROM runs WHERE id = $1) AS seen_rev, \
+         (SELECT CAST(json_agg(s ORDER BY s.kind, s.idx) AS TEXT) FROM ({STATE_ROWS}) s) AS states FROM locked"
+    );
+    let Some(j): Option<Joined> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
-    load_state(store, conn, row, plans, states).await.map(Some)
+    if let Some(text) = j.plan {
+        plans.put(run, Arc::new(parse_plan(run, &text)?));
+    }
+    let rows = match (j.seen_rev == Some(j.row.rev), j.states) {
+        (true, Some(text)) => Some(
+            serde_json::from_str::<Vec<StateRow>>(&text)
+                .map_err(|e| DbErr::Custom(format!("state rows of run {run}: {e}")))?,
+        ),
+        // No rows at all (json_agg of nothing is NULL) cannot match a plan; read again to say so.
+        _ => None,
+    };
+    load_state(store, conn, j.row, rows, plans, states).await.map(Some)
 }
 
-/// The plan and state of the run whose row is `row`.
+/// A run's stage and task rows: stages first (kind 0, then tasks, kind 1), each in index order.
+const STATE_ROWS: &str = "SELECT 0 AS kind, idx, status, NULL AS attempt, gate_deadline AS at, NULL AS started_at, \
+     NULL AS finished_at, NULL AS lease_owner, NULL AS lost FROM stage_runs WHERE run_id = $1 \
+     UNION ALL SELECT 1, idx, status, attempt, not_before, started_at, finished_at, lease_owner, lost \
+     FROM task_runs WHERE run_id = $1";
+
+/// The plan and state of the run whose row is `row`; `rows`, when given, are its state rows
+/// as read at the row's revision.
 async fn load_state(
     store: &Store,
     conn: &impl ConnectionTrait,
     row: RunRow,
+    rows: Option<Vec<StateRow>>,
     plans: &PlanCache,
     states: &StateCache,
 ) -> Result<Loaded, DbErr> {
@@ -307,17 +357,10 @@ async fn load_state(
     if let Some(c) = states.get(&run).filter(|c| c.rev == row.rev) {
         return Ok(Loaded { row, plan, state: c.state, leases: c.leases });
     }
-    // The stage and task rows in one round trip: stages first, each in index order.
-    let rows: Vec<StateRow> = store
-        .query_all(
-            conn,
-            "SELECT 0 AS kind, idx, status, NULL AS attempt, gate_deadline AS at, NULL AS started_at, \
-             NULL AS finished_at, NULL AS lease_owner, NULL AS lost FROM stage_runs WHERE run_id = $1 \
-             UNION ALL SELECT 1, idx, status, attempt, not_before, started_at, finished_at, lease_owner, lost \
-             FROM task_runs WHERE run_id = $1 ORDER BY 1, 2",
-            vec![run.into()],
-        )
-        .await?;
+    let rows: Vec<StateRow> = match rows {
+        Some(rows) => rows,
+        None => store.query_all(conn, &format!("{STATE_ROWS} ORDER BY 1, 2"), vec![run.into()]).await?,
+    };
     let (stages, tasks): (Vec<StateRow>, Vec<StateRow>) = rows.into_iter().partition(|r| r.kind == 0);
     let started_at = row.started_at.map(ms);
     let state = RunState {
@@ -356,52 +399,131 @@ async fn load_state(
 /// Rows per multi-row `INSERT`.
 const INSERT_CHUNK: usize = 100;
 
-/// The statements that insert the rows of a new run's stages and tasks, many rows per
-/// statement (to be executed with [`Store::execute_together`], after the run's own row).
-pub fn row_inserts(tenant: Uuid, run: Uuid, plan: &RunPlan) -> Vec<(String, Vec<sea_orm::Value>)> {
-    let mut parts = vec![];
-    let stages: Vec<(usize, &sluice_domain::plan::PlannedStage)> = plan.stages.iter().enumerate().collect();
-    for chunk in stages.chunks(INSERT_CHUNK) {
-        let mut sql =
-            String::from("INSERT INTO stage_runs (run_id, idx, tenant_id, stage_id, status, gate_deadline) VALUES ");
-        let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into()];
-        for (n, (i, s)) in chunk.iter().enumerate() {
-            let p = values.len();
-            sql.push_str(&format!(
-                "{}($1, ${}, $2, ${}, 'pending', NULL)",
-                if n > 0 { ", " } else { "" },
-                p + 1,
-                p + 2
-            ));
-            values.push((*i as i32).into());
-            values.push(s.id.clone().into());
+/// A new run's rows as they are first written: its own state columns, and the statements that
+/// insert its stages and tasks (to be executed with [`Store::execute_together`], after the run's
+/// own row). They are inserted in the state the run's first event left them in, so a start is
+/// one write.
+#[derive(Debug, Clone)]
+pub struct NewRows {
+    /// The run's status.
+    pub status: RunStatus,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its alarm.
+    pub next_wake_at: Option<DateTime<Utc>>,
+    /// Its revision.
+    pub rev: i64,
+    /// The inserts of its stage and task rows.
+    pub inserts: Vec<(String, Vec<sea_orm::Value>)>,
+}
+
+impl NewRows {
+    /// The rows of `run`, to be inserted in state `state` at revision `rev`, with alarm `wake`;
+    /// `writes` are leases taken (a new run has no results yet). Tasks in the same state and
+    /// with the same lease share an insert of up to [`INSERT_CHUNK`] rows.
+    pub fn new(
+        tenant: Uuid,
+        run: Uuid,
+        plan: &RunPlan,
+        state: &RunState,
+        wake: Option<Millis>,
+        writes: &HashMap<usize, TaskWrite>,
+        rev: i64,
+    ) -> Self {
+        let mut inserts = vec![];
+        let stages: Vec<(usize, &sluice_domain::plan::PlannedStage)> = plan.stages.iter().enumerate().collect();
+        for chunk in stages.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO stage_runs (run_id, idx, tenant_id, stage_id, status, gate_deadline) VALUES ",
+            );
+            let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into()];
+            for (n, (i, s)) in chunk.iter().enumerate() {
+                let p = values.len();
+                sql.push_str(&format!(
+                    "{}($1, ${}, $2, ${}, ${}, ${})",
+                    if n > 0 { ", " } else { "" },
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4
+                ));
+                let st = state.stages.get(*i).copied().unwrap_or_default();
+                values.push((*i as i32).into());
+                values.push(s.id.clone().into());
+                values.push(st.status.as_str().into());
+                values.push(opt_at(st.gate_deadline).into());
+            }
+            inserts.push((sql, values));
         }
-        parts.push((sql, values));
-    }
-    let tasks: Vec<(usize, &sluice_domain::plan::PlannedTask)> = plan.tasks.iter().enumerate().collect();
-    for chunk in tasks.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO task_runs (run_id, idx, tenant_id, key, task_id, stage_idx, status, attempt, outputs, cancel_requested) VALUES ",
-        );
-        let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into(), false.into()];
-        for (n, (i, t)) in chunk.iter().enumerate() {
-            let p = values.len();
-            sql.push_str(&format!(
-                "{}($1, ${}, $2, ${}, ${}, ${}, 'pending', 0, '{{}}', $3)",
-                if n > 0 { ", " } else { "" },
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4
-            ));
-            values.push((*i as i32).into());
-            values.push(t.key.clone().into());
-            values.push(t.task_id.clone().into());
-            values.push((t.stage as i32).into());
+        let lease = |i: usize| writes.get(&i).and_then(|w| w.lease.as_ref());
+        // (state, lease) and the tasks in it.
+        type Group<'a> = ((TaskState, Option<&'a (String, DateTime<Utc>)>), Vec<usize>);
+        let mut groups: Vec<Group<'_>> = vec![];
+        for i in 0..plan.tasks.len() {
+            let t = state.tasks.get(i).copied().unwrap_or_default();
+            match groups.iter_mut().find(|((gt, gl), _)| *gt == t && *gl == lease(i)) {
+                Some(g) => g.1.push(i),
+                None => groups.push(((t, lease(i)), vec![i])),
+            }
         }
-        parts.push((sql, values));
+        let now = Utc::now();
+        for ((t, lease), idx) in groups {
+            for chunk in idx.chunks(INSERT_CHUNK) {
+                let queued = t.status == TaskStatus::Queued;
+                let mut sql = String::from(
+                    "INSERT INTO task_runs (run_id, tenant_id, cancel_requested, status, attempt, not_before, \
+                     started_at, finished_at, lost, queued_at, rung_at, lease_owner, lease_expires_at, outputs, \
+                     idx, key, task_id, stage_idx) VALUES ",
+                );
+                let mut values: Vec<sea_orm::Value> = vec![
+                    run.into(),
+                    tenant.into(),
+                    false.into(),
+                    t.status.as_str().into(),
+                    (t.attempt as i32).into(),
+                    opt_at(t.not_before).into(),
+                    opt_at(t.started_at).into(),
+                    opt_at(t.finished_at).into(),
+                    (t.lost as i32).into(),
+                    queued.then_some(now).into(),
+                    lease.map(|l| l.0.clone()).into(),
+                    lease.map(|l| l.1).into(),
+                ];
+                for (n, i) in chunk.iter().enumerate() {
+                    let p = values.len();
+                    sql.push_str(&format!(
+                        "{}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, '{{}}', ${}, ${}, ${}, ${})",
+                        if n > 0 { ", " } else { "" },
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4
+                    ));
+                    let task = &plan.tasks[*i];
+                    values.push((*i as i32).into());
+                    values.push(task.key.clone().into());
+                    values.push(task.task_id.clone().into());
+                    values.push((task.stage as i32).into());
+                }
+                inserts.push((sql, values));
+            }
+        }
+        Self {
+            status: state.status,
+            started_at: opt_at(state.started_at),
+            finished_at: opt_at(state.finished_at),
+            next_wake_at: opt_at(wake),
+            rev,
+            inserts,
+        }
     }
-    parts
+
+    /// The rows of a run that has not started: everything pending, revision 0.
+    pub fn pending(tenant: Uuid, run: Uuid, plan: &RunPlan) -> Self {
+        Self::new(tenant, run, plan, &RunState::new(plan), None, &HashMap::new(), 0)
+    }
 }
 
 /// A task of an earlier run that succeeded and is carried over, as succeeded, into a retry.
@@ -479,6 +601,16 @@ pub struct Wake {
     pub new: Option<Millis>,
 }
 
+/// A new random revision, other than `rev`.
+pub fn next_rev(rev: i64) -> i64 {
+    loop {
+        let r = (Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
+        if r != rev {
+            return r;
+        }
+    }
+}
+
 /// Writes every difference between `old` and `new`, and returns the run's new revision (the
 /// old one when nothing was written). Each task update is conditional on the status and
 /// attempt the task had, so a concurrent writer can never be overwritten silently. Tasks that
@@ -497,12 +629,7 @@ pub async fn save(
     if old == new && wake.old == wake.new && writes.is_empty() {
         return Ok(rev);
     }
-    let next_rev = loop {
-        let r = (Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
-        if r != rev {
-            break r;
-        }
-    };
+    let next_rev = next_rev(rev);
     let mut writes_sql: Vec<Write> = vec![Write {
         sql:
             "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5, rev = $6 WHERE id = $1"

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::{CarriedTask, RunRow, TenantLoad, active_runs, carry_over, row_inserts, tenant_load_columns},
+    engine::state::{CarriedTask, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns},
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -201,30 +201,52 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         details["retry_of"] = r.of.to_string().into();
         details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
     }
+    // A new run's first event is planned before anything is written, so that its rows go in
+    // already in the state it leaves them in (one write for the whole start). A retry's rows go
+    // in pending; its carried-over tasks are then marked, and it starts after that.
+    let params_text = serde_json::to_string(&run_plan.params).map_err(anyhow::Error::from)?;
+    let plan_text = serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?;
+    let run_plan = std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan));
+    let (planned, rows) = match &req.retry {
+        Some(_) => (None, NewRows::pending(req.tenant, id, &run_plan)),
+        None => {
+            state.engine.prime(id, run_plan.clone());
+            let key = concurrency.as_ref().map(|c| c.0.clone());
+            let row = RunRow::new(id, req.tenant, req.pipeline.id, version, key, ctx.load);
+            let (applied, rows) = state.engine.start_new(&*txn, row, start).await?;
+            (Some(applied), rows)
+        }
+    };
     // The run's row, its stages' and its tasks', and its audit event go in one round trip.
     let mut inserts = vec![(
         "INSERT INTO runs (id, tenant_id, pipeline_id, pipeline_name, version, status, trigger, initiator_id, initiator, \
-             params, plan, idempotency_key, retry_of, created_at, concurrency_key) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+             params, plan, idempotency_key, retry_of, created_at, concurrency_key, started_at, finished_at, \
+             next_wake_at, rev) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
             .to_owned(),
         vec![
-                id.into(),
-                req.tenant.into(),
-                req.pipeline.id.into(),
-                req.pipeline.name.clone().into(),
-                version.into(),
-                req.trigger.into(),
-                req.initiator.into(),
-                req.actor.label.clone().into(),
-                serde_json::to_string(&run_plan.params).unwrap_or_default().into(),
-                serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?.into(),
-                req.idempotency_key.map(str::to_owned).into(),
-                req.retry.as_ref().map(|r| r.of).into(),
-                Utc::now().into(),
-                concurrency.as_ref().map(|c| c.0.clone()).into(),
+            id.into(),
+            req.tenant.into(),
+            req.pipeline.id.into(),
+            req.pipeline.name.clone().into(),
+            version.into(),
+            rows.status.as_str().into(),
+            req.trigger.into(),
+            req.initiator.into(),
+            req.actor.label.clone().into(),
+            params_text.into(),
+            plan_text.into(),
+            req.idempotency_key.map(str::to_owned).into(),
+            req.retry.as_ref().map(|r| r.of).into(),
+            Utc::now().into(),
+            concurrency.as_ref().map(|c| c.0.clone()).into(),
+            rows.started_at.into(),
+            rows.finished_at.into(),
+            rows.next_wake_at.into(),
+            rows.rev.into(),
         ],
     )];
-    inserts.extend(row_inserts(req.tenant, id, &run_plan));
+    inserts.extend(rows.inserts);
     let rows = 1 + (run_plan.stages.len() + run_plan.tasks.len()) as u64;
     let (_, audited) = audit::append_statements(
         req.tenant,
@@ -255,16 +277,12 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         Err(e) => return Err(e.into()),
     }
     // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
-    let mut applied = match &req.retry {
-        Some(r) => {
-            carry_over(store, &*txn, id, &run_plan, r.carry_over).await?;
-            state.engine.apply_in(&*txn, id, start).await?
-        }
+    let mut applied = match planned {
+        Some(applied) => applied,
         None => {
-            let concurrency_key = concurrency.map(|c| c.0);
-            state.engine.prime(id, std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan)));
-            let row = RunRow::new(id, req.tenant, req.pipeline.id, version, concurrency_key, ctx.load);
-            state.engine.apply_to_new(&*txn, row, start).await?
+            let carried = req.retry.as_ref().map_or(&[][..], |r| r.carry_over);
+            carry_over(store, &*txn, id, &run_plan, carried).await?;
+            state.engine.apply_in(&*txn, id, start).await?
         }
     };
     txn.commit().await?;

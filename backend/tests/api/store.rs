@@ -1,5 +1,7 @@
-//! Statements executed together in one round trip, on the test's database (SQLite or PostgreSQL).
+//! Statements executed together in one round trip, and a run's state read with its row, on the
+//! test's database (SQLite or PostgreSQL).
 
+use serde_json::{Value, json};
 use sluice_backend::store::Changed;
 
 use crate::helpers::*;
@@ -59,4 +61,72 @@ async fn statements_executed_together_report_what_they_changed_and_fail_as_one()
     assert!(store.execute_each(&*txn, parts).await.is_err());
     drop(txn);
     assert_eq!(name(admin.tenant.clone()).await.as_deref(), Some("Renamed"));
+}
+
+/// A run's state rows are read with its row (on PostgreSQL, in the one statement that locks the
+/// row) as that statement began, before it waited for the lock. When another transaction changed
+/// the run meanwhile, what is loaded is still the state it committed, read again under the lock.
+#[actix_web::test]
+async fn a_run_loaded_while_another_transaction_changes_it_has_the_committed_state() {
+    use sluice_backend::engine::state::{Memo, RunRef, load};
+    use sluice_domain::plan::TaskStatus;
+
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("locked")).await;
+    // A task no worker takes: it stays queued.
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: t\n        runs_on: [nowhere]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "held", yaml).await.status(), reqwest::StatusCode::CREATED);
+    let r = app.post(&format!("/api/v1/t/{}/pipelines/held/runs", admin.tenant), &admin.token, json!({})).await;
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["tasks"][0]["status"], "queued", "{v:#}");
+    let run = uuid::Uuid::parse_str(v["id"].as_str().unwrap()).unwrap();
+
+    // Another process's transaction changes the task and the run's revision, and holds the lock.
+    let store = app.state.store.clone();
+    let changer = store.write().await.unwrap();
+    let rev = 7_000_000_000_i64;
+    store.execute(&*changer, "UPDATE runs SET rev = $2 WHERE id = $1", vec![run.into(), rev.into()]).await.unwrap();
+    store
+        .execute(&*changer, "UPDATE task_runs SET status = 'cancelled' WHERE run_id = $1", vec![run.into()])
+        .await
+        .unwrap();
+
+    // A process that knows nothing of the run loads it meanwhile.
+    let loader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let txn = store.write().await.unwrap();
+            let loaded = load(&store, &*txn, RunRef::Id(run), &Memo::new(8), &Memo::new(8)).await.unwrap().unwrap();
+            (loaded.row.rev, loaded.state.tasks[0].status)
+        })
+    };
+    if use_postgres() {
+        // Its statement has begun and waits for the lock.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            #[derive(sea_orm::FromQueryResult)]
+            struct N {
+                n: i64,
+            }
+            let waiting: Option<N> = store
+                .query_one(
+                    store.db(),
+                    "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND query LIKE 'WITH locked%'",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            if waiting.is_some_and(|w| w.n > 0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the load never waited for the run's lock");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    changer.commit().await.unwrap();
+    let (loaded_rev, status) = loader.await.unwrap();
+    assert_eq!(loaded_rev, rev);
+    assert_eq!(status, TaskStatus::Cancelled, "the state loaded is the one committed before the lock was given");
 }
