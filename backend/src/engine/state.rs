@@ -178,6 +178,29 @@ pub struct CachedState {
     pub state: RunState,
     /// Each task's lease holder.
     pub leases: Vec<Option<String>>,
+    /// The run's row at that revision, once this process has read or written it.
+    pub row: Option<Box<RunRow>>,
+    /// PostgreSQL's clock as this process last read it along with the run.
+    pub clock: Option<Clock>,
+}
+
+/// A reading of PostgreSQL's clock (the transaction's `now()`), and this process's instant as
+/// it arrived, from which the database's time is estimated without asking it. The estimate
+/// runs behind by at most the time between the transaction's start and that instant (well
+/// under a millisecond when nothing stalls), and is always re-anchored by the next locked read.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// The database's time.
+    pub db: DateTime<Utc>,
+    /// This process's instant then.
+    pub at: std::time::Instant,
+}
+
+impl Clock {
+    /// The database's time now, estimated.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.db + chrono::Duration::from_std(self.at.elapsed()).unwrap_or_default()
+    }
 }
 
 /// Run states by run id.
@@ -269,6 +292,11 @@ pub enum RunRef {
     /// A new run, pending at revision 0, with its plan and state [primed](crate::engine::Core::prime):
     /// nothing is read, and nothing is written but the rows handed back.
     New(Box<RunRow>),
+    /// A run whose state this process holds at the row's revision, with an estimate of the
+    /// database clock: nothing is read, and the change is written by one statement outside any
+    /// transaction that applies only if the run is still at that revision (see
+    /// [`Store::execute_guarded`]).
+    Known(Box<RunRow>, Clock),
 }
 
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
@@ -282,7 +310,9 @@ pub async fn load(
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
     let run = match run {
-        RunRef::New(row) => return load_state(store, conn, *row, None, plans, states).await.map(Some),
+        RunRef::New(row) | RunRef::Known(row, _) => {
+            return load_state(store, conn, *row, None, plans, states).await.map(Some);
+        }
         RunRef::Id(run) => run,
     };
     // The tenant's load comes along for claims (the per-tenant limit), and PostgreSQL's clock
@@ -626,8 +656,78 @@ pub async fn save(
     wake: Wake,
     writes: &HashMap<usize, TaskWrite>,
 ) -> Result<i64, DbErr> {
+    match changes(run, rev, old, new, wake, writes) {
+        Some((next_rev, writes)) => {
+            execute_all(store, conn, writes).await?;
+            Ok(next_rev)
+        }
+        None => Ok(rev),
+    }
+}
+
+/// What `save` checks before it writes an unlocked change.
+pub struct Guard {
+    /// Tasks the change claims for the tenant `tenant` (0: no check of its limit).
+    pub claims: u64,
+    /// The tenant.
+    pub tenant: Uuid,
+    /// The configured limit of running tasks per tenant (0: none), unless the tenant has its own.
+    pub default_limit: i64,
+}
+
+/// Writes a change like [`save`], in one statement outside any transaction, applied only if
+/// the run is still at revision `rev` and, when the change claims tasks, its tenant stays
+/// within its running-task limit (counted as the statement begins); otherwise nothing is
+/// written. Returns the new revision, or `None` when nothing was written because the run or
+/// the tenant's load was not as expected (the caller then applies the change the locked way).
+#[allow(clippy::too_many_arguments)]
+pub async fn save_unlocked(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    run: Uuid,
+    rev: i64,
+    old: &RunState,
+    new: &RunState,
+    wake: Wake,
+    writes: &HashMap<usize, TaskWrite>,
+    guard: Guard,
+) -> Result<Option<i64>, DbErr> {
+    let Some((next_rev, mut writes)) = changes(run, rev, old, new, wake, writes) else { return Ok(Some(rev)) };
+    if writes.len() > crate::store::COMBINE {
+        return Ok(None);
+    }
+    // The run's update is the first: it carries the conditions.
+    let first = &mut writes[0];
+    first.values.push(rev.into());
+    first.sql.push_str(&format!(" AND rev = ${}", first.values.len()));
+    if guard.claims > 0 {
+        first.values.push(guard.tenant.into());
+        let t = first.values.len();
+        first.values.push(guard.default_limit.into());
+        let d = first.values.len();
+        first.values.push((guard.claims as i64).into());
+        let k = first.values.len();
+        let limit = format!("COALESCE((SELECT max_running_tasks FROM tenants WHERE id = ${t}), ${d})");
+        first.sql.push_str(&format!(
+            " AND ({limit} <= 0 OR (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = ${t} AND t.status = 'running') + ${k} <= {limit})"
+        ));
+    }
+    let parts = writes.into_iter().map(|w| (w.sql, w.values, w.expect)).collect();
+    Ok(store.execute_guarded(conn, parts).await?.then_some(next_rev))
+}
+
+/// The writes of every difference between `old` and `new`, and the new revision; `None` when
+/// nothing changed.
+fn changes(
+    run: Uuid,
+    rev: i64,
+    old: &RunState,
+    new: &RunState,
+    wake: Wake,
+    writes: &HashMap<usize, TaskWrite>,
+) -> Option<(i64, Vec<Write>)> {
     if old == new && wake.old == wake.new && writes.is_empty() {
-        return Ok(rev);
+        return None;
     }
     let next_rev = next_rev(rev);
     let mut writes_sql: Vec<Write> = vec![Write {
@@ -683,8 +783,7 @@ pub async fn save(
             writes_sql.push(write_task(run, chunk, a, b, write, now));
         }
     }
-    execute_all(store, conn, writes_sql).await?;
-    Ok(next_rev)
+    Some((next_rev, writes_sql))
 }
 
 /// One conditional write of a change: a statement with its own `$1..` placeholders, and how

@@ -266,6 +266,52 @@ impl Store {
         Ok(if postgres { Changed::Each(each) } else { Changed::Total(total) })
     }
 
+    /// Executes updates (each with its own `$1..` placeholders and the number of rows it must
+    /// change) as one PostgreSQL statement, so outside a transaction they are applied together
+    /// or not at all: the first is applied first (its row locks are taken before any other's),
+    /// every other applies only if the first changed a row, and unless each changed exactly the
+    /// rows it must, the statement fails, which undoes all of them. Returns false when it
+    /// failed so (nothing was applied), or when PostgreSQL broke a deadlock by failing it. At
+    /// most [`COMBINE`] updates; PostgreSQL only.
+    pub async fn execute_guarded(
+        &self,
+        conn: &impl ConnectionTrait,
+        parts: Vec<(String, Vec<Value>, u64)>,
+    ) -> Result<bool, DbErr> {
+        const MISMATCH: &str = "sluice: rows changed concurrently";
+        debug_assert!(self.backend == DbBackend::Postgres && parts.len() <= COMBINE);
+        let mut sql = String::new();
+        let mut values: Vec<Value> = vec![];
+        let mut checks = vec![];
+        for (i, (part, part_values, expect)) in parts.into_iter().enumerate() {
+            let part = shift_placeholders(&part, values.len());
+            values.extend(part_values);
+            // An uncorrelated condition is evaluated once, before the update scans: so the first
+            // update runs (and locks) before this one.
+            let after_first = if i > 0 { " AND EXISTS (SELECT 1 FROM w0)" } else { "" };
+            sql.push_str(if i == 0 { "WITH " } else { ", " });
+            sql.push_str(&format!("w{i} AS ({part}{after_first} RETURNING 1)"));
+            checks.push(format!("(SELECT COUNT(*) FROM w{i}) = {expect}"));
+        }
+        // A failed cast is how a plain SQL statement fails on purpose.
+        sql.push_str(&format!(
+            " SELECT CAST(CASE WHEN {} THEN '1' ELSE '{MISMATCH}' END AS INTEGER) AS ok",
+            checks.join(" AND ")
+        ));
+        #[derive(FromQueryResult)]
+        struct Checked {
+            #[allow(dead_code)]
+            ok: i32,
+        }
+        match self.query_one::<Checked>(conn, &sql, values).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains(MISMATCH) || text.contains("deadlock detected") { Ok(false) } else { Err(e) }
+            }
+        }
+    }
+
     /// `FOR UPDATE` on PostgreSQL; nothing on SQLite, where the write lock serializes writers.
     pub fn for_update(&self) -> &'static str {
         if self.backend == DbBackend::Postgres { " FOR UPDATE" } else { "" }

@@ -788,3 +788,32 @@ async fn a_task_users_system_calls_are_restricted_unless_all_are_allowed() {
         eprintln!("note: this kernel refuses unprivileged user namespaces; with all, the task got {made}");
     }
 }
+
+/// The worker knows a run's state from its own writes; when another process changes the run
+/// while a task runs, the task's completion is applied to the run as that process left it, not
+/// to the state this worker knew.
+#[actix_web::test]
+async fn a_completion_sees_what_another_process_changed_while_its_task_ran() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("meanwhile")).await;
+    // `wait` stays queued (no worker has its label); `work` runs for a moment.
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: work\n        sleep: 700ms\n      - id: wait\n        runs_on: [nowhere]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "meanwhile", yaml).await.status(), StatusCode::CREATED);
+    let v = start(&app, &admin, "meanwhile", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_until(&app, &admin, &id, 10, "the task never started", |v| task_of(v, "work")["status"] == "running").await;
+    // Another process skips the waiting task, which changes the run's revision.
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    let skipped = app
+        .sql(
+            "UPDATE task_runs SET status = 'skipped', finished_at = CURRENT_TIMESTAMP WHERE run_id = $1 AND key = 'wait'",
+            vec![run.into()],
+        )
+        .await;
+    assert_eq!(skipped, 1);
+    app.sql("UPDATE runs SET rev = rev + 1 WHERE id = $1", vec![run.into()]).await;
+    // With `work` done, nothing is left to wait for: the run ends.
+    let v = wait_until(&app, &admin, &id, 15, "the run never ended", |v| v["status"] == "succeeded").await;
+    assert_eq!(task_of(&v, "work")["status"], "succeeded", "{v:#}");
+    assert_eq!(task_of(&v, "wait")["status"], "skipped", "{v:#}");
+}

@@ -204,6 +204,28 @@ async fn a_tenant_never_runs_more_tasks_at_once_than_its_limit() {
     assert_eq!(most, [2, 2]);
 }
 
+/// Tasks queued by a completion, more than the tenant may run, are not all taken by the
+/// worker's free slots: the claims made with the completion stay within the limit.
+#[actix_web::test]
+async fn a_fan_out_after_a_completion_stays_within_the_tenants_limit() {
+    let app = spawn_app_with(|c| {
+        c.tenant_max_running_tasks = 2;
+        c.worker_slots = 8;
+    })
+    .await;
+    let admin = app.signup(&slug("fan")).await;
+    let mut yaml = String::from(
+        "stages:\n  - id: first\n    tasks:\n      - id: a\n        sleep: 100ms\n  - id: then\n    needs: [first]\n    tasks:\n",
+    );
+    for i in 0..5 {
+        yaml.push_str(&format!("      - id: b{i}\n        sleep: 400ms\n"));
+    }
+    assert_eq!(app.create_pipeline(&admin, "fan", &yaml).await.status(), StatusCode::CREATED);
+    let id = start(&app, &admin, "fan", json!({})).await;
+    let most = peak_running(&app, &[(&admin, &id)], &[2]).await;
+    assert_eq!(most, [2]);
+}
+
 #[actix_web::test]
 async fn the_embedded_worker_starts_higher_priority_tasks_first() {
     let app = spawn_app_with(|c| c.worker_slots = 1).await;

@@ -130,3 +130,60 @@ async fn a_run_loaded_while_another_transaction_changes_it_has_the_committed_sta
     assert_eq!(loaded_rev, rev);
     assert_eq!(status, TaskStatus::Cancelled, "the state loaded is the one committed before the lock was given");
 }
+
+/// Updates guarded as one statement (PostgreSQL, outside a transaction) are applied together
+/// or not at all: not when the first changes no row, nor when any changes other rows than it
+/// must, though the first did.
+#[actix_web::test]
+async fn guarded_updates_apply_together_or_not_at_all() {
+    if !use_postgres() {
+        return;
+    }
+    let app = spawn_app().await;
+    let a = app.signup(&slug("guard-a")).await;
+    let b = app.signup(&slug("guard-b")).await;
+    let store = &app.state.store;
+    let rename = |slug: &str, from: &str, to: &str, expect: u64| {
+        (
+            "UPDATE tenants SET name = $3 WHERE slug = $1 AND name = $2".to_owned(),
+            vec![slug.to_owned().into(), from.to_owned().into(), to.to_owned().into()],
+            expect,
+        )
+    };
+    #[derive(sea_orm::FromQueryResult)]
+    struct Name {
+        name: String,
+    }
+    let name = |slug: String| async move {
+        store
+            .query_one::<Name>(store.db(), "SELECT name FROM tenants WHERE slug = $1", vec![slug.into()])
+            .await
+            .unwrap()
+            .unwrap()
+            .name
+    };
+    let (name_a, name_b) = (name(a.tenant.clone()).await, name(b.tenant.clone()).await);
+
+    // The first changes nothing: the second is not applied either.
+    let parts = vec![rename(&a.tenant, "not its name", "A2", 1), rename(&b.tenant, &name_b, "B2", 1)];
+    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    assert_eq!(name(b.tenant.clone()).await, name_b);
+
+    // The second changes a row it must not (it expects none): the first is undone.
+    let parts = vec![rename(&a.tenant, &name_a, "A2", 1), rename(&b.tenant, &name_b, "B2", 0)];
+    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    assert_eq!(name(a.tenant.clone()).await, name_a);
+    assert_eq!(name(b.tenant.clone()).await, name_b);
+
+    // As expected: both applied.
+    let parts = vec![rename(&a.tenant, &name_a, "A2", 1), rename(&b.tenant, &name_b, "B2", 1)];
+    assert!(store.execute_guarded(store.db(), parts).await.unwrap());
+    assert_eq!(name(a.tenant.clone()).await, "A2");
+    assert_eq!(name(b.tenant.clone()).await, "B2");
+
+    // Any other failure is an error.
+    let parts =
+        vec![rename(&a.tenant, "A2", "A3", 1), ("UPDATE no_such_table SET x = $1".to_owned(), vec![1i32.into()], 1)];
+    assert!(store.execute_guarded(store.db(), parts).await.is_err());
+    assert_eq!(name(a.tenant.clone()).await, "A2");
+}
