@@ -119,6 +119,10 @@ pub struct Core {
 /// Most answered rings remembered.
 const ANSWERED_CAP: usize = 8192;
 
+/// How long a reading of the database's clock, kept with a run's state, is used to estimate its
+/// time for unlocked changes of the run (see [`Core::unlocked`]).
+const CLOCK_READING_LASTS: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Attempts this process claimed without taking their ring (a completion passed its slot on
 /// to a task that had been rung): when such a ring arrives, it is dropped without a claim. A
 /// claimed attempt is never queued again (a retry is a new attempt), so the ring can only be
@@ -1059,11 +1063,10 @@ impl Core {
                 default_limit: self.tenant_task_limit.load(Ordering::Relaxed) as i64,
             };
             let wake = state::Wake { old: old_wake, new: wake };
+            let change = state::Change { run, rev: row.rev, old: &old, new: &cur, wake, writes: &writes };
             let saved = match more {
                 true => None,
-                false => {
-                    state::save_unlocked(&self.store, conn, run, row.rev, &old, &cur, wake, &writes, guard).await?
-                }
+                false => state::save_unlocked(&self.store, conn, &change, guard).await?,
             };
             match saved {
                 Some(rev) => rev,
@@ -1073,8 +1076,13 @@ impl Core {
                 }
             }
         } else {
-            state::save(&self.store, conn, run, row.rev, &old, &cur, state::Wake { old: old_wake, new: wake }, &writes)
-                .await?
+            let wake = state::Wake { old: old_wake, new: wake };
+            state::save(
+                &self.store,
+                conn,
+                &state::Change { run, rev: row.rev, old: &old, new: &cur, wake, writes: &writes },
+            )
+            .await?
         };
         for k in applied.kills.iter().filter(|k| k.run == run) {
             self.store
@@ -1250,6 +1258,11 @@ impl Core {
         let Some(state::CachedState { row: Some(mut row), clock: Some(clock), .. }) = self.states.get(&run) else {
             return Ok(None);
         };
+        // A reading of the database's clock serves for a while; then the locked way reads it
+        // again (so a step of that clock, or a drift from this process's, lasts no longer).
+        if clock.at.elapsed() > CLOCK_READING_LASTS {
+            return Ok(None);
+        }
         // The tenant's limit is left to the statement: the planner sees none.
         row.load = state::TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
         let steps: Vec<&Step> = ops.iter().map(|(_, s)| *s).collect();

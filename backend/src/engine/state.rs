@@ -645,24 +645,30 @@ pub fn next_rev(rev: i64) -> i64 {
 /// old one when nothing was written). Each task update is conditional on the status and
 /// attempt the task had, so a concurrent writer can never be overwritten silently. Tasks that
 /// change the same way (say, 200 tasks queued at once) are written by one statement.
-#[allow(clippy::too_many_arguments)]
-pub async fn save(
-    store: &Store,
-    conn: &impl ConnectionTrait,
-    run: Uuid,
-    rev: i64,
-    old: &RunState,
-    new: &RunState,
-    wake: Wake,
-    writes: &HashMap<usize, TaskWrite>,
-) -> Result<i64, DbErr> {
-    match changes(run, rev, old, new, wake, writes) {
+pub async fn save(store: &Store, conn: &impl ConnectionTrait, change: &Change<'_>) -> Result<i64, DbErr> {
+    match changes(change) {
         Some((next_rev, writes)) => {
             execute_all(store, conn, writes).await?;
             Ok(next_rev)
         }
-        None => Ok(rev),
+        None => Ok(change.rev),
     }
+}
+
+/// A change of a run's state, to be written.
+pub struct Change<'a> {
+    /// The run.
+    pub run: Uuid,
+    /// Its revision as the change was planned on it.
+    pub rev: i64,
+    /// The state then.
+    pub old: &'a RunState,
+    /// The state now.
+    pub new: &'a RunState,
+    /// Its alarm then and now.
+    pub wake: Wake,
+    /// What tasks get besides their new state.
+    pub writes: &'a HashMap<usize, TaskWrite>,
 }
 
 /// What `save` checks before it writes an unlocked change.
@@ -680,19 +686,16 @@ pub struct Guard {
 /// within its running-task limit (counted as the statement begins); otherwise nothing is
 /// written. Returns the new revision, or `None` when nothing was written because the run or
 /// the tenant's load was not as expected (the caller then applies the change the locked way).
-#[allow(clippy::too_many_arguments)]
 pub async fn save_unlocked(
     store: &Store,
     conn: &impl ConnectionTrait,
-    run: Uuid,
-    rev: i64,
-    old: &RunState,
-    new: &RunState,
-    wake: Wake,
-    writes: &HashMap<usize, TaskWrite>,
+    change: &Change<'_>,
     guard: Guard,
 ) -> Result<Option<i64>, DbErr> {
-    let Some((next_rev, mut writes)) = changes(run, rev, old, new, wake, writes) else { return Ok(Some(rev)) };
+    let rev = change.rev;
+    // A change that writes nothing (a claim of a task not queued, a completion found late) was
+    // decided on the state known here, which nothing then checks: the locked way decides it.
+    let Some((next_rev, mut writes)) = changes(change) else { return Ok(None) };
     if writes.len() > crate::store::COMBINE {
         return Ok(None);
     }
@@ -718,14 +721,8 @@ pub async fn save_unlocked(
 
 /// The writes of every difference between `old` and `new`, and the new revision; `None` when
 /// nothing changed.
-fn changes(
-    run: Uuid,
-    rev: i64,
-    old: &RunState,
-    new: &RunState,
-    wake: Wake,
-    writes: &HashMap<usize, TaskWrite>,
-) -> Option<(i64, Vec<Write>)> {
+fn changes(change: &Change<'_>) -> Option<(i64, Vec<Write>)> {
+    let &Change { run, rev, old, new, wake, writes } = change;
     if old == new && wake.old == wake.new && writes.is_empty() {
         return None;
     }

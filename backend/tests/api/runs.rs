@@ -817,3 +817,31 @@ async fn a_completion_sees_what_another_process_changed_while_its_task_ran() {
     assert_eq!(task_of(&v, "work")["status"], "succeeded", "{v:#}");
     assert_eq!(task_of(&v, "wait")["status"], "skipped", "{v:#}");
 }
+
+/// A claim of a task that another process queued, while this process still knows the task as
+/// pending, is decided on the run as it is, not as it was known here.
+#[actix_web::test]
+async fn a_claim_of_a_task_another_process_queued_succeeds() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("queued-elsewhere")).await;
+    let yaml = "stages:\n  - id: first\n    tasks:\n      - id: work\n        sleep: 2s\n  - id: then\n    needs: [first]\n    tasks:\n      - id: later\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "elsewhere", yaml).await.status(), StatusCode::CREATED);
+    let v = start(&app, &admin, "elsewhere", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_until(&app, &admin, &id, 10, "the task never started", |v| task_of(v, "work")["status"] == "running").await;
+    // Another process queues `later` (as a reaper would a retry that became due).
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    let queued = app
+        .sql(
+            "UPDATE task_runs SET status = 'queued', attempt = 1, queued_at = CURRENT_TIMESTAMP WHERE run_id = $1 AND key = 'later'",
+            vec![run.into()],
+        )
+        .await;
+    assert_eq!(queued, 1);
+    app.sql("UPDATE runs SET rev = rev + 1 WHERE id = $1", vec![run.into()]).await;
+    let d = sluice_backend::engine::Dispatch { run, task: 1, attempt: 1 };
+    let claimed = app.state.engine.claim(d).await.unwrap();
+    assert!(claimed.is_some(), "the queued task was not claimed");
+    let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(task_of(&v, "later")["status"], "running", "{v:#}");
+}
