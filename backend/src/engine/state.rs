@@ -466,19 +466,11 @@ impl NewRows {
         let stages: Vec<(usize, &sluice_domain::plan::PlannedStage)> = plan.stages.iter().enumerate().collect();
         for chunk in stages.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
-                "INSERT INTO stage_runs (run_id, idx, tenant_id, stage_id, status, gate_deadline) VALUES ",
+                "INSERT INTO stage_runs (run_id, tenant_id, idx, stage_id, status, gate_deadline) VALUES ",
             );
             let mut values: Vec<sea_orm::Value> = vec![run.into(), tenant.into()];
             for (n, (i, s)) in chunk.iter().enumerate() {
-                let p = values.len();
-                sql.push_str(&format!(
-                    "{}($1, ${}, $2, ${}, ${}, ${})",
-                    if n > 0 { ", " } else { "" },
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4
-                ));
+                sql.push_str(&values_row(n, "$1, $2", values.len() + 1, 4));
                 let st = state.stages.get(*i).copied().unwrap_or_default();
                 values.push((*i as i32).into());
                 values.push(s.id.clone().into());
@@ -522,15 +514,8 @@ impl NewRows {
                     lease.map(|l| l.1).into(),
                 ];
                 for (n, i) in chunk.iter().enumerate() {
-                    let p = values.len();
-                    sql.push_str(&format!(
-                        "{}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, '{{}}', ${}, ${}, ${}, ${})",
-                        if n > 0 { ", " } else { "" },
-                        p + 1,
-                        p + 2,
-                        p + 3,
-                        p + 4
-                    ));
+                    let shared = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, '{}'";
+                    sql.push_str(&values_row(n, shared, values.len() + 1, 4));
                     let task = &plan.tasks[*i];
                     values.push((*i as i32).into());
                     values.push(task.key.clone().into());
@@ -554,6 +539,13 @@ impl NewRows {
     pub fn pending(tenant: Uuid, run: Uuid, plan: &RunPlan) -> Self {
         Self::new(tenant, run, plan, &RunState::new(plan), None, &HashMap::new(), 0)
     }
+}
+
+/// The `n`-th row of a multi-row `VALUES` (a comma before all but the first): the placeholders
+/// all rows share, `shared`, then `count` of its own from `$first`.
+fn values_row(n: usize, shared: &str, first: usize, count: usize) -> String {
+    let own: Vec<String> = (first..first + count).map(|i| format!("${i}")).collect();
+    format!("{}({shared}, {})", if n > 0 { ", " } else { "" }, own.join(", "))
 }
 
 /// A task of an earlier run that succeeded and is carried over, as succeeded, into a retry.
