@@ -45,7 +45,7 @@ mod program {
     use super::{ARCH, libc};
 
     /// Refused with `EPERM`.
-    const REFUSED: [libc::c_long; 30] = [
+    const REFUSED: [libc::c_long; 31] = [
         libc::SYS_unshare,
         libc::SYS_setns,
         libc::SYS_mount,
@@ -76,6 +76,7 @@ mod program {
         libc::SYS_acct,
         libc::SYS_quotactl,
         libc::SYS_syslog,
+        libc::SYS_lookup_dcookie,
     ];
 
     /// Refused with `ENOSYS`.

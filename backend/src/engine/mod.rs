@@ -870,7 +870,7 @@ impl Core {
         };
         let new = matches!(run, state::RunRef::New(_));
         let unlocked = match &run {
-            state::RunRef::Known(_, clock) => Some(*clock),
+            state::RunRef::Known(k) => Some(k.clock),
             _ => None,
         };
         let Some(loaded) = state::load(&self.store, conn, run, &self.plans, &self.states).await? else {
@@ -1064,10 +1064,7 @@ impl Core {
             };
             let wake = state::Wake { old: old_wake, new: wake };
             let change = state::Change { run, rev: row.rev, old: &old, new: &cur, wake, writes: &writes };
-            let saved = match more {
-                true => None,
-                false => state::save_unlocked(&self.store, conn, &change, guard).await?,
-            };
+            let saved = if more { None } else { state::save_unlocked(&self.store, conn, &change, guard).await? };
             match saved {
                 Some(rev) => rev,
                 None => {
@@ -1255,7 +1252,8 @@ impl Core {
         {
             return Ok(None);
         }
-        let Some(state::CachedState { row: Some(mut row), clock: Some(clock), .. }) = self.states.get(&run) else {
+        let Some(state::CachedState { state, leases, row: Some(row), clock: Some(clock), .. }) = self.states.get(&run)
+        else {
             return Ok(None);
         };
         // A reading of the database's clock serves for a while; then the locked way reads it
@@ -1264,10 +1262,11 @@ impl Core {
             return Ok(None);
         }
         // The tenant's limit is left to the statement: the planner sees none.
-        row.load = state::TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
+        let load = state::TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
+        let row = state::RunRow { load, ..*row };
         let steps: Vec<&Step> = ops.iter().map(|(_, s)| *s).collect();
         let mut applied = Applied::default();
-        let known = state::RunRef::Known(row, clock);
+        let known = state::RunRef::Known(Box::new(state::Known { row, state, leases, clock }));
         let done = self.steps(self.store.db(), known, &steps, &mut None, &mut applied, &mut HashMap::new()).await?;
         if applied.refused {
             self.states.forget(&run);

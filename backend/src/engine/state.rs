@@ -114,6 +114,11 @@ impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
         Self { map: Mutex::new(HashMap::new()), capacity }
     }
 
+    /// Whether a value is held under `key` (without copying it).
+    pub fn contains(&self, key: &K) -> bool {
+        self.map.lock().is_ok_and(|m| m.contains_key(key))
+    }
+
     /// The value under `key`.
     pub fn get(&self, key: &K) -> Option<V> {
         self.map.lock().ok().and_then(|m| m.get(key).cloned())
@@ -292,11 +297,23 @@ pub enum RunRef {
     /// A new run, pending at revision 0, with its plan and state [primed](crate::engine::Core::prime):
     /// nothing is read, and nothing is written but the rows handed back.
     New(Box<RunRow>),
-    /// A run whose state this process holds at the row's revision, with an estimate of the
-    /// database clock: nothing is read, and the change is written by one statement outside any
-    /// transaction that applies only if the run is still at that revision (see
-    /// [`Store::execute_guarded`]).
-    Known(Box<RunRow>, Clock),
+    /// A run whose state this process holds, as it took it from its cache: nothing is read, and
+    /// the change is written by one statement outside any transaction that applies only if the
+    /// run is still at that revision (see [`Store::execute_guarded`]).
+    Known(Box<Known>),
+}
+
+/// A run's state as this process holds it, with its row and a reading of the database's clock
+/// (a [`CachedState`] that has both).
+pub struct Known {
+    /// The run's row at the state's revision.
+    pub row: RunRow,
+    /// The state.
+    pub state: RunState,
+    /// Each task's lease holder.
+    pub leases: Vec<Option<String>>,
+    /// The reading the database's time is estimated from.
+    pub clock: Clock,
 }
 
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
@@ -310,8 +327,11 @@ pub async fn load(
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
     let run = match run {
-        RunRef::New(row) | RunRef::Known(row, _) => {
-            return load_state(store, conn, *row, None, plans, states).await.map(Some);
+        RunRef::New(row) => return load_state(store, conn, *row, None, plans, states).await.map(Some),
+        RunRef::Known(k) => {
+            let Known { row, state, leases, .. } = *k;
+            let plan = plan_of(store, conn, row.id, plans).await?;
+            return Ok(Some(Loaded { row, plan, state, leases }));
         }
         RunRef::Id(run) => run,
     };
@@ -323,7 +343,7 @@ pub async fn load(
         tenant_load_columns(store, "runs.tenant_id", true),
         store.for_update()
     );
-    if store.backend() != sea_orm::DbBackend::Postgres || states.get(&run).is_some() {
+    if store.backend() != sea_orm::DbBackend::Postgres || states.contains(&run) {
         let Some(row): Option<RunRow> = store.query_one(conn, &select, vec![run.into()]).await? else {
             return Ok(None);
         };
@@ -343,7 +363,7 @@ pub async fn load(
         seen_rev: Option<i64>,
         states: Option<String>,
     }
-    let plan = if plans.get(&run).is_some() { "NULL" } else { "(SELECT plan FROM runs WHERE id = $1)" };
+    let plan = if plans.contains(&run) { "NULL" } else { "(SELECT plan FROM runs WHERE id = $1)" };
     let sql = format!(
         "WITH locked AS ({select}) SELECT locked.*, CAST({plan} AS TEXT) AS plan, \
          (SELECT rev FROM runs WHERE id = $1) AS seen_rev, \
@@ -663,7 +683,7 @@ pub struct Change<'a> {
     pub writes: &'a HashMap<usize, TaskWrite>,
 }
 
-/// What `save` checks before it writes an unlocked change.
+/// What [`save_unlocked`] checks before it writes a change.
 pub struct Guard {
     /// Tasks the change claims for the tenant `tenant` (0: no check of its limit).
     pub claims: u64,

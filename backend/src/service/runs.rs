@@ -247,7 +247,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         ],
     )];
     inserts.extend(rows.inserts);
-    let rows = 1 + (run_plan.stages.len() + run_plan.tasks.len()) as u64;
+    let inserted = 1 + (run_plan.stages.len() + run_plan.tasks.len()) as u64;
     let (_, audited) = audit::append_statements(
         req.tenant,
         ctx.seq,
@@ -266,7 +266,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     );
     inserts.extend(audited);
     match store.execute_together(&*txn, inserts).await {
-        Ok(changed) => audit::check_appended(req.tenant, changed, rows)?,
+        Ok(changed) => audit::check_appended(req.tenant, changed, inserted)?,
         Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
             // The same key won a race: that run is the answer.
             drop(txn);

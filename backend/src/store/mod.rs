@@ -306,8 +306,14 @@ impl Store {
         match self.query_one::<Checked>(conn, &sql, values).await {
             Ok(_) => Ok(true),
             Err(e) => {
-                let text = e.to_string();
-                if text.contains(MISMATCH) || text.contains("deadlock detected") { Ok(false) } else { Err(e) }
+                // 22P02: the failed cast (with its message, so nothing else is taken for it);
+                // 40P01: a deadlock broken by failing this statement.
+                let refused = match sqlstate(&e).as_deref() {
+                    Some("22P02") => e.to_string().contains(MISMATCH),
+                    Some("40P01") => true,
+                    _ => false,
+                };
+                if refused { Ok(false) } else { Err(e) }
             }
         }
     }
@@ -409,6 +415,18 @@ impl Changed {
             Self::Each(each) => each.iter().sum(),
             Self::Total(n) => *n,
         }
+    }
+}
+
+/// The SQLSTATE code of a database error, if the database gave one.
+pub fn sqlstate(err: &DbErr) -> Option<String> {
+    use sea_orm::RuntimeErr;
+    match err {
+        DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => match &**e {
+            sea_orm::sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
