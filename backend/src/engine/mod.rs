@@ -815,15 +815,6 @@ impl Core {
         })
     }
 
-    /// Remembers a run just inserted (plan, and rows all pending at revision 0), so that
-    /// starting it reads nothing back.
-    pub fn prime(&self, run: Uuid, run_plan: Arc<plan::Prepared>) {
-        let state = plan::RunState::new(&run_plan);
-        let leases = vec![None; run_plan.tasks.len()];
-        self.plans.put(run, run_plan);
-        self.states.put(run, state::CachedState { rev: 0, state, leases, row: None, clock: None });
-    }
-
     /// Applies one event to a run inside `conn` (the caller's transaction, which must hold the
     /// write lock) and returns what to do after the commit ([`Core::after_commit`]).
     pub async fn apply_in(&self, conn: &impl ConnectionTrait, run: Uuid, event: Event) -> Result<Applied, DbErr> {
@@ -833,16 +824,18 @@ impl Core {
         Ok(applied)
     }
 
-    /// Plans the first event of a new run, [primed](Self::prime), whose row (pending, revision
-    /// 0) the caller passes: nothing is read back, and the rows are not written but returned,
-    /// in the state the event leaves them in, for the caller's transaction to insert with the
-    /// run's own row ([`state::NewRows`]).
+    /// Plans the first event of a new run, whose row (pending, revision 0) and plan the caller
+    /// passes: nothing is read, and the rows are not written but returned, in the state the
+    /// event leaves them in, for the caller's transaction to insert with the run's own row
+    /// ([`state::NewRows`]). The plan is kept for the run's later events.
     pub async fn start_new(
         &self,
         conn: &impl ConnectionTrait,
         row: state::RunRow,
+        run_plan: Arc<plan::Prepared>,
         event: Event,
     ) -> Result<(Applied, state::NewRows), DbErr> {
+        self.plans.put(row.id, run_plan);
         let mut applied = Applied::default();
         let run = state::RunRef::New(Box::new(row));
         self.steps(conn, run, &[&Step::Event(event)], &mut None, &mut applied, &mut HashMap::new()).await?;

@@ -294,8 +294,8 @@ pub struct TenantLoad {
 pub enum RunRef {
     /// Read the row.
     Id(Uuid),
-    /// A new run, pending at revision 0, with its plan and state [primed](crate::engine::Core::prime):
-    /// nothing is read, and nothing is written but the rows handed back.
+    /// A new run, all pending at revision 0, whose plan is cached: nothing is read, and nothing
+    /// is written but the rows handed back.
     New(Box<RunRow>),
     /// A run whose state this process holds, as it took it from its cache: nothing is read, and
     /// the change is written by one statement outside any transaction that applies only if the
@@ -317,8 +317,8 @@ pub struct Known {
 }
 
 /// Loads (and on PostgreSQL locks) a run with its plan and state. The stage and task rows are
-/// read only when `states` holds no state of the run at its current revision; for a new run,
-/// nothing is read that the caches hold.
+/// read only when `states` holds no state of the run at its current revision; for a new run or
+/// one whose state is known, nothing is read that the plan cache holds.
 pub async fn load(
     store: &Store,
     conn: &impl ConnectionTrait,
@@ -327,7 +327,11 @@ pub async fn load(
     states: &StateCache,
 ) -> Result<Option<Loaded>, DbErr> {
     let run = match run {
-        RunRef::New(row) => return load_state(store, conn, *row, None, plans, states).await.map(Some),
+        RunRef::New(row) => {
+            let plan = plan_of(store, conn, row.id, plans).await?;
+            let (state, leases) = (RunState::new(&plan), vec![None; plan.tasks.len()]);
+            return Ok(Some(Loaded { row: *row, plan, state, leases }));
+        }
         RunRef::Known(k) => {
             let Known { row, state, leases, .. } = *k;
             let plan = plan_of(store, conn, row.id, plans).await?;

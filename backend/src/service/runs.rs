@@ -210,10 +210,9 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     let (planned, rows) = match &req.retry {
         Some(_) => (None, NewRows::pending(req.tenant, id, &run_plan)),
         None => {
-            state.engine.prime(id, run_plan.clone());
             let key = concurrency.as_ref().map(|c| c.0.clone());
             let row = RunRow::new(id, req.tenant, req.pipeline.id, version, key, ctx.load);
-            let (applied, rows) = state.engine.start_new(&*txn, row, start).await?;
+            let (applied, rows) = state.engine.start_new(&*txn, row, run_plan.clone(), start).await?;
             (Some(applied), rows)
         }
     };

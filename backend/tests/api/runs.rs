@@ -300,10 +300,9 @@ async fn retry(app: &TestApp, m: &Member, id: &str) -> reqwest::Response {
     app.call(Method::POST, &format!("/api/v1/t/{}/runs/{id}/retry", m.tenant), Some(&m.token), None).await
 }
 
-/// Removes a marker file when dropped, however the test ends.
-/// A file path in a folder of its own that every user may write: tasks run as task users when
-/// the tests run as root. Not in `/tmp`, `/var/tmp` or `/dev/shm`, which such a task has its own
-/// of where it gets a mount namespace.
+/// A marker file's path in a folder of its own that every user may write (tasks run as task users
+/// when the tests run as root), removed when dropped, however the test ends. Not in `/tmp`,
+/// `/var/tmp` or `/dev/shm`, which such a task has its own of where it gets a mount namespace.
 struct Marker(std::path::PathBuf);
 
 impl Marker {
