@@ -642,9 +642,10 @@ impl Core {
         self.events.clone()
     }
 
-    /// A run's compiled plan (cached: plans never change).
+    /// A run's compiled plan (cached: plans never change). A run first seen here is read with
+    /// its state (see [`state::peek`]), which its first claim here then needs no lock for.
     pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::Prepared>> {
-        Ok(state::plan_of(&self.store, self.store.db(), run, &self.plans).await?)
+        Ok(state::peek(&self.store, self.store.db(), run, &self.plans, &self.states).await?)
     }
 
     /// The tenant of a run (cached: it never changes).

@@ -359,35 +359,99 @@ pub async fn load(
     // changed the run meanwhile (the revision read with them is not the locked row's), they are
     // read again, now that the lock is held. Every write of a task's or stage's state changes
     // the run's revision, in the same transaction.
-    #[derive(FromQueryResult)]
-    struct Joined {
-        #[sea_orm(nested)]
-        row: RunRow,
-        plan: Option<String>,
-        seen_rev: Option<i64>,
-        states: Option<String>,
-    }
-    let plan = if plans.contains(&run) { "NULL" } else { "(SELECT plan FROM runs WHERE id = $1)" };
     let sql = format!(
-        "WITH locked AS ({select}) SELECT locked.*, CAST({plan} AS TEXT) AS plan, \
-         (SELECT rev FROM runs WHERE id = $1) AS seen_rev, \
-         (SELECT CAST(json_agg(s ORDER BY s.kind, s.idx) AS TEXT) FROM ({STATE_ROWS}) s) AS states FROM locked"
+        "WITH locked AS ({select}) SELECT locked.*, CAST({} AS TEXT) AS plan, \
+         (SELECT rev FROM runs WHERE id = $1) AS seen_rev, {} FROM locked",
+        if plans.contains(&run) { "NULL" } else { "(SELECT plan FROM runs WHERE id = $1)" },
+        joined_states(),
     );
     let Some(j): Option<Joined> = store.query_one(conn, &sql, vec![run.into()]).await? else {
         return Ok(None);
     };
-    if let Some(text) = j.plan {
-        plans.put(run, Arc::new(parse_plan(run, &text)?));
+    let (row, rows) = j.parts(plans)?;
+    load_state(store, conn, row, rows, plans, states).await.map(Some)
+}
+
+/// A run's state rows as one JSON array, column `states` (see [`STATE_ROWS`]).
+fn joined_states() -> String {
+    format!("(SELECT CAST(json_agg(s ORDER BY s.kind, s.idx) AS TEXT) FROM ({STATE_ROWS}) s) AS states")
+}
+
+/// A run's row read with its state rows, and its plan when asked for: one round trip.
+#[derive(FromQueryResult)]
+struct Joined {
+    #[sea_orm(nested)]
+    row: RunRow,
+    plan: Option<String>,
+    /// The run's revision as the state rows were read.
+    seen_rev: Option<i64>,
+    states: Option<String>,
+}
+
+impl Joined {
+    /// The row, and the state rows when they were read at the row's revision. A plan read
+    /// along goes to `plans`.
+    fn parts(self, plans: &PlanCache) -> Result<(RunRow, Option<Vec<StateRow>>), DbErr> {
+        let run = self.row.id;
+        if let Some(text) = self.plan {
+            plans.put(run, Arc::new(parse_plan(run, &text)?));
+        }
+        let rows = match (self.seen_rev == Some(self.row.rev), self.states) {
+            (true, Some(text)) => Some(
+                serde_json::from_str::<Vec<StateRow>>(&text)
+                    .map_err(|e| DbErr::Custom(format!("state rows of run {run}: {e}")))?,
+            ),
+            // No rows at all (json_agg of nothing is NULL) cannot match a plan; read again to
+            // say so.
+            _ => None,
+        };
+        Ok((self.row, rows))
     }
-    let rows = match (j.seen_rev == Some(j.row.rev), j.states) {
-        (true, Some(text)) => Some(
-            serde_json::from_str::<Vec<StateRow>>(&text)
-                .map_err(|e| DbErr::Custom(format!("state rows of run {run}: {e}")))?,
-        ),
-        // No rows at all (json_agg of nothing is NULL) cannot match a plan; read again to say so.
-        _ => None,
+}
+
+/// On PostgreSQL, reads a run's row, plan and state in one statement, without locking
+/// anything, and keeps them here with that statement's clock (unless this process holds a
+/// state of the run already), so that this process's next claim or completion of the run is
+/// applied the unlocked way (see [`save_unlocked`]): a worker that sees a run for the first
+/// time decides whether a task fits it and claims the task in two round trips, not five (the
+/// plan, then BEGIN, the locked read, the write, COMMIT). The state is as of the statement;
+/// should another transaction change the run before the claim, the claim's statement is
+/// refused and the claim takes the locked way. Elsewhere, only the plan is read.
+pub async fn peek(
+    store: &Store,
+    conn: &impl ConnectionTrait,
+    run: Uuid,
+    plans: &PlanCache,
+    states: &StateCache,
+) -> Result<Arc<Prepared>, DbErr> {
+    if let Some(p) = plans.get(&run) {
+        return Ok(p);
+    }
+    if store.backend() != sea_orm::DbBackend::Postgres || states.contains(&run) {
+        return plan_of(store, conn, run, plans).await;
+    }
+    let sql = format!(
+        "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
+         concurrency_key, {}, CAST(plan AS TEXT) AS plan, rev AS seen_rev, {} FROM runs WHERE id = $1",
+        tenant_load_columns(store, "runs.tenant_id", false),
+        joined_states(),
+    );
+    let Some(j): Option<Joined> = store.query_one(conn, &sql, vec![run.into()]).await? else {
+        return Err(DbErr::Custom(format!("run {run} vanished")));
     };
-    load_state(store, conn, j.row, rows, plans, states).await.map(Some)
+    let at = std::time::Instant::now();
+    let (row, rows) = j.parts(plans)?;
+    let db = row.load.db_now;
+    let Loaded { row, plan, state, leases } = load_state(store, conn, row, rows, plans, states).await?;
+    if let Some(db) = db
+        && !state.status.is_terminal()
+        && !states.contains(&run)
+    {
+        let rev = row.rev;
+        let row = Some(Box::new(row));
+        states.put(run, CachedState { rev, state, leases, row, clock: Some(Clock { db, at }) });
+    }
+    Ok(plan)
 }
 
 /// A run's stage and task rows: stages first (kind 0, then tasks, kind 1), each in index order.

@@ -844,3 +844,63 @@ async fn a_claim_of_a_task_another_process_queued_succeeds() {
     let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(task_of(&v, "later")["status"], "running", "{v:#}");
 }
+
+/// A process that read a run once (as a worker does to judge whether a task fits it) claims a
+/// task of it as the run is when it claims: not after another process cancelled the run
+/// meanwhile, and as the lease holder when nothing changed.
+#[actix_web::test]
+async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("read-then-claim")).await;
+    // No worker of this server has the label: the task stays queued for the other process.
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: a\n        runs_on: [elsewhere]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "read-then-claim", yaml).await.status(), StatusCode::CREATED);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
+    let other = sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into());
+    let queued = |v: &Value| task_of(v, "a")["status"] == "queued";
+
+    // Cancelled between the read and the claim: not claimed.
+    let v = start(&app, &admin, "read-then-claim", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v = wait_until(&app, &admin, &id, 10, "the task was never queued", queued).await;
+    let attempt = task_of(&v, "a")["attempt"].as_u64().unwrap() as u32;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    other.plan_of(run).await.unwrap();
+    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    wait_until(&app, &admin, &id, 10, "the run was never cancelled", |v| v["status"] == "cancelled").await;
+    let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
+    assert!(other.claim(d).await.unwrap().is_none(), "a task of a cancelled run was claimed");
+    let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(task_of(&v, "a")["status"], "cancelled", "{v:#}");
+
+    // Unchanged since the read: claimed, and held by the other process.
+    let v = start(&app, &admin, "read-then-claim", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v = wait_until(&app, &admin, &id, 10, "the task was never queued", queued).await;
+    let attempt = task_of(&v, "a")["attempt"].as_u64().unwrap() as u32;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    other.plan_of(run).await.unwrap();
+    let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
+    assert!(other.claim(d).await.unwrap().is_some(), "the queued task was not claimed");
+    let held = app
+        .sql(
+            "UPDATE task_runs SET lost = lost WHERE run_id = $1 AND idx = 0 AND status = 'running' AND lease_owner = 'other-worker'",
+            vec![run.into()],
+        )
+        .await;
+    assert_eq!(held, 1, "the task is not running under the other process's lease");
+    // Its lease is measured on the database's clock (a full lease from now, give or take).
+    if app.store().backend() == sea_orm::DbBackend::Postgres {
+        let lease = sluice_backend::engine::LEASE.as_secs() as i32;
+        let measured = app
+            .sql(
+                "UPDATE task_runs SET lost = lost WHERE run_id = $1 AND idx = 0 \
+                 AND lease_expires_at BETWEEN now() + make_interval(secs => $2 - 2) AND now() + make_interval(secs => $2)",
+                vec![run.into(), lease.into()],
+            )
+            .await;
+        assert_eq!(measured, 1, "the lease does not end a lease from now");
+    }
+}
