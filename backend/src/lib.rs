@@ -41,6 +41,8 @@ pub struct AppState {
     pub worker: Option<std::sync::Arc<engine::registry::Registration>>,
     /// How many refused webhook calls each tenant's audit log records.
     pub webhook_refusals: triggers::webhook::RefusalLimiter,
+    /// Tenants' audit chain heads and the database's clock, as this process's starts left them.
+    pub starts: service::runs::StartCache,
 }
 
 impl AppState {
@@ -140,7 +142,17 @@ impl AppState {
             registration.spawn_heartbeat(gate.capacity.clone());
             registration
         });
-        Ok(Self { config, store, authz, jwt, engine, secrets_key, worker, webhook_refusals: Default::default() })
+        Ok(Self {
+            config,
+            store,
+            authz,
+            jwt,
+            engine,
+            secrets_key,
+            worker,
+            webhook_refusals: Default::default(),
+            starts: Default::default(),
+        })
     }
 }
 

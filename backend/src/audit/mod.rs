@@ -177,10 +177,13 @@ pub fn event_hash(m: &audit_event::Model) -> String {
     hex::encode(h.finalize())
 }
 
-#[derive(FromQueryResult)]
-struct Head {
-    seq: i64,
-    hash: String,
+/// A tenant's chain head: the last event's seq and hash.
+#[derive(Debug, Clone, PartialEq, Eq, FromQueryResult)]
+pub struct Head {
+    /// The last event's seq (0 for an empty chain).
+    pub seq: i64,
+    /// The last event's hash.
+    pub hash: String,
 }
 
 fn clip(s: Option<&str>, max: usize) -> Option<String> {
@@ -227,22 +230,23 @@ pub async fn append(store: &Store, conn: &impl ConnectionTrait, tenant: Uuid, ev
         }
         None => return Err(DbErr::Custom(format!("audit chain of tenant {tenant} missing"))),
     };
-    let (seq, statements) = append_statements(tenant, head.seq, head.hash, ev);
+    let (head, statements) = append_statements(tenant, head.seq, head.hash, ev);
     let changed = store.execute_together(conn, statements).await?;
     check_appended(tenant, changed, 0)?;
-    Ok(seq)
+    Ok(head.seq)
 }
 
 /// The two statements that append `ev` to the chain of `tenant`, whose head (read with
 /// [`head_sql`], in the same transaction) is `head_seq` and `head_hash`: the event, and the
-/// chain's new head. They go in one round trip; [`check_appended`] checks what they changed.
-/// Returns the event's seq and the statements.
+/// chain's new head, which changes the head only while it is still at `head_seq`. They go in
+/// one round trip; [`check_appended`] checks what they changed. Returns the new head and the
+/// statements.
 pub fn append_statements(
     tenant: Uuid,
     head_seq: i64,
     head_hash: String,
     ev: &NewEvent<'_>,
-) -> (i64, Vec<(String, Vec<sea_orm::Value>)>) {
+) -> (Head, Vec<(String, Vec<sea_orm::Value>)>) {
     let mut m = audit_event::Model {
         tenant_id: tenant,
         seq: head_seq + 1,
@@ -292,11 +296,11 @@ pub fn append_statements(
             m.hash.clone().into(),
         ],
     );
-    let head = (
-        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1".to_owned(),
-        vec![tenant.into(), seq.into(), m.hash.into()],
+    let update = (
+        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq = $4".to_owned(),
+        vec![tenant.into(), seq.into(), m.hash.clone().into(), head_seq.into()],
     );
-    (seq, vec![insert, head])
+    (Head { seq, hash: m.hash }, vec![insert, update])
 }
 
 /// Checks the rows changed by [`append_statements`] run together with statements that must

@@ -119,9 +119,9 @@ pub struct Core {
 /// Most answered rings remembered.
 const ANSWERED_CAP: usize = 8192;
 
-/// How long a reading of the database's clock, kept with a run's state, is used to estimate its
-/// time for unlocked changes of the run (see [`Core::unlocked`]).
-const CLOCK_READING_LASTS: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a reading of the database's clock is used to estimate its time, for unlocked
+/// changes of a run (see [`Core::unlocked`]) and unlocked starts.
+pub const CLOCK_READING_LASTS: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Attempts this process claimed without taking their ring (a completion passed its slot on
 /// to a task that had been rung): when such a ring arrives, it is dropped without a claim. A
@@ -686,6 +686,12 @@ impl Core {
     /// The lease, heartbeat and re-dispatch timings in use.
     pub fn timings(&self) -> Timings {
         self.timings
+    }
+
+    /// Whether this process's own worker takes tasks queued here (see
+    /// [`Engine::accept_handoffs`]), so that what this process changes may claim tasks.
+    pub fn claims_locally(&self) -> bool {
+        self.handoff.get().is_some()
     }
 
     /// This process's worker name.

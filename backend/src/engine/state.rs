@@ -795,7 +795,7 @@ pub async fn save_unlocked(
             " AND ({limit} <= 0 OR (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = ${t} AND t.status = 'running') + ${k} <= {limit})"
         ));
     }
-    let parts = writes.into_iter().map(|w| (w.sql, w.values, w.expect)).collect();
+    let parts = writes.into_iter().map(|w| (w.sql, w.values, Some(w.expect))).collect();
     Ok(store.execute_guarded(conn, parts).await?.then_some(next_rev))
 }
 

@@ -12,7 +12,10 @@ use uuid::Uuid;
 use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
-    engine::state::{CarriedTask, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns},
+    engine::{
+        Applied, CLOCK_READING_LASTS,
+        state::{CarriedTask, Clock, Memo, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns},
+    },
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
 };
@@ -150,12 +153,33 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         }
         None => None,
     };
+    let params_text = serde_json::to_string(&run_plan.params).map_err(anyhow::Error::from)?;
+    let plan_text = serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?;
+    let mut details = serde_json::json!({
+        "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
+    });
+    if let Some(r) = &req.retry {
+        details["retry_of"] = r.of.to_string().into();
+        details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
+    }
+    let prep = Prep {
+        id,
+        version,
+        params_text,
+        plan_text,
+        run_plan: std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan)),
+        concurrency,
+        details,
+    };
+    if let Some(started) = start_unlocked(state, &req, &prep).await? {
+        return Ok(started);
+    }
     let txn = store.write().await?;
     // With a concurrency limit, starts of the pipeline are serialized (the pipeline row is
     // locked on PostgreSQL; SQLite has one writer), so two starts never both take the last slot.
     let mut start = Event::Start;
     let mut limited = false;
-    if let Some((key, max, on_conflict)) = &concurrency {
+    if let Some((key, max, on_conflict)) = &prep.concurrency {
         let active = active_runs(store, &*txn, req.pipeline.id, key).await?;
         if active >= i64::from(*max) {
             limited = true;
@@ -173,8 +197,8 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     // SQLite's write lock is held by the whole transaction, so its count here is current.
     #[derive(sea_orm::FromQueryResult)]
     struct Context {
-        seq: i64,
-        hash: String,
+        #[sea_orm(nested)]
+        head: audit::Head,
         #[sea_orm(nested)]
         load: TenantLoad,
     }
@@ -184,10 +208,78 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         .query_one(&*txn, &head, vec![req.tenant.into()])
         .await?
         .ok_or_else(|| anyhow::anyhow!("audit chain of tenant {} missing", req.tenant))?;
-    let mut details = serde_json::json!({
-        "pipeline": req.pipeline.name, "version": version, "trigger": req.trigger, "params": run_plan.params,
-    });
-    if let Some((key, max, on_conflict)) = &concurrency {
+    if let Some(db) = ctx.load.db_now {
+        state.starts.anchor(Clock { db, at: std::time::Instant::now() });
+    }
+    let w = start_statements(state, &req, &prep, &*txn, ctx.head, ctx.load, limited, start).await?;
+    match store.execute_together(&*txn, w.inserts).await {
+        Ok(changed) => audit::check_appended(req.tenant, changed, w.inserted)?,
+        Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
+            // The same key won a race: that run is the answer.
+            drop(txn);
+            let key = req.idempotency_key.unwrap_or_default();
+            let existing = existing_run(state, req.tenant, key).await?.or_not_found("run")?;
+            return Ok(Started { id: existing, created: false });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
+    let mut applied = match w.planned {
+        Some(applied) => applied,
+        None => {
+            let carried = req.retry.as_ref().map_or(&[][..], |r| r.carry_over);
+            carry_over(store, &*txn, id, &prep.run_plan, carried).await?;
+            state.engine.apply_in(&*txn, id, start).await?
+        }
+    };
+    txn.commit().await?;
+    state.starts.learned(req.tenant, w.head);
+    state.engine.after_commit(&mut applied);
+    Ok(Started { id, created: true })
+}
+
+/// A start as worked out before anything is written.
+struct Prep {
+    id: Uuid,
+    version: i64,
+    params_text: String,
+    plan_text: String,
+    run_plan: std::sync::Arc<sluice_domain::plan::Prepared>,
+    /// The rendered concurrency key, its limit and what a start over it does.
+    concurrency: Option<(String, u32, OnConflict)>,
+    /// The audit event's details (the concurrency outcome is added once known).
+    details: Value,
+}
+
+/// The statements that write a start.
+struct StartWrites {
+    /// A new run's first event, planned (a retry's is applied once its rows are in).
+    planned: Option<Applied>,
+    /// The run's row, its stages' and tasks' rows, the audit event and the chain's new head
+    /// (the last statement).
+    inserts: Vec<(String, Vec<sea_orm::Value>)>,
+    /// How many rows the inserts of the run, its stages and its tasks insert.
+    inserted: u64,
+    /// The tenant's audit chain head once they are applied.
+    head: audit::Head,
+}
+
+/// Plans a start on the tenant's audit chain `head` and `load`, and builds what writes it.
+#[allow(clippy::too_many_arguments)]
+async fn start_statements(
+    state: &AppState,
+    req: &StartRun<'_>,
+    prep: &Prep,
+    conn: &impl sea_orm::ConnectionTrait,
+    head: audit::Head,
+    load: TenantLoad,
+    limited: bool,
+    start: Event,
+) -> ApiResult<StartWrites> {
+    let Prep { id, version, run_plan, .. } = prep;
+    let (id, version) = (*id, *version);
+    let mut details = prep.details.clone();
+    if let Some((key, max, on_conflict)) = &prep.concurrency {
         details["concurrency"] = serde_json::json!({
             "key": key, "max": max,
             "outcome": match (limited, on_conflict) {
@@ -197,22 +289,15 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             },
         });
     }
-    if let Some(r) = &req.retry {
-        details["retry_of"] = r.of.to_string().into();
-        details["carried_over"] = r.carry_over.iter().map(|t| t.key.clone()).collect::<Vec<_>>().into();
-    }
     // A new run's first event is planned before anything is written, so that its rows go in
     // already in the state it leaves them in (one write for the whole start). A retry's rows go
     // in pending; its carried-over tasks are then marked, and it starts after that.
-    let params_text = serde_json::to_string(&run_plan.params).map_err(anyhow::Error::from)?;
-    let plan_text = serde_json::to_string(&run_plan).map_err(anyhow::Error::from)?;
-    let run_plan = std::sync::Arc::new(sluice_domain::plan::Prepared::new(run_plan));
     let (planned, rows) = match &req.retry {
-        Some(_) => (None, NewRows::pending(req.tenant, id, &run_plan)),
+        Some(_) => (None, NewRows::pending(req.tenant, id, run_plan)),
         None => {
-            let key = concurrency.as_ref().map(|c| c.0.clone());
-            let row = RunRow::new(id, req.tenant, req.pipeline.id, version, key, ctx.load);
-            let (applied, rows) = state.engine.start_new(&*txn, row, run_plan.clone(), start).await?;
+            let key = prep.concurrency.as_ref().map(|c| c.0.clone());
+            let row = RunRow::new(id, req.tenant, req.pipeline.id, version, key, load);
+            let (applied, rows) = state.engine.start_new(conn, row, run_plan.clone(), start).await?;
             (Some(applied), rows)
         }
     };
@@ -233,12 +318,12 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             req.trigger.into(),
             req.initiator.into(),
             req.actor.label.clone().into(),
-            params_text.into(),
-            plan_text.into(),
+            prep.params_text.clone().into(),
+            prep.plan_text.clone().into(),
             req.idempotency_key.map(str::to_owned).into(),
             req.retry.as_ref().map(|r| r.of).into(),
             Utc::now().into(),
-            concurrency.as_ref().map(|c| c.0.clone()).into(),
+            prep.concurrency.as_ref().map(|c| c.0.clone()).into(),
             rows.started_at.into(),
             rows.finished_at.into(),
             rows.next_wake_at.into(),
@@ -247,10 +332,10 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     )];
     inserts.extend(rows.inserts);
     let inserted = 1 + (run_plan.stages.len() + run_plan.tasks.len()) as u64;
-    let (_, audited) = audit::append_statements(
+    let (head, audited) = audit::append_statements(
         req.tenant,
-        ctx.seq,
-        ctx.hash,
+        head.seq,
+        head.hash,
         &NewEvent {
             actor: req.actor,
             action: if req.retry.is_some() { "run.retry" } else { "run.create" },
@@ -264,27 +349,90 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         },
     );
     inserts.extend(audited);
-    match store.execute_together(&*txn, inserts).await {
-        Ok(changed) => audit::check_appended(req.tenant, changed, inserted)?,
-        Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
-            // The same key won a race: that run is the answer.
-            drop(txn);
-            let key = req.idempotency_key.unwrap_or_default();
-            let existing = existing_run(state, req.tenant, key).await?.or_not_found("run")?;
-            return Ok(Started { id: existing, created: false });
-        }
-        Err(e) => return Err(e.into()),
+    Ok(StartWrites { planned, inserts, inserted, head })
+}
+
+/// On PostgreSQL, the start of a new run (not a retry) of a pipeline without a concurrency
+/// key, by a process that claims nothing itself (it has no worker of its own), of a tenant
+/// whose audit chain head this process knows from its own last start, is written without a
+/// transaction: planned at the database time estimated from this process's last reading of
+/// the clock, and written by one statement (see [`crate::store::Store::execute_guarded`])
+/// whose first part moves the chain's head on only if it is still the one known here; the
+/// run's rows and the audit event go with it or not at all. One round trip instead of four
+/// (BEGIN, the head's locked read, the write, COMMIT). `None` when the start is not such a
+/// one, or the head had moved on (another start or audited change, here or in another
+/// process): then nothing was written, and the start takes the locked way.
+async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> ApiResult<Option<Started>> {
+    let store = &state.store;
+    if store.backend() != sea_orm::DbBackend::Postgres
+        || req.retry.is_some()
+        || prep.concurrency.is_some()
+        || state.engine.claims_locally()
+    {
+        return Ok(None);
     }
-    // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
-    let mut applied = match planned {
-        Some(applied) => applied,
-        None => {
-            let carried = req.retry.as_ref().map_or(&[][..], |r| r.carry_over);
-            carry_over(store, &*txn, id, &run_plan, carried).await?;
-            state.engine.apply_in(&*txn, id, start).await?
-        }
+    let Some((head, clock)) = state.starts.known(req.tenant) else { return Ok(None) };
+    // The tenant's load matters only to claims, and this process makes none.
+    let load = TenantLoad { db_now: Some(clock.now()), tenant_running: None, tenant_max: None };
+    let w = start_statements(state, req, prep, store.db(), head, load, false, Event::Start).await?;
+    if w.inserts.len() > crate::store::COMBINE {
+        return Ok(None);
+    }
+    // The head's update first (it carries the condition), the inserts after it.
+    let mut inserts = w.inserts.into_iter();
+    let update = inserts.next_back().map(|(sql, values)| (sql, values, Some(1)));
+    let parts = update.into_iter().chain(inserts.map(|(sql, values)| (sql, values, None))).collect();
+    let written = match store.execute_guarded(store.db(), parts).await {
+        Ok(written) => written,
+        // An idempotency key or the event's seq taken meanwhile: the locked way tells which.
+        Err(e) if is_unique_violation(&e) => false,
+        Err(e) => return Err(e.into()),
     };
-    txn.commit().await?;
+    if !written {
+        state.starts.forget(req.tenant);
+        return Ok(None);
+    }
+    state.starts.learned(req.tenant, w.head);
+    let mut applied = w.planned.unwrap_or_default();
     state.engine.after_commit(&mut applied);
-    Ok(Started { id, created: true })
+    Ok(Some(Started { id: prep.id, created: true }))
+}
+
+/// What this process knows, from its own starts, of tenants' audit chain heads and of the
+/// database's clock: what a start without a transaction is planned on (see `start_unlocked`).
+pub struct StartCache {
+    heads: Memo<Uuid, audit::Head>,
+    clock: std::sync::Mutex<Option<Clock>>,
+}
+
+impl Default for StartCache {
+    fn default() -> Self {
+        Self { heads: Memo::new(4096), clock: std::sync::Mutex::new(None) }
+    }
+}
+
+impl StartCache {
+    /// The head of `tenant`'s chain as this process last wrote it, and a reading of the
+    /// database's clock recent enough to estimate its time from.
+    fn known(&self, tenant: Uuid) -> Option<(audit::Head, Clock)> {
+        let clock = (*self.clock.lock().ok()?).filter(|c| c.at.elapsed() <= CLOCK_READING_LASTS)?;
+        Some((self.heads.get(&tenant)?, clock))
+    }
+
+    /// A new reading of the database's clock.
+    fn anchor(&self, clock: Clock) {
+        if let Ok(mut c) = self.clock.lock() {
+            *c = Some(clock);
+        }
+    }
+
+    /// The head of `tenant`'s chain as a start just committed it.
+    fn learned(&self, tenant: Uuid, head: audit::Head) {
+        self.heads.put(tenant, head);
+    }
+
+    /// Forgets the head of `tenant`'s chain (it moved on elsewhere).
+    fn forget(&self, tenant: Uuid) {
+        self.heads.forget(&tenant);
+    }
 }

@@ -270,13 +270,15 @@ impl Store {
     /// change) as one PostgreSQL statement, so outside a transaction they are applied together
     /// or not at all: the first is applied first (its row locks are taken before any other's),
     /// every other applies only if the first changed a row, and unless each changed exactly the
-    /// rows it must, the statement fails, which undoes all of them. Returns false when it
-    /// failed so (nothing was applied), or when PostgreSQL broke a deadlock by failing it. At
-    /// most [`COMBINE`] updates; PostgreSQL only.
+    /// rows it must, the statement fails, which undoes all of them. An insert (a part whose
+    /// count is `None`, after the first) is neither conditional nor counted: it inserts every
+    /// row or fails the statement, and it is undone with the rest. Returns false when the
+    /// statement failed so (nothing was applied), or when PostgreSQL broke a deadlock by
+    /// failing it. At most [`COMBINE`] parts; PostgreSQL only.
     pub async fn execute_guarded(
         &self,
         conn: &impl ConnectionTrait,
-        parts: Vec<(String, Vec<Value>, u64)>,
+        parts: Vec<(String, Vec<Value>, Option<u64>)>,
     ) -> Result<bool, DbErr> {
         const MISMATCH: &str = "sluice: rows changed concurrently";
         debug_assert!(self.backend == DbBackend::Postgres && parts.len() <= COMBINE);
@@ -288,10 +290,14 @@ impl Store {
             values.extend(part_values);
             // An uncorrelated condition is evaluated once, before the update scans: so the first
             // update runs (and locks) before this one.
-            let after_first = if i > 0 { " AND EXISTS (SELECT 1 FROM w0)" } else { "" };
+            let after_first = if i > 0 && expect.is_some() { " AND EXISTS (SELECT 1 FROM w0)" } else { "" };
             sql.push_str(if i == 0 { "WITH " } else { ", " });
             sql.push_str(&format!("w{i} AS ({part}{after_first} RETURNING 1)"));
-            checks.push(format!("(SELECT COUNT(*) FROM w{i}) = {expect}"));
+            checks.push(match expect {
+                Some(n) => format!("(SELECT COUNT(*) FROM w{i}) = {n}"),
+                None if i == 0 => "TRUE".to_owned(),
+                None => continue,
+            });
         }
         // A failed cast is how a plain SQL statement fails on purpose.
         sql.push_str(&format!(

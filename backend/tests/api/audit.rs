@@ -458,3 +458,48 @@ async fn denials_record_the_determining_policies() {
     assert_eq!(created[0]["policy_ids"], json!(["admins-all"]));
     assert_eq!(verify(&app, &admin).await["ok"], true);
 }
+
+/// A server that claims no tasks itself writes a start in one statement once it knows the
+/// tenant's audit chain head (PostgreSQL). Whatever moved the head on since (another audited
+/// change, or another start at the same moment), every start is recorded once, in an intact
+/// chain, and its run is there.
+#[actix_web::test]
+async fn starts_record_one_event_each_in_an_intact_chain_whatever_moved_the_head() {
+    let app = spawn_app_with(|c| c.with_worker = false).await;
+    let admin = app.signup(&slug("chain-starts")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: a\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "chained", yaml).await.status(), StatusCode::CREATED);
+    let start = || async {
+        let r = app.post(&format!("/api/v1/t/{}/pipelines/chained/runs", admin.tenant), &admin.token, json!({})).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let mut started = vec![];
+    for round in 0..3 {
+        // Back to back: the second knows the head the first left.
+        started.push(start().await);
+        started.push(start().await);
+        // The head moves on by another audited change.
+        let other = format!("other-{round}");
+        assert_eq!(app.create_pipeline(&admin, &other, yaml).await.status(), StatusCode::CREATED);
+        started.push(start().await);
+        // Several at once: each finds the head another of them moved on.
+        let together = futures_util::future::join_all((0..4).map(|_| start())).await;
+        started.extend(together);
+    }
+    let v = verify(&app, &admin).await;
+    assert_eq!(v["ok"], true, "{v:#}");
+    let events = all_events(&app, &admin, "&action=run.create", 100).await;
+    let mut recorded: Vec<String> = events.iter().map(|e| e["resource_id"].as_str().unwrap().to_owned()).collect();
+    recorded.sort();
+    started.sort();
+    assert_eq!(recorded, started, "each start is recorded once");
+    for id in &started {
+        let r = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "running", "{v:#}");
+        assert_eq!(v["tasks"][0]["status"], "queued", "{v:#}");
+    }
+}

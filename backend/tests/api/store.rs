@@ -133,7 +133,7 @@ async fn a_run_loaded_while_another_transaction_changes_it_has_the_committed_sta
 
 /// Updates guarded as one statement (PostgreSQL, outside a transaction) are applied together
 /// or not at all: not when the first changes no row, nor when any changes other rows than it
-/// must, though the first did.
+/// must, though the first did; an insert among them goes with them.
 #[actix_web::test]
 async fn guarded_updates_apply_together_or_not_at_all() {
     if !use_postgres() {
@@ -147,7 +147,7 @@ async fn guarded_updates_apply_together_or_not_at_all() {
         (
             "UPDATE tenants SET name = $3 WHERE slug = $1 AND name = $2".to_owned(),
             vec![slug.to_owned().into(), from.to_owned().into(), to.to_owned().into()],
-            expect,
+            Some(expect),
         )
     };
     #[derive(sea_orm::FromQueryResult)]
@@ -181,9 +181,21 @@ async fn guarded_updates_apply_together_or_not_at_all() {
     assert_eq!(name(a.tenant.clone()).await, "A2");
     assert_eq!(name(b.tenant.clone()).await, "B2");
 
+    // An insert goes with them: undone when the first changes nothing, kept when all apply.
+    app.sql("CREATE TABLE guarded_log (x INTEGER)", vec![]).await;
+    let log = |x: i32| ("INSERT INTO guarded_log (x) VALUES ($1)".to_owned(), vec![x.into()], None);
+    let parts = vec![rename(&a.tenant, "not its name", "A3", 1), log(1)];
+    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    let parts = vec![rename(&b.tenant, "B2", "B3", 1), log(2)];
+    assert!(store.execute_guarded(store.db(), parts).await.unwrap());
+    assert_eq!(app.sql("UPDATE guarded_log SET x = x", vec![]).await, 1, "the first insert was kept");
+    assert_eq!(app.sql("DELETE FROM guarded_log WHERE x = 2", vec![]).await, 1);
+
     // Any other failure is an error.
-    let parts =
-        vec![rename(&a.tenant, "A2", "A3", 1), ("UPDATE no_such_table SET x = $1".to_owned(), vec![1i32.into()], 1)];
+    let parts = vec![
+        rename(&a.tenant, "A2", "A3", 1),
+        ("UPDATE no_such_table SET x = $1".to_owned(), vec![1i32.into()], Some(1)),
+    ];
     assert!(store.execute_guarded(store.db(), parts).await.is_err());
     assert_eq!(name(a.tenant.clone()).await, "A2");
 }
