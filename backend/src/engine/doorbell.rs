@@ -350,7 +350,8 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
                 }
             },
             Some((x, score)) => {
-                if shared.engine.answered(&x) {
+                // Claimed here already: its ring, still to come, is dropped then.
+                if shared.engine.answered_already(&x) {
                     slot = Some(held);
                     continue;
                 }

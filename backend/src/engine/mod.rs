@@ -150,6 +150,11 @@ impl Answered {
     fn take(&mut self, d: &Dispatch) -> bool {
         self.set.remove(d)
     }
+
+    /// Whether `d` was answered, which is remembered for its ring.
+    fn contains(&self, d: &Dispatch) -> bool {
+        self.set.contains(d)
+    }
 }
 
 impl std::ops::Deref for Engine {
@@ -394,6 +399,16 @@ impl Engine {
     /// Claims a queued attempt for this worker: the task becomes running with a lease measured
     /// on the database clock. `None` when somebody else has it or it is no longer queued.
     pub async fn claim(&self, d: Dispatch) -> Result<Option<Claimed>, DbErr> {
+        // An attempt is queued once (a task queued again is a new attempt): one that the state
+        // known here shows past its queue, at any revision, is never claimable again.
+        let gone = |c: &state::CachedState| {
+            c.state.tasks.get(d.task).is_some_and(|t| {
+                t.attempt > d.attempt || (t.attempt == d.attempt && t.status != plan::TaskStatus::Queued)
+            })
+        };
+        if self.states.with(&d.run, gone) == Some(true) {
+            return Ok(None);
+        }
         match self.submit(d.run, Step::Claim(d)).await? {
             Done::Claim(c) => Ok(c),
             _ => Ok(None),
@@ -724,6 +739,13 @@ impl Core {
     /// `Answered`); a ring answered so is forgotten, as one ring is expected.
     pub fn answered(&self, d: &Dispatch) -> bool {
         self.answered.lock().is_ok_and(|mut a| a.take(d))
+    }
+
+    /// Whether this process claimed `d` without its ring, which is still to come (and is then
+    /// dropped by [`Engine::answered`]): for a sighting of `d` that is not its ring, such as its
+    /// entry in a queue's backlog.
+    pub fn answered_already(&self, d: &Dispatch) -> bool {
+        self.answered.lock().is_ok_and(|a| a.contains(d))
     }
 
     /// Records an attempt this process claims; it is forgotten when it reports its result
@@ -1392,6 +1414,17 @@ mod tests {
         assert!(!a.take(&d(4, 1)));
         assert!(a.take(&d(3, 1)));
         assert!(!a.take(&d(3, 1)), "a second ring of the attempt costs a claim, as before");
+    }
+
+    #[test]
+    fn a_sighting_of_an_answered_attempt_leaves_it_answered_for_its_ring() {
+        let mut a = Answered::default();
+        a.insert(d(3, 1));
+        // Its backlog entry, seen first.
+        assert!(a.contains(&d(3, 1)));
+        assert!(!a.contains(&d(3, 2)));
+        // Its ring, after: still dropped.
+        assert!(a.take(&d(3, 1)));
     }
 
     #[test]

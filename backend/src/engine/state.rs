@@ -119,6 +119,11 @@ impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
         self.map.lock().is_ok_and(|m| m.contains_key(key))
     }
 
+    /// What `f` makes of the value under `key` (without copying it).
+    pub fn with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+        self.map.lock().ok().and_then(|m| m.get(key).map(f))
+    }
+
     /// The value under `key`.
     pub fn get(&self, key: &K) -> Option<V> {
         self.map.lock().ok().and_then(|m| m.get(key).cloned())

@@ -904,3 +904,30 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
         assert_eq!(measured, 1, "the lease does not end a lease from now");
     }
 }
+
+/// A claim of an attempt that this process knows has left its queue (it ran here) is refused
+/// at once, without the database: it does not wait for the run's lock, which another
+/// transaction holds.
+#[actix_web::test]
+async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("stale-claim")).await;
+    // `done` runs here; `wait` stays queued (no worker has its label), so the run goes on.
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: done\n        noop: true\n      - id: wait\n        runs_on: [nowhere]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "stale-claim", yaml).await.status(), StatusCode::CREATED);
+    let v = start(&app, &admin, "stale-claim", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v =
+        wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
+    let attempt = task_of(&v, "done")["attempt"].as_u64().unwrap() as u32;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    // Another transaction holds the run (on SQLite, the database's write lock).
+    let store = app.store();
+    let txn = store.write().await.unwrap();
+    store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![run.into()]).await.unwrap();
+    let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
+    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
+    drop(txn);
+    let claimed = claimed.expect("the claim waited for the database");
+    assert!(claimed.unwrap().is_none(), "a finished attempt was claimed");
+}
