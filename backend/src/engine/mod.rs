@@ -104,6 +104,8 @@ pub struct Core {
     /// Runs' tenants (a run's tenant never changes).
     tenants: state::Memo<Uuid, Uuid>,
     states: state::StateCache,
+    /// Runs known to have ended (an ended run never queues a task again).
+    ended: state::Memo<Uuid, ()>,
     /// Most tasks of one tenant running at once (0: no limit).
     tenant_task_limit: AtomicUsize,
     /// Claims refused by the tenant limit, by tenant, rung again as that tenant's tasks end.
@@ -185,6 +187,11 @@ pub struct Applied {
     pub events: Vec<RunEvent>,
     /// The rows of a new run ([`state::RunRef::New`]), for its caller to insert.
     new_rows: Option<state::NewRows>,
+    /// Runs' states as this change leaves them, kept once it is committed (a state kept
+    /// before would outlive a rollback).
+    states: Vec<(Uuid, state::CachedState)>,
+    /// Runs this change ends, known as ended once it is committed.
+    ended: Vec<Uuid>,
     /// An unlocked change ([`state::RunRef::Known`]) was not written (the run or its tenant's
     /// load was not as this process knew it, or the change needs the locked way): nothing of
     /// it holds, and it is to be applied again the locked way.
@@ -361,6 +368,7 @@ impl Engine {
             specs: state::Memo::new(1024),
             tenants: state::Memo::new(4096),
             states: state::StateCache::new(4096),
+            ended: state::Memo::new(65_536),
             tenant_task_limit: AtomicUsize::new(0),
             throttled: Mutex::new(HashMap::new()),
             handoff: OnceLock::new(),
@@ -406,7 +414,7 @@ impl Engine {
                 t.attempt > d.attempt || (t.attempt == d.attempt && t.status != plan::TaskStatus::Queued)
             })
         };
-        if self.states.with(&d.run, gone) == Some(true) {
+        if self.ended.contains(&d.run) || self.states.with(&d.run, gone) == Some(true) {
             return Ok(None);
         }
         match self.submit(d.run, Step::Claim(d)).await? {
@@ -746,6 +754,14 @@ impl Core {
     /// entry in a queue's backlog.
     pub fn answered_already(&self, d: &Dispatch) -> bool {
         self.answered.lock().is_ok_and(|a| a.contains(d))
+    }
+
+    /// Records that `d` was claimed here without its ring, which is still out (the ring of
+    /// another attempt took its entry from a queue's backlog): the ring is dropped on arrival.
+    pub fn answer(&self, d: Dispatch) {
+        if let Ok(mut a) = self.answered.lock() {
+            a.insert(d);
+        }
     }
 
     /// Records an attempt this process claims; it is forgotten when it reports its result
@@ -1128,10 +1144,11 @@ impl Core {
         if old.status != cur.status {
             applied.events.push(RunEvent::status(tenant, run, "run", None, cur.status.as_str()));
         }
-        // A revision is random, so a state remembered here can only ever match the row it was
-        // written to: if this transaction rolls back, the row keeps its old revision.
+        // The state is kept once the change is committed (`after_commit`): claims refused on
+        // it (see `Engine::claim`) trust it whatever the row's revision. A revision is random,
+        // so a state kept can only ever match the row it was written to.
         if cur.status.is_terminal() {
-            self.states.forget(&run);
+            applied.ended.push(run);
         } else {
             let mut kept = row.clone();
             kept.status = cur.status.as_str().to_owned();
@@ -1140,7 +1157,7 @@ impl Core {
             kept.next_wake_at = wake.map(state::at);
             kept.rev = rev;
             let row = Some(Box::new(kept));
-            self.states.put(run, state::CachedState { rev, state: cur, leases, row, clock: reading });
+            applied.states.push((run, state::CachedState { rev, state: cur, leases, row, clock: reading }));
         }
         // A run that held a slot of its pipeline's concurrency limit gives it to the oldest run
         // queued for the same key, in the same transaction.
@@ -1175,6 +1192,16 @@ impl Core {
 
     /// Publishes events and rings dispatches after their transaction committed.
     pub fn after_commit(&self, applied: &mut Applied) {
+        // What is known of the runs first: the claims of the tasks rung below read it.
+        for (run, state) in applied.states.drain(..) {
+            self.states.put(run, state);
+        }
+        // An ended run never queues a task again: the rings that still come for it are
+        // answered here (see `Engine::claim`).
+        for run in applied.ended.drain(..) {
+            self.states.forget(&run);
+            self.ended.put(run, ());
+        }
         // Events first: a task handed or rung now may end (and publish its own events) before
         // this function returns.
         for e in &applied.events {

@@ -930,4 +930,54 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
     drop(txn);
     let claimed = claimed.expect("the claim waited for the database");
     assert!(claimed.unwrap().is_none(), "a finished attempt was claimed");
+
+    // Once the run ended, no task of it is claimed, whatever its attempt was.
+    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
+    let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
+    let txn = store.write().await.unwrap();
+    store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![run.into()]).await.unwrap();
+    let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
+    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
+    drop(txn);
+    let claimed = claimed.expect("the claim of a task of an ended run waited for the database");
+    assert!(claimed.unwrap().is_none(), "a task of an ended run was claimed");
+}
+
+/// A change that did not commit leaves nothing of itself in what the process knows of the run:
+/// after a cancel that failed, the run's queued task is still claimed.
+#[actix_web::test]
+async fn a_change_that_failed_leaves_the_run_as_it_was_known() {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("rolled-back")).await;
+    // `wait` stays queued (no worker of this server has its label).
+    let yaml = "stages:
+  - id: s
+    tasks:
+      - id: done
+        noop: true
+      - id: wait
+        runs_on: [nowhere]
+        noop: true
+";
+    assert_eq!(app.create_pipeline(&admin, "rolled-back", yaml).await.status(), StatusCode::CREATED);
+    let v = start(&app, &admin, "rolled-back", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v =
+        wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
+    let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
+    // The cancel's audit event, written after the run's change, fails: its transaction rolls
+    // back.
+    app.refuse_writes("INSERT ON audit_events", Some("NEW.action = 'run.cancel'")).await;
+    app.refusing(true).await;
+    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    app.refusing(false).await;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
+    assert!(app.state.engine.claim(d).await.unwrap().is_some(), "the queued task was not claimed");
+    let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
+    assert_eq!(v["status"], "running", "{v:#}");
+    assert_eq!(task_of(&v, "wait")["status"], "running", "{v:#}");
 }
