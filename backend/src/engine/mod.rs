@@ -104,6 +104,8 @@ pub struct Core {
     /// Runs' tenants (a run's tenant never changes).
     tenants: state::Memo<Uuid, Uuid>,
     states: state::StateCache,
+    /// Runs being read for their plan, one read at a time per run (see [`Engine::plan_of`]).
+    reading: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Runs known to have ended (an ended run never queues a task again).
     ended: state::Memo<Uuid, ()>,
     /// Most tasks of one tenant running at once (0: no limit).
@@ -369,6 +371,7 @@ impl Engine {
             tenants: state::Memo::new(4096),
             states: state::StateCache::new(4096),
             ended: state::Memo::new(65_536),
+            reading: Mutex::default(),
             tenant_task_limit: AtomicUsize::new(0),
             throttled: Mutex::new(HashMap::new()),
             handoff: OnceLock::new(),
@@ -668,7 +671,23 @@ impl Core {
     /// A run's compiled plan (cached: plans never change). A run first seen here is read with
     /// its state (see [`state::peek`]), which its first claim here then needs no lock for.
     pub async fn plan_of(&self, run: Uuid) -> anyhow::Result<Arc<plan::Prepared>> {
-        Ok(state::peek(&self.store, self.store.db(), run, &self.plans, &self.states).await?)
+        if let Some(p) = self.plans.get(&run) {
+            return Ok(p);
+        }
+        // The rings of a new run come several at a time: one reads it, the others wait for that
+        // read and find the plan known.
+        let reading = match self.reading.lock() {
+            Ok(mut r) => r.entry(run).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let read = {
+            let _turn = reading.lock().await;
+            state::peek(&self.store, self.store.db(), run, &self.plans, &self.states).await
+        };
+        if let Ok(mut r) = self.reading.lock() {
+            r.remove(&run);
+        }
+        Ok(read?)
     }
 
     /// The tenant of a run (cached: it never changes).
