@@ -402,10 +402,6 @@ async fn handle(d: Dispatch, shared: Data<Shared>) -> Result<(), BoxDynError> {
             slot = Some(held);
             continue;
         };
-        // Claimed through its backlog entry: its own ring is stale.
-        if x != d {
-            shared.engine.answer(x);
-        }
         let room = super::Room { slot: held, reserved };
         if let Err(e) =
             run_claimed(&shared.engine, &shared.store, x, claimed, shared.sandbox.clone(), &shared.secrets_key, room)

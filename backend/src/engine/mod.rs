@@ -775,14 +775,6 @@ impl Core {
         self.answered.lock().is_ok_and(|a| a.contains(d))
     }
 
-    /// Records that `d` was claimed here without its ring, which is still out (the ring of
-    /// another attempt took its entry from a queue's backlog): the ring is dropped on arrival.
-    pub fn answer(&self, d: Dispatch) {
-        if let Ok(mut a) = self.answered.lock() {
-            a.insert(d);
-        }
-    }
-
     /// Records an attempt this process claims; it is forgotten when it reports its result
     /// ([`Engine::complete`]). Recorded as the claim is made: should the transaction roll back,
     /// the entry only holds one batch open for at most [`LINGER`].
