@@ -905,44 +905,51 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
     }
 }
 
+/// A pipeline whose task `done` runs here and whose task `wait` stays queued (no worker of a
+/// test server has its label), so that a run of it goes on.
+const DONE_AND_WAITING: &str = "stages:\n  - id: s\n    tasks:\n      - id: done\n        noop: true\n      - id: wait\n        runs_on: [nowhere]\n        noop: true\n";
+
+/// Claims `d` while another transaction holds its run (on SQLite, the database's write lock);
+/// `None` when the claim did not answer within 2 s.
+async fn claim_while_the_run_is_held(
+    app: &TestApp,
+    d: sluice_backend::engine::Dispatch,
+) -> Option<Option<sluice_backend::engine::Claimed>> {
+    let store = app.store();
+    let txn = store.write().await.unwrap();
+    store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![d.run.into()]).await.unwrap();
+    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
+    drop(txn);
+    claimed.ok().map(Result::unwrap)
+}
+
 /// A claim of an attempt that this process knows has left its queue (it ran here) is refused
 /// at once, without the database: it does not wait for the run's lock, which another
-/// transaction holds.
+/// transaction holds. So is a claim of any task of a run that ended.
 #[actix_web::test]
 async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("stale-claim")).await;
-    // `done` runs here; `wait` stays queued (no worker has its label), so the run goes on.
-    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: done\n        noop: true\n      - id: wait\n        runs_on: [nowhere]\n        noop: true\n";
-    assert_eq!(app.create_pipeline(&admin, "stale-claim", yaml).await.status(), StatusCode::CREATED);
+    assert_eq!(app.create_pipeline(&admin, "stale-claim", DONE_AND_WAITING).await.status(), StatusCode::CREATED);
     let v = start(&app, &admin, "stale-claim", json!({})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let v =
         wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
     let attempt = task_of(&v, "done")["attempt"].as_u64().unwrap() as u32;
     let run = uuid::Uuid::parse_str(&id).unwrap();
-    // Another transaction holds the run (on SQLite, the database's write lock).
-    let store = app.store();
-    let txn = store.write().await.unwrap();
-    store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![run.into()]).await.unwrap();
     let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
-    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
-    drop(txn);
-    let claimed = claimed.expect("the claim waited for the database");
-    assert!(claimed.unwrap().is_none(), "a finished attempt was claimed");
+    let claimed = claim_while_the_run_is_held(&app, d).await.expect("the claim waited for the database");
+    assert!(claimed.is_none(), "a finished attempt was claimed");
 
     // Once the run ended, no task of it is claimed, whatever its attempt was.
     let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
     let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
-    let txn = store.write().await.unwrap();
-    store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![run.into()]).await.unwrap();
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
-    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
-    drop(txn);
-    let claimed = claimed.expect("the claim of a task of an ended run waited for the database");
-    assert!(claimed.unwrap().is_none(), "a task of an ended run was claimed");
+    let claimed =
+        claim_while_the_run_is_held(&app, d).await.expect("the claim of an ended run waited for the database");
+    assert!(claimed.is_none(), "a task of an ended run was claimed");
 }
 
 /// A change that did not commit leaves nothing of itself in what the process knows of the run:
@@ -951,17 +958,7 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
 async fn a_change_that_failed_leaves_the_run_as_it_was_known() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("rolled-back")).await;
-    // `wait` stays queued (no worker of this server has its label).
-    let yaml = "stages:
-  - id: s
-    tasks:
-      - id: done
-        noop: true
-      - id: wait
-        runs_on: [nowhere]
-        noop: true
-";
-    assert_eq!(app.create_pipeline(&admin, "rolled-back", yaml).await.status(), StatusCode::CREATED);
+    assert_eq!(app.create_pipeline(&admin, "rolled-back", DONE_AND_WAITING).await.status(), StatusCode::CREATED);
     let v = start(&app, &admin, "rolled-back", json!({})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     let v =
