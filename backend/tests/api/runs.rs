@@ -858,31 +858,31 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
     let other = sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into());
-    let queued = |v: &Value| task_of(v, "a")["status"] == "queued";
+    // A new run, once its task is queued, read by the other process: its id and the task's
+    // dispatch.
+    let read_by_other = || async {
+        let v = start(&app, &admin, "read-then-claim", json!({})).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        let queued = |v: &Value| task_of(v, "a")["status"] == "queued";
+        let v = wait_until(&app, &admin, &id, 10, "the task was never queued", queued).await;
+        let attempt = task_of(&v, "a")["attempt"].as_u64().unwrap() as u32;
+        let run = uuid::Uuid::parse_str(&id).unwrap();
+        other.plan_of(run).await.unwrap();
+        (id, sluice_backend::engine::Dispatch { run, task: 0, attempt })
+    };
 
     // Cancelled between the read and the claim: not claimed.
-    let v = start(&app, &admin, "read-then-claim", json!({})).await;
-    let id = v["id"].as_str().unwrap().to_owned();
-    let v = wait_until(&app, &admin, &id, 10, "the task was never queued", queued).await;
-    let attempt = task_of(&v, "a")["attempt"].as_u64().unwrap() as u32;
-    let run = uuid::Uuid::parse_str(&id).unwrap();
-    other.plan_of(run).await.unwrap();
+    let (id, d) = read_by_other().await;
     let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     wait_until(&app, &admin, &id, 10, "the run was never cancelled", |v| v["status"] == "cancelled").await;
-    let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
     assert!(other.claim(d).await.unwrap().is_none(), "a task of a cancelled run was claimed");
     let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(task_of(&v, "a")["status"], "cancelled", "{v:#}");
 
     // Unchanged since the read: claimed, and held by the other process.
-    let v = start(&app, &admin, "read-then-claim", json!({})).await;
-    let id = v["id"].as_str().unwrap().to_owned();
-    let v = wait_until(&app, &admin, &id, 10, "the task was never queued", queued).await;
-    let attempt = task_of(&v, "a")["attempt"].as_u64().unwrap() as u32;
-    let run = uuid::Uuid::parse_str(&id).unwrap();
-    other.plan_of(run).await.unwrap();
-    let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
+    let (_, d) = read_by_other().await;
+    let run = d.run;
     assert!(other.claim(d).await.unwrap().is_some(), "the queued task was not claimed");
     let held = app
         .sql(
@@ -909,6 +909,19 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
 /// test server has its label), so that a run of it goes on.
 const DONE_AND_WAITING: &str = "stages:\n  - id: s\n    tasks:\n      - id: done\n        noop: true\n      - id: wait\n        runs_on: [nowhere]\n        noop: true\n";
 
+/// A server with a run of [`DONE_AND_WAITING`] (pipeline and tenant named after `name`) whose
+/// task `done` succeeded: the server, the member, the run's id and the run as then read.
+async fn a_run_past_done(name: &str) -> (TestApp, Member, String, Value) {
+    let app = spawn_app().await;
+    let admin = app.signup(&slug(name)).await;
+    assert_eq!(app.create_pipeline(&admin, name, DONE_AND_WAITING).await.status(), StatusCode::CREATED);
+    let v = start(&app, &admin, name, json!({})).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v =
+        wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
+    (app, admin, id, v)
+}
+
 /// Claims `d` while another transaction holds its run (on SQLite, the database's write lock);
 /// `None` when the claim did not answer within 2 s.
 async fn claim_while_the_run_is_held(
@@ -928,13 +941,7 @@ async fn claim_while_the_run_is_held(
 /// transaction holds. So is a claim of any task of a run that ended.
 #[actix_web::test]
 async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
-    let app = spawn_app().await;
-    let admin = app.signup(&slug("stale-claim")).await;
-    assert_eq!(app.create_pipeline(&admin, "stale-claim", DONE_AND_WAITING).await.status(), StatusCode::CREATED);
-    let v = start(&app, &admin, "stale-claim", json!({})).await;
-    let id = v["id"].as_str().unwrap().to_owned();
-    let v =
-        wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
+    let (app, admin, id, v) = a_run_past_done("stale-claim").await;
     let attempt = task_of(&v, "done")["attempt"].as_u64().unwrap() as u32;
     let run = uuid::Uuid::parse_str(&id).unwrap();
     let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
@@ -956,13 +963,7 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
 /// after a cancel that failed, the run's queued task is still claimed.
 #[actix_web::test]
 async fn a_change_that_failed_leaves_the_run_as_it_was_known() {
-    let app = spawn_app().await;
-    let admin = app.signup(&slug("rolled-back")).await;
-    assert_eq!(app.create_pipeline(&admin, "rolled-back", DONE_AND_WAITING).await.status(), StatusCode::CREATED);
-    let v = start(&app, &admin, "rolled-back", json!({})).await;
-    let id = v["id"].as_str().unwrap().to_owned();
-    let v =
-        wait_until(&app, &admin, &id, 10, "the task never ran", |v| task_of(v, "done")["status"] == "succeeded").await;
+    let (app, admin, id, v) = a_run_past_done("rolled-back").await;
     let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
     // The cancel's audit event, written after the run's change, fails: its transaction rolls
     // back.
