@@ -796,9 +796,8 @@ pub async fn save_unlocked(
         first.values.push((guard.claims as i64).into());
         let k = first.values.len();
         let limit = format!("COALESCE((SELECT max_running_tasks FROM tenants WHERE id = ${t}), ${d})");
-        first.sql.push_str(&format!(
-            " AND ({limit} <= 0 OR (SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = ${t} AND t.status = 'running') + ${k} <= {limit})"
-        ));
+        let running = running_tasks_sql(&format!("${t}"));
+        first.sql.push_str(&format!(" AND ({limit} <= 0 OR ({running}) + ${k} <= {limit})"));
     }
     let parts = writes.into_iter().map(|w| (w.sql, w.values, Some(w.expect))).collect();
     Ok(store.execute_guarded(conn, parts).await?.then_some(next_rev))
