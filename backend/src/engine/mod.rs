@@ -1097,6 +1097,14 @@ impl Core {
         });
         applied.dispatched.extend(dispatched);
         let ended = old.status != plan::RunStatus::Pending && !old.status.is_terminal() && cur.status.is_terminal();
+        let change = state::Change {
+            run,
+            rev: row.rev,
+            old: &old,
+            new: &cur,
+            wake: state::Wake { old: old_wake, new: wake },
+            writes: &writes,
+        };
         let rev = if new {
             // Nothing of a new run ran yet, so there is nothing to kill; its rows are the caller's
             // to insert.
@@ -1111,8 +1119,6 @@ impl Core {
                 tenant: row.tenant_id,
                 default_limit: self.tenant_task_limit.load(Ordering::Relaxed) as i64,
             };
-            let wake = state::Wake { old: old_wake, new: wake };
-            let change = state::Change { run, rev: row.rev, old: &old, new: &cur, wake, writes: &writes };
             let saved = if more { None } else { state::save_unlocked(&self.store, conn, &change, guard).await? };
             match saved {
                 Some(rev) => rev,
@@ -1122,13 +1128,7 @@ impl Core {
                 }
             }
         } else {
-            let wake = state::Wake { old: old_wake, new: wake };
-            state::save(
-                &self.store,
-                conn,
-                &state::Change { run, rev: row.rev, old: &old, new: &cur, wake, writes: &writes },
-            )
-            .await?
+            state::save(&self.store, conn, &change).await?
         };
         for k in applied.kills.iter().filter(|k| k.run == run) {
             self.store
