@@ -178,11 +178,9 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     // With a concurrency limit, starts of the pipeline are serialized (the pipeline row is
     // locked on PostgreSQL; SQLite has one writer), so two starts never both take the last slot.
     let mut start = Event::Start;
-    let mut limited = false;
     if let Some((key, max, on_conflict)) = &prep.concurrency {
         let active = active_runs(store, &*txn, req.pipeline.id, key).await?;
         if active >= i64::from(*max) {
-            limited = true;
             start = match on_conflict {
                 OnConflict::Queue => Event::Tick,
                 OnConflict::CancelNew => Event::Cancel,
@@ -211,7 +209,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
     if let Some(db) = ctx.load.db_now {
         state.starts.anchor(Clock { db, at: std::time::Instant::now() });
     }
-    let w = start_statements(state, &req, &prep, &*txn, ctx.head, ctx.load, limited, start).await?;
+    let w = start_statements(state, &req, &prep, &*txn, ctx.head, ctx.load, start).await?;
     match store.execute_together(&*txn, w.inserts).await {
         Ok(changed) => audit::check_appended(req.tenant, changed, w.inserted)?,
         Err(e) if is_unique_violation(&e) && req.idempotency_key.is_some() => {
@@ -265,7 +263,7 @@ struct StartWrites {
 }
 
 /// Plans a start on the tenant's audit chain `head` and `load`, and builds what writes it.
-#[allow(clippy::too_many_arguments)]
+/// `start` is the run's first event: `Start`, or what its concurrency limit made of it.
 async fn start_statements(
     state: &AppState,
     req: &StartRun<'_>,
@@ -273,19 +271,18 @@ async fn start_statements(
     conn: &impl sea_orm::ConnectionTrait,
     head: audit::Head,
     load: TenantLoad,
-    limited: bool,
     start: Event,
 ) -> ApiResult<StartWrites> {
     let Prep { id, version, run_plan, .. } = prep;
     let (id, version) = (*id, *version);
     let mut details = prep.details.clone();
-    if let Some((key, max, on_conflict)) = &prep.concurrency {
+    if let Some((key, max, _)) = &prep.concurrency {
         details["concurrency"] = serde_json::json!({
             "key": key, "max": max,
-            "outcome": match (limited, on_conflict) {
-                (false, _) => "started",
-                (true, OnConflict::Queue) => "queued",
-                (true, OnConflict::CancelNew) => "cancelled",
+            "outcome": match start {
+                Event::Tick => "queued",
+                Event::Cancel => "cancelled",
+                _ => "started",
             },
         });
     }
@@ -374,7 +371,7 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
     let Some((head, clock)) = state.starts.known(req.tenant) else { return Ok(None) };
     // The tenant's load matters only to claims, and this process makes none.
     let load = TenantLoad { db_now: Some(clock.now()), tenant_running: None, tenant_max: None };
-    let w = start_statements(state, req, prep, store.db(), head, load, false, Event::Start).await?;
+    let w = start_statements(state, req, prep, store.db(), head, load, Event::Start).await?;
     if w.inserts.len() > crate::store::COMBINE {
         return Ok(None);
     }
