@@ -788,6 +788,14 @@ async fn a_task_users_system_calls_are_restricted_unless_all_are_allowed() {
     }
 }
 
+/// Changes task `key` of `run` as another process would (`set` is the SQL assignment), with
+/// the run's revision, which every change of a task's state changes.
+async fn changed_elsewhere(app: &TestApp, run: uuid::Uuid, key: &str, set: &str) {
+    let sql = format!("UPDATE task_runs SET {set} WHERE run_id = $1 AND key = $2");
+    assert_eq!(app.sql(&sql, vec![run.into(), key.into()]).await, 1, "task {key} is not in run {run}");
+    app.sql("UPDATE runs SET rev = rev + 1 WHERE id = $1", vec![run.into()]).await;
+}
+
 /// The worker knows a run's state from its own writes; when another process changes the run
 /// while a task runs, the task's completion is applied to the run as that process left it, not
 /// to the state this worker knew.
@@ -801,16 +809,9 @@ async fn a_completion_sees_what_another_process_changed_while_its_task_ran() {
     let v = start(&app, &admin, "meanwhile", json!({})).await;
     let id = v["id"].as_str().unwrap().to_owned();
     wait_until(&app, &admin, &id, 10, "the task never started", |v| task_of(v, "work")["status"] == "running").await;
-    // Another process skips the waiting task, which changes the run's revision.
+    // Another process skips the waiting task.
     let run = uuid::Uuid::parse_str(&id).unwrap();
-    let skipped = app
-        .sql(
-            "UPDATE task_runs SET status = 'skipped', finished_at = CURRENT_TIMESTAMP WHERE run_id = $1 AND key = 'wait'",
-            vec![run.into()],
-        )
-        .await;
-    assert_eq!(skipped, 1);
-    app.sql("UPDATE runs SET rev = rev + 1 WHERE id = $1", vec![run.into()]).await;
+    changed_elsewhere(&app, run, "wait", "status = 'skipped', finished_at = CURRENT_TIMESTAMP").await;
     // With `work` done, nothing is left to wait for: the run ends.
     let v = wait_until(&app, &admin, &id, 15, "the run never ended", |v| v["status"] == "succeeded").await;
     assert_eq!(task_of(&v, "work")["status"], "succeeded", "{v:#}");
@@ -830,14 +831,7 @@ async fn a_claim_of_a_task_another_process_queued_succeeds() {
     wait_until(&app, &admin, &id, 10, "the task never started", |v| task_of(v, "work")["status"] == "running").await;
     // Another process queues `later` (as a reaper would a retry that became due).
     let run = uuid::Uuid::parse_str(&id).unwrap();
-    let queued = app
-        .sql(
-            "UPDATE task_runs SET status = 'queued', attempt = 1, queued_at = CURRENT_TIMESTAMP WHERE run_id = $1 AND key = 'later'",
-            vec![run.into()],
-        )
-        .await;
-    assert_eq!(queued, 1);
-    app.sql("UPDATE runs SET rev = rev + 1 WHERE id = $1", vec![run.into()]).await;
+    changed_elsewhere(&app, run, "later", "status = 'queued', attempt = 1, queued_at = CURRENT_TIMESTAMP").await;
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt: 1 };
     let claimed = app.state.engine.claim(d).await.unwrap();
     assert!(claimed.is_some(), "the queued task was not claimed");
