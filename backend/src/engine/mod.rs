@@ -402,6 +402,11 @@ impl Engine {
         self.tenant_task_limit.store(limit, Ordering::Relaxed);
     }
 
+    /// The configured limit of running tasks per tenant (0: none), for tenants without their own.
+    pub fn tenant_task_limit(&self) -> usize {
+        self.tenant_task_limit.load(Ordering::Relaxed)
+    }
+
     /// Applies one event to a run in its own (group-committed) transaction, then dispatches.
     pub async fn apply(&self, run: Uuid, event: Event) -> Result<(), DbErr> {
         self.submit(run, Step::Event(event)).await.map(|_| ())
@@ -728,12 +733,6 @@ impl Core {
     /// The lease, heartbeat and re-dispatch timings in use.
     pub fn timings(&self) -> Timings {
         self.timings
-    }
-
-    /// Whether this process's own worker takes tasks queued here (see
-    /// [`Engine::accept_handoffs`]), so that what this process changes may claim tasks.
-    pub fn claims_locally(&self) -> bool {
-        self.handoff.get().is_some()
     }
 
     /// This process's worker name.
@@ -1119,7 +1118,7 @@ impl Core {
                 tenant: row.tenant_id,
                 default_limit: self.tenant_task_limit.load(Ordering::Relaxed) as i64,
             };
-            let saved = if more { None } else { state::save_unlocked(&self.store, conn, &change, guard).await? };
+            let saved = if more { None } else { state::save_unlocked(&self.store, &change, guard).await? };
             match saved {
                 Some(rev) => rev,
                 None => {
@@ -1296,31 +1295,31 @@ impl Core {
         Ok((done, applied))
     }
 
-    /// On PostgreSQL, claims and completions of one run whose state (and row) this process holds
-    /// are applied without a transaction: planned on that state, at the database time
-    /// estimated from the clock read with it, and written by one statement that applies only
-    /// while the run is still at the revision known here (and its tenant within its limit, if
-    /// tasks are claimed), which makes it one round trip instead of four (BEGIN, the locked
-    /// read, the write, COMMIT). `None` when the batch is not such a one, or the run was
+    /// Claims and completions of one run whose state (and row) this process holds are applied
+    /// without reading anything: planned on that state, at the database time (on PostgreSQL
+    /// estimated from the clock read with it; SQLite's is this process's), and written in one
+    /// round trip that applies only while the run is still at the revision known here (and its
+    /// tenant within its limit, if tasks are claimed), see [`crate::store::Store::execute_guarded`]: one
+    /// round trip instead of four (BEGIN, the locked read, the write, COMMIT). `None` when the batch is not such a one, or the run was
     /// changed by another transaction meanwhile: then nothing of it was written, and it is
     /// applied the locked way. (A slot a completion passed on in the refused attempt is freed,
     /// so the locked way rings the run's next task instead of passing the slot.)
     async fn unlocked(&self, ops: &[(Uuid, &Step)]) -> Result<Option<(Vec<Done>, Applied)>, DbErr> {
         let Some(&(run, _)) = ops.first() else { return Ok(None) };
-        if self.store.backend() != sea_orm::DbBackend::Postgres
-            || ops.iter().any(|(r, s)| *r != run || matches!(s, Step::Event(_)))
-        {
+        if ops.iter().any(|(r, s)| *r != run || matches!(s, Step::Event(_))) {
             return Ok(None);
         }
-        let Some(state::CachedState { state, leases, row: Some(row), clock: Some(clock), .. }) = self.states.get(&run)
-        else {
+        let Some(state::CachedState { state, leases, row: Some(row), clock, .. }) = self.states.get(&run) else {
             return Ok(None);
         };
-        // A reading of the database's clock serves for a while; then the locked way reads it
-        // again (so a step of that clock, or a drift from this process's, lasts no longer).
-        if clock.at.elapsed() > CLOCK_READING_LASTS {
-            return Ok(None);
-        }
+        let clock = match (self.store.backend(), clock) {
+            // A reading of the database's clock serves for a while; then the locked way reads it
+            // again (so a step of that clock, or a drift from this process's, lasts no longer).
+            (sea_orm::DbBackend::Postgres, Some(clock)) if clock.at.elapsed() <= CLOCK_READING_LASTS => clock,
+            // SQLite runs in this process: its clock is ours.
+            (sea_orm::DbBackend::Sqlite, _) => state::Clock { db: Utc::now(), at: std::time::Instant::now() },
+            _ => return Ok(None),
+        };
         // The tenant's limit is left to the statement: the planner sees none.
         let load = state::TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
         let row = state::RunRow { load, ..*row };

@@ -766,17 +766,32 @@ pub struct Guard {
     pub default_limit: i64,
 }
 
-/// Writes a change like [`save`], in one statement outside any transaction, applied only if
-/// the run is still at revision `rev` and, when the change claims tasks, its tenant stays
-/// within its running-task limit (counted as the statement begins); otherwise nothing is
-/// written. Returns the new revision, or `None` when nothing was written because the run or
+impl Guard {
+    /// Adds to the `WHERE` of an update (with `values` for its placeholders) the condition that
+    /// the tenant's running tasks plus those claimed stay within its limit, if anything is
+    /// claimed.
+    pub fn restrict(&self, sql: &mut String, values: &mut Vec<sea_orm::Value>) {
+        if self.claims == 0 {
+            return;
+        }
+        values.push(self.tenant.into());
+        let t = values.len();
+        values.push(self.default_limit.into());
+        let d = values.len();
+        values.push((self.claims as i64).into());
+        let k = values.len();
+        let limit = format!("COALESCE((SELECT max_running_tasks FROM tenants WHERE id = ${t}), ${d})");
+        let running = running_tasks_sql(&format!("${t}"));
+        sql.push_str(&format!(" AND ({limit} <= 0 OR ({running}) + ${k} <= {limit})"));
+    }
+}
+
+/// Writes a change like [`save`], in one round trip of its own (see [`Store::execute_guarded`]),
+/// applied only if the run is still at revision `rev` and, when the change claims tasks, its
+/// tenant stays within its running-task limit (counted as the write begins); otherwise nothing
+/// is written. Returns the new revision, or `None` when nothing was written because the run or
 /// the tenant's load was not as expected (the caller then applies the change the locked way).
-pub async fn save_unlocked(
-    store: &Store,
-    conn: &impl ConnectionTrait,
-    change: &Change<'_>,
-    guard: Guard,
-) -> Result<Option<i64>, DbErr> {
+pub async fn save_unlocked(store: &Store, change: &Change<'_>, guard: Guard) -> Result<Option<i64>, DbErr> {
     let rev = change.rev;
     // A change that writes nothing (a claim of a task not queued, a completion found late) was
     // decided on the state known here, which nothing then checks: the locked way decides it.
@@ -788,19 +803,9 @@ pub async fn save_unlocked(
     let first = &mut writes[0];
     first.values.push(rev.into());
     first.sql.push_str(&format!(" AND rev = ${}", first.values.len()));
-    if guard.claims > 0 {
-        first.values.push(guard.tenant.into());
-        let t = first.values.len();
-        first.values.push(guard.default_limit.into());
-        let d = first.values.len();
-        first.values.push((guard.claims as i64).into());
-        let k = first.values.len();
-        let limit = format!("COALESCE((SELECT max_running_tasks FROM tenants WHERE id = ${t}), ${d})");
-        let running = running_tasks_sql(&format!("${t}"));
-        first.sql.push_str(&format!(" AND ({limit} <= 0 OR ({running}) + ${k} <= {limit})"));
-    }
+    guard.restrict(&mut first.sql, &mut first.values);
     let parts = writes.into_iter().map(|w| (w.sql, w.values, Some(w.expect))).collect();
-    Ok(store.execute_guarded(conn, parts).await?.then_some(next_rev))
+    Ok(store.execute_guarded(parts).await?.then_some(next_rev))
 }
 
 /// The writes of every difference between `old` and `new`, and the new revision; `None` when

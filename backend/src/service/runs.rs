@@ -14,7 +14,9 @@ use crate::{
     audit::{self, Actor, NewEvent, Outcome, Source},
     engine::{
         Applied, CLOCK_READING_LASTS,
-        state::{CarriedTask, Clock, Memo, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns},
+        state::{
+            CarriedTask, Clock, Guard, Memo, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns,
+        },
     },
     error::{ApiError, ApiResult, FieldError, OrNotFound},
     store::is_unique_violation,
@@ -349,37 +351,47 @@ async fn start_statements(
     Ok(StartWrites { planned, inserts, inserted, head })
 }
 
-/// On PostgreSQL, the start of a new run (not a retry) of a pipeline without a concurrency
-/// key, by a process that claims nothing itself (it has no worker of its own), of a tenant
-/// whose audit chain head this process knows from its own last start, is written without a
-/// transaction: planned at the database time estimated from this process's last reading of
-/// the clock, and written by one statement (see [`crate::store::Store::execute_guarded`])
-/// whose first part moves the chain's head on only if it is still the one known here; the
-/// run's rows and the audit event go with it or not at all. One round trip instead of four
-/// (BEGIN, the head's locked read, the write, COMMIT). `None` when the start is not such a
-/// one, or the head had moved on (another start or audited change, here or in another
-/// process): then nothing was written, and the start takes the locked way.
+/// The start of a new run (not a retry) of a pipeline without a concurrency key, of a tenant
+/// whose audit chain head this process knows from its own last start, is written without
+/// reading anything first, in one round trip (see [`crate::store::Store::execute_guarded`]):
+/// planned at the database time (on PostgreSQL estimated from this process's last reading of
+/// the clock; SQLite's is this process's), and written so that the chain's head moves on only
+/// if it is still the one known here and, when this process's worker claims tasks of the run
+/// at once, only while the tenant stays within its limit of running tasks; the run's rows and
+/// the audit event go with it or not at all. One round trip instead of four (BEGIN, the head's
+/// locked read, the write, COMMIT). `None` when the start is not such a one, or the head had
+/// moved on (another start or audited change, here or in another process), or the tenant was
+/// at its limit: then nothing was written, and the start takes the locked way.
 async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> ApiResult<Option<Started>> {
     let store = &state.store;
-    if store.backend() != sea_orm::DbBackend::Postgres
-        || req.retry.is_some()
-        || prep.concurrency.is_some()
-        || state.engine.claims_locally()
-    {
+    if req.retry.is_some() || prep.concurrency.is_some() {
         return Ok(None);
     }
-    let Some((head, clock)) = state.starts.known(req.tenant) else { return Ok(None) };
-    // The tenant's load matters only to claims, and this process makes none.
-    let load = TenantLoad { db_now: Some(clock.now()), tenant_running: None, tenant_max: None };
+    let Some(head) = state.starts.head(req.tenant) else { return Ok(None) };
+    let clock = match store.backend() {
+        sea_orm::DbBackend::Sqlite => Clock { db: Utc::now(), at: std::time::Instant::now() },
+        _ => match state.starts.clock() {
+            Some(clock) => clock,
+            None => return Ok(None),
+        },
+    };
+    // The tenant's limit is left to the statement: the planner sees none.
+    let load = TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
     let w = start_statements(state, req, prep, store.db(), head, load, Event::Start).await?;
     if w.inserts.len() > crate::store::COMBINE {
         return Ok(None);
     }
-    // The head's update first (it carries the condition), the inserts after it.
+    // The head's update first (it carries the conditions), the inserts after it.
     let mut inserts = w.inserts.into_iter();
-    let update = inserts.next_back().map(|(sql, values)| (sql, values, Some(1)));
-    let parts = update.into_iter().chain(inserts.map(|(sql, values)| (sql, values, None))).collect();
-    let written = match store.execute_guarded(store.db(), parts).await {
+    let Some((mut update, mut values)) = inserts.next_back() else { return Ok(None) };
+    let guard = Guard {
+        claims: w.planned.as_ref().map_or(0, |a| a.handed.len() as u64),
+        tenant: req.tenant,
+        default_limit: state.engine.tenant_task_limit() as i64,
+    };
+    guard.restrict(&mut update, &mut values);
+    let parts = std::iter::once((update, values, Some(1))).chain(inserts.map(|(sql, values)| (sql, values, None)));
+    let written = match store.execute_guarded(parts.collect()).await {
         Ok(written) => written,
         // An idempotency key or the event's seq taken meanwhile: the locked way tells which.
         Err(e) if is_unique_violation(&e) => false,
@@ -409,11 +421,14 @@ impl Default for StartCache {
 }
 
 impl StartCache {
-    /// The head of `tenant`'s chain as this process last wrote it, and a reading of the
-    /// database's clock recent enough to estimate its time from.
-    fn known(&self, tenant: Uuid) -> Option<(audit::Head, Clock)> {
-        let clock = (*self.clock.lock().ok()?).filter(|c| c.at.elapsed() <= CLOCK_READING_LASTS)?;
-        Some((self.heads.get(&tenant)?, clock))
+    /// The head of `tenant`'s chain as this process last wrote it.
+    fn head(&self, tenant: Uuid) -> Option<audit::Head> {
+        self.heads.get(&tenant)
+    }
+
+    /// A reading of the database's clock recent enough to estimate its time from.
+    fn clock(&self) -> Option<Clock> {
+        (*self.clock.lock().ok()?).filter(|c| c.at.elapsed() <= CLOCK_READING_LASTS)
     }
 
     /// A new reading of the database's clock.

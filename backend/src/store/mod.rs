@@ -267,21 +267,26 @@ impl Store {
     }
 
     /// Executes updates (each with its own `$1..` placeholders and the number of rows it must
-    /// change) as one PostgreSQL statement, so outside a transaction they are applied together
-    /// or not at all: the first is applied first (its row locks are taken before any other's),
-    /// every other applies only if the first changed a row, and unless each changed exactly the
-    /// rows it must, the statement fails, which undoes all of them. An insert (a part whose
-    /// count is `None`, after the first) is neither conditional nor counted: it inserts every
-    /// row or fails the statement, and it is undone with the rest. Returns false when the
-    /// statement failed so (nothing was applied), or when PostgreSQL broke a deadlock by
-    /// failing it. At most [`COMBINE`] parts; PostgreSQL only.
-    pub async fn execute_guarded(
-        &self,
-        conn: &impl ConnectionTrait,
-        parts: Vec<(String, Vec<Value>, Option<u64>)>,
-    ) -> Result<bool, DbErr> {
+    /// change) so that they are applied together or not at all, in one round trip: the first is
+    /// applied first (its row locks are taken before any other's), every other applies only if
+    /// the first changed a row, and unless each changed exactly the rows it must, none is
+    /// applied. An insert (a part whose count is `None`, after the first) is neither conditional
+    /// nor counted: it inserts every row or fails, and it is undone with the rest. Returns false
+    /// when nothing was applied so, or when PostgreSQL broke a deadlock by failing the
+    /// statement. At most [`COMBINE`] parts.
+    ///
+    /// On PostgreSQL this is one statement outside any transaction, which PostgreSQL applies
+    /// whole or not at all. On a SQLite file it is one call on the writers' connection, under
+    /// the process's write lock: `BEGIN IMMEDIATE`, each update followed by the check of its
+    /// count (an insert into a temporary table whose `CHECK` fails on a wrong count, which
+    /// stops the call), and `COMMIT`; a call stopped short is rolled back. (An in-memory SQLite
+    /// database has no writers' connection: there nothing is applied, and false is returned.)
+    pub async fn execute_guarded(&self, parts: Vec<(String, Vec<Value>, Option<u64>)>) -> Result<bool, DbErr> {
+        debug_assert!(parts.len() <= COMBINE);
+        if self.backend == DbBackend::Sqlite {
+            return self.execute_guarded_sqlite(parts).await;
+        }
         const MISMATCH: &str = "sluice: rows changed concurrently";
-        debug_assert!(self.backend == DbBackend::Postgres && parts.len() <= COMBINE);
         let mut sql = String::new();
         let mut values: Vec<Value> = vec![];
         let mut checks = vec![];
@@ -293,11 +298,12 @@ impl Store {
             let after_first = if i > 0 && expect.is_some() { " AND EXISTS (SELECT 1 FROM w0)" } else { "" };
             sql.push_str(if i == 0 { "WITH " } else { ", " });
             sql.push_str(&format!("w{i} AS ({part}{after_first} RETURNING 1)"));
-            checks.push(match expect {
-                Some(n) => format!("(SELECT COUNT(*) FROM w{i}) = {n}"),
-                None if i == 0 => "TRUE".to_owned(),
-                None => continue,
-            });
+            if let Some(n) = expect {
+                checks.push(format!("(SELECT COUNT(*) FROM w{i}) = {n}"));
+            }
+        }
+        if checks.is_empty() {
+            checks.push("TRUE".to_owned());
         }
         // A failed cast is how a plain SQL statement fails on purpose.
         sql.push_str(&format!(
@@ -309,7 +315,7 @@ impl Store {
             #[allow(dead_code)]
             ok: i32,
         }
-        match self.query_one::<Checked>(conn, &sql, values).await {
+        match self.query_one::<Checked>(&self.db, &sql, values).await {
             Ok(_) => Ok(true),
             Err(e) => {
                 // 22P02: the failed cast (with its message, so nothing else is taken for it);
@@ -322,6 +328,36 @@ impl Store {
                 if refused { Ok(false) } else { Err(e) }
             }
         }
+    }
+
+    /// [`Store::execute_guarded`] on SQLite.
+    async fn execute_guarded_sqlite(&self, parts: Vec<(String, Vec<Value>, Option<u64>)>) -> Result<bool, DbErr> {
+        let (Some(writer), Some(lock)) = (&self.writer, &self.write_lock) else { return Ok(false) };
+        let _guard = lock.lock().await;
+        let mut sql = String::from(
+            "BEGIN IMMEDIATE;\nCREATE TEMP TABLE IF NOT EXISTS sluice_guard (ok INTEGER CONSTRAINT sluice_rows_as_expected CHECK (ok = 1));\n",
+        );
+        let mut values: Vec<Value> = vec![];
+        for (part, part_values, expect) in parts {
+            // Placeholders in order of appearance (see `execute_each`).
+            sql.push_str(&positional(&part, &part_values, &mut values));
+            sql.push_str(";\n");
+            if let Some(n) = expect {
+                sql.push_str(&format!("INSERT INTO temp.sluice_guard (ok) VALUES (changes() = {n});\n"));
+            }
+        }
+        sql.push_str("DELETE FROM temp.sluice_guard;\nCOMMIT;");
+        let Err(e) = self.execute(writer, &sql, values).await else { return Ok(true) };
+        // The call stopped at its error, inside the transaction (unless SQLite ended it, or it
+        // never began): undo what it did. Nothing else uses the connection meanwhile.
+        if let Err(r) = self.execute(writer, "ROLLBACK", vec![]).await
+            && !r.to_string().contains("no transaction is active")
+        {
+            return Err(DbErr::Custom(format!("{e}; then rolling back failed: {r}")));
+        }
+        // SQLITE_CONSTRAINT_CHECK (275) from the guard's table: a count was not as expected.
+        let refused = sqlstate(&e).as_deref() == Some("275") && e.to_string().contains("sluice_rows_as_expected");
+        if refused { Ok(false) } else { Err(e) }
     }
 
     /// `FOR UPDATE` on PostgreSQL; nothing on SQLite, where the write lock serializes writers.

@@ -459,8 +459,8 @@ async fn denials_record_the_determining_policies() {
     assert_eq!(verify(&app, &admin).await["ok"], true);
 }
 
-/// A server that claims no tasks itself writes a start in one statement once it knows the
-/// tenant's audit chain head (PostgreSQL). Whatever moved the head on since (another audited
+/// A server writes a start in one round trip once it knows the tenant's audit chain head from
+/// its own last start. Whatever moved the head on since (another audited
 /// change, or another start at the same moment), every start is recorded once, in an intact
 /// chain, and its run is there.
 #[actix_web::test]

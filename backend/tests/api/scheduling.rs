@@ -226,6 +226,43 @@ async fn a_fan_out_after_a_completion_stays_within_the_tenants_limit() {
     assert_eq!(most, [2]);
 }
 
+/// Runs started back to back (each after the last, so each start but the first is written in
+/// one round trip on the chain head it left) do not claim more of the worker's free slots than
+/// the tenant may run: a start over the limit leaves its tasks queued.
+#[actix_web::test]
+async fn starts_back_to_back_stay_within_the_tenants_limit() {
+    let app = spawn_app_with(|c| {
+        c.tenant_max_running_tasks = 2;
+        c.worker_slots = 8;
+    })
+    .await;
+    let admin = app.signup(&slug("starts")).await;
+    wide(&app, &[&admin], 2, "400ms").await;
+    let mut runs = vec![];
+    for _ in 0..3 {
+        runs.push(start(&app, &admin, "wide", json!({})).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut most = 0;
+    loop {
+        let mut running = 0;
+        let mut done = true;
+        for id in &runs {
+            let v = view(&app, &admin, id).await;
+            running += v["tasks"].as_array().unwrap().iter().filter(|t| t["status"] == "running").count();
+            done &= v["status"] == "succeeded";
+            assert!(Instant::now() < deadline, "runs did not finish: {v:#}");
+        }
+        assert!(running <= 2, "{running} tasks of the tenant running at once");
+        most = most.max(running);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(most, 2);
+}
+
 #[actix_web::test]
 async fn the_embedded_worker_starts_higher_priority_tasks_first() {
     let app = spawn_app_with(|c| c.worker_slots = 1).await;

@@ -131,14 +131,11 @@ async fn a_run_loaded_while_another_transaction_changes_it_has_the_committed_sta
     assert_eq!(status, TaskStatus::Cancelled, "the state loaded is the one committed before the lock was given");
 }
 
-/// Updates guarded as one statement (PostgreSQL, outside a transaction) are applied together
-/// or not at all: not when the first changes no row, nor when any changes other rows than it
-/// must, though the first did; an insert among them goes with them.
+/// Updates guarded together (one statement on PostgreSQL, one call on SQLite) are applied
+/// together or not at all: not when the first changes no row, nor when any changes other rows
+/// than it must, though the first did; an insert among them goes with them.
 #[actix_web::test]
 async fn guarded_updates_apply_together_or_not_at_all() {
-    if !use_postgres() {
-        return;
-    }
     let app = spawn_app().await;
     let a = app.signup(&slug("guard-a")).await;
     let b = app.signup(&slug("guard-b")).await;
@@ -166,18 +163,18 @@ async fn guarded_updates_apply_together_or_not_at_all() {
 
     // The first changes nothing: the second is not applied either.
     let parts = vec![rename(&a.tenant, "not its name", "A2", 1), rename(&b.tenant, &name_b, "B2", 1)];
-    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    assert!(!store.execute_guarded(parts).await.unwrap());
     assert_eq!(name(b.tenant.clone()).await, name_b);
 
     // The second changes a row it must not (it expects none): the first is undone.
     let parts = vec![rename(&a.tenant, &name_a, "A2", 1), rename(&b.tenant, &name_b, "B2", 0)];
-    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    assert!(!store.execute_guarded(parts).await.unwrap());
     assert_eq!(name(a.tenant.clone()).await, name_a);
     assert_eq!(name(b.tenant.clone()).await, name_b);
 
     // As expected: both applied.
     let parts = vec![rename(&a.tenant, &name_a, "A2", 1), rename(&b.tenant, &name_b, "B2", 1)];
-    assert!(store.execute_guarded(store.db(), parts).await.unwrap());
+    assert!(store.execute_guarded(parts).await.unwrap());
     assert_eq!(name(a.tenant.clone()).await, "A2");
     assert_eq!(name(b.tenant.clone()).await, "B2");
 
@@ -185,9 +182,9 @@ async fn guarded_updates_apply_together_or_not_at_all() {
     app.sql("CREATE TABLE guarded_log (x INTEGER)", vec![]).await;
     let log = |x: i32| ("INSERT INTO guarded_log (x) VALUES ($1)".to_owned(), vec![x.into()], None);
     let parts = vec![rename(&a.tenant, "not its name", "A3", 1), log(1)];
-    assert!(!store.execute_guarded(store.db(), parts).await.unwrap());
+    assert!(!store.execute_guarded(parts).await.unwrap());
     let parts = vec![rename(&b.tenant, "B2", "B3", 1), log(2)];
-    assert!(store.execute_guarded(store.db(), parts).await.unwrap());
+    assert!(store.execute_guarded(parts).await.unwrap());
     assert_eq!(app.sql("UPDATE guarded_log SET x = x", vec![]).await, 1, "the first insert was kept");
     assert_eq!(app.sql("DELETE FROM guarded_log WHERE x = 2", vec![]).await, 1);
 
@@ -196,6 +193,6 @@ async fn guarded_updates_apply_together_or_not_at_all() {
         rename(&a.tenant, "A2", "A3", 1),
         ("UPDATE no_such_table SET x = $1".to_owned(), vec![1i32.into()], Some(1)),
     ];
-    assert!(store.execute_guarded(store.db(), parts).await.is_err());
+    assert!(store.execute_guarded(parts).await.is_err());
     assert_eq!(name(a.tenant.clone()).await, "A2");
 }
