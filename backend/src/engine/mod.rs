@@ -692,7 +692,12 @@ impl Core {
         if let Ok(mut r) = self.reading.lock() {
             r.remove(&run);
         }
-        Ok(read?)
+        let (plan, ended) = read?;
+        // Its rings that still come are then answered here (see `Engine::claim`).
+        if ended {
+            self.ended.put(run, ());
+        }
+        Ok(plan)
     }
 
     /// The tenant of a run (cached: it never changes).

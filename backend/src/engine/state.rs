@@ -421,19 +421,20 @@ impl Joined {
 /// time decides whether a task fits it and claims the task in two round trips, not five (the
 /// plan, then BEGIN, the locked read, the write, COMMIT). The state is as of the statement;
 /// should another transaction change the run before the claim, the claim's statement is
-/// refused and the claim takes the locked way. Elsewhere, only the plan is read.
+/// refused and the claim takes the locked way. Elsewhere, only the plan is read. Also tells
+/// whether the run was found ended (an ended run never changes again).
 pub async fn peek(
     store: &Store,
     conn: &impl ConnectionTrait,
     run: Uuid,
     plans: &PlanCache,
     states: &StateCache,
-) -> Result<Arc<Prepared>, DbErr> {
+) -> Result<(Arc<Prepared>, bool), DbErr> {
     if let Some(p) = plans.get(&run) {
-        return Ok(p);
+        return Ok((p, false));
     }
     if store.backend() != sea_orm::DbBackend::Postgres || states.contains(&run) {
-        return plan_of(store, conn, run, plans).await;
+        return Ok((plan_of(store, conn, run, plans).await?, false));
     }
     let sql = format!(
         "SELECT id, tenant_id, pipeline_id, version, status, next_wake_at, started_at, finished_at, rev, \
@@ -448,15 +449,16 @@ pub async fn peek(
     let (row, rows) = j.parts(plans)?;
     let db = row.load.db_now;
     let Loaded { row, plan, state, leases } = load_state(store, conn, row, rows, plans, states).await?;
+    let ended = state.status.is_terminal();
     if let Some(db) = db
-        && !state.status.is_terminal()
+        && !ended
         && !states.contains(&run)
     {
         let rev = row.rev;
         let row = Some(Box::new(row));
         states.put(run, CachedState { rev, state, leases, row, clock: Some(Clock { db, at }) });
     }
-    Ok(plan)
+    Ok((plan, ended))
 }
 
 /// A run's stage and task rows: stages first (kind 0, then tasks, kind 1), each in index order.

@@ -916,16 +916,17 @@ async fn a_run_past_done(name: &str) -> (TestApp, Member, String, Value) {
     (app, admin, id, v)
 }
 
-/// Claims `d` while another transaction holds its run (on SQLite, the database's write lock);
-/// `None` when the claim did not answer within 2 s.
+/// Claims `d` for `engine` while another transaction holds its run (on SQLite, the database's
+/// write lock); `None` when the claim did not answer within 2 s.
 async fn claim_while_the_run_is_held(
     app: &TestApp,
+    engine: &sluice_backend::engine::Engine,
     d: sluice_backend::engine::Dispatch,
 ) -> Option<Option<sluice_backend::engine::Claimed>> {
     let store = app.store();
     let txn = store.write().await.unwrap();
     store.execute(&*txn, "UPDATE runs SET rev = rev WHERE id = $1", vec![d.run.into()]).await.unwrap();
-    let claimed = tokio::time::timeout(Duration::from_secs(2), app.state.engine.claim(d)).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(2), engine.claim(d)).await;
     drop(txn);
     claimed.ok().map(Result::unwrap)
 }
@@ -939,7 +940,8 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
     let attempt = task_of(&v, "done")["attempt"].as_u64().unwrap() as u32;
     let run = uuid::Uuid::parse_str(&id).unwrap();
     let d = sluice_backend::engine::Dispatch { run, task: 0, attempt };
-    let claimed = claim_while_the_run_is_held(&app, d).await.expect("the claim waited for the database");
+    let claimed =
+        claim_while_the_run_is_held(&app, &app.state.engine, d).await.expect("the claim waited for the database");
     assert!(claimed.is_none(), "a finished attempt was claimed");
 
     // Once the run ended, no task of it is claimed, whatever its attempt was.
@@ -948,8 +950,32 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
     let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
     let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
-    let claimed =
-        claim_while_the_run_is_held(&app, d).await.expect("the claim of an ended run waited for the database");
+    let claimed = claim_while_the_run_is_held(&app, &app.state.engine, d)
+        .await
+        .expect("the claim of an ended run waited for the database");
+    assert!(claimed.is_none(), "a task of an ended run was claimed");
+}
+
+/// A process that reads a run for the first time after it ended (a worker to which rings of it
+/// come late) knows it ended: the rings that still come for its tasks are answered without the
+/// database (PostgreSQL; elsewhere a first read brings only the plan).
+#[actix_web::test]
+async fn rings_of_a_run_first_read_after_it_ended_need_no_database() {
+    if !use_postgres() {
+        return;
+    }
+    let (app, admin, id, _) = a_run_past_done("ended-then-read").await;
+    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
+    let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
+    let other = sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into());
+    other.plan_of(run).await.unwrap();
+    let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
+    let claimed = claim_while_the_run_is_held(&app, &other, d).await.expect("the claim waited for the database");
     assert!(claimed.is_none(), "a task of an ended run was claimed");
 }
 
