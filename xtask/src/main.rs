@@ -77,14 +77,19 @@ fn test() -> anyhow::Result<()> {
     let mut clippy = cargo();
     clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
     status(clippy, "cargo clippy -D warnings")?;
-    let mut sqlite = cargo();
-    sqlite.args(["test", "--workspace", "--all-targets"]).env("SLUICE_TEST_DATABASE", "sqlite");
-    status(sqlite, "tests on SQLite (all crates)")?;
-    let mut pg = cargo();
-    pg.args(["test", "-p", "sluice-backend", "--test", "api"])
-        .env("SLUICE_TEST_DATABASE", "postgres")
-        .env("SLUICE_TEST_POSTGRES_URL", postgres_url());
-    let result = status(pg, "API tests on PostgreSQL");
+    let suites = || {
+        let mut sqlite = cargo();
+        sqlite.args(["test", "--workspace", "--all-targets"]).env("SLUICE_TEST_DATABASE", "sqlite");
+        status(sqlite, "tests on SQLite (all crates)")?;
+        let mut pg = cargo();
+        pg.args(["test", "-p", "sluice-backend", "--test", "api"])
+            .env("SLUICE_TEST_DATABASE", "postgres")
+            .env("SLUICE_TEST_POSTGRES_URL", postgres_url());
+        status(pg, "API tests on PostgreSQL")
+    };
+    // The suites' PostgreSQL databases (the process tests make some on either run) go, whether
+    // they passed or not.
+    let result = suites();
     drop_test_databases();
     result?;
     eprintln!("==> all test suites passed (SQLite and PostgreSQL)");
