@@ -332,8 +332,9 @@ impl Store {
 
     /// [`Store::execute_guarded`] on SQLite.
     async fn execute_guarded_sqlite(&self, parts: Vec<(String, Vec<Value>, Option<u64>)>) -> Result<bool, DbErr> {
-        let (Some(writer), Some(lock)) = (&self.writer, &self.write_lock) else { return Ok(false) };
-        let _guard = lock.lock().await;
+        if self.writer.is_none() || self.write_lock.is_none() {
+            return Ok(false);
+        }
         let mut sql = String::from(
             "BEGIN IMMEDIATE;\nCREATE TEMP TABLE IF NOT EXISTS sluice_guard (ok INTEGER CONSTRAINT sluice_rows_as_expected CHECK (ok = 1));\n",
         );
@@ -347,7 +348,22 @@ impl Store {
             }
         }
         sql.push_str("DELETE FROM temp.sluice_guard;\nCOMMIT;");
-        let Err(e) = self.execute(writer, &sql, values).await else { return Ok(true) };
+        // The call runs to its end even when the caller stops waiting (a request whose client
+        // went away): abandoned midway, it would leave its transaction open on the writers'
+        // connection (SQLite's thread stops a call whose results nobody takes), and every write
+        // after it would fail.
+        let store = self.clone();
+        tokio::spawn(async move { store.guarded_call(&sql, values).await })
+            .await
+            .map_err(|e| DbErr::Custom(format!("a guarded write stopped: {e}")))?
+    }
+
+    /// Runs a call of [`Store::execute_guarded_sqlite`] under the write lock, and rolls it back
+    /// if it stopped short.
+    async fn guarded_call(&self, sql: &str, values: Vec<Value>) -> Result<bool, DbErr> {
+        let (Some(writer), Some(lock)) = (&self.writer, &self.write_lock) else { return Ok(false) };
+        let _guard = lock.lock().await;
+        let Err(e) = self.execute(writer, sql, values).await else { return Ok(true) };
         // The call stopped at its error, inside the transaction (unless SQLite ended it, or it
         // never began): undo what it did. Nothing else uses the connection meanwhile.
         if let Err(r) = self.execute(writer, "ROLLBACK", vec![]).await

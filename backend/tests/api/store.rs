@@ -1,6 +1,7 @@
 //! Statements executed together in one round trip, and a run's state read with its row, on the
 //! test's database (SQLite or PostgreSQL).
 
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use sluice_backend::store::Changed;
 
@@ -195,4 +196,47 @@ async fn guarded_updates_apply_together_or_not_at_all() {
     ];
     assert!(store.execute_guarded(parts).await.is_err());
     assert_eq!(name(a.tenant.clone()).await, "A2");
+}
+
+/// A guarded write whose caller stops waiting for it (a request whose client went away) runs to
+/// its end: it is applied, and the writes after it go through (SQLite, where the call takes
+/// the one connection kept for writes, and a call left midway would leave its transaction
+/// open there).
+#[actix_web::test]
+async fn a_guarded_write_abandoned_midway_runs_to_its_end() {
+    if use_postgres() {
+        return;
+    }
+    let app = spawn_app().await;
+    let a = app.signup(&slug("abandoned")).await;
+    let store = app.store();
+    // Another connection holds SQLite's write lock: the call waits in `BEGIN IMMEDIATE`.
+    let mut opts = sea_orm::ConnectOptions::new(sluice_backend::store::sqlite_url(&app.state.config.data_dir));
+    opts.max_connections(1).sqlx_logging(false);
+    let other = sea_orm::Database::connect(opts).await.unwrap();
+    other.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+    let parts = vec![(
+        "UPDATE tenants SET name = $2 WHERE slug = $1".to_owned(),
+        vec![a.tenant.clone().into(), "Renamed".into()],
+        Some(1),
+    )];
+    let abandoned = tokio::time::timeout(std::time::Duration::from_millis(300), store.execute_guarded(parts)).await;
+    assert!(abandoned.is_err(), "the write did not wait for the other connection");
+    other.execute_unprepared("COMMIT").await.unwrap();
+    let txn = store.write().await.expect("a write transaction could not begin after the abandoned write");
+    store
+        .execute(&*txn, "UPDATE tenants SET name = name WHERE slug = $1", vec![a.tenant.clone().into()])
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+    #[derive(sea_orm::FromQueryResult)]
+    struct Name {
+        name: String,
+    }
+    let name: Name = store
+        .query_one(store.db(), "SELECT name FROM tenants WHERE slug = $1", vec![a.tenant.clone().into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(name.name, "Renamed", "the abandoned write was not applied");
 }
