@@ -378,14 +378,13 @@ async fn cancel_run(state: State, ctx: TenantCtx, path: web::Path<(String, Uuid)
     )
     .await?;
     let txn = state.store.write().await?;
-    let mut applied = state.engine.apply_in(&*txn, id, Event::Cancel).await?;
+    let applied = state.engine.apply_in(&*txn, id, Event::Cancel).await?;
     if applied.finished {
         let rid = id.to_string();
         audit_change(&state, &*txn, &ctx, &decision, Action::RunCancel, Some(&rid), None, serde_json::json!({}))
             .await?;
     }
-    txn.commit().await?;
-    state.engine.after_commit(&mut applied);
+    state.engine.commit_applied(txn, applied).await?;
     Ok(web::Json(run_view(&state, ctx.tenant.id, id).await?))
 }
 

@@ -393,6 +393,21 @@ impl Engine {
         rx.await.map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?.map_err(DbErr::Custom)
     }
 
+    /// Commits `txn`, then does what `applied` asks ([`Core::after_commit`]), in a task of its own:
+    /// both happen even when the caller stops waiting (a request whose client went away). Left
+    /// at the commit, tasks claimed in it for this process's worker would wait, running in name
+    /// only, until their lease ran out, and attempts to stop would wait for their heartbeat.
+    pub async fn commit_applied(&self, txn: crate::store::WriteTxn, mut applied: Applied) -> Result<(), DbErr> {
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            txn.commit().await?;
+            core.after_commit(&mut applied);
+            Ok(())
+        })
+        .await
+        .map_err(|e| DbErr::Custom(format!("a commit stopped: {e}")))?
+    }
+
     /// Limits how many tasks of one tenant run at once (0: no limit). A claim over the limit is
     /// refused and the task stays queued; it is rung again when a task of its tenant ends here,
     /// or by the reaper. Each process counts the tenant's running tasks in the database when it

@@ -224,7 +224,7 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
         Err(e) => return Err(e.into()),
     }
     // A queued run stays `pending` (a tick does nothing to it) until a run of its key ends.
-    let mut applied = match w.planned {
+    let applied = match w.planned {
         Some(applied) => applied,
         None => {
             let carried = req.retry.as_ref().map_or(&[][..], |r| r.carry_over);
@@ -232,9 +232,8 @@ pub async fn start_run(state: &AppState, req: StartRun<'_>) -> ApiResult<Started
             state.engine.apply_in(&*txn, id, start).await?
         }
     };
-    txn.commit().await?;
+    state.engine.commit_applied(txn, applied).await?;
     state.starts.learned(req.tenant, w.head);
-    state.engine.after_commit(&mut applied);
     Ok(Started { id, created: true })
 }
 
@@ -391,7 +390,20 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
     };
     guard.restrict(&mut update, &mut values);
     let parts = std::iter::once((update, values, Some(1))).chain(inserts.map(|(sql, values)| (sql, values, None)));
-    let written = match store.execute_guarded(parts.collect()).await {
+    let parts = parts.collect();
+    // Written, the start's tasks are handed over and rung whatever becomes of the request (see
+    // `Engine::commit_applied`).
+    let (store, engine, planned) = (store.clone(), state.engine.clone(), w.planned);
+    let written = tokio::spawn(async move {
+        let written = store.execute_guarded(parts).await;
+        if matches!(written, Ok(true)) {
+            engine.after_commit(&mut planned.unwrap_or_default());
+        }
+        written
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::anyhow!("a start stopped: {e}")))?;
+    let written = match written {
         Ok(written) => written,
         // An idempotency key or the event's seq taken meanwhile: the locked way tells which.
         Err(e) if is_unique_violation(&e) => false,
@@ -402,8 +414,6 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
         return Ok(None);
     }
     state.starts.learned(req.tenant, w.head);
-    let mut applied = w.planned.unwrap_or_default();
-    state.engine.after_commit(&mut applied);
     Ok(Some(Started { id: prep.id, created: true }))
 }
 

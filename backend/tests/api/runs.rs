@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -977,6 +978,78 @@ async fn rings_of_a_run_first_read_after_it_ended_need_no_database() {
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
     let claimed = claim_while_the_run_is_held(&app, &other, d).await.expect("the claim waited for the database");
     assert!(claimed.is_none(), "a task of an ended run was claimed");
+}
+
+/// A start whose caller stops waiting for it while its write waits for the database (a request
+/// whose client went away) still hands its task to the worker once written: the run goes on at
+/// once, with no attempt lost (SQLite, where another connection can hold the write lock).
+#[actix_web::test]
+async fn a_start_whose_caller_went_away_still_runs_its_task() {
+    if use_postgres() {
+        return;
+    }
+    let app = spawn_app().await;
+    let admin = app.signup(&slug("went-away")).await;
+    let yaml = "stages:\n  - id: s\n    tasks:\n      - id: a\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "went-away", yaml).await.status(), StatusCode::CREATED);
+    // A first start, so that the process knows the tenant's chain head.
+    let first = start(&app, &admin, "went-away", json!({})).await;
+    let first = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_run(&app, &admin, &first, 10).await["status"], "succeeded");
+
+    #[derive(sea_orm::FromQueryResult)]
+    struct Id {
+        id: uuid::Uuid,
+    }
+    let store = app.store();
+    let tenant: Id = store
+        .query_one(store.db(), "SELECT id FROM tenants WHERE slug = $1", vec![admin.tenant.clone().into()])
+        .await
+        .unwrap()
+        .unwrap();
+    let state = &app.state;
+    let pipeline = sluice_backend::service::runs::find_pipeline(state, tenant.id, "went-away").await.unwrap();
+    let actor = sluice_backend::audit::Actor { kind: "system", id: None, label: "test".into() };
+    let (source, params) = (sluice_backend::audit::Source::default(), serde_json::Map::new());
+    let req = sluice_backend::service::runs::StartRun {
+        tenant: tenant.id,
+        pipeline: &pipeline,
+        version: None,
+        params: &params,
+        trigger: "api",
+        initiator: None,
+        actor: &actor,
+        source: &source,
+        policy_ids: &[],
+        idempotency_key: None,
+        retry: None,
+    };
+    // Another connection holds SQLite's write lock: the start's write waits for it.
+    let mut opts = sea_orm::ConnectOptions::new(sluice_backend::store::sqlite_url(&state.config.data_dir));
+    opts.max_connections(1).sqlx_logging(false);
+    let other = sea_orm::Database::connect(opts).await.unwrap();
+    other.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+    let start = sluice_backend::service::runs::start_run(state, req);
+    assert!(tokio::time::timeout(Duration::from_millis(300), start).await.is_err(), "the start did not wait");
+    other.execute_unprepared("COMMIT").await.unwrap();
+
+    let second: Id = loop {
+        let run: Option<Id> = store
+            .query_one(
+                store.db(),
+                "SELECT id FROM runs WHERE tenant_id = $1 AND id <> $2",
+                vec![tenant.id.into(), uuid::Uuid::parse_str(&first).unwrap().into()],
+            )
+            .await
+            .unwrap();
+        if let Some(run) = run {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v = wait_run(&app, &admin, &second.id.to_string(), 5).await;
+    assert_eq!(v["status"], "succeeded", "{v:#}");
+    assert_eq!(task_of(&v, "a")["attempt"], 1, "{v:#}");
 }
 
 /// A change that did not commit leaves nothing of itself in what the process knows of the run:
