@@ -14,6 +14,16 @@ pub fn use_postgres() -> bool {
     std::env::var("SLUICE_TEST_DATABASE").is_ok_and(|v| v == "postgres")
 }
 
+/// Another connection to a SQLite test server's database, holding SQLite's write lock (in a
+/// `BEGIN IMMEDIATE` transaction) until it runs `COMMIT`.
+pub async fn hold_sqlite_write_lock(app: &TestApp) -> sea_orm::DatabaseConnection {
+    let mut opts = sea_orm::ConnectOptions::new(sluice_backend::store::sqlite_url(&app.state.config.data_dir));
+    opts.max_connections(1).sqlx_logging(false);
+    let other = Database::connect(opts).await.unwrap();
+    other.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+    other
+}
+
 fn postgres_base() -> String {
     std::env::var("SLUICE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }

@@ -1025,10 +1025,7 @@ async fn a_start_whose_caller_went_away_still_runs_its_task() {
         retry: None,
     };
     // Another connection holds SQLite's write lock: the start's write waits for it.
-    let mut opts = sea_orm::ConnectOptions::new(sluice_backend::store::sqlite_url(&state.config.data_dir));
-    opts.max_connections(1).sqlx_logging(false);
-    let other = sea_orm::Database::connect(opts).await.unwrap();
-    other.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+    let other = hold_sqlite_write_lock(&app).await;
     let start = sluice_backend::service::runs::start_run(state, req);
     assert!(tokio::time::timeout(Duration::from_millis(300), start).await.is_err(), "the start did not wait");
     other.execute_unprepared("COMMIT").await.unwrap();

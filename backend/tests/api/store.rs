@@ -211,10 +211,7 @@ async fn a_guarded_write_abandoned_midway_runs_to_its_end() {
     let a = app.signup(&slug("abandoned")).await;
     let store = app.store();
     // Another connection holds SQLite's write lock: the call waits in `BEGIN IMMEDIATE`.
-    let mut opts = sea_orm::ConnectOptions::new(sluice_backend::store::sqlite_url(&app.state.config.data_dir));
-    opts.max_connections(1).sqlx_logging(false);
-    let other = sea_orm::Database::connect(opts).await.unwrap();
-    other.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+    let other = hold_sqlite_write_lock(&app).await;
     let parts = vec![(
         "UPDATE tenants SET name = $2 WHERE slug = $1".to_owned(),
         vec![a.tenant.clone().into(), "Renamed".into()],
