@@ -393,19 +393,32 @@ impl Engine {
         rx.await.map_err(|_| DbErr::Custom("the engine's committer stopped".into()))?.map_err(DbErr::Custom)
     }
 
-    /// Commits `txn`, then does what `applied` asks ([`Core::after_commit`]), in a task of its own:
-    /// both happen even when the caller stops waiting (a request whose client went away). Left
-    /// at the commit, tasks claimed in it for this process's worker would wait, running in name
-    /// only, until their lease ran out, and attempts to stop would wait for their heartbeat.
-    pub async fn commit_applied(&self, txn: crate::store::WriteTxn, mut applied: Applied) -> Result<(), DbErr> {
+    /// Runs `write` and, if it wrote (true), does what `applied` asks ([`Core::after_commit`]),
+    /// in a task of its own: both happen even when the caller stops waiting (a request whose
+    /// client went away). Left between the two, tasks claimed by the write for this process's
+    /// worker would wait, running in name only, until their lease ran out, and attempts to stop
+    /// would wait for their heartbeat. Returns what `write` returned.
+    pub async fn write_then_apply(
+        &self,
+        write: impl Future<Output = Result<bool, DbErr>> + Send + 'static,
+        mut applied: Applied,
+    ) -> Result<bool, DbErr> {
         let core = self.core.clone();
         tokio::spawn(async move {
-            txn.commit().await?;
-            core.after_commit(&mut applied);
-            Ok(())
+            let written = write.await?;
+            if written {
+                core.after_commit(&mut applied);
+            }
+            Ok(written)
         })
         .await
-        .map_err(|e| DbErr::Custom(format!("a commit stopped: {e}")))?
+        .map_err(|e| DbErr::Custom(format!("a write stopped: {e}")))?
+    }
+
+    /// Commits `txn`, then does what `applied` asks, whatever becomes of the caller (see
+    /// [`Engine::write_then_apply`]).
+    pub async fn commit_applied(&self, txn: crate::store::WriteTxn, applied: Applied) -> Result<(), DbErr> {
+        self.write_then_apply(async move { txn.commit().await.map(|()| true) }, applied).await.map(|_| ())
     }
 
     /// Limits how many tasks of one tenant run at once (0: no limit). A claim over the limit is

@@ -389,21 +389,14 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
         default_limit: state.engine.tenant_task_limit() as i64,
     };
     guard.restrict(&mut update, &mut values);
-    let parts = std::iter::once((update, values, Some(1))).chain(inserts.map(|(sql, values)| (sql, values, None)));
-    let parts = parts.collect();
-    // Written, the start's tasks are handed over and rung whatever becomes of the request (see
-    // `Engine::commit_applied`).
-    let (store, engine, planned) = (store.clone(), state.engine.clone(), w.planned);
-    let written = tokio::spawn(async move {
-        let written = store.execute_guarded(parts).await;
-        if matches!(written, Ok(true)) {
-            engine.after_commit(&mut planned.unwrap_or_default());
-        }
-        written
-    })
-    .await
-    .map_err(|e| ApiError::Internal(anyhow::anyhow!("a start stopped: {e}")))?;
-    let written = match written {
+    let parts: Vec<_> =
+        std::iter::once((update, values, Some(1))).chain(inserts.map(|(sql, values)| (sql, values, None))).collect();
+    // Written, the start's tasks are handed over and rung whatever becomes of the request.
+    let write = {
+        let store = store.clone();
+        async move { store.execute_guarded(parts).await }
+    };
+    let written = match state.engine.write_then_apply(write, w.planned.unwrap_or_default()).await {
         Ok(written) => written,
         // An idempotency key or the event's seq taken meanwhile: the locked way tells which.
         Err(e) if is_unique_violation(&e) => false,
