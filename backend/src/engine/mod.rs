@@ -430,11 +430,6 @@ impl Engine {
         self.tenant_task_limit.store(limit, Ordering::Relaxed);
     }
 
-    /// The configured limit of running tasks per tenant (0: none), for tenants without their own.
-    pub fn tenant_task_limit(&self) -> usize {
-        self.tenant_task_limit.load(Ordering::Relaxed)
-    }
-
     /// Applies one event to a run in its own (group-committed) transaction, then dispatches.
     pub async fn apply(&self, run: Uuid, event: Event) -> Result<(), DbErr> {
         self.submit(run, Step::Event(event)).await.map(|_| ())
@@ -768,6 +763,11 @@ impl Core {
         self.timings
     }
 
+    /// The configured limit of running tasks per tenant (0: none), for tenants without their own.
+    pub fn tenant_task_limit(&self) -> usize {
+        self.tenant_task_limit.load(Ordering::Relaxed)
+    }
+
     /// This process's worker name.
     pub fn worker_name(&self) -> &str {
         &self.worker_name
@@ -898,7 +898,7 @@ impl Core {
     /// succeed. (`steps` reads the count before any claim when the row came without it.)
     fn tenant_load(&self, row: &state::RunRow, running: &mut HashMap<Uuid, (i64, i64)>) -> (i64, i64) {
         *running.entry(row.tenant_id).or_insert_with(|| {
-            let default = self.tenant_task_limit.load(Ordering::Relaxed) as i64;
+            let default = self.tenant_task_limit() as i64;
             (row.load.tenant_running.unwrap_or_default(), row.load.tenant_max.unwrap_or(default))
         })
     }
@@ -1149,7 +1149,7 @@ impl Core {
             let guard = state::Guard {
                 claims: writes.values().filter(|w| w.lease.is_some()).count() as u64,
                 tenant: row.tenant_id,
-                default_limit: self.tenant_task_limit.load(Ordering::Relaxed) as i64,
+                default_limit: self.tenant_task_limit() as i64,
             };
             let saved = if more { None } else { state::save_unlocked(&self.store, &change, guard).await? };
             match saved {
@@ -1329,12 +1329,12 @@ impl Core {
     }
 
     /// Claims and completions of one run whose state (and row) this process holds are applied
-    /// without reading anything: planned on that state, at the database time (on PostgreSQL
-    /// estimated from the clock read with it; SQLite's is this process's), and written in one
-    /// round trip that applies only while the run is still at the revision known here (and its
-    /// tenant within its limit, if tasks are claimed), see [`crate::store::Store::execute_guarded`]: one
-    /// round trip instead of four (BEGIN, the locked read, the write, COMMIT). `None` when the batch is not such a one, or the run was
-    /// changed by another transaction meanwhile: then nothing of it was written, and it is
+    /// without reading anything: planned on that state, at the database time
+    /// ([`state::Clock::usable`]), and written in one round trip that applies only while the
+    /// run is still at the revision known here (and its tenant within its limit, if tasks are
+    /// claimed), see [`crate::store::Store::execute_guarded`]: one round trip instead of four
+    /// (BEGIN, the locked read, the write, COMMIT). `None` when the batch is not such a one, or
+    /// the run was changed by another transaction meanwhile: then nothing of it was written, and it is
     /// applied the locked way. (A slot a completion passed on in the refused attempt is freed,
     /// so the locked way rings the run's next task instead of passing the slot.)
     async fn unlocked(&self, ops: &[(Uuid, &Step)]) -> Result<Option<(Vec<Done>, Applied)>, DbErr> {
@@ -1345,14 +1345,7 @@ impl Core {
         let Some(state::CachedState { state, leases, row: Some(row), clock, .. }) = self.states.get(&run) else {
             return Ok(None);
         };
-        let clock = match (self.store.backend(), clock) {
-            // A reading of the database's clock serves for a while; then the locked way reads it
-            // again (so a step of that clock, or a drift from this process's, lasts no longer).
-            (sea_orm::DbBackend::Postgres, Some(clock)) if clock.at.elapsed() <= CLOCK_READING_LASTS => clock,
-            // SQLite runs in this process: its clock is ours.
-            (sea_orm::DbBackend::Sqlite, _) => state::Clock { db: Utc::now(), at: std::time::Instant::now() },
-            _ => return Ok(None),
-        };
+        let Some(clock) = state::Clock::usable(self.store.backend(), clock) else { return Ok(None) };
         // The tenant's limit is left to the statement: the planner sees none.
         let load = state::TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
         let row = state::RunRow { load, ..*row };

@@ -207,6 +207,18 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// The clock a change is planned on without reading the database: on SQLite this
+    /// process's (SQLite runs in it); on PostgreSQL the database's, estimated from `reading`
+    /// while that is at most [`super::CLOCK_READING_LASTS`] old (after that, the locked way
+    /// reads it again, so a step of that clock, or a drift from this process's, lasts no
+    /// longer). `None` when there is no such clock.
+    pub fn usable(backend: sea_orm::DbBackend, reading: Option<Clock>) -> Option<Clock> {
+        match backend {
+            sea_orm::DbBackend::Sqlite => Some(Clock { db: Utc::now(), at: std::time::Instant::now() }),
+            _ => reading.filter(|c| c.at.elapsed() <= super::CLOCK_READING_LASTS),
+        }
+    }
+
     /// The database's time now, estimated.
     pub fn now(&self) -> DateTime<Utc> {
         self.db + chrono::Duration::from_std(self.at.elapsed()).unwrap_or_default()

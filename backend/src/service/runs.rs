@@ -13,7 +13,7 @@ use crate::{
     AppState,
     audit::{self, Actor, NewEvent, Outcome, Source},
     engine::{
-        Applied, CLOCK_READING_LASTS,
+        Applied,
         state::{
             CarriedTask, Clock, Guard, Memo, NewRows, RunRow, TenantLoad, active_runs, carry_over, tenant_load_columns,
         },
@@ -367,13 +367,7 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
         return Ok(None);
     }
     let Some(head) = state.starts.head(req.tenant) else { return Ok(None) };
-    let clock = match store.backend() {
-        sea_orm::DbBackend::Sqlite => Clock { db: Utc::now(), at: std::time::Instant::now() },
-        _ => match state.starts.clock() {
-            Some(clock) => clock,
-            None => return Ok(None),
-        },
-    };
+    let Some(clock) = Clock::usable(store.backend(), state.starts.clock()) else { return Ok(None) };
     // The tenant's limit is left to the statement: the planner sees none.
     let load = TenantLoad { db_now: Some(clock.now()), tenant_running: Some(0), tenant_max: Some(0) };
     let w = start_statements(state, req, prep, store.db(), head, load, Event::Start).await?;
@@ -429,9 +423,9 @@ impl StartCache {
         self.heads.get(&tenant)
     }
 
-    /// A reading of the database's clock recent enough to estimate its time from.
+    /// The last reading of the database's clock (see [`Clock::usable`]).
     fn clock(&self) -> Option<Clock> {
-        (*self.clock.lock().ok()?).filter(|c| c.at.elapsed() <= CLOCK_READING_LASTS)
+        *self.clock.lock().ok()?
     }
 
     /// A new reading of the database's clock.
