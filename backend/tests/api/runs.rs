@@ -850,9 +850,7 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
     // No worker of this server has the label: the task stays queued for the other process.
     let yaml = "stages:\n  - id: s\n    tasks:\n      - id: a\n        runs_on: [elsewhere]\n        noop: true\n";
     assert_eq!(app.create_pipeline(&admin, "read-then-claim", yaml).await.status(), StatusCode::CREATED);
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
-    let other = sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into());
+    let other = other_process(&app);
     // A new run, once its task is queued, read by the other process: its id and the task's
     // dispatch.
     let read_by_other = || async {
@@ -868,9 +866,7 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
 
     // Cancelled between the read and the claim: not claimed.
     let (id, d) = read_by_other().await;
-    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    wait_until(&app, &admin, &id, 10, "the run was never cancelled", |v| v["status"] == "cancelled").await;
+    cancelled(&app, &admin, &id).await;
     assert!(other.claim(d).await.unwrap().is_none(), "a task of a cancelled run was claimed");
     let v: Value = app.get(&format!("/api/v1/t/{}/runs/{id}", admin.tenant), &admin.token).await.json().await.unwrap();
     assert_eq!(task_of(&v, "a")["status"], "cancelled", "{v:#}");
@@ -898,6 +894,21 @@ async fn a_claim_after_the_run_was_read_is_decided_on_the_run_as_it_is_then() {
             .await;
         assert_eq!(measured, 1, "the lease does not end a lease from now");
     }
+}
+
+/// Cancels run `id` and returns it once it is cancelled.
+async fn cancelled(app: &TestApp, admin: &Member, id: &str) -> Value {
+    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    wait_until(app, admin, id, 10, "the run was never cancelled", |v| v["status"] == "cancelled").await
+}
+
+/// The engine of another process on the test server's database (worker name `other-worker`;
+/// what it rings goes nowhere).
+fn other_process(app: &TestApp) -> sluice_backend::engine::Engine {
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
+    sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into())
 }
 
 /// A pipeline whose task `done` runs here and whose task `wait` stays queued (no worker of a
@@ -946,9 +957,7 @@ async fn a_claim_of_an_attempt_known_to_be_past_its_queue_needs_no_database() {
     assert!(claimed.is_none(), "a finished attempt was claimed");
 
     // Once the run ended, no task of it is claimed, whatever its attempt was.
-    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
+    let v = cancelled(&app, &admin, &id).await;
     let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
     let claimed = claim_while_the_run_is_held(&app, &app.state.engine, d)
@@ -966,14 +975,10 @@ async fn rings_of_a_run_first_read_after_it_ended_need_no_database() {
         return;
     }
     let (app, admin, id, _) = a_run_past_done("ended-then-read").await;
-    let r = app.post(&format!("/api/v1/t/{}/runs/{id}/cancel", admin.tenant), &admin.token, json!({})).await;
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    let v = wait_until(&app, &admin, &id, 10, "the run never ended", |v| v["status"] == "cancelled").await;
+    let v = cancelled(&app, &admin, &id).await;
     let attempt = task_of(&v, "wait")["attempt"].as_u64().unwrap() as u32;
     let run = uuid::Uuid::parse_str(&id).unwrap();
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let doorbell = std::sync::Arc::new(sluice_backend::engine::ChannelDoorbell(tx));
-    let other = sluice_backend::engine::Engine::named(app.store().clone(), doorbell, "other-worker".into());
+    let other = other_process(&app);
     other.plan_of(run).await.unwrap();
     let d = sluice_backend::engine::Dispatch { run, task: 1, attempt };
     let claimed = claim_while_the_run_is_held(&app, &other, d).await.expect("the claim waited for the database");
