@@ -1,6 +1,7 @@
 //! Sluice's database migrations. Every migration runs unchanged on PostgreSQL and SQLite: only
 //! portable column types (uuid, text, big integer, boolean, timestamp with time zone) and plain
-//! indexes are used; JSON documents are stored as text.
+//! or partial indexes (`WHERE` a column equals a literal, which both databases take) are used;
+//! JSON documents are stored as text.
 
 pub use sea_orm_migration::prelude::*;
 
@@ -12,6 +13,7 @@ mod m20261127_000005_create_workers;
 mod m20261127_000006_tenant_http_allow;
 mod m20261127_000007_run_scheduling;
 mod m20261202_000008_pending_runs;
+mod m20261203_000009_partial_task_indexes;
 mod util;
 
 /// The ordered list of Sluice's migrations.
@@ -29,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000006_tenant_http_allow::Migration),
             Box::new(m20261127_000007_run_scheduling::Migration),
             Box::new(m20261202_000008_pending_runs::Migration),
+            Box::new(m20261203_000009_partial_task_indexes::Migration),
         ]
     }
 }

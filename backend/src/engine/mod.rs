@@ -295,6 +295,16 @@ const MAX_BATCH: usize = 256;
 /// of small ones. An attempt that takes longer delays a commit by at most this once.
 const LINGER: Duration = Duration::from_millis(1);
 
+/// The queued attempts last rung (or queued) before `$1`, for the reaper. The status is spelled
+/// as the literal of the partial index `task_runs_queued`, which a planner uses only then.
+const UNCLAIMED: &str = "SELECT run_id, idx, attempt, rung_at, queued_at, rings FROM task_runs \
+     WHERE status = 'queued' AND (rung_at IS NULL OR rung_at < $1)";
+
+/// The running attempts whose lease ended before `$1`, for the reaper (partial index
+/// `task_runs_running`).
+const EXPIRED_LEASES: &str = "SELECT run_id, idx, attempt FROM task_runs \
+     WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $1)";
+
 /// A change of a run, a stage or a task, or new log lines, as streamed to clients.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunEvent {
@@ -495,15 +505,7 @@ impl Engine {
             rings: i32,
         }
         let base = chrono::Duration::from_std(self.timings.redispatch_after).unwrap_or_default();
-        let candidates: Vec<Q> = self
-            .store
-            .query_all(
-                self.store.db(),
-                "SELECT run_id, idx, attempt, rung_at, queued_at, rings FROM task_runs \
-                 WHERE status = 'queued' AND (rung_at IS NULL OR rung_at < $1)",
-                vec![(now - base).into()],
-            )
-            .await?;
+        let candidates: Vec<Q> = self.store.query_all(self.store.db(), UNCLAIMED, vec![(now - base).into()]).await?;
         let due: Vec<Q> = candidates
             .into_iter()
             .filter(|q| {
@@ -594,14 +596,7 @@ impl Engine {
             idx: i32,
             attempt: i32,
         }
-        let lost: Vec<T> = self
-            .store
-            .query_all(
-                self.store.db(),
-                "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $1)",
-                vec![now.into()],
-            )
-            .await?;
+        let lost: Vec<T> = self.store.query_all(self.store.db(), EXPIRED_LEASES, vec![now.into()]).await?;
         for t in lost {
             tracing::warn!(run = %t.run_id, task = t.idx, attempt = t.attempt, "lease expired; the attempt is lost");
             let event =
@@ -1467,6 +1462,36 @@ mod tests {
 
     fn d(task: usize, attempt: u32) -> Dispatch {
         Dispatch { run: Uuid::nil(), task, attempt }
+    }
+
+    /// The reaper's lookups and the tenant's running count read the partial task indexes, not
+    /// the whole table: a query whose status is not the index's literal would scan every task
+    /// ever run.
+    #[tokio::test]
+    async fn task_lookups_by_status_read_the_partial_indexes() {
+        let dir = std::env::temp_dir().join(format!("sluice-index-test-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&crate::store::sqlite_url(&dir), 2, "test").await.unwrap();
+        store.migrate().await.unwrap();
+        let now = Utc::now();
+        for (sql, values, index) in [
+            (UNCLAIMED.to_owned(), vec![now.into()], "task_runs_queued"),
+            (EXPIRED_LEASES.to_owned(), vec![now.into()], "task_runs_running"),
+            (state::running_tasks_sql("$1"), vec![Uuid::new_v4().into()], "task_runs_running"),
+        ] {
+            #[derive(FromQueryResult)]
+            struct Step {
+                detail: String,
+            }
+            let plan: Vec<Step> =
+                store.query_all(store.db(), &format!("EXPLAIN QUERY PLAN {sql}"), values).await.unwrap();
+            let plan: Vec<String> = plan.into_iter().map(|s| s.detail).collect();
+            assert!(plan.iter().any(|d| d.contains(index)), "{sql}: {plan:?}");
+            // (A scan of the whole table reads "SCAN task_runs", without an index.)
+            assert!(!plan.iter().any(|d| d == "SCAN task_runs" || d == "SCAN t"), "{sql}: {plan:?}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -253,7 +253,7 @@ pub fn tenant_load_columns(store: &Store, tenant: &str, count: bool) -> String {
 }
 
 /// The query counting the running tasks of the tenant whose id is `tenant` (an SQL expression).
-fn running_tasks_sql(tenant: &str) -> String {
+pub(super) fn running_tasks_sql(tenant: &str) -> String {
     format!("SELECT COUNT(*) FROM task_runs t WHERE t.tenant_id = {tenant} AND t.status = 'running'")
 }
 
@@ -830,18 +830,30 @@ fn changes(change: &Change<'_>) -> Option<(i64, Vec<Write>)> {
         return None;
     }
     let next_rev = next_rev(rev);
+    // Only the columns that change are set: a database rewrites the index entries of every
+    // column an update sets, changed or not (on SQLite, each such index page is written and
+    // synced with the commit), and most changes of a run only move its revision.
+    let mut set = vec![];
+    let mut values: Vec<sea_orm::Value> = vec![run.into(), next_rev.into()];
+    let mut assign = |column: &str, value: sea_orm::Value| {
+        values.push(value);
+        set.push(format!(", {column} = ${}", values.len()));
+    };
+    if old.status != new.status {
+        assign("status", new.status.as_str().into());
+    }
+    if old.started_at != new.started_at {
+        assign("started_at", opt_at(new.started_at).into());
+    }
+    if old.finished_at != new.finished_at {
+        assign("finished_at", opt_at(new.finished_at).into());
+    }
+    if wake.old != wake.new {
+        assign("next_wake_at", opt_at(wake.new).into());
+    }
     let mut writes_sql: Vec<Write> = vec![Write {
-        sql:
-            "UPDATE runs SET status = $2, started_at = $3, finished_at = $4, next_wake_at = $5, rev = $6 WHERE id = $1"
-                .into(),
-        values: vec![
-            run.into(),
-            new.status.as_str().into(),
-            opt_at(new.started_at).into(),
-            opt_at(new.finished_at).into(),
-            opt_at(wake.new).into(),
-            next_rev.into(),
-        ],
+        sql: format!("UPDATE runs SET rev = $2{} WHERE id = $1", set.concat()),
+        values,
         expect: 1,
         what: Target::Run(run),
     }];
