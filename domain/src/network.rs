@@ -1,9 +1,13 @@
-//! Networks a tenant allow-lists for its `http:` tasks: an IP address or a CIDR, parsed strictly
-//! into its canonical form (`10.0.0.0/8`, `127.0.0.1/32`, `fd00::/8`).
+//! What a tenant allow-lists for its `http:` tasks: networks (an IP address or a CIDR, parsed
+//! strictly into its canonical form: `10.0.0.0/8`, `127.0.0.1/32`, `fd00::/8`) and host names
+//! (`build.corp.example`, or every name under a domain: `*.corp.example`).
 //!
-//! HTTP tasks refuse private, loopback and link-local addresses; a tenant may allow-list the
-//! networks its tasks need inside its own infrastructure. The check applies to the address
-//! actually connected, so entries are addresses and networks, never host names.
+//! HTTP tasks refuse private, loopback and link-local addresses. A tenant may allow-list the
+//! networks its tasks need inside its own infrastructure; the check applies to the address
+//! actually connected. A host name opens less: the private networks (10/8, 172.16/12,
+//! 192.168/16, 100.64/10, fc00::/7) for that name alone, never loopback or link-local (the
+//! worker's own services, a cloud's metadata address), which only a network entry opens. A name
+//! is trusted as far as its DNS answers, so it is the narrower grant.
 
 use core::fmt;
 use core::net::IpAddr;
@@ -42,10 +46,7 @@ impl AllowedNetwork {
             None => (text, None),
         };
         let Ok(addr) = IpAddr::from_str(addr_text) else {
-            return err(format!(
-                "`{text}` is not an IP address or CIDR (host names cannot be allow-listed: the check \
-                 applies to the address actually connected)"
-            ));
+            return err(format!("`{text}` is not an IP address or CIDR"));
         };
         let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix_text {
@@ -67,22 +68,6 @@ impl AllowedNetwork {
             return err(format!("`{text}` has bits set after the prefix; the network is `{network}`"));
         }
         Ok(network)
-    }
-
-    /// Parses a whole list: each entry must parse (the error gives the index of the first bad
-    /// one); duplicates are dropped; at most [`MAX_ENTRIES`].
-    pub fn parse_list<S: AsRef<str>>(entries: &[S]) -> Result<Vec<Self>, (Option<usize>, NetworkError)> {
-        if entries.len() > MAX_ENTRIES {
-            return Err((None, NetworkError(format!("at most {MAX_ENTRIES} entries"))));
-        }
-        let mut out: Vec<Self> = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            let n = Self::parse(e.as_ref()).map_err(|err| (Some(i), err))?;
-            if !out.contains(&n) {
-                out.push(n);
-            }
-        }
-        Ok(out)
     }
 
     /// The network address.
@@ -124,7 +109,122 @@ impl FromStr for AllowedNetwork {
     }
 }
 
+/// A host name whose private addresses a tenant's `http:` tasks may reach: exact
+/// (`build.corp.example`) or every name under a domain (`*.corp.example`, which does not match
+/// `corp.example` itself). Stored lower-case, without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AllowedHost {
+    /// The name, or the domain after `*.`.
+    name: String,
+    /// Whether it is `*.name`.
+    wildcard: bool,
+}
+
+impl AllowedHost {
+    /// Parses a DNS name (letters, digits and hyphens in dot-separated labels of 1 to 63
+    /// characters, no label starting or ending with a hyphen, at most 253 characters), with an
+    /// optional leading `*.`. Refused: a last label of digits only (such a "name" is an IPv4
+    /// address to URL parsers), a wildcard anywhere else, a wildcard over a single label
+    /// (`*.com`), and anything with a scheme, port or path.
+    pub fn parse(text: &str) -> Result<Self, NetworkError> {
+        let err = |why: &str| Err(NetworkError(format!("`{text}` {why}")));
+        let lower = text.to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').unwrap_or(&lower);
+        let (wildcard, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower),
+        };
+        if name.is_empty() || name.len() > 253 {
+            return err("is not a host name (1 to 253 characters)");
+        }
+        let labels: Vec<&str> = name.split('.').collect();
+        for label in &labels {
+            let valid = !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-');
+            if !valid {
+                return err("is not an IP address, CIDR or host name (a host name is labels of letters, digits and \
+                     hyphens separated by dots; `*.` may only lead)");
+            }
+        }
+        if labels.last().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+            return err("is not an IP address or CIDR, and a host name cannot end in a number");
+        }
+        if wildcard && labels.len() < 2 {
+            return err("would allow every name under a top-level domain; name the tenant's own domain");
+        }
+        Ok(Self { name: name.to_owned(), wildcard })
+    }
+
+    /// Whether `host` (a name as a URL carries it) is this name, or under this domain.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        if self.wildcard {
+            host.strip_suffix(self.name.as_str()).is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        } else {
+            host == self.name
+        }
+    }
+}
+
+impl fmt::Display for AllowedHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard { write!(f, "*.{}", self.name) } else { f.write_str(&self.name) }
+    }
+}
+
+/// One entry of a tenant's HTTP allow-list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AllowEntry {
+    /// Addresses inside a network.
+    Network(AllowedNetwork),
+    /// The private addresses of a host name.
+    Host(AllowedHost),
+}
+
+impl AllowEntry {
+    /// Parses an address or CIDR ([`AllowedNetwork::parse`]), else a host name
+    /// ([`AllowedHost::parse`]). Text that starts like an address (a digit, or has a `:` or
+    /// `/`) is judged as one, so `10.0.0.0/33` is told about its prefix, not about host names.
+    pub fn parse(text: &str) -> Result<Self, NetworkError> {
+        let looks_like_address = text.starts_with(|c: char| c.is_ascii_digit()) || text.contains([':', '/']);
+        if looks_like_address || text.is_empty() || text.chars().any(char::is_whitespace) {
+            return AllowedNetwork::parse(text).map(Self::Network);
+        }
+        AllowedHost::parse(text).map(Self::Host)
+    }
+
+    /// Parses a whole list: each entry must parse (the error gives the index of the first bad
+    /// one); duplicates are dropped; at most [`MAX_ENTRIES`].
+    pub fn parse_list<S: AsRef<str>>(entries: &[S]) -> Result<Vec<Self>, (Option<usize>, NetworkError)> {
+        if entries.len() > MAX_ENTRIES {
+            return Err((None, NetworkError(format!("at most {MAX_ENTRIES} entries"))));
+        }
+        let mut out: Vec<Self> = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let n = Self::parse(e.as_ref()).map_err(|err| (Some(i), err))?;
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for AllowEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Network(n) => n.fmt(f),
+            Self::Host(h) => h.fmt(f),
+        }
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -155,7 +255,6 @@ mod tests {
     fn anything_else_is_refused_with_the_entry_named() {
         assert!(bad("").contains("empty"));
         assert!(bad("internal.example.com").contains("`internal.example.com` is not an IP address"));
-        assert!(bad("localhost").contains("host names"));
         assert!(bad(" 10.0.0.1").contains("spaces"));
         assert!(bad("10.0.0.1 /8").contains("spaces"));
         assert!(bad("10.0.0.0/33").contains("1 to 32"));
@@ -176,17 +275,79 @@ mod tests {
 
     #[test]
     fn lists_report_the_first_bad_index_drop_duplicates_and_are_bounded() {
-        let list = AllowedNetwork::parse_list(&["127.0.0.1", "10.0.0.0/8", "127.0.0.1/32"]);
+        let list = AllowEntry::parse_list(&[
+            "127.0.0.1",
+            "10.0.0.0/8",
+            "127.0.0.1/32",
+            "Build.Corp.Example.",
+            "build.corp.example",
+        ]);
         assert_eq!(
             list.map(|l| l.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            Ok(vec!["127.0.0.1/32".to_owned(), "10.0.0.0/8".to_owned()])
+            Ok(vec!["127.0.0.1/32".to_owned(), "10.0.0.0/8".to_owned(), "build.corp.example".to_owned()])
         );
-        let Err((index, e)) = AllowedNetwork::parse_list(&["10.0.0.0/8", "nope"]) else {
+        let Err((index, e)) = AllowEntry::parse_list(&["10.0.0.0/8", "no_pe"]) else {
             panic!("a bad entry must be refused");
         };
         assert_eq!(index, Some(1));
-        assert!(e.to_string().contains("`nope`"));
+        assert!(e.to_string().contains("`no_pe`"));
         let many: Vec<String> = (0..=MAX_ENTRIES).map(|i| format!("10.0.{i}.0/24")).collect();
-        assert!(AllowedNetwork::parse_list(&many).is_err_and(|(i, _)| i.is_none()));
+        assert!(AllowEntry::parse_list(&many).is_err_and(|(i, _)| i.is_none()));
+    }
+
+    fn entry(s: &str) -> String {
+        AllowEntry::parse(s).map_or_else(|e| format!("error: {e}"), |n| n.to_string())
+    }
+
+    #[test]
+    fn host_names_parse_to_lower_case_and_are_told_from_addresses() {
+        assert_eq!(entry("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(entry("fd00::/8"), "fd00::/8");
+        assert_eq!(entry("Build.Corp.Example."), "build.corp.example");
+        assert_eq!(entry("*.corp.example"), "*.corp.example");
+        assert_eq!(entry("localhost"), "localhost");
+        assert_eq!(entry("xn--bcher-kva.example"), "xn--bcher-kva.example");
+        // Address-like text is judged as an address.
+        assert!(entry("10.0.0.0/33").contains("1 to 32"));
+        assert!(entry("10.0.0").contains("not an IP address"));
+        for (text, says) in [
+            ("*.com", "top-level domain"),
+            ("*", "is not an IP address, CIDR or host name"),
+            ("a.*.example", "`*.` may only lead"),
+            ("-a.example", "hyphens"),
+            ("a-.example", "hyphens"),
+            ("a..example", "labels"),
+            ("under_score.example", "labels"),
+            ("example.123", "cannot end in a number"),
+            ("http://build.example", "not an IP address"),
+            ("build.example:8080", "not an IP address"),
+            ("build.example/path", "not an IP address"),
+            ("b\u{fc}cher.example", "labels"),
+        ] {
+            let e = AllowEntry::parse(text).map_or_else(|e| e.to_string(), |n| format!("parsed as {n}"));
+            assert!(e.contains(says), "{text:?}: {e}");
+            assert!(e.contains(&format!("`{text}`")), "{text:?}: {e}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(entry(&long).contains("labels"));
+        let too_long = vec!["a".repeat(63); 5].join(".");
+        assert!(entry(&too_long).contains("253"));
+    }
+
+    #[test]
+    fn a_host_entry_matches_its_name_or_the_names_under_its_domain() {
+        let exact = AllowedHost::parse("build.corp.example").unwrap();
+        assert!(exact.matches("build.corp.example"));
+        assert!(exact.matches("BUILD.corp.example."));
+        assert!(!exact.matches("x.build.corp.example"));
+        assert!(!exact.matches("corp.example"));
+        assert!(!exact.matches("evilbuild.corp.example"));
+        let under = AllowedHost::parse("*.corp.example").unwrap();
+        assert!(under.matches("build.corp.example"));
+        assert!(under.matches("a.b.corp.example"));
+        assert!(!under.matches("corp.example"));
+        assert!(!under.matches("evilcorp.example"));
+        assert!(!under.matches(".corp.example"));
+        assert!(!under.matches("corp.example.attacker.example"));
     }
 }

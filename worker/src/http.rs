@@ -19,8 +19,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use url::{Host, Url};
 
+use sluice_domain::network::AllowedHost;
+
 use crate::logs::LogSink;
-use crate::ssrf::ip_permitted;
+use crate::ssrf::{ip_is_private_network, ip_permitted};
 use crate::{ExecOutcome, HttpCall, Stream, TaskRequest, cancelled, deadline_reached};
 
 type Outputs = BTreeMap<String, String>;
@@ -29,9 +31,15 @@ fn failed(message: impl Into<String>) -> ExecOutcome {
     ExecOutcome::Failed { exit_code: None, message: message.into() }
 }
 
+/// What a task may connect to: the tenant's allow-listed networks and host names.
+struct Allowed {
+    networks: Vec<(IpAddr, u8)>,
+    hosts: Vec<AllowedHost>,
+}
+
 /// DNS resolver that only returns permitted addresses.
 struct GuardedResolver {
-    allow: Arc<Vec<(IpAddr, u8)>>,
+    allow: Arc<Allowed>,
 }
 
 impl Resolve for GuardedResolver {
@@ -39,16 +47,23 @@ impl Resolve for GuardedResolver {
         let allow = self.allow.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addrs = permitted_addrs(&host, &allow).await?;
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs = permitted_addrs(&host, resolved, &allow)?;
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
     }
 }
 
-/// Resolves `host` and keeps the permitted addresses; an error when there are none.
-async fn permitted_addrs(host: &str, allow: &[(IpAddr, u8)]) -> Result<Vec<SocketAddr>, std::io::Error> {
-    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
-    let permitted: Vec<SocketAddr> = resolved.iter().copied().filter(|a| ip_permitted(a.ip(), allow)).collect();
+/// The addresses `host` resolved to that a task may connect to: public ones, those inside an
+/// allow-listed network and, when the host's name is allow-listed, those in a private network;
+/// an error naming them when there are none.
+fn permitted_addrs(host: &str, resolved: Vec<SocketAddr>, allow: &Allowed) -> Result<Vec<SocketAddr>, std::io::Error> {
+    let named = allow.hosts.iter().any(|h| h.matches(host));
+    let permitted: Vec<SocketAddr> = resolved
+        .iter()
+        .copied()
+        .filter(|a| ip_permitted(a.ip(), &allow.networks) || (named && ip_is_private_network(a.ip())))
+        .collect();
     if permitted.is_empty() {
         let list: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
         return Err(std::io::Error::new(
@@ -60,20 +75,22 @@ async fn permitted_addrs(host: &str, allow: &[(IpAddr, u8)]) -> Result<Vec<Socke
 }
 
 /// Checks one hop before any connection is made.
-async fn check_url(url: &Url, allow: &[(IpAddr, u8)]) -> Result<(), String> {
+async fn check_url(url: &Url, allow: &Allowed) -> Result<(), String> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("URL scheme {:?} refused: only http and https are allowed", url.scheme()));
     }
     match url.host() {
         None => Err("URL has no host".to_owned()),
-        Some(Host::Ipv4(v4)) => check_ip(IpAddr::V4(v4), allow),
-        Some(Host::Ipv6(v6)) => check_ip(IpAddr::V6(v6), allow),
+        Some(Host::Ipv4(v4)) => check_ip(IpAddr::V4(v4), &allow.networks),
+        Some(Host::Ipv6(v6)) => check_ip(IpAddr::V6(v6), &allow.networks),
         Some(Host::Domain(name)) => {
             // An IP literal in a form `url` did not normalize would still be treated as an address.
             if let Ok(ip) = name.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
-                return check_ip(ip, allow);
+                return check_ip(ip, &allow.networks);
             }
-            permitted_addrs(name, allow).await.map(|_| ()).map_err(|e| format!("address refused: {e}"))
+            let refused = |e: std::io::Error| format!("address refused: {e}");
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((name, 0)).await.map_err(refused)?.collect();
+            permitted_addrs(name, resolved, allow).map(|_| ()).map_err(refused)
         }
     }
 }
@@ -136,7 +153,7 @@ async fn request(call: &HttpCall, req: &TaskRequest, sink: &LogSink, outputs: &m
     }
     let mut body = call.body.clone();
 
-    let allow = Arc::new(policy.allow.clone());
+    let allow = Arc::new(Allowed { networks: policy.allow.clone(), hosts: policy.allow_hosts.clone() });
     let client = match reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -264,4 +281,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|s| SocketAddr::new(s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), 0)).collect()
+    }
+
+    fn kept(host: &str, resolved: &[&str], allow: &Allowed) -> Result<Vec<String>, String> {
+        permitted_addrs(host, addrs(resolved), allow)
+            .map(|a| a.iter().map(|a| a.ip().to_string()).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_allow_listed_name_reaches_its_private_addresses_and_nothing_else() {
+        let allow = Allowed {
+            networks: vec![],
+            hosts: vec![
+                AllowedHost::parse("build.corp.example").unwrap(),
+                AllowedHost::parse("*.svc.corp.example").unwrap(),
+            ],
+        };
+        let everything = ["10.1.2.3", "fd00::7", "127.0.0.1", "169.254.169.254", "::ffff:127.0.0.1", "8.8.8.8"];
+        assert_eq!(kept("build.corp.example", &everything, &allow).unwrap(), ["10.1.2.3", "fd00::7", "8.8.8.8"]);
+        assert_eq!(kept("api.svc.corp.example", &everything, &allow).unwrap(), ["10.1.2.3", "fd00::7", "8.8.8.8"]);
+        // Other names get public addresses only.
+        assert_eq!(kept("other.corp.example", &everything, &allow).unwrap(), ["8.8.8.8"]);
+        let e = kept("other.corp.example", &["10.1.2.3"], &allow).unwrap_err();
+        assert!(e.contains("resolves only to refused addresses (10.1.2.3)"), "{e}");
+        // A name never opens loopback or link-local, whatever it resolves to.
+        let e = kept("build.corp.example", &["127.0.0.1", "169.254.169.254"], &allow).unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        // A network entry does.
+        let allow = Allowed { networks: vec![(IpAddr::from([127, 0, 0, 0]), 8)], hosts: vec![] };
+        assert_eq!(kept("anything.example", &["127.0.0.1", "10.0.0.1"], &allow).unwrap(), ["127.0.0.1"]);
+    }
 }

@@ -144,6 +144,9 @@ pub struct HttpPolicy {
     /// CIDRs (`(network, prefix length)`) the tenant allow-listed: addresses inside them are permitted even
     /// when they are loopback/private/link-local etc. An IPv4 entry also matches the IPv4-mapped IPv6 form.
     pub allow: Vec<(IpAddr, u8)>,
+    /// Host names the tenant allow-listed: the private addresses (not loopback or link-local)
+    /// they resolve to are permitted for them (see [`sluice_domain::network`]).
+    pub allow_hosts: Vec<sluice_domain::network::AllowedHost>,
     /// Response body bytes read at most; the rest is not read (a System line says so).
     pub max_body_bytes: usize,
     /// Redirects followed at most (each hop is re-checked against the policy).
@@ -153,7 +156,7 @@ pub struct HttpPolicy {
 impl Default for HttpPolicy {
     /// No allow-list, 1 MiB bodies, 5 redirects.
     fn default() -> Self {
-        HttpPolicy { allow: Vec::new(), max_body_bytes: 1 << 20, max_redirects: 5 }
+        HttpPolicy { allow: Vec::new(), allow_hosts: Vec::new(), max_body_bytes: 1 << 20, max_redirects: 5 }
     }
 }
 

@@ -97,6 +97,23 @@ pub fn ip_permitted(ip: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
     ip_is_public(ip) || allow.iter().any(|&(net, prefix)| in_cidr(ip, net, prefix))
 }
 
+/// Whether `ip` is in a private network an allow-listed host name may reach: 10/8, 172.16/12,
+/// 192.168/16, CGNAT 100.64/10 or unique-local fc00::/7 (an IPv4 address also in its mapped
+/// IPv6 form). Never loopback, link-local or anything else that is not public.
+pub fn ip_is_private_network(ip: IpAddr) -> bool {
+    let v4 = |v4: Ipv4Addr| {
+        let [a, b, _, _] = v4.octets();
+        a == 10 || (a == 172 && (16..32).contains(&b)) || (a == 192 && b == 168) || (a == 100 && (64..128).contains(&b))
+    };
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(mapped) => v4(mapped),
+            None => (ip.segments()[0] & 0xfe00) == 0xfc00,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +162,28 @@ mod tests {
             ["1.1.1.1", "8.8.8.8", "100.128.0.1", "172.32.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "93.184.216.34"]
         {
             assert!(ip_is_public(ip(s)), "{s} must be public");
+        }
+    }
+
+    #[test]
+    fn host_names_reach_private_networks_only() {
+        for s in ["10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.1.1", "100.64.0.1", "fd00::1", "::ffff:10.0.0.1"]
+        {
+            assert!(ip_is_private_network(ip(s)), "{s}");
+        }
+        for s in [
+            "127.0.0.1",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "172.32.0.1",
+            "8.8.8.8",
+        ] {
+            assert!(!ip_is_private_network(ip(s)), "{s}");
         }
     }
 

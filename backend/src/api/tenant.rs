@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, http::Method, web};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use sluice_domain::{cedar::Action, ids::NodeId, network::AllowedNetwork};
+use sluice_domain::{cedar::Action, ids::NodeId, network::AllowEntry};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -436,8 +436,11 @@ async fn create_group(state: State, ctx: TenantCtx, body: Body) -> ApiResult<Htt
 /// The tenant's settings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SettingsView {
-    /// Networks (canonical CIDRs) that the tenant's `http:` tasks may reach although they are
-    /// private, loopback or link-local. Empty: public addresses only.
+    /// What the tenant's `http:` tasks may reach beyond public addresses: networks (canonical
+    /// CIDRs), whose every address is reachable although private, loopback or link-local, and
+    /// host names (lower-case; `*.` for every name under a domain), which reach the private
+    /// networks (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) they resolve to, never
+    /// loopback or link-local. Empty: public addresses only.
     pub http_allow: Vec<String>,
 }
 
@@ -445,9 +448,9 @@ pub struct SettingsView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSettings {
-    /// The complete new HTTP allow-list: IP addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`,
-    /// `fd00::/8`), at most 64. Host names are refused: the check applies to the address a task
-    /// actually connects to.
+    /// The complete new HTTP allow-list, at most 64 entries: IP addresses or CIDRs (`127.0.0.1`,
+    /// `10.0.0.0/8`, `fd00::/8`), and host names (`build.corp.example`, `*.corp.example`), which
+    /// open only the private networks they resolve to (see the settings' `http_allow`).
     pub http_allow: Option<Vec<String>>,
 }
 
@@ -470,7 +473,7 @@ async fn get_settings(state: State, ctx: TenantCtx) -> ApiResult<web::Json<Setti
 async fn update_settings(state: State, ctx: TenantCtx, body: Body) -> ApiResult<web::Json<SettingsView>> {
     let decision = authorize(&state, &ctx, Action::TenantUpdate, Resource::Tenant).await?;
     let body: UpdateSettings = body.json()?;
-    let networks = body.http_allow.as_deref().map(AllowedNetwork::parse_list).transpose().map_err(|(i, e)| {
+    let networks = body.http_allow.as_deref().map(AllowEntry::parse_list).transpose().map_err(|(i, e)| {
         ApiError::invalid(i.map_or("http_allow".into(), |i| format!("http_allow[{i}]")), e.to_string())
     })?;
     let store = &state.store;

@@ -1457,6 +1457,7 @@ async fn committer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Op>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

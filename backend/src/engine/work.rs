@@ -464,7 +464,7 @@ async fn execute(
     let mut req = request(task, &ctx, &sandbox, d.run, d.attempt)?;
     // Only HTTP tasks connect anywhere: the tenant's allow-list is read for them alone.
     if matches!(task.action, TaskAction::Http(_)) {
-        req.http.allow = crate::service::settings::http_allow_networks(store, run.tenant).await?;
+        (req.http.allow, req.http.allow_hosts) = crate::service::settings::http_allow_policy(store, run.tenant).await?;
     }
 
     let (log_tx, log_rx) = mpsc::channel::<LogLine>(1024);

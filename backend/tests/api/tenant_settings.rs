@@ -27,9 +27,11 @@ async fn admins_set_the_allow_list_in_canonical_form_and_the_change_is_audited()
     let admin = app.signup(&slug("net")).await;
     assert_eq!(allow_list(&app, &admin).await, json!([]));
 
-    let r = patch(&app, &admin, json!({ "http_allow": ["127.0.0.1", "10.0.0.0/8", "FD00::/8", "127.0.0.1/32"] })).await;
+    let entries =
+        json!(["127.0.0.1", "10.0.0.0/8", "FD00::/8", "127.0.0.1/32", "Build.Corp.Example.", "*.svc.corp.example"]);
+    let r = patch(&app, &admin, json!({ "http_allow": entries })).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let want = json!(["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+    let want = json!(["127.0.0.1/32", "10.0.0.0/8", "fd00::/8", "build.corp.example", "*.svc.corp.example"]);
     assert_eq!(r.json::<Value>().await.unwrap()["http_allow"], want);
     assert_eq!(allow_list(&app, &admin).await, want);
     // Fields left out stay as they are.
@@ -57,7 +59,9 @@ async fn bad_entries_are_refused_naming_the_entry() {
     let admin = app.signup(&slug("net")).await;
     patch(&app, &admin, json!({ "http_allow": ["192.168.0.0/16"] })).await;
     for (entry, says) in [
-        ("intranet.example.com", "host names"),
+        ("intranet_example.com", "is not an IP address, CIDR or host name"),
+        ("*.com", "top-level domain"),
+        ("http://10.0.0.1/", "not an IP address"),
         ("10.1.2.3/8", "the network is `10.0.0.0/8`"),
         ("10.0.0.0/33", "1 to 32"),
         ("0.0.0.0/0", "every address"),
