@@ -534,7 +534,7 @@ async fn load_state(
 }
 
 /// Rows per multi-row `INSERT`.
-const INSERT_CHUNK: usize = 100;
+pub const INSERT_CHUNK: usize = 100;
 
 /// A new run's rows as they are first written: its own state columns, and the statements that
 /// insert its stages and tasks (to be executed with [`Store::execute_together`], after the run's

@@ -366,6 +366,14 @@ async fn start_unlocked(state: &AppState, req: &StartRun<'_>, prep: &Prep) -> Ap
     if req.retry.is_some() || prep.concurrency.is_some() {
         return Ok(None);
     }
+    // A run whose rows cannot go in one round trip however they group (the run's row, inserts
+    // of up to `INSERT_CHUNK` stages or tasks, the audit event and the head's update) is not
+    // planned for one.
+    let chunk = crate::engine::state::INSERT_CHUNK;
+    let fewest = 3 + prep.run_plan.stages.len().div_ceil(chunk) + prep.run_plan.tasks.len().div_ceil(chunk);
+    if fewest > crate::store::COMBINE {
+        return Ok(None);
+    }
     let Some(head) = state.starts.head(req.tenant) else { return Ok(None) };
     let Some(clock) = Clock::usable(store.backend(), state.starts.clock()) else { return Ok(None) };
     // The tenant's limit is left to the statement: the planner sees none.

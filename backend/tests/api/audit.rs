@@ -463,6 +463,47 @@ async fn denials_record_the_determining_policies() {
 /// its own last start. Whatever moved the head on since (another audited
 /// change, or another start at the same moment), every start is recorded once, in an intact
 /// chain, and its run is there.
+/// A run too large for the one-round-trip start (its rows need more statements than go in one)
+/// starts the locked way, right after a start that left the chain's head known.
+#[actix_web::test]
+async fn a_start_too_large_for_one_round_trip_is_written_whole_the_locked_way() {
+    let app = spawn_app_with(|c| c.with_worker = false).await;
+    let admin = app.signup(&slug("big-start")).await;
+    let small = "stages:\n  - id: s\n    tasks:\n      - id: a\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "small", small).await.status(), StatusCode::CREATED);
+    let big = "params:\n  items: { type: array, required: true }\nstages:\n  - id: s\n    tasks:\n      - id: each\n        for_each: '{{ params.items }}'\n        noop: true\n      - id: join\n        needs: [each]\n        noop: true\n";
+    assert_eq!(app.create_pipeline(&admin, "big", big).await.status(), StatusCode::CREATED);
+    let start = |pipeline: &'static str, body: Value| {
+        let app = &app;
+        let admin = &admin;
+        async move {
+            let r =
+                app.post(&format!("/api/v1/t/{}/pipelines/{pipeline}/runs", admin.tenant), &admin.token, body).await;
+            assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+            let v: Value = r.json().await.unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = start("small", json!({})).await;
+    // 3,300 tasks: 34 inserts of 100 rows at least, more than one round trip takes.
+    let items: Vec<u32> = (0..3300).collect();
+    let big_run = start("big", json!({ "params": { "items": items } })).await;
+    let after = start("small", json!({})).await;
+    let r = app.get(&format!("/api/v1/t/{}/runs/{big_run}", admin.tenant), &admin.token).await;
+    let v: Value = r.json().await.unwrap();
+    let tasks = v["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 3301);
+    assert!(tasks.iter().filter(|t| t["key"] != "join").all(|t| t["status"] == "queued"), "{:#}", tasks[0]);
+    let v = verify(&app, &admin).await;
+    assert_eq!(v["ok"], true, "{v:#}");
+    let events = all_events(&app, &admin, "&action=run.create", 100).await;
+    let mut recorded: Vec<String> = events.iter().map(|e| e["resource_id"].as_str().unwrap().to_owned()).collect();
+    recorded.sort();
+    let mut started = vec![first, big_run, after];
+    started.sort();
+    assert_eq!(recorded, started, "each start is recorded once");
+}
+
 #[actix_web::test]
 async fn starts_record_one_event_each_in_an_intact_chain_whatever_moved_the_head() {
     let app = spawn_app_with(|c| c.with_worker = false).await;
