@@ -7,8 +7,13 @@
 //! unreachable.
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod shared_dir;
+// (Not every test crate that includes these helpers makes shared folders.)
+#[allow(unused_imports)]
+pub use shared_dir::SharedDir;
+
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
@@ -554,42 +559,6 @@ pub async fn sign_up(client: Client, base: String) -> Api {
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.unwrap();
     Api { client, base, token: v["access_token"].as_str().unwrap().into(), tenant }
-}
-
-/// A directory every user may write (tasks run as task users when the tests run as root) and see
-/// (it is not in `/tmp`), removed when dropped. Each attempt has a uid of its own: a file that later attempts write to must be
-/// created writable for all (`umask 0`).
-pub struct SharedDir(pub PathBuf);
-
-impl SharedDir {
-    pub fn new(name: &str) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        // `/tmp`, `/var/tmp` and `/dev/shm` are a task's own where a task user gets a mount
-        // namespace: as root, a folder of the machine's outside them.
-        let root = PathBuf::from("/var/lib/sluice-tests");
-        let made = std::fs::create_dir_all(&root)
-            .and_then(|()| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711)));
-        let root = if made.is_ok() { root } else { std::env::temp_dir() };
-        let dir = root.join(format!("sluice-{name}-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// `name` inside the directory, as a string for a task definition.
-    pub fn file(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for SharedDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Pids of live processes whose command line contains `marker` (this process excluded).

@@ -16,6 +16,8 @@ mod pipelines;
 mod runs;
 mod scheduling;
 mod secrets;
+#[path = "../../../tests/common/shared_dir.rs"]
+mod shared_dir;
 mod store;
 mod tenant_settings;
 mod tokens;

@@ -7,6 +7,7 @@ use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use crate::shared_dir::SharedDir;
 
 async fn start(app: &TestApp, m: &Member, pipeline: &str, body: Value) -> Value {
     let r = app.post(&format!("/api/v1/t/{}/pipelines/{pipeline}/runs", m.tenant), &m.token, body).await;
@@ -301,39 +302,13 @@ async fn retry(app: &TestApp, m: &Member, id: &str) -> reqwest::Response {
     app.call(Method::POST, &format!("/api/v1/t/{}/runs/{id}/retry", m.tenant), Some(&m.token), None).await
 }
 
-/// A marker file's path in a folder of its own that every user may write (tasks run as task users
-/// when the tests run as root), removed when dropped, however the test ends. Not in `/tmp`,
-/// `/var/tmp` or `/dev/shm`, which such a task has its own of where it gets a mount namespace.
-struct Marker(std::path::PathBuf);
-
-impl Marker {
-    fn new(name: &str) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        let root = std::path::PathBuf::from("/var/lib/sluice-tests");
-        let made = std::fs::create_dir_all(&root)
-            .and_then(|()| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711)));
-        let root = if made.is_ok() { root } else { std::env::temp_dir() };
-        let dir = root.join(format!("sluice-{name}-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        Self(dir.join("marker"))
-    }
-}
-
-impl Drop for Marker {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 #[actix_web::test]
 async fn retrying_a_failed_run_carries_over_what_succeeded_and_runs_the_rest() {
     let app = spawn_app().await;
     let admin = app.signup(&slug("retry")).await;
-    let marker = Marker::new("retry");
-    let m = marker.0.display();
+    let shared = SharedDir::new("retry");
+    let marker = shared.path().join("marker");
+    let m = marker.display();
     // `b` fails the first time (leaving the marker behind) and succeeds the second; templates are
     // rendered into argv elements only, so the shell reads them as positional parameters.
     let yaml = format!(
@@ -636,8 +611,8 @@ async fn process_tasks_run_as_task_users_of_their_own_and_leave_nothing_running(
 async fn d22_a_tenants_task_cannot_reach_another_tenants_task_on_a_shared_worker() {
     let Some(app) = app_that_switches_users().await else { return };
     let (a, b) = (app.signup(&slug("d22a")).await, app.signup(&slug("d22b")).await);
-    let shared = Marker::new("d22");
-    let dir = shared.0.parent().unwrap().display().to_string();
+    let shared = SharedDir::new("d22");
+    let dir = shared.path().display().to_string();
     let secret = format!("b-secret-{}", rand_digits());
     let r = app.put(&format!("/api/v1/t/{}/secrets/TOKEN", b.tenant), &b.token, json!({ "value": secret })).await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());

@@ -5,6 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+#[path = "../../../tests/common/shared_dir.rs"]
+mod shared_dir;
+pub use shared_dir::shared_root;
 use sluice_worker::{ExecResult, LogLine, Stream, TaskRequest, execute};
 use tokio::sync::{mpsc, watch};
 
@@ -12,16 +15,6 @@ use tokio::sync::{mpsc, watch};
 pub struct TempDir(PathBuf);
 
 static N: AtomicUsize = AtomicUsize::new(0);
-
-/// Where a test makes folders it shares with its tasks: `/tmp`, `/var/tmp` and `/dev/shm` are a
-/// task's own where a task user gets a mount namespace, so, when it may be made, a folder of the
-/// machine's outside them; else the temporary folder.
-pub fn shared_root() -> PathBuf {
-    let dir = PathBuf::from("/var/lib/sluice-tests");
-    let made = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)));
-    if made.is_ok() { dir } else { std::env::temp_dir() }
-}
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
