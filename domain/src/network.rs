@@ -187,14 +187,23 @@ pub enum AllowEntry {
 
 impl AllowEntry {
     /// Parses an address or CIDR ([`AllowedNetwork::parse`]), else a host name
-    /// ([`AllowedHost::parse`]). Text that starts like an address (a digit, or has a `:` or
-    /// `/`) is judged as one, so `10.0.0.0/33` is told about its prefix, not about host names.
+    /// ([`AllowedHost::parse`]). Text that is neither is told what is wrong with it as an
+    /// address when it looks like one (digits and dots only, or a `:` or `/`, or empty or with
+    /// spaces), so `10.0.0.0/33` is told about its prefix; else as a host name.
     pub fn parse(text: &str) -> Result<Self, NetworkError> {
-        let looks_like_address = text.starts_with(|c: char| c.is_ascii_digit()) || text.contains([':', '/']);
-        if looks_like_address || text.is_empty() || text.chars().any(char::is_whitespace) {
-            return AllowedNetwork::parse(text).map(Self::Network);
+        let as_network = match AllowedNetwork::parse(text) {
+            Ok(network) => return Ok(Self::Network(network)),
+            Err(e) => e,
+        };
+        let looks_like_address = text.is_empty()
+            || text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            || text.contains([':', '/'])
+            || text.chars().any(char::is_whitespace);
+        match AllowedHost::parse(text) {
+            Ok(host) => Ok(Self::Host(host)),
+            Err(_) if looks_like_address => Err(as_network),
+            Err(e) => Err(e),
         }
-        AllowedHost::parse(text).map(Self::Host)
     }
 
     /// Parses a whole list: each entry must parse (the error gives the index of the first bad
@@ -307,6 +316,9 @@ mod tests {
         assert_eq!(entry("*.corp.example"), "*.corp.example");
         assert_eq!(entry("localhost"), "localhost");
         assert_eq!(entry("xn--bcher-kva.example"), "xn--bcher-kva.example");
+        // A name may start with a digit.
+        assert_eq!(entry("1password.corp.example"), "1password.corp.example");
+        assert_eq!(entry("*.4th.corp.example"), "*.4th.corp.example");
         // Address-like text is judged as an address.
         assert!(entry("10.0.0.0/33").contains("1 to 32"));
         assert!(entry("10.0.0").contains("not an IP address"));
