@@ -18,15 +18,12 @@ pub fn ip_is_public(ip: IpAddr) -> bool {
 fn v4_is_public(ip: Ipv4Addr) -> bool {
     let [a, b, c, _] = ip.octets();
     !(a == 0                                   // 0.0.0.0/8 "this network"
-        || a == 10                             // private
-        || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
+        || v4_is_private_network(ip)           // 10/8, 172.16/12, 192.168/16, CGNAT 100.64/10
         || a == 127                            // loopback
         || (a == 169 && b == 254)              // link-local (cloud metadata)
-        || (a == 172 && (16..32).contains(&b)) // private
         || (a == 192 && b == 0 && c == 0)      // IETF protocol assignments
         || (a == 192 && b == 0 && c == 2)      // TEST-NET-1
         || (a == 192 && b == 88 && c == 99)    // 6to4 relay anycast
-        || (a == 192 && b == 168)              // private
         || (a == 198 && (b == 18 || b == 19))  // benchmarking
         || (a == 198 && b == 51 && c == 100)   // TEST-NET-2
         || (a == 203 && b == 0 && c == 113)    // TEST-NET-3
@@ -42,7 +39,7 @@ fn v6_is_public(ip: Ipv6Addr) -> bool {
         return false;
     }
     let s0 = seg[0];
-    !((s0 & 0xfe00) == 0xfc00        // unique-local fc00::/7
+    !(v6_is_unique_local(ip)         // unique-local fc00::/7
         || (s0 & 0xffc0) == 0xfe80   // link-local fe80::/10
         || (s0 & 0xffc0) == 0xfec0   // site-local fec0::/10 (deprecated)
         || (s0 & 0xff00) == 0xff00   // multicast
@@ -101,17 +98,24 @@ pub fn ip_permitted(ip: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
 /// 192.168/16, CGNAT 100.64/10 or unique-local fc00::/7 (an IPv4 address also in its mapped
 /// IPv6 form). Never loopback, link-local or anything else that is not public.
 pub fn ip_is_private_network(ip: IpAddr) -> bool {
-    let v4 = |v4: Ipv4Addr| {
-        let [a, b, _, _] = v4.octets();
-        a == 10 || (a == 172 && (16..32).contains(&b)) || (a == 192 && b == 168) || (a == 100 && (64..128).contains(&b))
-    };
     match ip {
-        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V4(ip) => v4_is_private_network(ip),
         IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(mapped) => v4(mapped),
-            None => (ip.segments()[0] & 0xfe00) == 0xfc00,
+            Some(mapped) => v4_is_private_network(mapped),
+            None => v6_is_unique_local(ip),
         },
     }
+}
+
+/// 10/8, 172.16/12, 192.168/16 and CGNAT 100.64/10.
+fn v4_is_private_network(ip: Ipv4Addr) -> bool {
+    let [a, b, _, _] = ip.octets();
+    a == 10 || (a == 172 && (16..32).contains(&b)) || (a == 192 && b == 168) || (a == 100 && (64..128).contains(&b))
+}
+
+/// Unique-local fc00::/7.
+fn v6_is_unique_local(ip: Ipv6Addr) -> bool {
+    (ip.segments()[0] & 0xfe00) == 0xfc00
 }
 
 #[cfg(test)]

@@ -1329,9 +1329,9 @@ impl Core {
     /// run is still at the revision known here (and its tenant within its limit, if tasks are
     /// claimed), see [`crate::store::Store::execute_guarded`]: one round trip instead of four
     /// (BEGIN, the locked read, the write, COMMIT). `None` when the batch is not such a one, or
-    /// the run was changed by another transaction meanwhile: then nothing of it was written, and it is
-    /// applied the locked way. (A slot a completion passed on in the refused attempt is freed,
-    /// so the locked way rings the run's next task instead of passing the slot.)
+    /// the run was changed by another transaction meanwhile: then nothing of it was written,
+    /// and it is applied the locked way. (A slot a completion passed on in the refused attempt
+    /// is freed, so the locked way rings the run's next task instead of passing the slot.)
     async fn unlocked(&self, ops: &[(Uuid, &Step)]) -> Result<Option<(Vec<Done>, Applied)>, DbErr> {
         let Some(&(run, _)) = ops.first() else { return Ok(None) };
         if ops.iter().any(|(r, s)| *r != run || matches!(s, Step::Event(_))) {
