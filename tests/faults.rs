@@ -542,6 +542,76 @@ async fn a08_drain_exits_once_the_tasks_in_flight_finished() {
     assert!(exited < Duration::from_secs(15), "the worker exited {exited:?} after SIGTERM; its tasks took 4 s");
 }
 
+/// A08, a result whose commit is retried: a draining worker exits once the results of its
+/// tasks are committed, not as soon as its slots are free. Here the database refuses the
+/// task's result at first (a trigger of the test's), so the completion is retried with its
+/// slot already given back; the worker stays until the retry commits, and exits 0 with the
+/// task recorded as succeeded on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a08_drain_waits_for_a_result_whose_commit_is_retried() {
+    use sea_orm::ConnectionTrait;
+    let _serial = SERIAL.lock().await;
+    // A 15 s lease: its holder retries a result for a heartbeat period (5 s), and the reaper
+    // leaves the attempt alone meanwhile.
+    let opts = Options { name: "a08-retry", workers: 0, lease_secs: 15, ..Options::default() };
+    let Setup { mut cluster, api, .. } = start(opts).await;
+    let w = cluster.spawn_worker();
+    let dir = SharedDir::new("a08-retry");
+    let go = dir.file("go");
+    api.create_pipeline(
+        "held",
+        &format!("stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: 'while [ ! -e \"{go}\" ]; do sleep 0.05; done'\n"),
+    )
+    .await;
+    let id = api.start("held", json!({})).await;
+    let db = cluster.db().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.count("SELECT COUNT(*) AS n FROM task_runs WHERE status = 'running'").await < 1 {
+        assert!(Instant::now() < deadline, "the task never ran\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = cluster.worker_name(w).expect("the worker logged its name");
+    db.0.execute_unprepared(
+        "CREATE FUNCTION refuse_results() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'results are refused for now'; END $$; \
+         CREATE TRIGGER refuse_results BEFORE UPDATE ON task_runs FOR EACH ROW \
+         WHEN (OLD.status = 'running' AND NEW.status <> 'running') EXECUTE FUNCTION refuse_results()",
+    )
+    .await
+    .unwrap();
+    cluster.signal(w, nix::sys::signal::Signal::SIGTERM);
+    std::fs::write(&go, "").unwrap();
+    // The task ends; its result is refused, and retried.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.log_of(w).contains("recording the task's result failed; trying again") {
+        assert!(Instant::now() < deadline, "the result was never refused\n{}", cluster.logs());
+        assert!(cluster.try_wait(w).is_none(), "the worker exited before its task ended\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its slot is free, its result is not recorded: the worker stays.
+    let refused = Instant::now();
+    while refused.elapsed() < Duration::from_secs(1) {
+        assert!(
+            cluster.try_wait(w).is_none(),
+            "the worker exited with its task's result unrecorded: {:?}\n{}",
+            running_under(&db, &name).await,
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.0.execute_unprepared("DROP TRIGGER refuse_results ON task_runs").await.unwrap();
+    let status = cluster.wait_exit(w, 30).await;
+    assert!(status.success(), "worker exit after SIGTERM: {status}\n{}", cluster.logs());
+    // Recorded before the worker exited: its first attempt, succeeded.
+    let rows = db
+        .rows(&format!("SELECT attempt::int8 AS attempt, status FROM task_runs WHERE run_id = '{id}' ORDER BY attempt"))
+        .await;
+    assert_eq!(rows, vec![json!({ "attempt": 1, "status": "succeeded" })], "{}", cluster.logs());
+    let done = api.wait(&cluster, &id, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    db.close().await;
+}
+
 /// A14: a worker SIGKILLed right after claiming a task, before its first heartbeat. The reaper
 /// declares the attempt lost once the lease (3 s here) expires and queues the next attempt; no
 /// row is ever `running` without a lease; the run succeeds on another worker.

@@ -496,14 +496,17 @@ pub async fn consume_redis(
     }
     let listener = tokio::spawn(listen_for_wakes(url.clone(), wake_channel(&prefix), wakers));
     let _listener = AbortOnDrop(listener);
-    // Once stopping, the drain is over when every slot is free again (executions already
-    // started have finished and recorded their completions); apalis's own workers are not
-    // waited for beyond that, since with several executions in flight they can take until
-    // the grace period to notice they were stopped.
+    // Once stopping, the drain is over when every slot is free again (no execution runs, and
+    // none starts) and every result is committed (a completion whose commit is retried has
+    // freed its slot already); apalis's own workers are not waited for beyond that, since
+    // with several executions in flight they can take until the grace period to notice they
+    // were stopped.
     let mut stopping = stopped.clone();
     let drained = async {
         let _ = stopping.wait_for(|s| *s).await;
-        slots_held.acquire_many(slots as u32).await
+        let all = slots_held.acquire_many(slots as u32).await;
+        engine.all_recorded().await;
+        all
     };
     tokio::pin!(drained);
     loop {
@@ -519,7 +522,8 @@ pub async fn consume_redis(
         }
     }
     // Executions already started finish; their completions still reach the database.
-    let _ = slots_held.acquire_many(slots as u32).await;
+    let _all = slots_held.acquire_many(slots as u32).await;
+    engine.all_recorded().await;
     Ok(())
 }
 

@@ -118,6 +118,19 @@ pub struct Core {
     answered: Mutex<Answered>,
     /// Attempts this process claimed that have not reported their result yet, with when.
     unreported: Mutex<HashMap<Dispatch, std::time::Instant>>,
+    /// How many attempts this process is executing or recording the result of (see
+    /// [`Engine::in_hand`]).
+    in_hand: Arc<watch::Sender<usize>>,
+}
+
+/// An attempt this process executes, counted from its start until its result is committed or
+/// given up on (see [`Engine::in_hand`]).
+pub struct InHand(Arc<watch::Sender<usize>>);
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Most answered rings remembered.
@@ -180,8 +193,9 @@ pub struct Applied {
     pub freed: Vec<Uuid>,
     /// Tasks claimed for this process's own free slots, started after the commit.
     pub handed: Vec<Handed>,
-    /// Slots of this process's worker given back by this change, released after the commit
-    /// (a draining worker counts its free slots to know when its work is recorded).
+    /// Slots of this process's worker given back by this change, released after the commit.
+    /// (A change not committed releases them when dropped; a draining worker waits for the
+    /// results in hand as well, see [`Core::in_hand`].)
     pub spent: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Whether the run finished with this change.
     pub finished: bool,
@@ -387,6 +401,7 @@ impl Engine {
             handoff: OnceLock::new(),
             answered: Mutex::default(),
             unreported: Mutex::default(),
+            in_hand: Arc::new(watch::Sender::new(0)),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -826,6 +841,23 @@ impl Core {
         if let Some(h) = self.handoff.get() {
             h.open.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Counts an attempt of this process's worker as in hand until the guard is dropped, once
+    /// its result is committed (or given up on). A draining worker waits for its free slots
+    /// and then for [`Core::all_recorded`]: a slot alone does not tell, since a completion
+    /// whose commit is retried (its unlocked write refused, its batch failed) frees its slot
+    /// before the retry commits.
+    pub fn in_hand(&self) -> InHand {
+        self.in_hand.send_modify(|n| *n += 1);
+        InHand(self.in_hand.clone())
+    }
+
+    /// Waits until no attempt is in hand (see [`Core::in_hand`]).
+    pub async fn all_recorded(&self) {
+        let mut counted = self.in_hand.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = counted.wait_for(|n| *n == 0).await;
     }
 
     /// A free slot and room of this process's worker for a task just queued, if it has them,

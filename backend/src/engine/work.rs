@@ -390,6 +390,8 @@ pub(super) async fn run_claimed(
     secrets_key: &SecretsKey,
     room: super::Room,
 ) -> anyhow::Result<()> {
+    // Counted until the result is committed or given up on (see `Core::in_hand`).
+    let _in_hand = engine.in_hand();
     let cancel = engine.track(d);
     let result = execute(engine, store, d, claimed, sandbox, secrets_key, cancel).await;
     engine.untrack(d);
