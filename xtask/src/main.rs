@@ -33,8 +33,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace: the parent of xtask's folder, as `cargo run` names it when it starts this
+/// program. The folder it was built in is only the fallback: two checkouts sharing a target
+/// folder share this binary (cargo finds it up to date for either), and each must work on its own
+/// files.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into())
+    let manifest =
+        env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into())
 }
 
 fn cargo() -> Command {
