@@ -612,6 +612,73 @@ async fn a08_drain_waits_for_a_result_whose_commit_is_retried() {
     db.close().await;
 }
 
+/// A08, a task longer than the drain: once the grace (`SLUICE_WORKER_DRAIN_SECONDS`, 2 s here)
+/// runs out, the worker kills the task's process group and gives the attempt back as lost, so
+/// it runs again at once on another worker (not after its 15 s lease expires) without using a
+/// retry; the worker exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a08_a_task_longer_than_the_drain_is_given_back_and_runs_again_at_once() {
+    let _serial = SERIAL.lock().await;
+    let opts = Options { name: "a08-release", workers: 0, lease_secs: 15, ..Options::default() };
+    let Setup { mut cluster, api, .. } = start(opts).await;
+    let w1 = cluster.spawn_with("worker", &[("SLUICE_WORKER_DRAIN_SECONDS", "2".into())]);
+    let marker = format!("a08-release-{}", uuid::Uuid::new_v4().simple());
+    // No retries: a lost attempt runs again without using one. The first attempt outlasts
+    // any drain; the second succeeds at once.
+    api.create_pipeline(
+        "long",
+        &format!(
+            "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: ': {marker}; if [ \"$SLUICE_ATTEMPT\" = 1 ]; then sleep 300; fi'\n"
+        ),
+    )
+    .await;
+    let id = api.start("long", json!({})).await;
+    let db = cluster.db().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes_with(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the task never started\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = cluster.worker_name(w1).expect("the worker logged its name");
+    let signalled = Instant::now();
+    cluster.signal(w1, nix::sys::signal::Signal::SIGTERM);
+    let w2 = cluster.spawn_worker();
+    let status = cluster.wait_exit(w1, 30).await;
+    let exited = signalled.elapsed();
+    assert!(status.success(), "worker exit after SIGTERM: {status}\n{}", cluster.logs());
+    assert!(exited >= Duration::from_secs(2), "the worker did not wait for its drain: {exited:?}");
+    // Given back before the worker exited: the attempt is over, with why, and the task waits
+    // for its next attempt (no retry used), which the reaper queues at its next pass.
+    assert!(exited < Duration::from_secs(15), "the worker took {exited:?} to give its task back");
+    let rows = db
+        .rows(&format!(
+            "SELECT attempt::int8 AS attempt, status, message FROM task_runs WHERE run_id = '{id}' ORDER BY attempt"
+        ))
+        .await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_ne!(rows[0]["status"], "running", "{rows:#?}");
+    assert!(
+        rows[0]["message"].as_str().is_some_and(|m| m.contains("released")),
+        "the attempt does not say it was given back: {rows:#?}"
+    );
+    assert_eq!(running_under(&db, &name).await, vec![], "rows left running under {name}");
+    let given_back = Instant::now();
+    // Its process group is gone with it.
+    wait_no_process_with(&marker, 10).await;
+    let done = api.wait(&cluster, &id, 60).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", cluster.logs());
+    assert_eq!(task_of(&done, "t")["attempt"], 2, "{done:#}");
+    assert!(cluster.log_of(w2).contains("dispatch received"), "the second worker ran nothing\n{}", cluster.logs());
+    // The first attempt's lease, last extended at most a heartbeat (5 s) before the exit, would
+    // have run out 10 s after it at the earliest.
+    let rerun = given_back.elapsed();
+    assert!(rerun < Duration::from_secs(8), "the second attempt ended {rerun:?} after the worker exited");
+    eprintln!(
+        "a08-release: the worker gave its task back and exited 0 {exited:?} after SIGTERM; run again in {rerun:?}"
+    );
+    db.close().await;
+}
+
 /// A14: a worker SIGKILLed right after claiming a task, before its first heartbeat. The reaper
 /// declares the attempt lost once the lease (3 s here) expires and queues the next attempt; no
 /// row is ever `running` without a lease; the run succeeds on another worker.

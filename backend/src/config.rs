@@ -55,6 +55,11 @@ pub struct ConfigArgs {
     /// How many tasks a worker (the embedded one or `sluice worker`) runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
+    /// Seconds a worker stopped by SIGTERM lets its tasks in flight run on; then it kills those
+    /// still running and gives them back, to run again at once on another worker without using
+    /// a retry (1-3600) [default: 30].
+    #[arg(long, env = "SLUICE_WORKER_DRAIN_SECONDS", global = true)]
+    pub worker_drain_seconds: Option<u64>,
     /// Most tasks of one tenant running at once across all workers; 0 for no limit [default: 64].
     #[arg(long, env = "SLUICE_TENANT_MAX_RUNNING_TASKS", global = true)]
     pub tenant_max_running_tasks: Option<usize>,
@@ -124,6 +129,7 @@ struct FileConfig {
     log_format: Option<String>,
     trust_proxy: Option<bool>,
     worker_slots: Option<usize>,
+    worker_drain_seconds: Option<u64>,
     tenant_max_running_tasks: Option<usize>,
     worker_name: Option<String>,
     worker_labels: Option<String>,
@@ -169,6 +175,9 @@ pub struct Config {
     pub trust_proxy: bool,
     /// Concurrent tasks of a worker (the embedded one or `sluice worker`).
     pub worker_slots: usize,
+    /// How long a worker stopped by SIGTERM lets its tasks in flight run on before it gives
+    /// them back.
+    pub worker_drain: std::time::Duration,
     /// Most tasks of one tenant running at once (0: no limit).
     pub tenant_max_running_tasks: usize,
     /// This worker's identity, labels, capacity and owner.
@@ -229,6 +238,11 @@ impl Config {
             .unwrap_or_else(|| "sluice".into());
         let with_worker = args.with_worker.or(file.with_worker).unwrap_or(redis_url.is_none());
         let worker_slots = args.worker_slots.or(file.worker_slots).unwrap_or(4).max(1);
+        let worker_drain_seconds = args.worker_drain_seconds.or(file.worker_drain_seconds).unwrap_or(30);
+        anyhow::ensure!(
+            (1..=3600).contains(&worker_drain_seconds),
+            "SLUICE_WORKER_DRAIN_SECONDS must be 1 to 3600, not {worker_drain_seconds}"
+        );
         let task_uids = parse_task_uids(args.task_uids.as_deref().or(file.task_uids.as_deref()))?;
         anyhow::ensure!(
             u64::from(task_uids.1) >= worker_slots as u64,
@@ -264,6 +278,7 @@ impl Config {
             log_format,
             trust_proxy: args.trust_proxy.or(file.trust_proxy).unwrap_or(false),
             worker_slots,
+            worker_drain: std::time::Duration::from_secs(worker_drain_seconds),
             tenant_max_running_tasks: args.tenant_max_running_tasks.or(file.tenant_max_running_tasks).unwrap_or(64),
             worker: WorkerConfig::resolve(
                 args.worker_name.clone().or(file.worker_name),
@@ -474,6 +489,23 @@ mod tests {
         ] {
             let e = parse_task_uids(Some(value)).expect_err(value).to_string();
             assert!(e.contains(says), "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_drain_lasts_thirty_seconds_unless_set_within_an_hour() {
+        let args = |drain: Option<u64>| ConfigArgs {
+            config: Some("/dev/null".into()),
+            worker_drain_seconds: drain,
+            ..ConfigArgs::default()
+        };
+        let load = |drain| Config::load(&args(drain));
+        assert_eq!(load(None).expect("valid").worker_drain, std::time::Duration::from_secs(30));
+        assert_eq!(load(Some(1)).expect("valid").worker_drain, std::time::Duration::from_secs(1));
+        assert_eq!(load(Some(3600)).expect("valid").worker_drain, std::time::Duration::from_secs(3600));
+        for bad in [0, 3601] {
+            let e = load(Some(bad)).expect_err("out of range").to_string();
+            assert_eq!(e, format!("SLUICE_WORKER_DRAIN_SECONDS must be 1 to 3600, not {bad}"));
         }
     }
 }

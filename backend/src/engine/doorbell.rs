@@ -679,8 +679,9 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Time in-flight executions get to finish after SIGTERM or Ctrl-C.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a worker whose drain ran out waits for the tasks it gave back to be stopped and
+/// recorded as lost (a task's process group is killed within seconds).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 /// The profile of this process's worker, named `name`, from the configuration and, for a
 /// tenant's own worker, the tenant its token may register for.
@@ -749,7 +750,7 @@ async fn serve_as_worker(
     super::work::announce_task_users(&sandbox);
     let stop = Arc::new(Notify::new());
     let mut consumer = tokio::spawn(consume_redis(
-        engine,
+        engine.clone(),
         store,
         url.clone(),
         config.redis_prefix.clone(),
@@ -769,16 +770,22 @@ async fn serve_as_worker(
             ));
         }
     }
-    tracing::info!("shutting down: no new work; waiting for tasks in flight");
+    let grace = config.worker_drain;
+    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new work; waiting for tasks in flight");
     stop.notify_one();
-    match tokio::time::timeout(SHUTDOWN_GRACE, consumer).await {
+    if let Ok(r) = tokio::time::timeout(grace, &mut consumer).await {
+        r.context("worker task")??;
+        return failure.map_or(Ok(()), Err);
+    }
+    // The grace ran out: what still runs is stopped and given back, to run again elsewhere.
+    let released = engine.release_in_flight();
+    tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
+    match tokio::time::timeout(RELEASE_WAIT, consumer).await {
         Ok(r) => r.context("worker task")??,
-        Err(_) => {
-            tracing::warn!(
-                "tasks still running after {} s; exiting; their leases will expire",
-                SHUTDOWN_GRACE.as_secs()
-            );
-        }
+        Err(_) => tracing::warn!(
+            "tasks given back not recorded after another {} s; exiting; their leases will expire",
+            RELEASE_WAIT.as_secs()
+        ),
     }
     failure.map_or(Ok(()), Err)
 }

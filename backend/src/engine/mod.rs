@@ -121,6 +121,8 @@ pub struct Core {
     /// How many attempts this process is executing or recording the result of (see
     /// [`Engine::in_hand`]).
     in_hand: Arc<watch::Sender<usize>>,
+    /// Attempts this process's worker was told to give back (see [`Core::release_in_flight`]).
+    released: Mutex<std::collections::HashSet<Dispatch>>,
 }
 
 /// An attempt this process executes, counted from its start until its result is committed or
@@ -402,6 +404,7 @@ impl Engine {
             answered: Mutex::default(),
             unreported: Mutex::default(),
             in_hand: Arc::new(watch::Sender::new(0)),
+            released: Mutex::default(),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -858,6 +861,23 @@ impl Core {
         let mut counted = self.in_hand.subscribe();
         // The sender lives as long as `self`: waiting cannot fail.
         let _ = counted.wait_for(|n| *n == 0).await;
+    }
+
+    /// Gives back every attempt this process's worker is executing (a drain whose grace ran
+    /// out): each is stopped (its process group killed) and reported as lost, so it runs again
+    /// at once, on another worker, without using a retry. Returns how many were told.
+    pub fn release_in_flight(&self) -> usize {
+        let (Ok(running), Ok(mut released)) = (self.running.lock(), self.released.lock()) else { return 0 };
+        for (d, stop) in running.iter() {
+            released.insert(*d);
+            let _ = stop.send(true);
+        }
+        running.len()
+    }
+
+    /// Whether attempt `d` was given back (see [`Core::release_in_flight`]); forgets it.
+    fn take_released(&self, d: &Dispatch) -> bool {
+        self.released.lock().is_ok_and(|mut r| r.remove(d))
     }
 
     /// A free slot and room of this process's worker for a task just queued, if it has them,
@@ -1398,6 +1418,9 @@ impl Core {
     fn untrack(&self, d: Dispatch) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&d);
+        }
+        if let Ok(mut released) = self.released.lock() {
+            released.remove(&d);
         }
     }
 

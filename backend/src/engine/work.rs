@@ -500,6 +500,14 @@ async fn execute(
         ExecOutcome::Succeeded => (TaskOutcome::Succeeded, Some(0), None, result.outputs),
         ExecOutcome::Failed { exit_code, message } => (TaskOutcome::Failed, exit_code, Some(message), result.outputs),
         ExecOutcome::TimedOut => (TaskOutcome::TimedOut, None, Some("timed out".into()), result.outputs),
+        // Stopped because its worker is giving it back (a drain whose grace ran out): lost, so
+        // it runs again elsewhere without using a retry.
+        ExecOutcome::Cancelled if engine.take_released(&d) => (
+            TaskOutcome::Lost,
+            None,
+            Some("released: its worker stopped and the drain's grace ran out".into()),
+            result.outputs,
+        ),
         ExecOutcome::Cancelled => (TaskOutcome::Failed, None, Some("cancelled".into()), result.outputs),
     })
 }
