@@ -588,9 +588,11 @@ async fn a08_drain_waits_for_a_result_whose_commit_is_retried() {
         assert!(cluster.try_wait(w).is_none(), "the worker exited before its task ended\n{}", cluster.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Its slot is free, its result is not recorded: the worker stays.
+    // Its slot is free, its result is not recorded: the worker stays. (The result is retried
+    // 0.05, 0.15, 0.35, 0.75, 1.55 and 3.15 s after the first refusal, then given up on: the
+    // trigger goes well before the last try.)
     let refused = Instant::now();
-    while refused.elapsed() < Duration::from_secs(1) {
+    while refused.elapsed() < Duration::from_millis(500) {
         assert!(
             cluster.try_wait(w).is_none(),
             "the worker exited with its task's result unrecorded: {:?}\n{}",
@@ -623,12 +625,14 @@ async fn a08_a_task_longer_than_the_drain_is_given_back_and_runs_again_at_once()
     let Setup { mut cluster, api, .. } = start(opts).await;
     let w1 = cluster.spawn_with("worker", &[("SLUICE_WORKER_DRAIN_SECONDS", "2".into())]);
     let marker = format!("a08-release-{}", uuid::Uuid::new_v4().simple());
+    let dir = SharedDir::new("a08-release");
+    let go = dir.file("go");
     // No retries: a lost attempt runs again without using one. The first attempt outlasts
-    // any drain; the second succeeds at once.
+    // any drain; the second waits for the test, then succeeds.
     api.create_pipeline(
         "long",
         &format!(
-            "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: ': {marker}; if [ \"$SLUICE_ATTEMPT\" = 1 ]; then sleep 300; fi'\n"
+            "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: ': {marker}; if [ \"$SLUICE_ATTEMPT\" = 1 ]; then sleep 300; fi; while [ ! -e \"{go}\" ]; do sleep 0.05; done'\n"
         ),
     )
     .await;
@@ -647,23 +651,37 @@ async fn a08_a_task_longer_than_the_drain_is_given_back_and_runs_again_at_once()
     let exited = signalled.elapsed();
     assert!(status.success(), "worker exit after SIGTERM: {status}\n{}", cluster.logs());
     assert!(exited >= Duration::from_secs(2), "the worker did not wait for its drain: {exited:?}");
-    // Given back before the worker exited: the attempt is over, with why, and the task waits
-    // for its next attempt (no retry used), which the reaper queues at its next pass.
+    // Given back before the worker exited: the first attempt is over, recorded as lost (no
+    // retry used) with why, and nothing runs under the worker's lease.
     assert!(exited < Duration::from_secs(15), "the worker took {exited:?} to give its task back");
     let rows = db
         .rows(&format!(
-            "SELECT attempt::int8 AS attempt, status, message FROM task_runs WHERE run_id = '{id}' ORDER BY attempt"
+            "SELECT attempt::int8 AS attempt, lost::int8 AS lost, message, lease_owner FROM task_runs WHERE run_id = '{id}'"
         ))
         .await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
-    assert_ne!(rows[0]["status"], "running", "{rows:#?}");
+    assert_eq!(rows[0]["lost"], 1, "{rows:#?}");
     assert!(
         rows[0]["message"].as_str().is_some_and(|m| m.contains("released")),
         "the attempt does not say it was given back: {rows:#?}"
     );
     assert_eq!(running_under(&db, &name).await, vec![], "rows left running under {name}");
     let given_back = Instant::now();
-    // Its process group is gone with it.
+    // The second attempt starts on the other worker at the reaper's next pass.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db
+        .count(&format!(
+            "SELECT COUNT(*) AS n FROM task_runs WHERE run_id = '{id}' AND attempt = 2 AND status = 'running'"
+        ))
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the second attempt never ran\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rerun = given_back.elapsed();
+    std::fs::write(&go, "").unwrap();
+    // The first attempt's process group is gone; the second's ends.
     wait_no_process_with(&marker, 10).await;
     let done = api.wait(&cluster, &id, 60).await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", cluster.logs());
@@ -671,8 +689,7 @@ async fn a08_a_task_longer_than_the_drain_is_given_back_and_runs_again_at_once()
     assert!(cluster.log_of(w2).contains("dispatch received"), "the second worker ran nothing\n{}", cluster.logs());
     // The first attempt's lease, last extended at most a heartbeat (5 s) before the exit, would
     // have run out 10 s after it at the earliest.
-    let rerun = given_back.elapsed();
-    assert!(rerun < Duration::from_secs(8), "the second attempt ended {rerun:?} after the worker exited");
+    assert!(rerun < Duration::from_secs(8), "the second attempt started {rerun:?} after the worker exited");
     eprintln!(
         "a08-release: the worker gave its task back and exited 0 {exited:?} after SIGTERM; run again in {rerun:?}"
     );

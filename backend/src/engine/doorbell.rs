@@ -517,6 +517,9 @@ pub async fn consume_redis(
             },
             _ = &mut drained => {
                 consumers.abort_all();
+                // A dispatch still waiting for a slot gives up (and is rung again for
+                // another worker) instead of taking one as the drain lets go of them.
+                slots_held.close();
                 return Ok(());
             }
         }
@@ -524,6 +527,7 @@ pub async fn consume_redis(
     // Executions already started finish; their completions still reach the database.
     let _all = slots_held.acquire_many(slots as u32).await;
     engine.all_recorded().await;
+    slots_held.close();
     Ok(())
 }
 
@@ -679,8 +683,9 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// How long a worker whose drain ran out waits for the tasks it gave back to be stopped and
-/// recorded as lost (a task's process group is killed within seconds).
+/// How long a worker whose drain ran out waits at least for the tasks it gave back to be
+/// stopped and recorded as lost (a task's process group is killed within seconds; a result's
+/// commit is retried for up to a heartbeat period, and the wait is at least that plus 5 s).
 pub const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 /// The profile of this process's worker, named `name`, from the configuration and, for a
@@ -701,7 +706,8 @@ pub async fn worker_profile(
 
 /// `sluice worker`: registers under its name (refused while a live worker has it), consumes
 /// dispatches from Redis and executes them against the database until SIGTERM or Ctrl-C, then
-/// lets executions in flight finish (up to 30 s) and marks itself stopped.
+/// lets executions in flight finish (up to `SLUICE_WORKER_DRAIN_SECONDS`), gives back those
+/// still running (see [`super::Core::release_in_flight`]) and marks itself stopped.
 pub async fn run_worker(config: Config) -> anyhow::Result<()> {
     let url = config.redis_url.clone().context("`sluice worker` needs SLUICE_REDIS_URL")?;
     let secrets_key = SecretsKey::load(&config).context("loading the key for tenant secrets")?;
@@ -780,11 +786,13 @@ async fn serve_as_worker(
     // The grace ran out: what still runs is stopped and given back, to run again elsewhere.
     let released = engine.release_in_flight();
     tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
-    match tokio::time::timeout(RELEASE_WAIT, consumer).await {
+    // A result's commit is retried for up to a heartbeat period.
+    let wait = RELEASE_WAIT.max(engine.timings.heartbeat + Duration::from_secs(5));
+    match tokio::time::timeout(wait, consumer).await {
         Ok(r) => r.context("worker task")??,
         Err(_) => tracing::warn!(
             "tasks given back not recorded after another {} s; exiting; their leases will expire",
-            RELEASE_WAIT.as_secs()
+            wait.as_secs()
         ),
     }
     failure.map_or(Ok(()), Err)

@@ -123,6 +123,9 @@ pub struct Core {
     in_hand: Arc<watch::Sender<usize>>,
     /// Attempts this process's worker was told to give back (see [`Core::release_in_flight`]).
     released: Mutex<std::collections::HashSet<Dispatch>>,
+    /// Whether this process's worker gives back whatever it executes (set under `running`'s
+    /// lock, so an attempt is either told by [`Core::release_in_flight`] or by `track`).
+    releasing: std::sync::atomic::AtomicBool,
 }
 
 /// An attempt this process executes, counted from its start until its result is committed or
@@ -405,6 +408,7 @@ impl Engine {
             unreported: Mutex::default(),
             in_hand: Arc::new(watch::Sender::new(0)),
             released: Mutex::default(),
+            releasing: std::sync::atomic::AtomicBool::new(false),
         };
         Self { core: Arc::new(core), committer: OnceLock::new() }
     }
@@ -865,9 +869,12 @@ impl Core {
 
     /// Gives back every attempt this process's worker is executing (a drain whose grace ran
     /// out): each is stopped (its process group killed) and reported as lost, so it runs again
-    /// at once, on another worker, without using a retry. Returns how many were told.
+    /// at once, on another worker, without using a retry (while the task was lost fewer than
+    /// [`sluice_domain::plan::MAX_LOST`] times). So is every attempt that starts afterwards.
+    /// Returns how many were told.
     pub fn release_in_flight(&self) -> usize {
         let (Ok(running), Ok(mut released)) = (self.running.lock(), self.released.lock()) else { return 0 };
+        self.releasing.store(true, Ordering::Relaxed);
         for (d, stop) in running.iter() {
             released.insert(*d);
             let _ = stop.send(true);
@@ -1410,6 +1417,13 @@ impl Core {
     fn track(&self, d: Dispatch) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         if let Ok(mut running) = self.running.lock() {
+            // An attempt that starts once this worker gives its tasks back is given back too.
+            if self.releasing.load(Ordering::Relaxed) {
+                if let Ok(mut released) = self.released.lock() {
+                    released.insert(d);
+                }
+                let _ = tx.send(true);
+            }
             running.insert(d, tx);
         }
         rx
