@@ -55,9 +55,10 @@ pub struct ConfigArgs {
     /// How many tasks a worker (the embedded one or `sluice worker`) runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
-    /// Seconds `sluice worker` stopped by SIGTERM or Ctrl-C lets its tasks in flight run on;
-    /// then it kills those still running and gives them back, to run again at once on another
-    /// worker without using a retry (1-3600) [default: 30].
+    /// Seconds a worker (`sluice worker`, or `sluice serve`'s embedded one) stopped by SIGTERM or
+    /// Ctrl-C lets its tasks in flight run on; then it kills those still running and gives them
+    /// back, to run again at once elsewhere (or at the next start) without using a retry
+    /// (1-3600) [default: 30].
     #[arg(long, env = "SLUICE_WORKER_DRAIN_SECONDS", global = true)]
     pub worker_drain_seconds: Option<u64>,
     /// Most tasks of one tenant running at once across all workers; 0 for no limit [default: 64].

@@ -39,6 +39,8 @@ pub struct AppState {
     pub secrets_key: secrets::SecretsKey,
     /// The embedded worker's registration, if this process executes tasks.
     pub worker: Option<std::sync::Arc<engine::registry::Registration>>,
+    /// The embedded worker fed in-process (no Redis), drained when the server stops.
+    pub local_worker: Option<std::sync::Arc<engine::LocalWorker>>,
     /// How many refused webhook calls each tenant's audit log records.
     pub webhook_refusals: triggers::webhook::RefusalLimiter,
     /// Tenants' audit chain heads and the database's clock, as this process's starts left them.
@@ -82,6 +84,7 @@ impl AppState {
         } else {
             None
         };
+        let mut local_worker = None;
         let engine = match &config.redis_url {
             // Distributed: dispatches go to Redis; `sluice worker` processes take them, and this
             // process too with `--with-worker`.
@@ -124,14 +127,17 @@ impl AppState {
                     name,
                 ));
                 if let Some((gate, _, sandbox)) = &worker {
-                    engine::spawn_local_workers(
+                    local_worker = Some(engine::spawn_local_workers(
                         engine.clone(),
                         store.clone(),
                         rx,
                         gate.clone(),
                         sandbox.clone(),
                         secrets_key.clone(),
-                    );
+                    ));
+                    // Rings go through this process's memory: those of tasks queued before it
+                    // started were lost with the process before it.
+                    engine.ring_queued().await.context("ringing the tasks left queued")?;
                 }
                 engine
             }
@@ -150,6 +156,7 @@ impl AppState {
             engine,
             secrets_key,
             worker,
+            local_worker,
             webhook_refusals: Default::default(),
             starts: Default::default(),
         })
@@ -161,6 +168,8 @@ pub struct Application {
     port: u16,
     server: Server,
     worker: Option<std::sync::Arc<engine::registry::Registration>>,
+    local_worker: Option<std::sync::Arc<engine::LocalWorker>>,
+    drain: std::time::Duration,
 }
 
 impl Application {
@@ -175,6 +184,7 @@ impl Application {
     pub fn with_listener(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let worker = state.worker.clone();
+        let (local_worker, drain) = (state.local_worker.clone(), state.config.worker_drain);
         triggers::spawn_scheduler(state.clone().into_inner());
         triggers::webhook::spawn_refusal_counts(state.clone().into_inner());
         let server = HttpServer::new(move || {
@@ -189,7 +199,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(30)
         .run();
-        Ok(Self { port, server, worker })
+        Ok(Self { port, server, worker, local_worker, drain })
     }
 
     /// The bound port.
@@ -197,9 +207,26 @@ impl Application {
         self.port
     }
 
-    /// Runs until stopped.
+    /// Runs until stopped. On SIGTERM or Ctrl-C the embedded worker drains (see
+    /// [`engine::LocalWorker::drain`]) while the HTTP server finishes its requests.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let (drain, grace) = (self.local_worker, self.drain);
+        let draining = drain.clone().map(|local| {
+            tokio::spawn(async move {
+                engine::shutdown_signal().await;
+                local.drain(grace).await;
+            })
+        });
         let result = self.server.await;
+        // Stopped by a signal: the drain began with it. Stopped otherwise: it runs now.
+        if let (Some(local), Some(task)) = (drain, draining) {
+            if local.draining() {
+                let _ = task.await;
+            } else {
+                task.abort();
+                local.drain(grace).await;
+            }
+        }
         // Stopped cleanly: the embedded worker's name is free again at once.
         if let Some(worker) = self.worker
             && let Err(e) = worker.stop().await

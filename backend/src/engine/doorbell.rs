@@ -669,7 +669,7 @@ impl<F: Future> Future for Nudged<'_, F> {
 }
 
 /// Waits for SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -38,8 +38,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::store::Store;
-pub use doorbell::{ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, run_worker};
-pub use work::{Sandbox, create_folder, prepare_sandbox, prepare_work_root, spawn_local_workers};
+pub use doorbell::{ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, run_worker, shutdown_signal};
+pub use work::{LocalWorker, Sandbox, create_folder, prepare_sandbox, prepare_work_root, spawn_local_workers};
 
 /// How long a claim lasts without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -557,6 +557,26 @@ impl Engine {
         txn.commit().await?;
         for d in rung {
             self.doorbell.ring(d);
+        }
+        Ok(())
+    }
+
+    /// Rings every queued task: at the start of a process whose rings go through its memory,
+    /// the rings of tasks queued before it (by a process that stopped, or whose drain queued
+    /// them again) were lost with that process.
+    pub async fn ring_queued(&self) -> Result<(), DbErr> {
+        #[derive(FromQueryResult)]
+        struct Q {
+            run_id: Uuid,
+            idx: i32,
+            attempt: i32,
+        }
+        let queued: Vec<Q> = self
+            .store
+            .query_all(self.store.db(), "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'queued'", vec![])
+            .await?;
+        for q in queued {
+            self.doorbell.ring(Dispatch { run: q.run_id, task: q.idx as usize, attempt: q.attempt as u32 });
         }
         Ok(())
     }

@@ -129,6 +129,47 @@ pub fn create_folder(dir: &std::path::Path) -> anyhow::Result<()> {
     builder.create(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
+/// The embedded worker of `sluice serve` (in-process dispatch), as started by
+/// [`spawn_local_workers`]; [`LocalWorker::drain`] stops it.
+pub struct LocalWorker {
+    engine: Arc<Engine>,
+    stop: tokio::sync::watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    slots: u32,
+}
+
+impl LocalWorker {
+    /// Takes no new dispatch, lets the executions in flight finish for up to `grace`, then gives
+    /// back those still running (see [`super::Core::release_in_flight`]); returns once every
+    /// result is committed (or, after a bounded wait, given up on). Dispatches not started stay
+    /// queued in the database, rung again when the server starts.
+    pub async fn drain(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        self.engine.close_handoffs();
+        let settled = || async {
+            let _all = self.permits.acquire_many(self.slots).await;
+            self.engine.all_recorded().await;
+        };
+        if tokio::time::timeout(grace, settled()).await.is_err() {
+            let released = self.engine.release_in_flight();
+            tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
+            let wait = super::doorbell::RELEASE_WAIT.max(self.engine.timings.heartbeat + Duration::from_secs(5));
+            if tokio::time::timeout(wait, settled()).await.is_err() {
+                tracing::warn!(
+                    "tasks given back not recorded after another {} s; their leases will expire",
+                    wait.as_secs()
+                );
+            }
+        }
+        self.permits.close();
+    }
+
+    /// Whether [`LocalWorker::drain`] has begun.
+    pub fn draining(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
 /// Starts `slots` concurrent executions fed by `rx`, highest priority first (see `ReadyQueue`).
 /// A dispatch this worker cannot serve (labels, owner, or larger than its whole capacity) is
 /// left queued; one that fits waits for its CPU and memory to be free before it is claimed.
@@ -139,18 +180,30 @@ pub fn spawn_local_workers(
     gate: Arc<super::registry::Gate>,
     sandbox: Arc<Sandbox>,
     secrets_key: SecretsKey,
-) {
+) -> Arc<LocalWorker> {
     announce_task_users(&sandbox);
-    let permits = Arc::new(Semaphore::new(gate.profile.slots.max(1)));
+    let slots = gate.profile.slots.max(1);
+    let permits = Arc::new(Semaphore::new(slots));
     spawn_handed(engine.clone(), store.clone(), gate.clone(), permits.clone(), sandbox.clone(), secrets_key.clone());
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let local = Arc::new(LocalWorker {
+        engine: engine.clone(),
+        stop,
+        permits: permits.clone(),
+        slots: u32::try_from(slots).unwrap_or(u32::MAX),
+    });
     tokio::spawn(async move {
         let mut ready = ReadyQueue::default();
         let mut open = true;
         loop {
             if ready.is_empty() {
-                match rx.recv().await {
-                    Some(d) => enqueue(&mut ready, &gate, &engine, d).await,
-                    None => break,
+                tokio::select! {
+                    biased;
+                    _ = stopped.changed() => break,
+                    d = rx.recv() => match d {
+                        Some(d) => enqueue(&mut ready, &gate, &engine, d).await,
+                        None => break,
+                    },
                 }
             }
             while let Ok(d) = rx.try_recv() {
@@ -159,6 +212,7 @@ pub fn spawn_local_workers(
             // A slot, taking in new dispatches while none is free.
             let permit = tokio::select! {
                 biased;
+                _ = stopped.changed() => break,
                 p = permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break,
@@ -201,6 +255,7 @@ pub fn spawn_local_workers(
             }
         }
     });
+    local
 }
 
 /// Adds a dispatch to the ready queue, counted as waiting for a slot, unless it was answered
