@@ -696,6 +696,59 @@ async fn a08_a_task_longer_than_the_drain_is_given_back_and_runs_again_at_once()
     db.close().await;
 }
 
+/// A08 for the worker inside `sluice serve` when it consumes from Redis
+/// (`SLUICE_WITH_WORKER`): on SIGTERM it drains like `sluice worker` and gives back what
+/// outlasts the drain; the server exits 0, and the task runs again on a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a08_the_worker_inside_sluice_serve_drains_over_redis() {
+    let _serial = SERIAL.lock().await;
+    let opts = Options { name: "a08-serve", workers: 0, lease_secs: 15, ..Options::default() };
+    let Setup { mut cluster, api, .. } = start(opts).await;
+    // The server again, with its own worker and a 2 s drain.
+    cluster.kill(0);
+    let serve = cluster
+        .spawn_with("serve", &[("SLUICE_WITH_WORKER", "true".into()), ("SLUICE_WORKER_DRAIN_SECONDS", "2".into())]);
+    cluster.wait_ready(&api.client, 60).await;
+    let marker = format!("a08-serve-{}", uuid::Uuid::new_v4().simple());
+    api.create_pipeline(
+        "long",
+        &format!(
+            "stages:\n  - id: s\n    tasks:\n      - id: t\n        shell: ': {marker}; if [ \"$SLUICE_ATTEMPT\" = 1 ]; then sleep 300; fi'\n"
+        ),
+    )
+    .await;
+    let id = api.start("long", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes_with(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the task never started\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    cluster.signal(serve, nix::sys::signal::Signal::SIGTERM);
+    let status = cluster.wait_exit(serve, 30).await;
+    let exited = signalled.elapsed();
+    assert!(status.success(), "sluice serve exit after SIGTERM: {status}\n{}", cluster.logs());
+    assert!(exited >= Duration::from_secs(2), "the server did not wait for its drain: {exited:?}");
+    assert!(exited < Duration::from_secs(15), "the server took {exited:?} to give its task back");
+    wait_no_process_with(&marker, 10).await;
+    let db = cluster.db().await;
+    let rows =
+        db.rows(&format!("SELECT lost::int8 AS lost, status, message FROM task_runs WHERE run_id = '{id}'")).await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["lost"], 1, "{rows:#?}");
+    assert_ne!(rows[0]["status"], "running", "{rows:#?}");
+    assert!(rows[0]["message"].as_str().is_some_and(|m| m.contains("released")), "{rows:#?}");
+    // A server and a worker again: the task runs again, without using a retry.
+    cluster.spawn("serve");
+    cluster.wait_ready(&api.client, 60).await;
+    cluster.spawn_worker();
+    let done = api.wait(&cluster, &id, 60).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", cluster.logs());
+    assert_eq!(task_of(&done, "t")["attempt"], 2, "{done:#}");
+    eprintln!("a08-serve: sluice serve gave its task back and exited 0 {exited:?} after SIGTERM");
+    db.close().await;
+}
+
 /// A14: a worker SIGKILLed right after claiming a task, before its first heartbeat. The reaper
 /// declares the attempt lost once the lease (3 s here) expires and queues the next attempt; no
 /// row is ever `running` without a lease; the run succeeds on another worker.

@@ -55,8 +55,8 @@ pub struct ConfigArgs {
     /// How many tasks a worker (the embedded one or `sluice worker`) runs at once [default: 4].
     #[arg(long, env = "SLUICE_WORKER_SLOTS", global = true)]
     pub worker_slots: Option<usize>,
-    /// Seconds a worker (`sluice worker`, or `sluice serve`'s embedded one without Redis) stopped
-    /// by SIGTERM or Ctrl-C lets its tasks in flight run on; then it kills those still running and gives them
+    /// Seconds a worker (`sluice worker`, or `sluice serve`'s embedded one) stopped by SIGTERM or
+    /// Ctrl-C lets its tasks in flight run on; then it kills those still running and gives them
     /// back, to run again at once elsewhere (or at the next start) without using a retry
     /// (1-3600) [default: 30].
     #[arg(long, env = "SLUICE_WORKER_DRAIN_SECONDS", global = true)]

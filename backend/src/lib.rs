@@ -39,8 +39,8 @@ pub struct AppState {
     pub secrets_key: secrets::SecretsKey,
     /// The embedded worker's registration, if this process executes tasks.
     pub worker: Option<std::sync::Arc<engine::registry::Registration>>,
-    /// The embedded worker fed in-process (no Redis), drained when the server stops.
-    pub local_worker: Option<std::sync::Arc<engine::LocalWorker>>,
+    /// The embedded worker, taken by the [`Application`] that drains it when it stops.
+    pub embedded_worker: std::sync::Mutex<Option<engine::EmbeddedWorker>>,
     /// How many refused webhook calls each tenant's audit log records.
     pub webhook_refusals: triggers::webhook::RefusalLimiter,
     /// Tenants' audit chain heads and the database's clock, as this process's starts left them.
@@ -84,7 +84,7 @@ impl AppState {
         } else {
             None
         };
-        let mut local_worker = None;
+        let mut embedded_worker = None;
         let engine = match &config.redis_url {
             // Distributed: dispatches go to Redis; `sluice worker` processes take them, and this
             // process too with `--with-worker`.
@@ -107,14 +107,19 @@ impl AppState {
                         secrets_key.clone(),
                         sandbox.clone(),
                     );
-                    let never = std::sync::Arc::new(tokio::sync::Notify::new());
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            engine::consume_redis(engine, store, url, prefix, gate, sandbox, key, never).await
-                        {
-                            tracing::error!(error = %e, "the embedded Redis worker stopped");
+                    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+                    let consumer = tokio::spawn({
+                        let (engine, stop) = (engine.clone(), stop.clone());
+                        async move {
+                            if let Err(e) =
+                                engine::consume_redis(engine, store, url, prefix, gate, sandbox, key, stop).await
+                            {
+                                tracing::error!(error = %e, "the embedded Redis worker stopped");
+                            }
+                            Ok(())
                         }
                     });
+                    embedded_worker = Some(engine::EmbeddedWorker::Redis { engine, stop, consumer });
                 }
                 engine
             }
@@ -127,14 +132,14 @@ impl AppState {
                     name,
                 ));
                 if let Some((gate, _, sandbox)) = &worker {
-                    local_worker = Some(engine::spawn_local_workers(
+                    embedded_worker = Some(engine::EmbeddedWorker::Local(engine::spawn_local_workers(
                         engine.clone(),
                         store.clone(),
                         rx,
                         gate.clone(),
                         sandbox.clone(),
                         secrets_key.clone(),
-                    ));
+                    )));
                     // Rings go through this process's memory: those of tasks queued before it
                     // started were lost with the process before it.
                     engine.ring_queued().await.context("ringing the tasks left queued")?;
@@ -156,7 +161,7 @@ impl AppState {
             engine,
             secrets_key,
             worker,
-            local_worker,
+            embedded_worker: std::sync::Mutex::new(embedded_worker),
             webhook_refusals: Default::default(),
             starts: Default::default(),
         })
@@ -168,7 +173,7 @@ pub struct Application {
     port: u16,
     server: Server,
     worker: Option<std::sync::Arc<engine::registry::Registration>>,
-    local_worker: Option<std::sync::Arc<engine::LocalWorker>>,
+    embedded_worker: Option<engine::EmbeddedWorker>,
     drain: std::time::Duration,
 }
 
@@ -184,7 +189,8 @@ impl Application {
     pub fn with_listener(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let worker = state.worker.clone();
-        let (local_worker, drain) = (state.local_worker.clone(), state.config.worker_drain);
+        let embedded_worker = state.embedded_worker.lock().ok().and_then(|mut w| w.take());
+        let drain = state.config.worker_drain;
         triggers::spawn_scheduler(state.clone().into_inner());
         triggers::webhook::spawn_refusal_counts(state.clone().into_inner());
         let server = HttpServer::new(move || {
@@ -198,8 +204,11 @@ impl Application {
         .tcp_nodelay(true)
         .listen(listener)?
         .shutdown_timeout(30)
+        // SIGTERM and Ctrl-C are handled by `run_until_stopped`, which drains the embedded
+        // worker before the HTTP workers stop.
+        .disable_signals()
         .run();
-        Ok(Self { port, server, worker, local_worker, drain })
+        Ok(Self { port, server, worker, embedded_worker, drain })
     }
 
     /// The bound port.
@@ -207,28 +216,40 @@ impl Application {
         self.port
     }
 
-    /// Runs until stopped. On SIGTERM or Ctrl-C the embedded worker drains (see
-    /// [`engine::LocalWorker::drain`]) while the HTTP server finishes its requests.
+    /// Runs until stopped by SIGTERM or Ctrl-C (or by the server's handle). On a signal the
+    /// server stops accepting connections, the embedded worker drains (see
+    /// [`engine::EmbeddedWorker::drain`]), and then the HTTP server stops gracefully. The HTTP
+    /// workers' runtimes stay up until the drain is over: database connections opened by
+    /// requests are bound to them, and the drain's commits may use any connection of the pool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let (drain, grace) = (self.local_worker, self.drain);
-        let draining = drain.clone().map(|local| {
-            tokio::spawn(async move {
-                engine::shutdown_signal().await;
-                local.drain(grace).await;
-            })
-        });
-        let result = self.server.await;
-        // Stopped by a signal: the drain began with it. Stopped otherwise: it runs now.
-        if let (Some(local), Some(task)) = (drain, draining) {
-            if local.draining() {
-                let _ = task.await;
-            } else {
-                task.abort();
-                local.drain(grace).await;
+        let Self { server, worker, embedded_worker, drain: grace, .. } = self;
+        let handle = server.handle();
+        // Polled on its own: the server carries out its handle's commands only while polled.
+        let mut server = tokio::spawn(server);
+        let joined = |r: Result<std::io::Result<()>, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        let result = tokio::select! {
+            r = &mut server => {
+                let r = joined(r);
+                // Stopped by its handle: the embedded worker drains now.
+                if let Some(embedded) = embedded_worker {
+                    embedded.drain(grace).await;
+                }
+                r
             }
-        }
+            () = engine::shutdown_signal() => {
+                tracing::info!("shutting down: no new connections; draining the embedded worker, then the HTTP server");
+                handle.pause().await;
+                if let Some(embedded) = embedded_worker {
+                    embedded.drain(grace).await;
+                }
+                handle.stop(true).await;
+                joined(server.await)
+            }
+        };
         // Stopped cleanly: the embedded worker's name is free again at once.
-        if let Some(worker) = self.worker
+        if let Some(worker) = worker
             && let Err(e) = worker.stop().await
         {
             tracing::warn!(error = %e, "marking the embedded worker stopped failed; it will count as lost");

@@ -502,13 +502,12 @@ pub async fn consume_redis(
     // with several executions in flight they can take until the grace period to notice they
     // were stopped.
     let mut stopping = stopped.clone();
-    let drained = async {
+    let mut drained = Box::pin(async {
         let _ = stopping.wait_for(|s| *s).await;
         let all = slots_held.acquire_many(slots as u32).await;
         engine.all_recorded().await;
         all
-    };
-    tokio::pin!(drained);
+    });
     loop {
         tokio::select! {
             r = consumers.join_next() => match r {
@@ -524,7 +523,10 @@ pub async fn consume_redis(
             }
         }
     }
-    // Executions already started finish; their completions still reach the database.
+    // Every consumer ended first. The drain's wait is let go of, slots it took included (it
+    // would hold them while the wait below waits for all of them); executions already started
+    // finish, and their completions still reach the database.
+    drop(drained);
     let _all = slots_held.acquire_many(slots as u32).await;
     engine.all_recorded().await;
     slots_held.close();
@@ -683,6 +685,38 @@ pub async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Drains a Redis consumer started by [`consume_redis`] with `stop`: no new work, the tasks in
+/// flight finish for up to `grace`, then those still running are given back (see
+/// [`super::Core::release_in_flight`]); returns once their results are committed, or after a
+/// bounded wait. An error is the consumer's own.
+pub async fn drain_consumer(
+    engine: &Engine,
+    stop: &Notify,
+    mut consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new work; waiting for tasks in flight");
+    stop.notify_one();
+    if let Ok(r) = tokio::time::timeout(grace, &mut consumer).await {
+        return r.context("worker task")?;
+    }
+    // The grace ran out: what still runs is stopped and given back, to run again elsewhere.
+    let released = engine.release_in_flight();
+    tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
+    // A result's commit is retried for up to a heartbeat period.
+    let wait = RELEASE_WAIT.max(engine.timings.heartbeat + Duration::from_secs(5));
+    match tokio::time::timeout(wait, consumer).await {
+        Ok(r) => r.context("worker task")?,
+        Err(_) => {
+            tracing::warn!(
+                "tasks given back not recorded after another {} s; exiting; their leases will expire",
+                wait.as_secs()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// How long a worker whose drain ran out waits at least for the tasks it gave back to be
 /// stopped and recorded as lost (a task's process group is killed within seconds; a result's
 /// commit is retried for up to a heartbeat period, and the wait is at least that plus 5 s).
@@ -776,24 +810,6 @@ async fn serve_as_worker(
             ));
         }
     }
-    let grace = config.worker_drain;
-    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new work; waiting for tasks in flight");
-    stop.notify_one();
-    if let Ok(r) = tokio::time::timeout(grace, &mut consumer).await {
-        r.context("worker task")??;
-        return failure.map_or(Ok(()), Err);
-    }
-    // The grace ran out: what still runs is stopped and given back, to run again elsewhere.
-    let released = engine.release_in_flight();
-    tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
-    // A result's commit is retried for up to a heartbeat period.
-    let wait = RELEASE_WAIT.max(engine.timings.heartbeat + Duration::from_secs(5));
-    match tokio::time::timeout(wait, consumer).await {
-        Ok(r) => r.context("worker task")??,
-        Err(_) => tracing::warn!(
-            "tasks given back not recorded after another {} s; exiting; their leases will expire",
-            wait.as_secs()
-        ),
-    }
+    drain_consumer(&engine, &stop, consumer, config.worker_drain).await?;
     failure.map_or(Ok(()), Err)
 }

@@ -38,8 +38,12 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::store::Store;
-pub use doorbell::{ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, run_worker, shutdown_signal};
-pub use work::{LocalWorker, Sandbox, create_folder, prepare_sandbox, prepare_work_root, spawn_local_workers};
+pub use doorbell::{
+    ChannelDoorbell, Doorbell, RedisDoorbell, consume_redis, drain_consumer, run_worker, shutdown_signal,
+};
+pub use work::{
+    EmbeddedWorker, LocalWorker, Sandbox, create_folder, prepare_sandbox, prepare_work_root, spawn_local_workers,
+};
 
 /// How long a claim lasts without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -89,6 +93,10 @@ pub struct Dispatch {
 pub struct Engine {
     core: Arc<Core>,
     committer: OnceLock<mpsc::UnboundedSender<Op>>,
+    /// The runtime the engine was made on, which runs its committer: in `sluice serve` the
+    /// first step may come from a request, whose runtime (an HTTP worker's) ends with the HTTP
+    /// server, before the engine's work is done.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The engine's state, shared with its committer task.
@@ -410,14 +418,19 @@ impl Engine {
             released: Mutex::default(),
             releasing: std::sync::atomic::AtomicBool::new(false),
         };
-        Self { core: Arc::new(core), committer: OnceLock::new() }
+        Self { core: Arc::new(core), committer: OnceLock::new(), runtime: tokio::runtime::Handle::try_current().ok() }
     }
 
-    /// Hands a step to the committer (started on first use) and waits for its result.
+    /// Hands a step to the committer (started on first use, on the engine's runtime) and waits
+    /// for its result.
     async fn submit(&self, run: Uuid, step: Step) -> Result<Done, DbErr> {
         let tx = self.committer.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(committer(self.core.clone(), rx));
+            let committing = committer(self.core.clone(), rx);
+            match &self.runtime {
+                Some(runtime) => drop(runtime.spawn(committing)),
+                None => drop(tokio::spawn(committing)),
+            }
             tx
         });
         let (reply, rx) = oneshot::channel();

@@ -163,10 +163,34 @@ impl LocalWorker {
         }
         self.permits.close();
     }
+}
 
-    /// Whether [`LocalWorker::drain`] has begun.
-    pub fn draining(&self) -> bool {
-        *self.stop.borrow()
+/// The worker inside `sluice serve`, drained when the server stops.
+pub enum EmbeddedWorker {
+    /// Fed in-process.
+    Local(Arc<LocalWorker>),
+    /// Consuming from Redis ([`super::consume_redis`], stopped by `stop`).
+    Redis {
+        /// The engine it executes for.
+        engine: Arc<Engine>,
+        /// Stops it.
+        stop: Arc<tokio::sync::Notify>,
+        /// The consumer.
+        consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+    },
+}
+
+impl EmbeddedWorker {
+    /// Drains it for up to `grace` (see [`LocalWorker::drain`] and [`super::drain_consumer`]).
+    pub async fn drain(self, grace: Duration) {
+        match self {
+            Self::Local(local) => local.drain(grace).await,
+            Self::Redis { engine, stop, consumer } => {
+                if let Err(e) = super::drain_consumer(&engine, &stop, consumer, grace).await {
+                    tracing::error!(error = %e, "the embedded Redis worker stopped");
+                }
+            }
+        }
     }
 }
 
