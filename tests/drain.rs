@@ -6,10 +6,10 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Db, RUN_TERMINAL, free_port, processes_with, sign_up, task_of, wait_no_process_with};
+use common::{Db, RUN_TERMINAL, free_port, processes_with, sign_up, standalone_serve, task_of, wait_no_process_with};
 use serde_json::json;
 
 /// A child process killed (if still running) when the test ends, however it ends.
@@ -25,23 +25,10 @@ impl Drop for Stopped {
 /// Starts `sluice serve` on `data` (SQLite, in-process dispatch) at `port`, with a 3 s drain.
 fn serve(data: &Path, port: u16, log: &str) -> Stopped {
     let log = std::fs::File::create(data.join(log)).unwrap();
-    Stopped(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("SLUICE_DATA_DIR", data)
-            .env("SLUICE_BIND", format!("127.0.0.1:{port}"))
-            .env("SLUICE_WORKER_DRAIN_SECONDS", "3")
-            // Task users of this test alone.
-            .env("SLUICE_TASK_UIDS", "1650003000-1650003009")
-            .env("SLUICE_TASK_UID_LOCKS", data.join("locks"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.arg("serve");
+    standalone_serve(&mut cmd, data, port, "1650003000-1650003009", log);
+    Stopped(cmd.env("SLUICE_WORKER_DRAIN_SECONDS", "3").spawn().unwrap())
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str, logs: impl Fn() -> String) {

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{RUN_TERMINAL, sign_up};
+use common::{RUN_TERMINAL, sign_up, standalone_serve};
 use serde_json::json;
 
 /// `(pid, parent pid, state)` of every process of the machine.
@@ -66,22 +66,10 @@ async fn as_pid_1_sluice_reaps_what_its_tasks_leave_and_drains_on_sigterm() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::fs::File::create(data.join("sluice.log")).unwrap();
     // `--kill-child`: whatever happens to the test, the namespace ends with `unshare`.
-    let mut unshare = Stopped(
-        Command::new("unshare")
-            .args(["--pid", "--kill-child", "--mount-proc", env!("CARGO_BIN_EXE_sluice"), "serve"])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("SLUICE_DATA_DIR", &data)
-            .env("SLUICE_BIND", format!("127.0.0.1:{port}"))
-            // Task users of this test alone.
-            .env("SLUICE_TASK_UIDS", "1650002000-1650002009")
-            .env("SLUICE_TASK_UID_LOCKS", data.join("locks"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--kill-child", "--mount-proc", env!("CARGO_BIN_EXE_sluice"), "serve"]);
+    standalone_serve(&mut cmd, &data, port, "1650002000-1650002009", log);
+    let mut unshare = Stopped(cmd.spawn().unwrap());
     let logs = || std::fs::read_to_string(data.join("sluice.log")).unwrap_or_default();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();

@@ -539,6 +539,21 @@ pub async fn start(opts: Options) -> Setup {
     Setup { cluster, api, workers }
 }
 
+/// `cmd` set up as a `sluice serve` of its own, on SQLite in `data`, at `port`: only `PATH` of
+/// the test's environment, task users `uids` (`FIRST-LAST`, of this test alone) with their locks
+/// in `data`, and its output in `log`.
+pub fn standalone_serve(cmd: &mut Command, data: &std::path::Path, port: u16, uids: &str, log: std::fs::File) {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SLUICE_DATA_DIR", data)
+        .env("SLUICE_BIND", format!("127.0.0.1:{port}"))
+        .env("SLUICE_TASK_UIDS", uids)
+        .env("SLUICE_TASK_UID_LOCKS", data.join("locks"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+}
+
 /// Signs a new tenant up at `base` and logs its admin in.
 pub async fn sign_up(client: Client, base: String) -> Api {
     let tenant = format!("w{}", &Uuid::new_v4().simple().to_string()[..10]);
