@@ -697,30 +697,11 @@ pub async fn drain_consumer(
 ) -> anyhow::Result<()> {
     tracing::info!(grace_seconds = grace.as_secs(), "shutting down: no new work; waiting for tasks in flight");
     stop.notify_one();
-    if let Ok(r) = tokio::time::timeout(grace, &mut consumer).await {
-        return r.context("worker task")?;
-    }
-    // The grace ran out: what still runs is stopped and given back, to run again elsewhere.
-    let released = engine.release_in_flight();
-    tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
-    // A result's commit is retried for up to a heartbeat period.
-    let wait = RELEASE_WAIT.max(engine.timings.heartbeat + Duration::from_secs(5));
-    match tokio::time::timeout(wait, consumer).await {
-        Ok(r) => r.context("worker task")?,
-        Err(_) => {
-            tracing::warn!(
-                "tasks given back not recorded after another {} s; exiting; their leases will expire",
-                wait.as_secs()
-            );
-            Ok(())
-        }
+    match engine.settle(grace, &mut consumer).await {
+        Some(r) => r.context("worker task")?,
+        None => Ok(()),
     }
 }
-
-/// How long a worker whose drain ran out waits at least for the tasks it gave back to be
-/// stopped and recorded as lost (a task's process group is killed within seconds; a result's
-/// commit is retried for up to a heartbeat period, and the wait is at least that plus 5 s).
-pub const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 /// The profile of this process's worker, named `name`, from the configuration and, for a
 /// tenant's own worker, the tenant its token may register for.

@@ -49,6 +49,10 @@ pub use work::{
 pub const LEASE: Duration = Duration::from_secs(15);
 /// How often a running task's lease is extended.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a worker whose drain ran out waits at least for the tasks it gave back to be
+/// stopped and recorded as lost (a task's process group is killed within seconds; a result's
+/// commit is retried for up to a heartbeat period, and the wait is at least that plus 5 s).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(15);
 /// How long a queued task may wait unclaimed before it is pushed again.
 pub const REDISPATCH_AFTER: Duration = Duration::from_secs(10);
 /// How often the reaper looks.
@@ -129,8 +133,6 @@ pub struct Core {
     /// How many attempts this process is executing or recording the result of (see
     /// [`Engine::in_hand`]).
     in_hand: Arc<watch::Sender<usize>>,
-    /// Attempts this process's worker was told to give back (see [`Core::release_in_flight`]).
-    released: Mutex<std::collections::HashSet<Dispatch>>,
     /// Whether this process's worker gives back whatever it executes (set under `running`'s
     /// lock, so an attempt is either told by [`Core::release_in_flight`] or by `track`).
     releasing: std::sync::atomic::AtomicBool,
@@ -415,7 +417,6 @@ impl Engine {
             answered: Mutex::default(),
             unreported: Mutex::default(),
             in_hand: Arc::new(watch::Sender::new(0)),
-            released: Mutex::default(),
             releasing: std::sync::atomic::AtomicBool::new(false),
         };
         Self { core: Arc::new(core), committer: OnceLock::new(), runtime: tokio::runtime::Handle::try_current().ok() }
@@ -576,7 +577,8 @@ impl Engine {
 
     /// Rings every queued task: at the start of a process whose rings go through its memory,
     /// the rings of tasks queued before it (by a process that stopped, or whose drain queued
-    /// them again) were lost with that process.
+    /// them again) were lost with that process. Each counts as rung now, so the reaper's first
+    /// pass does not ring it again.
     pub async fn ring_queued(&self) -> Result<(), DbErr> {
         #[derive(FromQueryResult)]
         struct Q {
@@ -584,10 +586,17 @@ impl Engine {
             idx: i32,
             attempt: i32,
         }
+        let txn = self.store.write().await?;
+        let now = self.db_now(&*txn).await?;
         let queued: Vec<Q> = self
             .store
-            .query_all(self.store.db(), "SELECT run_id, idx, attempt FROM task_runs WHERE status = 'queued'", vec![])
+            .query_all(
+                &*txn,
+                "UPDATE task_runs SET rung_at = $1 WHERE status = 'queued' RETURNING run_id, idx, attempt",
+                vec![now.into()],
+            )
             .await?;
+        txn.commit().await?;
         for q in queued {
             self.doorbell.ring(Dispatch { run: q.run_id, task: q.idx as usize, attempt: q.attempt as u32 });
         }
@@ -906,18 +915,45 @@ impl Core {
     /// [`sluice_domain::plan::MAX_LOST`] times). So is every attempt that starts afterwards.
     /// Returns how many were told.
     pub fn release_in_flight(&self) -> usize {
-        let (Ok(running), Ok(mut released)) = (self.running.lock(), self.released.lock()) else { return 0 };
+        let Ok(running) = self.running.lock() else { return 0 };
         self.releasing.store(true, Ordering::Relaxed);
-        for (d, stop) in running.iter() {
-            released.insert(*d);
+        for stop in running.values() {
             let _ = stop.send(true);
         }
         running.len()
     }
 
-    /// Whether attempt `d` was given back (see [`Core::release_in_flight`]); forgets it.
-    fn take_released(&self, d: &Dispatch) -> bool {
-        self.released.lock().is_ok_and(|mut r| r.remove(d))
+    /// The end of a drain: waits up to `grace` for `settled` (every slot free and every result
+    /// committed); then gives back what still runs ([`Core::release_in_flight`]) and waits for
+    /// `settled` again, for as long as a result's commit may be retried (at least
+    /// [`RELEASE_WAIT`]). `None` when it did not settle.
+    pub(crate) async fn settle<F: std::future::Future + Unpin>(
+        &self,
+        grace: Duration,
+        settled: &mut F,
+    ) -> Option<F::Output> {
+        if let Ok(done) = tokio::time::timeout(grace, &mut *settled).await {
+            return Some(done);
+        }
+        let released = self.release_in_flight();
+        tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
+        let wait = RELEASE_WAIT.max(self.timings.heartbeat + Duration::from_secs(5));
+        let done = tokio::time::timeout(wait, settled).await.ok();
+        if done.is_none() {
+            tracing::warn!(
+                "tasks given back not recorded after another {} s; their leases will expire",
+                wait.as_secs()
+            );
+        }
+        done
+    }
+
+    /// Whether this process's worker gives back what it executes (see
+    /// [`Core::release_in_flight`]): an attempt stopped meanwhile was stopped to be given back.
+    /// (A run's cancel or a lost lease stops an attempt too, but the result of such an attempt
+    /// is ignored whatever it says: its task is no longer running under this lease.)
+    fn releasing(&self) -> bool {
+        self.releasing.load(Ordering::Relaxed)
     }
 
     /// A free slot and room of this process's worker for a task just queued, if it has them,
@@ -1451,10 +1487,7 @@ impl Core {
         let (tx, rx) = watch::channel(false);
         if let Ok(mut running) = self.running.lock() {
             // An attempt that starts once this worker gives its tasks back is given back too.
-            if self.releasing.load(Ordering::Relaxed) {
-                if let Ok(mut released) = self.released.lock() {
-                    released.insert(d);
-                }
+            if self.releasing() {
                 let _ = tx.send(true);
             }
             running.insert(d, tx);
@@ -1465,9 +1498,6 @@ impl Core {
     fn untrack(&self, d: Dispatch) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&d);
-        }
-        if let Ok(mut released) = self.released.lock() {
-            released.remove(&d);
         }
     }
 

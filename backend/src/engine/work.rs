@@ -146,21 +146,11 @@ impl LocalWorker {
     pub async fn drain(&self, grace: Duration) {
         let _ = self.stop.send(true);
         self.engine.close_handoffs();
-        let settled = || async {
+        let settled = async {
             let _all = self.permits.acquire_many(self.slots).await;
             self.engine.all_recorded().await;
         };
-        if tokio::time::timeout(grace, settled()).await.is_err() {
-            let released = self.engine.release_in_flight();
-            tracing::warn!(released, "tasks still running after {} s; giving them back", grace.as_secs());
-            let wait = super::doorbell::RELEASE_WAIT.max(self.engine.timings.heartbeat + Duration::from_secs(5));
-            if tokio::time::timeout(wait, settled()).await.is_err() {
-                tracing::warn!(
-                    "tasks given back not recorded after another {} s; their leases will expire",
-                    wait.as_secs()
-                );
-            }
-        }
+        self.engine.settle(grace, &mut std::pin::pin!(settled)).await;
         self.permits.close();
     }
 }
@@ -581,7 +571,7 @@ async fn execute(
         ExecOutcome::TimedOut => (TaskOutcome::TimedOut, None, Some("timed out".into()), result.outputs),
         // Stopped because its worker is giving it back (a drain whose grace ran out): lost, so
         // it runs again elsewhere without using a retry.
-        ExecOutcome::Cancelled if engine.take_released(&d) => (
+        ExecOutcome::Cancelled if engine.releasing() => (
             TaskOutcome::Lost,
             None,
             Some("released: its worker stopped and the drain's grace ran out".into()),
